@@ -288,6 +288,7 @@ def simulate_dff(
     params: KernelParams | None = None,
     fine_rate_hz: float = 100.0,
     drift: bool = True,
+    noise_mode: str = "added",
     max_cells_per_chunk: int | None = None,
     **param_ranges,
 ) -> np.ndarray:
@@ -298,14 +299,21 @@ def simulate_dff(
     ----------
     spike_counts : (n_cells, n_frames) int array of spikes per frame.
     frame_rate_hz : frame rate of the output.
-    noise_level : scalar or per-cell array, CASCADE noise level of the added
-        noise (white-noise definition, see module docstring). 0 for noise-free.
+    noise_level : scalar or per-cell array of CASCADE noise levels; 0 for
+        noise-free. Its meaning depends on ``noise_mode``.
     rng : numpy Generator.
     params : per-cell KernelParams; drawn with ``draw_kernel_params(**param_ranges)``
         when None.
     fine_rate_hz : internal simulation rate; raised to at least 4 samples per
         frame. Spikes fall at uniformly random times inside their frame.
     drift : add slow baseline drift and offset (amplitudes from ``params``).
+    noise_mode : ``"added"``: the added noise alone has this level (white-noise
+        definition, so its sigma is ``noise_sigma_for_level``). ``"total"``: the
+        noise is scaled per cell so that ``cascade_noise_level`` of the final
+        trace, signal included, equals the level, as when CASCADE adds noise to
+        real ground truth and as a trace is classified at inference. Cells
+        whose noise-free trace already exceeds the level get no noise; check
+        with ``cascade_noise_level`` and discard them if that matters.
     max_cells_per_chunk : bounds memory of the fine-grid convolution; by
         default chosen to keep about 8 M fine samples per chunk.
     """
@@ -358,15 +366,36 @@ def simulate_dff(
             drift_trace[rows] = smooth
         dff += params.drift_amplitude[:, None] * drift_trace + params.baseline_offset[:, None]
 
-    sigma = np.broadcast_to(noise_sigma_for_level(noise_level, frame_rate_hz), (n_cells,))
+    sigma = np.broadcast_to(noise_sigma_for_level(noise_level, frame_rate_hz), (n_cells,)).astype(float)
     if np.any(sigma > 0):
         # Shot noise scales with F = F0 (1 + dF/F); keep the baseline variance
         # equal to sigma^2 so the noise level is what was asked for.
         shot = params.shot_noise_fraction[:, None]
         fluor = np.maximum(1.0 + dff, 0.0)
-        std = sigma[:, None] * np.sqrt((1.0 - shot) + shot * fluor)
-        dff = dff + std * rng.standard_normal((n_cells, n_frames))
+        unit_noise = np.sqrt((1.0 - shot) + shot * fluor) * rng.standard_normal((n_cells, n_frames))
+        if noise_mode == "total":
+            sigma = _scale_for_total_level(dff, unit_noise, sigma, frame_rate_hz)
+        elif noise_mode != "added":
+            raise ValueError(f"noise_mode must be 'added' or 'total', not {noise_mode!r}")
+        dff = dff + sigma[:, None] * unit_noise
     return dff.astype(np.float32)
+
+
+def _scale_for_total_level(clean: np.ndarray, unit_noise: np.ndarray, sigma_white: np.ndarray,
+                           frame_rate_hz: float, n_iter: int = 20) -> np.ndarray:
+    """Per-cell noise scale s such that the noise level of ``clean + s * unit_noise``
+    matches the level whose white-noise sigma is ``sigma_white`` (bisection; the
+    level grows monotonically with s for a fixed noise realisation)."""
+    target_level = sigma_white * MEDIAN_ABS_DIFF_PER_SIGMA / np.sqrt(frame_rate_hz) * 100.0
+    lo = np.zeros_like(sigma_white)
+    hi = 1.5 * sigma_white
+    for _ in range(n_iter):
+        mid = 0.5 * (lo + hi)
+        level = cascade_noise_level(clean + mid[:, None] * unit_noise, frame_rate_hz)
+        too_noisy = level > target_level
+        hi = np.where(too_noisy, mid, hi)
+        lo = np.where(too_noisy, lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def simulate_dataset(
