@@ -1,4 +1,4 @@
-"""Tests of the CASCADE model-resolution stage (drafts/model_resolution.py).
+"""Tests of the CASCADE model-resolution stage (--model_dir, cache, download, auto, builtin).
 
 No real network: downloads are served by a local HTTP server on 127.0.0.1, and
 "refused" URLs point to a port that was just released.
@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "drafts"))
 
-from model_resolution import (  # noqa: E402
+from unified_spike_processing_coo import (  # noqa: E402
     AUTO_MODEL_KEYWORD,
     FALLBACK_SOURCE_PREFIX,
     OFFICIAL_GLOBAL_EXC_MODELS,
@@ -42,7 +41,9 @@ from model_resolution import (  # noqa: E402
     resolve_model,
 )
 
-SHARED_MODELS = Path("/work/shared/cascade/Pretrained_models")
+from conftest import shared_dir  # noqa: E402
+
+SHARED_MODELS = shared_dir() / "cascade" / "Pretrained_models"
 MODEL = "Global_EXC_2Hz_smoothing500ms"
 TIMEOUT = 5.0
 
