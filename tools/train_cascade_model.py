@@ -44,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -81,8 +82,11 @@ def import_keras(n_threads: int):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(n_threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already running in this process (e.g. under pytest): keep its setting
     try:
         import tf_keras as keras
     except ImportError:  # pragma: no cover - depends on the installation
@@ -478,7 +482,10 @@ def main(argv=None) -> int:
                 f"{len(train[0])} training traces, data ready in {time.time() - t0:.1f} s")
             model, metrics = train_one(tf, keras, train, val, args, seed, log)
             tmp = path[:-3] + ".tmp.h5"
-            model.save(tmp)
+            with warnings.catch_warnings():
+                # HDF5 is deliberate: it is CASCADE's format, not Keras' preferred one.
+                warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy.*")
+                model.save(tmp)
             os.replace(tmp, path)
             metrics["wall_s"] = round(time.time() - t0, 1)
             metrics["seed"] = seed
