@@ -1,0 +1,208 @@
+"""The committed sample_data/ is consistent with tools/make_sample_data.py and its own claims.
+
+Fast (a few seconds): reads the committed files and regenerates one subject in memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools import make_sample_data as msd  # noqa: E402
+
+SAMPLE = REPO / "sample_data"
+SUBJECTS = [s.subject for s in msd.SUBJECTS]
+
+
+def _load(subject: int) -> dict:
+    return _load_dir(SAMPLE / f"subject_{subject}")
+
+
+def _load_dir(d: Path) -> dict:
+    with h5py.File(d / "TimeSeries.h5", "r") as f:
+        cell_resp = f["CellResp"][()]
+        abs_ix = f["absIX"][()]
+    data = scipy.io.loadmat(d / "data_full.mat", squeeze_me=False)["data"][0, 0]
+    with h5py.File(d / "ground_truth_spikes.h5", "r") as f:
+        truth = {
+            "spike_counts": f["spike_counts"][()],
+            "dff_true": f["dff_true"][()],
+            "cells": {k: f["cells"][k][()] for k in f["cells"]},
+            "events": f["population_event_times_s"][()],
+            "attrs": dict(f.attrs),
+        }
+    return {"CellResp": cell_resp, "absIX": abs_ix, "data": data, "truth": truth}
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {n: _load(n) for n in SUBJECTS}
+
+
+def test_files_and_size():
+    total = 0
+    for n in SUBJECTS:
+        for name in ("TimeSeries.h5", "data_full.mat", "ground_truth_spikes.h5"):
+            p = SAMPLE / f"subject_{n}" / name
+            assert p.is_file(), p
+            total += p.stat().st_size
+    assert (SAMPLE / "README.md").is_file()
+    assert total < 8 * 2**20
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_chen_layout(loaded, subject):
+    spec = msd.SUBJECT_BY_ID[subject]
+    s = loaded[subject]
+    T, N = spec.n_frames, spec.n_cells
+    cell_resp, abs_ix, data = s["CellResp"], s["absIX"], s["data"]
+
+    assert cell_resp.shape == (T, N) and cell_resp.dtype == np.float32
+    assert abs_ix.shape == (1, N) and abs_ix.dtype == np.float64
+    # Raw fluorescence, not dF/F: positive, baseline in tens to hundreds of a.u.
+    assert np.all(np.isfinite(cell_resp)) and cell_resp.min() > 0
+    med = np.median(cell_resp, axis=0)
+    assert 30 < med.min() and med.max() < 800
+
+    numcell_full = int(np.squeeze(data["numcell_full"]))
+    xyz, xyz_norm = data["CellXYZ"], data["CellXYZ_norm"]
+    assert xyz.shape == (numcell_full, 3) and xyz_norm.shape == (numcell_full, 3)
+    assert numcell_full > N
+    assert float(np.squeeze(data["fpsec"])) == pytest.approx(spec.fpsec)
+    assert int(np.squeeze(data["numcell"])) == N
+    Z = int(np.squeeze(data["numplane"]))
+    assert Z == spec.n_planes and 10 <= Z <= 20
+
+    # Pixel coordinates: integer rows/columns in range, 1-based planes 1..Z, all planes used.
+    assert np.all(xyz == np.round(xyz))
+    assert xyz[:, 0].min() >= 1 and xyz[:, 0].max() <= 1300
+    assert xyz[:, 1].min() >= 1 and xyz[:, 1].max() <= 600
+    assert set(np.unique(xyz[:, 2]).astype(int)) == set(range(1, Z + 1))
+    assert len(np.unique(xyz, axis=0)) == numcell_full
+
+    # absIX: sorted, unique, 1-based, in range, excludes the invalid cells and some others.
+    ix = abs_ix[0]
+    assert np.all(ix == np.round(ix))
+    ix = ix.astype(np.int64)
+    assert np.all(np.diff(ix) > 0)
+    assert ix.min() >= 1 and ix.max() <= numcell_full
+    inval = data["IX_inval_anat"]
+    assert inval.ndim == 2 and inval.shape[1] == 1 and inval.size > 0
+    inval = inval[:, 0].astype(np.int64)
+    assert inval.min() >= 1 and inval.max() <= numcell_full
+    assert np.intersect1d(ix, inval).size == 0
+    assert N < numcell_full - inval.size  # some valid cells are dropped too
+
+    # The -1 matters: off-by-one indexing picks other cells (or runs past the end).
+    truth_xyz = s["truth"]["cells"]["CellXYZ"]
+    np.testing.assert_array_equal(xyz[ix - 1], truth_xyz)
+    np.testing.assert_array_equal(xyz_norm[ix - 1], s["truth"]["cells"]["CellXYZ_norm"])
+    wrong = xyz[np.minimum(ix, numcell_full - 1)]
+    assert np.mean(np.all(wrong == truth_xyz, axis=1)) < 0.01
+    # Plane of each trace matches the truth (0-based there).
+    np.testing.assert_array_equal(truth_xyz[:, 2] - 1, s["truth"]["cells"]["plane"])
+
+
+def test_common_atlas_frame(loaded):
+    """CellXYZ_norm is an affine image of CellXYZ (plus small jitter), in one frame for all fish."""
+    centres = []
+    for n in SUBJECTS:
+        data = loaded[n]["data"]
+        xyz, norm = data["CellXYZ"], data["CellXYZ_norm"]
+        A = np.c_[xyz, np.ones(len(xyz))]
+        coef, *_ = np.linalg.lstsq(A, norm, rcond=None)
+        resid = norm - A @ coef
+        assert np.sqrt(np.mean(resid[:, :2] ** 2)) < 10  # atlas pixels
+        assert np.all(norm.min(0) >= 0) and np.all(norm.max(0) <= msd.ATLAS_SHAPE)
+        centres.append(norm.mean(0))
+    centres = np.array(centres)
+    assert np.ptp(centres[:, 0]) < 50 and np.ptp(centres[:, 1]) < 30
+
+
+def test_distinct_frame_rates(loaded):
+    rates = [float(np.squeeze(loaded[n]["data"]["fpsec"])) for n in SUBJECTS]
+    assert len(set(rates)) == len(rates)
+    assert all(1.9 <= r <= 2.6 for r in rates)
+    assert max(rates) - min(rates) > 0.5
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_truth_matches_cellresp(loaded, subject):
+    spec = msd.SUBJECT_BY_ID[subject]
+    s = loaded[subject]
+    T, N = s["CellResp"].shape
+    tr = s["truth"]
+    assert tr["spike_counts"].shape == (N, T) and tr["spike_counts"].dtype == np.uint8
+    assert tr["dff_true"].shape == (N, T)
+    for k, v in tr["cells"].items():
+        assert v.shape[0] == N, k
+    a = tr["attrs"]
+    assert a["frame_rate_hz"] == pytest.approx(spec.fpsec)
+    assert int(a["seed"]) == msd.DEFAULT_SEED
+    assert int(a["n_cells"]) == N and int(a["n_frames"]) == T
+    assert "description" in a
+
+    # Firing: ~10 % silent, sparse overall, silent class never fires.
+    counts = tr["spike_counts"].astype(np.int64)
+    rate = counts.sum(1) / (T / spec.fpsec)
+    cls = tr["cells"]["cell_class"]
+    assert np.all(rate[cls == msd.SILENT] == 0)
+    assert 0.05 < np.mean(rate == 0) < 0.2
+    assert 0.05 < rate.mean() < 0.3
+    assert set(np.unique(cls)) == set(range(len(msd.CLASS_NAMES)))
+    assert tr["events"].size >= 3
+
+    # CASCADE noise levels (dF/F against an 8th-percentile baseline) spread over ~2-8.
+    F = s["CellResp"].T.astype(np.float64)
+    f0 = np.percentile(F, 8, axis=1, keepdims=True)
+    nl = msd.cascade_noise_level((F - f0) / f0, spec.fpsec)
+    p5, p50, p95 = np.percentile(nl, [5, 50, 95])
+    assert 1.8 < p5 < 3.0 and 3.5 < p50 < 6.0 and 7.0 < p95 < 9.5
+
+    # The raw traces carry the true dF/F: against the true baseline the residual is noise-like.
+    silent = cls == msd.SILENT
+    active = rate > 0.2
+    dff_est = (F - f0) / f0
+    corr_active = np.mean(
+        [np.corrcoef(dff_est[i], tr["dff_true"][i])[0, 1] for i in np.flatnonzero(active)[:50]]
+    )
+    assert corr_active > 0.5
+    assert np.all(tr["dff_true"][silent] == 0)
+
+
+REGENERATED_SUBJECT = 3  # the odd frame rate; ~1 s to regenerate
+
+
+def test_regenerate_reproduces_committed(loaded, tmp_path):
+    sub = msd.make_subject(msd.SUBJECT_BY_ID[REGENERATED_SUBJECT], msd.DEFAULT_SEED)
+    d = Path(msd.write_subject(str(tmp_path), sub))
+    committed = loaded[REGENERATED_SUBJECT]
+    fresh = _load_dir(d)
+    np.testing.assert_array_equal(fresh["CellResp"], committed["CellResp"])
+    np.testing.assert_array_equal(fresh["absIX"], committed["absIX"])
+    for k in ("CellXYZ", "CellXYZ_norm", "IX_inval_anat", "fpsec", "numcell_full"):
+        np.testing.assert_array_equal(fresh["data"][k], committed["data"][k])
+    np.testing.assert_array_equal(fresh["truth"]["spike_counts"], committed["truth"]["spike_counts"])
+    np.testing.assert_array_equal(fresh["truth"]["dff_true"], committed["truth"]["dff_true"])
+    for k, v in committed["truth"]["cells"].items():
+        np.testing.assert_array_equal(fresh["truth"]["cells"][k], v, err_msg=k)
+
+
+def test_make_subject_is_deterministic():
+    spec = msd.SubjectSpec(9, 2.0, 300, 60, 10, 0.07, 0.1)  # small: fast
+    a = msd.make_subject(spec, 123)
+    b = msd.make_subject(spec, 123)
+    c = msd.make_subject(spec, 124)
+    np.testing.assert_array_equal(a["CellResp"], b["CellResp"])
+    np.testing.assert_array_equal(a["spike_counts"], b["spike_counts"])
+    assert not np.array_equal(a["CellResp"], c["CellResp"])
+
