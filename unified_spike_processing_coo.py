@@ -1152,7 +1152,7 @@ class ConvolutionalCascade:
                              *[self._tf.constant(a) for a in args]).numpy()
 
 
-_ENGINE_CACHE: dict = {}  # one traced engine per process (a cache, not shared state)
+_ENGINE_CACHE: dict = {}  # per-process cache: the traced engine and loaded models
 
 
 def _engine() -> ConvolutionalCascade:
@@ -1362,3 +1362,1125 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
         active = chosen[placed[chosen] < budget[chosen]]
     counts[:] = spikes_flat.reshape(num_neurons, width)[:, radius:radius + num_frames]
     return counts
+
+
+# =============================================================================================
+# Configuration of a run
+# =============================================================================================
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every parameter of a run; recorded in each output so a file says how it was made."""
+    input_dir: str
+    output_dir: str
+    subjects: tuple = ()
+    skip: tuple = ()
+    workers: int = 1
+    batch_size: int = 30000
+    cascade_model: str = "Global_EXC_2Hz_smoothing500ms"
+    model_dir: Optional[str] = None
+    model_cache: Optional[str] = None
+    strict_model: bool = False
+    cascade_threshold: object = 1          # 0, 1 or False
+    trace_type: str = "auto"               # auto | fluorescence | dff
+    baseline_percentile: float = 8.0
+    baseline_window_s: float = 30.0
+    spike_mode: str = "sample"             # sample | discrete | threshold
+    spike_threshold: float = 0.5
+    seed: int = 42
+    keep_edge_frames: bool = False
+    grid_height: int = 256
+    grid_width: int = 128
+    coordinates: str = "raw"               # raw (CellXYZ) | registered (CellXYZ_norm)
+    z_markers: bool = True
+    split_block: int = 330
+    split_ratio: float = 0.95
+    num_neurons: int = 10
+    plots: bool = True
+    max_rate_mismatch: float = 0.5
+
+    def as_attrs(self) -> dict:
+        """HDF5-friendly copy of the parameters (None -> '', tuples -> comma strings)."""
+        attrs = {}
+        for key, value in dataclasses.asdict(self).items():
+            if value is None:
+                value = ""
+            elif isinstance(value, (tuple, list)):
+                value = ",".join(str(v) for v in value)
+            elif key == "cascade_threshold":
+                value = "none" if value is False else str(value)
+            attrs[f"param_{key}"] = value
+        return attrs
+
+
+# =============================================================================================
+# Loading subjects: Chen et al. 2018 layout and a generic traces.h5
+# =============================================================================================
+
+@dataclass
+class SubjectData:
+    """One subject's cells: traces (N, T) and positions (N, 3) as [x, y, z]."""
+    name: str
+    folder: str
+    traces: np.ndarray            # (N, T) float32, raw fluorescence or dF/F
+    positions: np.ndarray         # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
+    frame_rate_hz: float
+    cell_ids: np.ndarray          # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
+    layout: str                   # 'chen2018' | 'generic'
+    trace_type_hint: Optional[str] = None
+    source_files: tuple = ()
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ()) -> list:
+    """Subject folders ``subject_<n>`` under input_dir or input_dir/Subjects, natural order."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise PipelineError(f"input folder {input_dir} does not exist")
+    roots = [input_dir, input_dir / "Subjects"]
+    folders = {}
+    for root in roots:
+        if root.is_dir():
+            for child in root.iterdir():
+                if child.is_dir() and re.fullmatch(r"subject_\d+", child.name):
+                    folders.setdefault(child.name, child)
+    names = sorted(folders, key=_natural_key)
+    unknown = [name for name in only if name not in folders]
+    if unknown:
+        raise PipelineError(f"--subjects names {', '.join(unknown)}, not found under {input_dir} "
+                            f"(found: {', '.join(names) or 'none'})")
+    if only:
+        names = [name for name in names if name in set(only)]
+    names = [name for name in names if name not in set(skip)]
+    return [folders[name] for name in names]
+
+
+def _mat_struct_fields(path: Path) -> dict:
+    """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
+    import scipy.io
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except NotImplementedError:  # v7.3 files are HDF5
+        import h5py
+        with h5py.File(path, "r") as h5:
+            if "data" not in h5:
+                raise PipelineError(f"{path} has no struct 'data'")
+            group = h5["data"]
+            # MATLAB stores matrices transposed in HDF5: undo it
+            return {key: np.asarray(group[key][()]).T for key in group
+                    if isinstance(group[key], h5py.Dataset)}
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} ({exc}); is it a complete MATLAB file?") from None
+    if "data" not in mat:
+        raise PipelineError(f"{path} has no struct 'data' (found {', '.join(k for k in mat if not k.startswith('__'))})")
+    data = mat["data"]
+    return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
+
+
+def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
+    """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
+    import h5py
+    series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
+    for path in (series_path, anatomy_path):
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing (Chen 2018 layout needs TimeSeries.h5 and data_full.mat)")
+    try:
+        with h5py.File(series_path, "r") as h5:
+            if "CellResp" not in h5:
+                raise PipelineError(f"{series_path} has no dataset 'CellResp'")
+            cell_resp = h5["CellResp"]
+            if cell_resp.ndim != 2:
+                raise PipelineError(f"{series_path}: CellResp has shape {cell_resp.shape}, expected (T, N)")
+            traces = np.ascontiguousarray(cell_resp[()].T, dtype=np.float32)  # -> (N, T)
+            abs_ix = np.asarray(h5["absIX"][()]).ravel() if "absIX" in h5 else None
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"cannot read {series_path} ({exc}); the file is corrupt or truncated") from None
+    fields = _mat_struct_fields(anatomy_path)
+    key = "CellXYZ_norm" if coordinates == "registered" else "CellXYZ"
+    if key not in fields:
+        raise PipelineError(f"{anatomy_path}: struct data has no {key}")
+    cell_xyz = np.asarray(fields[key], dtype=np.float64)
+    if cell_xyz.ndim != 2 or 3 not in cell_xyz.shape:
+        raise PipelineError(f"{anatomy_path}: {key} has shape {cell_xyz.shape}, expected (cells, 3)")
+    if cell_xyz.shape[1] != 3:
+        cell_xyz = cell_xyz.T
+    if "fpsec" not in fields:
+        raise PipelineError(f"{anatomy_path}: struct data has no fpsec (frame rate)")
+    frame_rate_hz = float(np.asarray(fields["fpsec"]).ravel()[0])
+    num_cells = traces.shape[0]
+    if abs_ix is not None:
+        # absIX is 1-based into CellXYZ (MATLAB); forgetting the -1 shifts every cell by one row
+        cell_ids = abs_ix.astype(np.int64)
+        if len(cell_ids) != num_cells:
+            raise PipelineError(f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}")
+    else:
+        invalid = set(np.asarray(fields.get("IX_inval_anat", []), dtype=np.int64).ravel().tolist())
+        cell_ids = np.array([i for i in range(1, len(cell_xyz) + 1) if i not in invalid], dtype=np.int64)
+        if len(cell_ids) != num_cells:
+            raise PipelineError(f"{series_path} has no absIX and CellResp's {num_cells} cells do not match "
+                                f"the {len(cell_ids)} valid cells of {anatomy_path}")
+    if cell_ids.min(initial=1) < 1 or cell_ids.max(initial=1) > len(cell_xyz):
+        raise PipelineError(f"{series_path}: absIX points outside CellXYZ (1..{len(cell_xyz)})")
+    return SubjectData(name=folder.name, folder=str(folder), traces=traces,
+                       positions=cell_xyz[cell_ids - 1], frame_rate_hz=frame_rate_hz,
+                       cell_ids=cell_ids, layout="chen2018",
+                       source_files=(str(series_path), str(anatomy_path)))
+
+
+def load_generic_subject(folder: Path) -> SubjectData:
+    """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
+    import h5py
+    path = folder / "traces.h5"
+    try:
+        with h5py.File(path, "r") as h5:
+            missing = [k for k in ("traces", "positions") if k not in h5]
+            if missing or "frame_rate_hz" not in h5.attrs:
+                raise PipelineError(f"{path} lacks {', '.join(missing + (['attribute frame_rate_hz'] if 'frame_rate_hz' not in h5.attrs else []))}")
+            traces = np.asarray(h5["traces"][()], dtype=np.float32)
+            positions = np.asarray(h5["positions"][()], dtype=np.float64)
+            frame_rate_hz = float(h5.attrs["frame_rate_hz"])
+            hint = h5.attrs.get("trace_type")
+            hint = hint.decode() if isinstance(hint, bytes) else (str(hint) if hint is not None else None)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
+    if traces.ndim != 2 or positions.shape != (traces.shape[0], 3):
+        raise PipelineError(f"{path}: traces {traces.shape} and positions {positions.shape} "
+                            "must be (N, T) and (N, 3)")
+    return SubjectData(name=folder.name, folder=str(folder), traces=traces, positions=positions,
+                       frame_rate_hz=frame_rate_hz, cell_ids=np.arange(len(traces), dtype=np.int64),
+                       layout="generic", trace_type_hint=hint, source_files=(str(path),))
+
+
+def load_subject(folder, coordinates: str = "raw") -> SubjectData:
+    """Load a subject folder in whichever supported layout it has, and check it is usable."""
+    folder = Path(folder)
+    if (folder / "TimeSeries.h5").exists() or (folder / "data_full.mat").exists():
+        subject = load_chen2018_subject(folder, coordinates)
+    elif (folder / "traces.h5").exists():
+        if coordinates == "registered":
+            raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+        subject = load_generic_subject(folder)
+    else:
+        raise PipelineError(f"{folder} has neither TimeSeries.h5 + data_full.mat (Chen 2018) nor traces.h5")
+    num_cells, num_frames = subject.traces.shape
+    if num_cells == 0 or num_frames == 0:
+        raise PipelineError(f"{folder}: empty recording ({num_cells} cells x {num_frames} frames)")
+    if not (math.isfinite(subject.frame_rate_hz) and subject.frame_rate_hz > 0):
+        raise PipelineError(f"{folder}: invalid frame rate {subject.frame_rate_hz!r} Hz")
+    if not np.isfinite(subject.positions).all():
+        raise PipelineError(f"{folder}: cell positions contain NaN or infinite values")
+    infinite = np.isinf(subject.traces)
+    if infinite.any():
+        log.warning("%s: %d infinite trace values treated as missing (NaN)", subject.name, int(infinite.sum()))
+        subject.traces[infinite] = np.nan
+    if np.isnan(subject.traces).all():
+        raise PipelineError(f"{folder}: every trace value is NaN")
+    return subject
+
+
+# =============================================================================================
+# dF/F: deciding what the traces are, and a vectorised sliding-percentile baseline
+# =============================================================================================
+
+def decide_trace_type(traces: np.ndarray, hint: Optional[str] = None, max_cells: int = 2000) -> tuple:
+    """'fluorescence' or 'dff' from the data, with the reason (logged and recorded).
+
+    Raw fluorescence sits on a positive baseline far above its own fluctuations; dF/F hovers
+    around zero. We compare each cell's baseline (8th percentile) with its noise (MAD of diffs).
+    """
+    if hint in ("fluorescence", "dff"):
+        return hint, f"file attribute trace_type={hint}"
+    sample = traces[np.linspace(0, len(traces) - 1, min(len(traces), max_cells)).astype(int)]
+    with np.errstate(all="ignore"):
+        baseline = np.nanpercentile(sample, 8, axis=1)
+        noise = np.nanmedian(np.abs(np.diff(sample, axis=1)), axis=1)
+        ratio = np.nanmedian(baseline / np.maximum(noise, 1e-12))
+        positive = np.nanmean(baseline > 0)
+    if positive > 0.95 and ratio > 5:
+        return "fluorescence", f"baselines positive in {positive:.0%} of cells, {ratio:.0f}x the noise"
+    return "dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})"
+
+
+def compute_dff(fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0,
+                percentile: float = 8.0) -> np.ndarray:
+    """dF/F = (F - F0) / F0 with F0 the ``percentile`` over a centred ``window_s`` window.
+
+    The window is converted to frames with the subject's real frame rate. A non-positive F0
+    (background-subtracted data) would make dF/F meaningless: it is floored at 1% of the cell's
+    median F0 (or 1e-6).
+    """
+    from scipy.ndimage import percentile_filter
+    window_frames = max(3, int(round(window_s * frame_rate_hz)) | 1)  # odd, centred
+    traces = np.asarray(fluorescence, dtype=np.float32)
+    filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
+    filled = np.nan_to_num(filled)
+    baseline = percentile_filter(filled, percentile, size=(1, window_frames), mode="nearest")
+    floor = np.maximum(0.01 * np.abs(np.median(baseline, axis=1, keepdims=True)), 1e-6)
+    baseline = np.maximum(baseline, floor)
+    return ((traces - baseline) / baseline).astype(np.float32)
+
+
+# =============================================================================================
+# Spike binarisation: rates -> binary spikes, reproducible whatever the batching
+# =============================================================================================
+
+def binarize_spikes(rates: np.ndarray, cell_ids: np.ndarray, mode: str, *, seed: int = 42,
+                    spike_threshold: float = 0.5, model: Optional[CascadeModel] = None) -> np.ndarray:
+    """Binary spikes (N, T) bool from CASCADE rates (spikes/frame); NaN frames never spike.
+
+    sample: Bernoulli(clip(rate, 0, 1)) from a random stream keyed by (seed, cell id), so a cell
+    gets the same spikes whatever --workers or --batch_size; discrete: infer_discrete_spikes > 0;
+    threshold: rate >= spike_threshold.
+    """
+    finite = np.nan_to_num(rates, nan=0.0)
+    if mode == "threshold":
+        return finite >= spike_threshold
+    if mode == "discrete":
+        if model is None:
+            raise ValueError("discrete spikes need the CASCADE model (its smoothing)")
+        return infer_discrete_spikes(rates, model) > 0
+    if mode != "sample":
+        raise ValueError(f"unknown spike mode {mode!r}")
+    probability = np.clip(finite, 0.0, 1.0)
+    spikes = np.zeros(rates.shape, dtype=bool)
+    for row, cell_id in enumerate(np.asarray(cell_ids, dtype=np.int64)):
+        stream = np.random.Generator(np.random.Philox(key=[int(seed) & (2**64 - 1), int(cell_id)]))
+        spikes[row] = stream.random(rates.shape[1]) < probability[row]
+    return spikes
+
+
+# =============================================================================================
+# Gridding: cells -> voxels, spikes -> unique sorted COO coordinates, train/test split
+# =============================================================================================
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The (T, Z, H, W) grid of one subject and where each cell falls in it."""
+    num_timepoints: int
+    num_z_planes: int
+    height: int
+    width: int
+    z_values: np.ndarray          # (Z,) distinct z positions, ascending
+    cell_voxels: np.ndarray       # (N, 3) int32 [z, x, y] per cell
+
+    @property
+    def shape(self) -> tuple:
+        return (self.num_timepoints, self.num_z_planes, self.height, self.width)
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _scale_to_pixels(values: np.ndarray, size: int) -> np.ndarray:
+    """Min-max scale to [0, size-1] and floor (the original's mapping)."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(len(values), dtype=np.int32)
+    scaled = np.floor((values - low) / (high - low) * (size - 1))
+    return np.clip(scaled, 0, size - 1).astype(np.int32)
+
+
+def make_grid_spec(positions: np.ndarray, num_timepoints: int, height: int, width: int,
+                   z_markers: bool = True) -> GridSpec:
+    """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value."""
+    z_values, z_index = np.unique(positions[:, 2], return_inverse=True)
+    if z_markers and len(z_values) + 1 > width:
+        raise PipelineError(f"{len(z_values)} z-planes need a grid width of at least "
+                            f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)")
+    voxels = np.stack([z_index.astype(np.int32), _scale_to_pixels(positions[:, 0], height),
+                       _scale_to_pixels(positions[:, 1], width)], axis=1)
+    return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
+
+
+def z_marker_coords(grid: GridSpec) -> np.ndarray:
+    """The original's 'preaugmented' z markers: rows 0-1, columns W-(z+2)..W-1 for every (t, z)."""
+    per_plane = []
+    for z in range(grid.num_z_planes):
+        rows, cols = np.meshgrid(np.arange(2), np.arange(grid.width - (z + 2), grid.width), indexing="ij")
+        per_plane.append(np.stack([np.full(rows.size, z), rows.ravel(), cols.ravel()], axis=1))
+    plane_pixels = np.concatenate(per_plane).astype(np.int32)       # (P, 3) [z, x, y]
+    t = np.repeat(np.arange(grid.num_timepoints, dtype=np.int32), len(plane_pixels))
+    return np.column_stack([t, np.tile(plane_pixels, (grid.num_timepoints, 1))])
+
+
+def _linear_index(coords: np.ndarray, shape: tuple) -> np.ndarray:
+    return np.ravel_multi_index(tuple(coords.T.astype(np.int64)), shape)
+
+
+def build_coo(spike_cells: np.ndarray, spike_frames: np.ndarray, grid: GridSpec,
+              frame_to_timepoint: np.ndarray, z_markers: bool = True) -> dict:
+    """Unique, sorted [t, z, x, y] coordinates of every active voxel, and what went into them.
+
+    ``spike_frames`` are original frame numbers; frames mapped to -1 (dropped) are skipped.
+    Several cells in one voxel at one time give one active voxel (counted as collisions).
+    """
+    timepoints = frame_to_timepoint[spike_frames]
+    keep = timepoints >= 0
+    voxels = grid.cell_voxels[spike_cells[keep]]
+    spike_coords = np.column_stack([timepoints[keep], voxels]).astype(np.int64)
+    spike_linear = np.unique(_linear_index(spike_coords, grid.shape))
+    collisions = int(keep.sum() - len(spike_linear))
+    marker_linear = (_linear_index(z_marker_coords(grid), grid.shape) if z_markers
+                     else np.zeros(0, np.int64))
+    all_linear = np.union1d(spike_linear, marker_linear)  # sorted, unique
+    coords = np.stack(np.unravel_index(all_linear, grid.shape), axis=1).astype(np.int32)
+    return {"coords": coords, "spike_pixels": len(spike_linear), "marker_pixels": len(marker_linear),
+            "marker_spike_overlap": len(spike_linear) + len(marker_linear) - len(all_linear),
+            "spikes_in_grid": int(keep.sum()), "collisions": collisions}
+
+
+def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95,
+                     seed: int = 42) -> tuple:
+    """The original's split: blocks of ``block_frames`` shuffled with RandomState(seed); the
+    first max(1, int(num_blocks*(1-split_ratio))) shuffled blocks are test, the rest and any
+    leftover frames train. Returns (is_train (T,) uint8, test block indices)."""
+    num_blocks = max(1, num_timepoints // block_frames)
+    order = np.random.RandomState(seed).permutation(num_blocks)
+    test_blocks = np.sort(order[:max(1, int(num_blocks * (1 - split_ratio)))])
+    is_train = np.ones(num_timepoints, dtype=np.uint8)
+    for block in test_blocks:
+        is_train[block * block_frames:(block + 1) * block_frames] = 0
+    return is_train, test_blocks
+
+
+def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
+    """Dense (T, Z, H, W) array from COO coordinates (vectorised). Mind the size: T*Z*H*W bytes."""
+    dense = np.zeros(tuple(int(s) for s in grid_shape), dtype=dtype)
+    coords = np.asarray(spike_coords, dtype=np.int64)
+    dense[tuple(coords.T)] = 1 if spike_values is None else spike_values
+    return dense
+
+
+def load_coo_grid(path) -> dict:
+    """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes."""
+    import h5py
+    with h5py.File(path, "r") as h5:
+        result = {key: h5[key][()] for key in h5}
+        result["attrs"] = dict(h5.attrs)
+    return result
+
+
+# =============================================================================================
+# Batched inference across a worker pool
+# =============================================================================================
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch of cells for a worker: raw traces in, sparse spikes and summaries out."""
+    rows: np.ndarray              # (B,) row numbers in the subject
+    traces: np.ndarray            # (B, T) float32
+    cell_ids: np.ndarray          # (B,) ids that key each cell's random stream
+    plot_rows: np.ndarray         # positions within this batch whose full traces come back
+    model_folder: str
+    model_source: str
+    is_fluorescence: bool
+    frame_rate_hz: float
+    baseline_window_s: float
+    baseline_percentile: float
+    cascade_threshold: object
+    spike_mode: str
+    spike_threshold: float
+    seed: int
+
+
+def _process_cache() -> dict:
+    """Per-process cache (engine, models): each worker loads TensorFlow and a model once."""
+    return _ENGINE_CACHE
+
+
+def _cached_model(folder: str, source: str) -> CascadeModel:
+    cache = _process_cache().setdefault("models", {})
+    if folder not in cache:
+        cache[folder] = load_cascade_model_folder(folder, source=source)
+    return cache[folder]
+
+
+def process_batch(task: BatchTask) -> dict:
+    """dF/F -> CASCADE rates -> binary spikes for one batch; returns only sparse results."""
+    started = time.perf_counter()
+    model = _cached_model(task.model_folder, task.model_source)
+    dff = (compute_dff(task.traces, task.frame_rate_hz, task.baseline_window_s, task.baseline_percentile)
+           if task.is_fluorescence else task.traces)
+    rates, report = predict_spike_rates(dff, model, threshold=task.cascade_threshold, return_noise=True)
+    spikes = binarize_spikes(rates, task.cell_ids, task.spike_mode, seed=task.seed,
+                             spike_threshold=task.spike_threshold, model=model)
+    cells, frames = np.nonzero(spikes)
+    return {
+        "rows": task.rows,
+        "spike_cells": task.rows[cells].astype(np.int32),
+        "spike_frames": frames.astype(np.int32),
+        "spike_count": spikes.sum(axis=1).astype(np.int32),
+        "noise_level": report["noise_level"],
+        "model_noise_level": report["model_noise_level"],
+        "rate_sum": np.nansum(rates, axis=0),
+        "plot_dff": dff[task.plot_rows].astype(np.float32),
+        "plot_rates": rates[task.plot_rows].astype(np.float32),
+        "plot_spikes": spikes[task.plot_rows],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _init_worker(num_threads: Optional[int], log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
+    configure_tensorflow_threads(num_threads)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (respects SLURM/cgroup affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_batches(tasks: Sequence[BatchTask], pool, description: str) -> list:
+    """Results of every task in order; at most 2 tasks per worker in flight (bounded memory)."""
+    from collections import deque
+    from tqdm import tqdm
+    results = []
+    with tqdm(total=len(tasks), desc=description, unit="batch", leave=False,
+              disable=None, file=sys.stderr) as progress:
+        if pool is None:
+            for task in tasks:
+                results.append(process_batch(task))
+                progress.update()
+            return results
+        pending: deque = deque()
+        max_pending = 2 * pool._processes  # noqa: SLF001 (the pool's own size)
+        for task in tasks:
+            pending.append(pool.apply_async(process_batch, (task,)))
+            while len(pending) >= max_pending:
+                results.append(pending.popleft().get())
+                progress.update()
+        while pending:
+            results.append(pending.popleft().get())
+            progress.update()
+    return results
+
+
+# =============================================================================================
+# Writing: COO grid, metadata, combined metadata (atomically: a crash never leaves half a file)
+# =============================================================================================
+
+COO_FILENAME = "preaugmented_grids_coo.h5"
+METADATA_FILENAME = "metadata.h5"
+COMBINED_FILENAME = "combined_metadata.h5"
+COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
+
+
+def _h5_attr(value):
+    """Values h5py can store as attributes (None -> '', dicts -> JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return ",".join(value)
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return value
+
+
+def _write_dataset(h5, name, data, compress: bool = True):
+    data = np.asarray(data)
+    if compress and data.size > 0 and data.ndim > 0:
+        return h5.create_dataset(name, data=data, compression="gzip", compression_opts=4, shuffle=True)
+    return h5.create_dataset(name, data=data)
+
+
+def _temporary_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_coo_file(path: Path, coo: dict, grid: GridSpec, timepoint_indices: np.ndarray,
+                   is_train: np.ndarray, attrs: dict) -> None:
+    import h5py
+    with h5py.File(path, "w") as h5:
+        coords = coo["coords"]
+        _write_dataset(h5, "spike_coords", coords)
+        _write_dataset(h5, "spike_values", np.ones(len(coords), dtype=np.uint8))
+        _write_dataset(h5, "grid_shape", np.asarray(grid.shape, dtype=np.int32), compress=False)
+        _write_dataset(h5, "timepoint_indices", timepoint_indices.astype(np.int32))
+        _write_dataset(h5, "is_train", is_train.astype(np.uint8))
+        for key, value in attrs.items():
+            h5.attrs[key] = _h5_attr(value)
+
+
+def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
+    import h5py
+    with h5py.File(path, "w") as h5:
+        for key, value in attrs.items():
+            h5.attrs[key] = _h5_attr(value)
+        for key, value in datasets.items():
+            _write_dataset(h5, key, value)
+        group = h5.create_group("cells")
+        for key, value in cells.items():
+            _write_dataset(group, key, value)
+
+
+def write_combined_metadata(output_dir: Path) -> dict:
+    """combined_metadata.h5: a group per subject found in output_dir (this run's and earlier)."""
+    import h5py
+    subject_dirs = sorted((p for p in output_dir.iterdir() if (p / METADATA_FILENAME).is_file()),
+                          key=lambda p: _natural_key(p.name))
+    totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
+    final = output_dir / COMBINED_FILENAME
+    temporary = _temporary_path(final)
+    with h5py.File(temporary, "w") as combined:
+        for subject_dir in subject_dirs:
+            with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
+                source.copy(source["/"], combined, name=subject_dir.name)
+                totals["total_subjects"] += 1
+                totals["total_spikes"] += int(source.attrs["total_spikes"])
+                totals["total_pixels"] += int(source.attrs["total_pixels"])
+        totals["overall_sparsity_percent"] = (100.0 * totals["total_spikes"] / totals["total_pixels"]
+                                              if totals["total_pixels"] else 0.0)
+        for key, value in totals.items():
+            combined.attrs[key] = value
+        combined.attrs["format"] = "COO_sparse"
+        combined.attrs["software_version"] = __version__
+        combined.attrs["subjects"] = ",".join(p.name for p in subject_dirs)
+    os.replace(temporary, final)
+    return totals
+
+
+# =============================================================================================
+# Plotting: one PDF per subject
+# =============================================================================================
+
+def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: dict) -> None:
+    """The original's pages (dF/F, rate, spikes for a few cells) plus population views."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    time_s = np.arange(plot["dff"].shape[1]) / frame_rate_hz
+    labels = [f"cell {int(c)}" for c in plot["cell_ids"]]
+    with PdfPages(path) as pdf:
+        for key, title, unit in (("dff", "dF/F", "dF/F"), ("rates", "CASCADE spike rate", "spikes/frame")):
+            traces = plot[key]
+            fig, ax = plt.subplots(figsize=(11, 8.5))
+            spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
+            spacing = spacing if spacing > 0 else 1.0
+            for i, trace in enumerate(traces):
+                ax.plot(time_s, trace + i * spacing, lw=0.7)
+            ax.set_yticks(np.arange(len(traces)) * spacing, labels)
+            ax.set_xlabel("time (s)")
+            ax.set_title(f"{subject_name}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)")
+            fig.tight_layout()
+            pdf.savefig(fig)
+            plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(11, 8.5))
+        for i, row in enumerate(plot["spikes"]):
+            ax.vlines(time_s[np.flatnonzero(row)], i + 0.1, i + 0.9, lw=1.0)
+        ax.set_yticks(np.arange(len(labels)) + 0.5, labels)
+        ax.set_xlim(time_s[0], time_s[-1] if len(time_s) > 1 else 1)
+        ax.set_xlabel("time (s)")
+        ax.set_title(f"{subject_name}: binary spikes ({plot['spike_mode']}) of the same cells")
+        fig.tight_layout()
+        pdf.savefig(fig)
+        plt.close(fig)
+
+        fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True,
+                                                  gridspec_kw={"height_ratios": [3, 1]})
+        raster_cells, raster_frames = plot["raster"]
+        raster_ax.plot(raster_frames / frame_rate_hz, raster_cells, "|", ms=2, color="k", alpha=0.6)
+        raster_ax.set_ylabel("cell (sorted by z-plane)")
+        raster_ax.set_title(f"{subject_name}: spikes of {plot['raster_size']} random cells")
+        rate_ax.plot(time_s, plot["population_rate_hz"], lw=0.8, color="C3")
+        for start, stop in plot["test_spans_frames"]:
+            rate_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="C0", alpha=0.15, lw=0)
+            raster_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="C0", alpha=0.08, lw=0)
+        rate_ax.set_ylabel("mean rate (Hz/cell)")
+        rate_ax.set_xlabel("time (s); blue: test blocks, grey: frames without prediction")
+        for start, stop in plot["edge_spans_frames"]:
+            rate_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="0.6", alpha=0.3, lw=0)
+        fig.tight_layout()
+        pdf.savefig(fig)
+        plt.close(fig)
+
+        counts = plot["plane_counts"]  # (Z, H, W) spikes per voxel summed over time
+        num_planes = counts.shape[0]
+        columns = min(6, num_planes)
+        rows = int(math.ceil(num_planes / columns))
+        fig, axes = plt.subplots(rows, columns, figsize=(11, 8.5), squeeze=False)
+        vmax = max(1.0, float(np.percentile(counts[counts > 0], 99)) if (counts > 0).any() else 1.0)
+        for z, ax in enumerate(axes.ravel()):
+            ax.axis("off")
+            if z < num_planes:
+                image = ax.imshow(counts[z], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+                ax.set_title(f"z={plot['z_values'][z]:g}", fontsize=8)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per voxel (all frames)")
+        fig.suptitle(f"{subject_name}: spike counts per plane (x down, y across; z markers excluded)")
+        pdf.savefig(fig)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(11, 8.5))
+        noise = plot["noise_level"][np.isfinite(plot["noise_level"])]
+        if noise.size:
+            ax.hist(noise, bins=60, color="0.4")
+        for level in plot["model_noise_levels"]:
+            ax.axvline(level, color="C3", lw=1, ls="--")
+        ax.set_xlabel("CASCADE noise level (% dF/F / sqrt(Hz)); dashed: the model's noise levels")
+        ax.set_ylabel("cells")
+        ax.set_title(f"{subject_name}: noise levels of {noise.size} cells vs model {plot['model_name']}")
+        fig.tight_layout()
+        pdf.savefig(fig)
+        plt.close(fig)
+
+
+# =============================================================================================
+# One subject, end to end
+# =============================================================================================
+
+def _spans(mask: np.ndarray) -> list:
+    """[start, stop) frame spans where mask is True."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def _rss_gb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) -> dict:
+    """Load, infer, binarise, grid and write one subject; returns its summary numbers."""
+    timings = {}
+    started = time.perf_counter()
+    subject = load_subject(folder, config.coordinates)
+    num_cells, num_frames = subject.traces.shape
+    timings["load_s"] = time.perf_counter() - started
+    log.info("%s: %d cells x %d frames at %.3g Hz (%s layout)", subject.name, num_cells, num_frames,
+             subject.frame_rate_hz, subject.layout)
+
+    trace_type, reason = ((config.trace_type, "set by --trace_type") if config.trace_type != "auto"
+                          else decide_trace_type(subject.traces, subject.trace_type_hint))
+    log.info("%s: traces treated as %s (%s)", subject.name, trace_type, reason)
+
+    choice = model_choice(subject.frame_rate_hz)
+    model = load_cascade_model_folder(choice.folder, source=choice.source)
+    warnings_list = []
+    if choice.is_fallback:
+        warnings_list.append(f"model fallback: {choice.source}")
+    mismatch = abs(model.sampling_rate_hz - subject.frame_rate_hz) / subject.frame_rate_hz
+    if mismatch > config.max_rate_mismatch:
+        raise PipelineError(f"frame rate {subject.frame_rate_hz:.3g} Hz is {mismatch:.0%} away from model "
+                            f"{model.name}'s {model.sampling_rate_hz:g} Hz: pick a matching model "
+                            "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch")
+    if mismatch > RATE_MISMATCH_WARN_FRACTION:
+        message = (f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
+                   f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)")
+        log.warning("%s: %s", subject.name, message)
+        warnings_list.append(message)
+    if num_frames < model.window_size + 1:
+        raise PipelineError(f"{num_frames} frames are fewer than CASCADE's window of {model.window_size} frames")
+
+    nan_rows = np.isnan(subject.traces)
+    valid = ~nan_rows.all(axis=1)
+    partial_nan = int((nan_rows.any(axis=1) & valid).sum())
+    if (~valid).any():
+        message = f"{int((~valid).sum())} cells have all-NaN traces and are left out"
+        log.warning("%s: %s", subject.name, message)
+        warnings_list.append(message)
+    if partial_nan:
+        message = f"{partial_nan} cells have some NaN frames (no spikes in windows touching them)"
+        log.warning("%s: %s", subject.name, message)
+        warnings_list.append(message)
+
+    rng = np.random.default_rng([config.seed, 7])
+    valid_rows = np.flatnonzero(valid)
+    plot_rows = np.sort(rng.choice(valid_rows, size=min(config.num_neurons, len(valid_rows)), replace=False))
+    tasks = []
+    for start in range(0, num_cells, config.batch_size):
+        rows = np.arange(start, min(start + config.batch_size, num_cells))
+        tasks.append(BatchTask(
+            rows=rows, traces=subject.traces[rows], cell_ids=subject.cell_ids[rows],
+            plot_rows=np.searchsorted(rows, plot_rows[(plot_rows >= rows[0]) & (plot_rows <= rows[-1])]),
+            model_folder=choice.folder if isinstance(choice.folder, str) else str(choice.folder),
+            model_source=choice.source, is_fluorescence=trace_type == "fluorescence",
+            frame_rate_hz=subject.frame_rate_hz, baseline_window_s=config.baseline_window_s,
+            baseline_percentile=config.baseline_percentile, cascade_threshold=config.cascade_threshold,
+            spike_mode=config.spike_mode, spike_threshold=config.spike_threshold, seed=config.seed))
+    inference_started = time.perf_counter()
+    results = run_batches(tasks, pool, f"{subject.name} CASCADE")
+    timings["inference_s"] = time.perf_counter() - inference_started
+    log.info("%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB", subject.name,
+             len(tasks), timings["inference_s"], num_cells * num_frames / max(timings["inference_s"], 1e-9),
+             _rss_gb())
+
+    spike_cells = np.concatenate([r["spike_cells"] for r in results])
+    spike_frames = np.concatenate([r["spike_frames"] for r in results])
+    spike_count = np.concatenate([r["spike_count"] for r in results])
+    noise_level = np.concatenate([r["noise_level"] for r in results])
+    model_noise_level = np.concatenate([r["model_noise_level"] for r in results])
+    rate_sum = np.sum([r["rate_sum"] for r in results], axis=0)
+    keep_spikes = valid[spike_cells]
+    spike_cells, spike_frames = spike_cells[keep_spikes], spike_frames[keep_spikes]
+
+    # frames CASCADE could predict; the others are dropped unless --keep_edge_frames
+    predicted = np.zeros(num_frames, dtype=bool)
+    predicted[model.frames_before:num_frames - model.frames_after] = True
+    kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
+    frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
+    frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
+
+    grid_started = time.perf_counter()
+    grid = make_grid_spec_for_cells(subject.positions, valid, len(kept_frames), config.grid_height,
+                                    config.grid_width, config.z_markers)
+    coo = build_coo(spike_cells, spike_frames, grid, frame_to_timepoint, config.z_markers)
+    is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
+    timings["grid_s"] = time.perf_counter() - grid_started
+
+    num_entries = len(coo["coords"])
+    total_pixels = grid.num_voxels
+    sparsity_percent = 100.0 * num_entries / total_pixels
+    plane_active = np.bincount(coo["coords"][:, 1], minlength=grid.num_z_planes)
+    plane_pixels = grid.num_timepoints * grid.height * grid.width
+    spike_coords_only = coo["coords"]  # used for the per-plane map below
+    attrs = {
+        "format": "COO_sparse", "subject": subject.name, "total_spikes": num_entries,
+        "total_pixels": total_pixels, "sparsity_percent": sparsity_percent,
+        "spike_pixels": coo["spike_pixels"], "marker_pixels": coo["marker_pixels"],
+        "marker_spike_overlap": coo["marker_spike_overlap"], "spikes_in_grid": coo["spikes_in_grid"],
+        "collisions": coo["collisions"],
+        "cascade_model": model.name, "frame_rate_hz": subject.frame_rate_hz,
+        "num_timepoints": grid.num_timepoints, "num_z_planes": grid.num_z_planes,
+        "grid_height": grid.height, "grid_width": grid.width, "num_cells": num_cells,
+        "num_valid_cells": int(valid.sum()), "num_original_frames": num_frames,
+        "trace_type": trace_type, "trace_type_reason": reason, "layout": subject.layout,
+        "source_files": list(subject.source_files), "software_version": __version__,
+        "coordinate_order": "t,z,x,y", "warnings": "; ".join(warnings_list),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **model.provenance(), **config.as_attrs(),
+    }
+    out_dir = Path(config.output_dir) / subject.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_started = time.perf_counter()
+    finals = [out_dir / COO_FILENAME, out_dir / METADATA_FILENAME, out_dir / f"{subject.name}_visualization.pdf"]
+    temporaries = [_temporary_path(path) for path in finals]
+    try:
+        write_coo_file(temporaries[0], coo, grid, kept_frames, is_train, attrs)
+        coo_bytes = temporaries[0].stat().st_size
+        timings["write_s"] = time.perf_counter() - write_started
+        metadata_attrs = dict(attrs, coo_file_bytes=coo_bytes,
+                              timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
+                              **{k: v for k, v in timings.items()})
+        train_timepoints = np.flatnonzero(is_train == 1)
+        write_metadata_file(temporaries[1], metadata_attrs, {
+            "z_values": grid.z_values, "is_train": is_train, "train_timepoints": train_timepoints,
+            "test_timepoints": np.flatnonzero(is_train == 0), "test_blocks": test_blocks,
+            "timepoint_indices": kept_frames.astype(np.int32),
+            "per_plane_active_pixels": plane_active,
+            "per_plane_sparsity_percent": 100.0 * plane_active / plane_pixels,
+            "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
+        }, {
+            "trace_column": np.arange(num_cells, dtype=np.int32), "cell_id": subject.cell_ids,
+            "position": subject.positions, "voxel_zxy": grid.cell_voxels, "noise_level": noise_level,
+            "model_noise_level": model_noise_level, "spike_count": spike_count,
+            "valid": valid.astype(np.uint8),
+        })
+        if config.plots:
+            spike_mask = np.ones(len(spike_cells), bool)
+            plane_counts = np.zeros((grid.num_z_planes, grid.height, grid.width), dtype=np.float32)
+            voxels = grid.cell_voxels[spike_cells[spike_mask]]
+            np.add.at(plane_counts, (voxels[:, 0], voxels[:, 1], voxels[:, 2]), 1)
+            raster_cells_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+            order = raster_cells_pool[np.lexsort((raster_cells_pool, grid.cell_voxels[raster_cells_pool, 0]))]
+            rank = np.full(num_cells, -1)
+            rank[order] = np.arange(len(order))
+            in_raster = rank[spike_cells] >= 0
+            test_mask = np.zeros(num_frames, bool)
+            test_mask[kept_frames[is_train == 0]] = True
+            plot_subject_pdf(temporaries[2], subject.name, subject.frame_rate_hz, {
+                "dff": np.concatenate([r["plot_dff"] for r in results]),
+                "rates": np.concatenate([r["plot_rates"] for r in results]),
+                "spikes": np.concatenate([r["plot_spikes"] for r in results]),
+                "cell_ids": subject.cell_ids[plot_rows], "spike_mode": config.spike_mode,
+                "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]), "raster_size": len(order),
+                "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
+                "test_spans_frames": _spans(test_mask), "edge_spans_frames": _spans(~predicted),
+                "plane_counts": plane_counts, "z_values": grid.z_values, "noise_level": noise_level,
+                "model_noise_levels": model.noise_levels, "model_name": model.name,
+            })
+        for temporary, final in zip(temporaries, finals):
+            if temporary.exists():
+                os.replace(temporary, final)
+    finally:
+        for temporary in temporaries:
+            if temporary.exists():
+                temporary.unlink()
+    del spike_coords_only
+    timings["total_s"] = time.perf_counter() - started
+    dense_bytes = total_pixels  # one uint8 per voxel
+    summary = {
+        "subject": subject.name, "total_spikes": num_entries, "total_pixels": total_pixels,
+        "sparsity_percent": sparsity_percent, "coo_memory_bytes": COO_BYTES_PER_ENTRY * num_entries,
+        "coo_file_bytes": coo_bytes, "dense_bytes": dense_bytes,
+        "memory_savings_percent": 100.0 * (1 - COO_BYTES_PER_ENTRY * num_entries / dense_bytes),
+        "disk_savings_percent": 100.0 * (1 - coo_bytes / dense_bytes),
+        "model": model.name, "model_source": model.source, "warnings": warnings_list,
+        "seconds": timings["total_s"],
+    }
+    log.info("%s: %d active voxels (%d spike, %d marker; %d collisions) in a %s grid, written to %s in "
+             "%.1f s; RSS %.2f GB", subject.name, num_entries, coo["spike_pixels"], coo["marker_pixels"],
+             coo["collisions"], "x".join(map(str, grid.shape)), out_dir, timings["total_s"], _rss_gb())
+    return summary
+
+
+def make_grid_spec_for_cells(positions: np.ndarray, valid: np.ndarray, num_timepoints: int,
+                             height: int, width: int, z_markers: bool) -> GridSpec:
+    """Grid scaled over the valid cells only; invalid cells get the voxel of their clipped spot."""
+    base = make_grid_spec(positions[valid], num_timepoints, height, width, z_markers)
+    low, high = positions[valid].min(axis=0), positions[valid].max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    x = np.clip(np.floor((positions[:, 0] - low[0]) / span[0] * (height - 1)), 0, height - 1)
+    y = np.clip(np.floor((positions[:, 1] - low[1]) / span[1] * (width - 1)), 0, width - 1)
+    z = np.clip(np.searchsorted(base.z_values, positions[:, 2]), 0, base.num_z_planes - 1)
+    voxels = np.stack([z, x, y], axis=1).astype(np.int32)
+    voxels[valid] = base.cell_voxels
+    return dataclasses.replace(base, cell_voxels=voxels)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+def _comma_list(text: str) -> tuple:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _threshold_arg(text: str):
+    value = text.strip().lower()
+    if value in ("none", "false", "off"):
+        return False
+    if value in ("0", "1"):
+        return int(value)
+    raise argparse.ArgumentTypeError("must be 0, 1 or none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unified_spike_processing_coo.py",
+        description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike "
+                    "grids (T, Z, H, W) with CASCADE spike inference.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or "
+               "subject_<n>/traces.h5 (traces (N,T), positions (N,3), attr frame_rate_hz), directly under "
+               "--input_dir or under --input_dir/Subjects. Exit status: 0 all subjects written, 1 some "
+               "subjects failed (each named in the log), 2 bad arguments or no usable model. "
+               "For production SLURM runs, fill the model cache on a node with internet and pass "
+               "--strict_model, so that a missing model is an error rather than a fallback.")
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input_dir", required=True, help="folder of subject_<n> folders")
+    io.add_argument("--output_dir", required=True, help="where <subject>/ outputs and combined_metadata.h5 go")
+    io.add_argument("--subjects", type=_comma_list, default=(), help="only these subjects (comma list)")
+    io.add_argument("--skip", type=_comma_list, default=(), help="skip these subjects (comma list)")
+    io.add_argument("--coordinates", choices=("raw", "registered"), default="raw",
+                    help="cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)")
+    io.add_argument("--no_plots", dest="plots", action="store_false", help="skip the PDF of plots")
+    io.add_argument("--num_neurons", type=int, default=10, help="cells shown in the PDF's trace pages")
+    io.add_argument("--log_file", default=None, help="also log here (default: <output_dir>/processing.log)")
+    io.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+
+    run = parser.add_argument_group("compute")
+    run.add_argument("--workers", type=int, default=1, help="worker processes for CASCADE inference")
+    run.add_argument("--batch_size", type=int, default=30000, help="cells per batch sent to a worker")
+
+    model = parser.add_argument_group("CASCADE model")
+    model.add_argument("--cascade_model", default="Global_EXC_2Hz_smoothing500ms",
+                       help="official model name, 'auto' (per subject, nearest sampling rate) or 'builtin'")
+    model.add_argument("--model_dir", default=None, help="a CASCADE model folder (overrides --cascade_model)")
+    model.add_argument("--model_cache", default=None,
+                       help="where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)")
+    model.add_argument("--strict_model", action="store_true",
+                       help="error instead of falling back to the builtin model when the named one is unavailable")
+    model.add_argument("--cascade_threshold", type=_threshold_arg, default=1,
+                       help="CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none")
+    model.add_argument("--max_rate_mismatch", type=float, default=0.5,
+                       help="refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)")
+
+    traces = parser.add_argument_group("traces")
+    traces.add_argument("--trace_type", choices=("auto", "fluorescence", "dff"), default="auto",
+                        help="raw fluorescence (converted to dF/F) or dF/F; auto decides per subject")
+    traces.add_argument("--baseline_percentile", type=float, default=8.0, help="F0 percentile for dF/F")
+    traces.add_argument("--baseline_window_s", type=float, default=30.0, help="sliding F0 window (seconds)")
+
+    spikes = parser.add_argument_group("spikes and grid")
+    spikes.add_argument("--spike_mode", choices=("sample", "discrete", "threshold"), default="sample",
+                        help="sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold")
+    spikes.add_argument("--spike_threshold", type=float, default=0.5, help="rate threshold (spikes/frame) for --spike_mode threshold")
+    spikes.add_argument("--seed", type=int, default=42, help="seed of spike sampling and the train/test split")
+    spikes.add_argument("--keep_edge_frames", action="store_true",
+                        help="keep the frames at both ends where CASCADE's window gives no prediction")
+    spikes.add_argument("--grid_shape", type=int, nargs=2, metavar=("H", "W"), default=(256, 128),
+                        help="grid height (x) and width (y) in pixels")
+    spikes.add_argument("--no_z_markers", dest="z_markers", action="store_false",
+                        help="do not add the z-plane marker pixels (rows 0-1, last z+2 columns)")
+    spikes.add_argument("--split_block", type=int, default=330, help="frames per train/test block")
+    spikes.add_argument("--split_ratio", type=float, default=0.95, help="fraction of blocks for training")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    if args.workers < 1 or args.batch_size < 1:
+        raise PipelineError("--workers and --batch_size must be at least 1")
+    if not 0 < args.split_ratio <= 1 or args.split_block < 1:
+        raise PipelineError("--split_ratio must be in (0, 1] and --split_block at least 1")
+    if min(args.grid_shape) < 1:
+        raise PipelineError("--grid_shape needs positive H and W")
+    return PipelineConfig(
+        input_dir=args.input_dir, output_dir=args.output_dir, subjects=tuple(args.subjects),
+        skip=tuple(args.skip), workers=args.workers, batch_size=args.batch_size,
+        cascade_model=args.cascade_model, model_dir=args.model_dir, model_cache=args.model_cache,
+        strict_model=args.strict_model, cascade_threshold=args.cascade_threshold,
+        trace_type=args.trace_type, baseline_percentile=args.baseline_percentile,
+        baseline_window_s=args.baseline_window_s, spike_mode=args.spike_mode,
+        spike_threshold=args.spike_threshold, seed=args.seed, keep_edge_frames=args.keep_edge_frames,
+        grid_height=args.grid_shape[0], grid_width=args.grid_shape[1], coordinates=args.coordinates,
+        z_markers=args.z_markers, split_block=args.split_block, split_ratio=args.split_ratio,
+        num_neurons=args.num_neurons, plots=args.plots, max_rate_mismatch=args.max_rate_mismatch)
+
+
+def _setup_logging(log_file: Path, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def _format_bytes(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(num_bytes) < 1000 or unit == "TB":
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+
+
+def summary_lines(summaries: list, failures: dict, totals: dict) -> list:
+    """The end-of-run summary, in the original's form but with honest memory figures."""
+    lines = ["", "=" * 72, "Processed subjects:"]
+    for s in summaries:
+        lines += [f"{s['subject']}: {s['total_spikes']:,} active voxels of {s['total_pixels']:,} "
+                  f"(model {s['model']}, {s['model_source']}, {s['seconds']:.1f} s)",
+                  f"  → Sparsity: {s['sparsity_percent']:.4f}% of voxels active",
+                  f"  → Memory savings vs dense: ~{s['memory_savings_percent']:.2f}% in memory "
+                  f"({_format_bytes(s['coo_memory_bytes'])} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
+                  f"{_format_bytes(s['dense_bytes'])} dense uint8), ~{s['disk_savings_percent']:.2f}% on disk "
+                  f"({_format_bytes(s['coo_file_bytes'])})"]
+        for warning in s["warnings"]:
+            lines.append(f"  ! WARNING: {warning}")
+    for name, reason in failures.items():
+        lines.append(f"{name}: FAILED: {reason}")
+    total_spikes = sum(s["total_spikes"] for s in summaries)
+    total_pixels = sum(s["total_pixels"] for s in summaries)
+    coo_bytes = COO_BYTES_PER_ENTRY * total_spikes
+    file_bytes = sum(s["coo_file_bytes"] for s in summaries)
+    lines += ["", "Summary:",
+              f"  Subjects processed: {len(summaries)} ({len(failures)} failed)",
+              f"  Total spikes (active voxels): {total_spikes:,}"]
+    if total_pixels:
+        lines += [f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
+                  f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
+                  f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
+                  f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})"]
+    if totals:
+        lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects in the output folder")
+    lines.append("=" * 72)
+    return lines
+
+
+def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
+    """Process every subject; returns the exit status (0 ok, 1 some subjects failed)."""
+    output_dir = Path(config.output_dir)
+    subjects = find_subjects(config.input_dir, config.subjects, config.skip)
+    if not subjects:
+        raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+    log.info("unified_spike_processing_coo %s: %d subjects from %s -> %s (%d workers, batches of %d cells)",
+             __version__, len(subjects), config.input_dir, output_dir, config.workers, config.batch_size)
+
+    resolved: dict = {}  # one resolution (and at most one download try) per model name per run
+
+    def model_choice(frame_rate_hz: float):
+        key = config.model_dir or (config.cascade_model if config.cascade_model != AUTO_MODEL_KEYWORD
+                                   else choose_auto_model_name(frame_rate_hz, OFFICIAL_GLOBAL_EXC_MODELS))
+        if key not in resolved:
+            resolved[key] = resolve_model(key if not config.model_dir else config.cascade_model,
+                                          config.model_dir, cache_dir=config.model_cache,
+                                          builtin_dir=BUILTIN_MODEL_DIR, strict=config.strict_model)
+        return resolved[key]
+
+    if config.cascade_model != AUTO_MODEL_KEYWORD or config.model_dir:
+        model_choice(float("nan"))  # resolve up front: a strict failure stops before any work
+
+    pool = None
+    if config.workers > 1:
+        import multiprocessing
+        threads = max(1, available_cpus() // config.workers)
+        # spawn: TensorFlow is not fork-safe, and each worker loads it once
+        pool = multiprocessing.get_context("spawn").Pool(
+            config.workers, initializer=_init_worker,
+            initargs=(threads, logging.getLogger().level))
+    else:
+        configure_tensorflow_threads(available_cpus())
+
+    summaries, failures = [], {}
+    try:
+        for folder in subjects:
+            try:
+                summaries.append(process_subject(folder, config, model_choice, pool))
+            except PipelineError as exc:
+                failures[folder.name] = str(exc)
+                log.error("%s: %s", folder.name, exc)
+            except MemoryError:
+                failures[folder.name] = "out of memory"
+                log.error("%s: out of memory; lower --batch_size or --workers", folder.name)
+            except Exception as exc:  # one bad subject must not stop the others
+                failures[folder.name] = f"{type(exc).__name__}: {exc}"
+                log.error("%s: unexpected %s: %s (run with --verbose for the traceback)",
+                          folder.name, type(exc).__name__, exc)
+                log.debug("traceback", exc_info=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    totals = write_combined_metadata(output_dir) if summaries else {}
+    for line in summary_lines(summaries, failures, totals):
+        log.info(line)
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create --output_dir {output_dir}: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(Path(args.log_file) if args.log_file else output_dir / "processing.log", args.verbose)
+    try:
+        config = config_from_args(args)
+        return run_pipeline(config, verbose=args.verbose)
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
