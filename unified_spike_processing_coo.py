@@ -1381,6 +1381,7 @@ class PipelineConfig:
     model_dir: Optional[str] = None
     model_cache: Optional[str] = None
     strict_model: bool = False
+    offline: bool = False
     cascade_threshold: object = 1          # 0, 1 or False
     trace_type: str = "auto"               # auto | fluorescence | dff
     baseline_percentile: float = 8.0
@@ -1460,22 +1461,28 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
 
 def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
+    import h5py
     import scipy.io
+    if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5 (after a 512-byte text header)
+        try:
+            with h5py.File(path, "r") as h5:
+                if "data" not in h5:
+                    raise PipelineError(f"{path} has no struct 'data'")
+                group = h5["data"]
+                # MATLAB stores matrices transposed in HDF5: undo it
+                return {key: np.asarray(group[key][()]).T for key in group
+                        if isinstance(group[key], h5py.Dataset)}
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise PipelineError(f"cannot read {path} as MATLAB v7.3 ({exc})") from None
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
-    except NotImplementedError:  # v7.3 files are HDF5
-        import h5py
-        with h5py.File(path, "r") as h5:
-            if "data" not in h5:
-                raise PipelineError(f"{path} has no struct 'data'")
-            group = h5["data"]
-            # MATLAB stores matrices transposed in HDF5: undo it
-            return {key: np.asarray(group[key][()]).T for key in group
-                    if isinstance(group[key], h5py.Dataset)}
     except Exception as exc:
         raise PipelineError(f"cannot read {path} ({exc}); is it a complete MATLAB file?") from None
     if "data" not in mat:
-        raise PipelineError(f"{path} has no struct 'data' (found {', '.join(k for k in mat if not k.startswith('__'))})")
+        found = ", ".join(k for k in mat if not k.startswith("__"))
+        raise PipelineError(f"{path} has no struct 'data' (found {found})")
     data = mat["data"]
     return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
 
@@ -2011,19 +2018,31 @@ def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: 
         pdf.savefig(fig)
         plt.close(fig)
 
-        counts = plot["plane_counts"]  # (Z, H, W) spikes per voxel summed over time
-        num_planes = counts.shape[0]
+        # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images)
+        voxels, counts = plot["cell_voxels"], plot["cell_spike_counts"]
+        num_planes = len(plot["z_values"])
         columns = min(6, num_planes)
         rows = int(math.ceil(num_planes / columns))
         fig, axes = plt.subplots(rows, columns, figsize=(11, 8.5), squeeze=False)
-        vmax = max(1.0, float(np.percentile(counts[counts > 0], 99)) if (counts > 0).any() else 1.0)
+        vmax = max(1.0, float(np.percentile(counts, 99))) if counts.size else 1.0
+        image = None
         for z, ax in enumerate(axes.ravel()):
-            ax.axis("off")
-            if z < num_planes:
-                image = ax.imshow(counts[z], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-                ax.set_title(f"z={plot['z_values'][z]:g}", fontsize=8)
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per voxel (all frames)")
-        fig.suptitle(f"{subject_name}: spike counts per plane (x down, y across; z markers excluded)")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if z >= num_planes:
+                ax.axis("off")
+                continue
+            in_plane = voxels[:, 0] == z
+            order = np.argsort(counts[in_plane])  # active cells drawn on top
+            image = ax.scatter(voxels[in_plane, 2][order], voxels[in_plane, 1][order], c=counts[in_plane][order],
+                               s=4, cmap="viridis", vmin=0, vmax=vmax, linewidths=0)
+            ax.set_xlim(-1, plot["grid_width"])
+            ax.set_ylim(plot["grid_height"], -1)
+            ax.set_aspect("equal")
+            ax.set_title(f"plane {z} (z={plot['z_values'][z]:g})", fontsize=8)
+        if image is not None:
+            fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
+        fig.suptitle(f"{subject_name}: spike counts per cell in each plane (x down, y across)")
         pdf.savefig(fig)
         plt.close(fig)
 
@@ -2149,7 +2168,6 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     sparsity_percent = 100.0 * num_entries / total_pixels
     plane_active = np.bincount(coo["coords"][:, 1], minlength=grid.num_z_planes)
     plane_pixels = grid.num_timepoints * grid.height * grid.width
-    spike_coords_only = coo["coords"]  # used for the per-plane map below
     attrs = {
         "format": "COO_sparse", "subject": subject.name, "total_spikes": num_entries,
         "total_pixels": total_pixels, "sparsity_percent": sparsity_percent,
@@ -2193,10 +2211,8 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
             "valid": valid.astype(np.uint8),
         })
         if config.plots:
-            spike_mask = np.ones(len(spike_cells), bool)
-            plane_counts = np.zeros((grid.num_z_planes, grid.height, grid.width), dtype=np.float32)
-            voxels = grid.cell_voxels[spike_cells[spike_mask]]
-            np.add.at(plane_counts, (voxels[:, 0], voxels[:, 1], voxels[:, 2]), 1)
+            in_grid = frame_to_timepoint[spike_frames] >= 0
+            cell_spikes_kept = np.bincount(spike_cells[in_grid], minlength=num_cells)
             raster_cells_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
             order = raster_cells_pool[np.lexsort((raster_cells_pool, grid.cell_voxels[raster_cells_pool, 0]))]
             rank = np.full(num_cells, -1)
@@ -2212,7 +2228,8 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
                 "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]), "raster_size": len(order),
                 "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
                 "test_spans_frames": _spans(test_mask), "edge_spans_frames": _spans(~predicted),
-                "plane_counts": plane_counts, "z_values": grid.z_values, "noise_level": noise_level,
+                "cell_voxels": grid.cell_voxels[valid], "cell_spike_counts": cell_spikes_kept[valid],
+                "grid_height": grid.height, "grid_width": grid.width, "z_values": grid.z_values, "noise_level": noise_level,
                 "model_noise_levels": model.noise_levels, "model_name": model.name,
             })
         for temporary, final in zip(temporaries, finals):
@@ -2222,7 +2239,6 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
         for temporary in temporaries:
             if temporary.exists():
                 temporary.unlink()
-    del spike_coords_only
     timings["total_s"] = time.perf_counter() - started
     dense_bytes = total_pixels  # one uint8 per voxel
     summary = {
@@ -2307,6 +2323,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)")
     model.add_argument("--strict_model", action="store_true",
                        help="error instead of falling back to the builtin model when the named one is unavailable")
+    model.add_argument("--offline", action="store_true",
+                       help="never download: use --model_dir, the cache or the builtin model")
     model.add_argument("--cascade_threshold", type=_threshold_arg, default=1,
                        help="CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none")
     model.add_argument("--max_rate_mismatch", type=float, default=0.5,
@@ -2345,7 +2363,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         input_dir=args.input_dir, output_dir=args.output_dir, subjects=tuple(args.subjects),
         skip=tuple(args.skip), workers=args.workers, batch_size=args.batch_size,
         cascade_model=args.cascade_model, model_dir=args.model_dir, model_cache=args.model_cache,
-        strict_model=args.strict_model, cascade_threshold=args.cascade_threshold,
+        strict_model=args.strict_model, offline=args.offline, cascade_threshold=args.cascade_threshold,
         trace_type=args.trace_type, baseline_percentile=args.baseline_percentile,
         baseline_window_s=args.baseline_window_s, spike_mode=args.spike_mode,
         spike_threshold=args.spike_threshold, seed=args.seed, keep_edge_frames=args.keep_edge_frames,
@@ -2359,8 +2377,12 @@ def _setup_logging(log_file: Path, verbose: bool) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger()
     root.setLevel(level)
+    for handler in [h for h in root.handlers if getattr(h, "spike_grids", False)]:
+        root.removeHandler(handler)  # a second main() in one process (tests, notebooks)
+        handler.close()
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
         handler.setFormatter(formatter)
+        handler.spike_grids = True
         root.addHandler(handler)
 
 
@@ -2421,7 +2443,8 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
         if key not in resolved:
             resolved[key] = resolve_model(key if not config.model_dir else config.cascade_model,
                                           config.model_dir, cache_dir=config.model_cache,
-                                          builtin_dir=BUILTIN_MODEL_DIR, strict=config.strict_model)
+                                          builtin_dir=BUILTIN_MODEL_DIR, strict=config.strict_model,
+                                          allow_download=not config.offline)
         return resolved[key]
 
     if config.cascade_model != AUTO_MODEL_KEYWORD or config.model_dir:
