@@ -235,12 +235,25 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
     Each segment is 64 + 255 input frames with the 256 targets of its windows;
     consecutive segments overlap by 63 frames so every window of a trace occurs
     exactly once per epoch. The random phase changes segment borders each epoch.
+    Traces shorter than a segment (short ground-truth recordings at slow rates)
+    become one segment padded with their last value; the weights (third array,
+    1 for real windows, 0 for padded ones) keep padded windows out of the loss.
+    Returns ``(x, y, weights)`` shaped (n, 319, 1), (n, 256, 1) and (n, 256).
     """
     seg_len = WINDOW_FRAMES - 1 + OUTPUTS_PER_SEGMENT
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for dff, target in zip(dffs, targets):
         n_windows = dff.size - WINDOW_FRAMES + 1
+        if n_windows < 1:
+            continue
         if n_windows < OUTPUTS_PER_SEGMENT:
+            xs.append(np.concatenate([dff, np.full(seg_len - dff.size, dff[-1], dff.dtype)]))
+            y = np.zeros(OUTPUTS_PER_SEGMENT, np.float32)
+            y[:n_windows] = target[FRAMES_BEFORE:FRAMES_BEFORE + n_windows]
+            w = np.zeros(OUTPUTS_PER_SEGMENT, np.float32)
+            w[:n_windows] = 1.0
+            ys.append(y)
+            ws.append(w)
             continue
         phase = int(rng.integers(0, OUTPUTS_PER_SEGMENT))
         starts = np.arange(phase, n_windows - OUTPUTS_PER_SEGMENT + 1, OUTPUTS_PER_SEGMENT)
@@ -249,7 +262,8 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
         for s in starts:
             xs.append(dff[s:s + seg_len])
             ys.append(target[s + FRAMES_BEFORE:s + FRAMES_BEFORE + OUTPUTS_PER_SEGMENT])
-    return np.stack(xs)[..., None], np.stack(ys)[..., None]
+            ws.append(np.ones(OUTPUTS_PER_SEGMENT, np.float32))
+    return np.stack(xs)[..., None], np.stack(ys)[..., None], np.stack(ws)
 
 
 # --------------------------------------------------------------------------
@@ -262,7 +276,7 @@ def train_one(tf, keras, train, val, args, seed: int, log):
     rng = np.random.default_rng(seed)
     seq = build_sequence_model(tf, keras)
     seq.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss="mean_squared_error")
-    x_val, y_val = cut_segments(*val, np.random.default_rng(seed + 1))
+    x_val, y_val, w_val = cut_segments(*val, np.random.default_rng(seed + 1))
 
     best_loss, best_weights, history = np.inf, None, []
     for epoch in range(args.epochs):
@@ -270,9 +284,12 @@ def train_one(tf, keras, train, val, args, seed: int, log):
         frac = epoch / max(1, args.epochs - 1)
         lr = args.learning_rate * (1.0 if frac < 0.5 else 0.1 ** (2 * (frac - 0.5)))
         seq.optimizer.learning_rate.assign(lr)
-        x, y = cut_segments(*train, rng)
-        fit = seq.fit(x, y, batch_size=SEGMENTS_PER_BATCH, epochs=1, shuffle=True, verbose=0)
-        val_loss = float(seq.evaluate(x_val, y_val, batch_size=64, verbose=0))
+        x, y, w = cut_segments(*train, rng)
+        fit = seq.fit(x, y, sample_weight=w, batch_size=SEGMENTS_PER_BATCH, epochs=1, shuffle=True,
+                      verbose=0)
+        # Mean squared error over the real (unpadded) validation windows.
+        val_pred = seq.predict(x_val, batch_size=64, verbose=0)[..., 0]
+        val_loss = float(np.sum(w_val * (val_pred - y_val[..., 0]) ** 2) / np.sum(w_val))
         history.append((float(fit.history["loss"][-1]), val_loss))
         log(f"    epoch {epoch + 1}/{args.epochs}: lr {lr:.2e} train mse {history[-1][0]:.5f} "
             f"val mse {val_loss:.5f} ({x.shape[0]} segments)")
@@ -292,8 +309,9 @@ def train_one(tf, keras, train, val, args, seed: int, log):
     if max_diff > 1e-4 * (1.0 + np.max(np.abs(via_seq))):
         raise RuntimeError(f"windowed and sequence models disagree (max diff {max_diff})")
 
-    pred = seq.predict(x_val, batch_size=64, verbose=0)[..., 0].ravel()
-    corr = float(np.corrcoef(pred, y_val[..., 0].ravel())[0, 1])
+    real = w_val.ravel() > 0
+    pred = seq.predict(x_val, batch_size=64, verbose=0)[..., 0].ravel()[real]
+    corr = float(np.corrcoef(pred, y_val[..., 0].ravel()[real])[0, 1])
     metrics = {"val_mse": round(best_loss, 6), "val_pearson_r": round(corr, 4),
                "epochs_mse": [[round(a, 6), round(b, 6)] for a, b in history]}
     return win, metrics
@@ -309,6 +327,20 @@ def software_versions(tf, keras) -> dict:
         "keras": f"{keras.__name__} {getattr(keras, '__version__', '?')}",
         "platform": platform.platform(),
     }
+
+
+def code_version() -> str:
+    """Git commit of this repository (with '+modified' if the training code has
+    uncommitted changes), or 'unknown' outside a git checkout."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tools"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+modified" if dirty else "")
 
 
 def write_config(path: str, config: dict) -> None:
@@ -427,6 +459,7 @@ def main(argv=None) -> int:
         "training_command": "python " + " ".join(shlex.quote(a) for a in [
             os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv),
         "training_seed": args.seed,
+        "training_code_version": code_version(),
         "training_software": software_versions(tf, keras),
         "training_data": data_description,
         "training_noise_level_ranges": {int(n): [round(v, 3) for v in noise_level_range(n, levels)]
