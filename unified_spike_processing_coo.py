@@ -1615,20 +1615,41 @@ def decide_trace_type(traces: np.ndarray, hint: Optional[str] = None, max_cells:
     return "dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})"
 
 
+def sliding_percentile(traces: np.ndarray, window_frames: int, percentile: float,
+                       max_chunk_values: int = 1 << 26) -> np.ndarray:
+    """Centred sliding percentile per row (edges repeat the end values), exactly as
+    scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') but ~3x faster: np.partition
+    over a strided window view, a block of rows at a time so memory stays bounded."""
+    window_frames = int(window_frames) | 1
+    half = window_frames // 2
+    rank = int(window_frames * percentile / 100.0)
+    num_rows, num_frames = traces.shape
+    out = np.empty((num_rows, num_frames), dtype=np.float32)
+    rows_per_block = max(1, max_chunk_values // max(1, num_frames * window_frames))
+    for start in range(0, num_rows, rows_per_block):
+        block = np.pad(traces[start:start + rows_per_block], ((0, 0), (half, half)), mode="edge")
+        windows = np.lib.stride_tricks.sliding_window_view(block, window_frames, axis=1)
+        out[start:start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
+    return out
+
+
 def compute_dff(fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0,
                 percentile: float = 8.0) -> np.ndarray:
     """dF/F = (F - F0) / F0 with F0 the ``percentile`` over a centred ``window_s`` window.
 
-    The window is converted to frames with the subject's real frame rate. A non-positive F0
-    (background-subtracted data) would make dF/F meaningless: it is floored at 1% of the cell's
-    median F0 (or 1e-6).
+    The window is converted to frames with the subject's real frame rate (the original assumed
+    2 Hz and forgot to divide by F0). NaN frames are filled with the cell's median for the
+    baseline only. A non-positive F0 (background-subtracted data) would make dF/F meaningless:
+    it is floored at 1% of the cell's median F0 (or 1e-6).
     """
-    from scipy.ndimage import percentile_filter
     window_frames = max(3, int(round(window_s * frame_rate_hz)) | 1)  # odd, centred
     traces = np.asarray(fluorescence, dtype=np.float32)
-    filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
-    filled = np.nan_to_num(filled)
-    baseline = percentile_filter(filled, percentile, size=(1, window_frames), mode="nearest")
+    filled = traces
+    if np.isnan(traces).any():
+        with np.errstate(all="ignore"):
+            filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
+        filled = np.nan_to_num(filled)
+    baseline = sliding_percentile(filled, window_frames, percentile)
     floor = np.maximum(0.01 * np.abs(np.median(baseline, axis=1, keepdims=True)), 1e-6)
     baseline = np.maximum(baseline, floor)
     return ((traces - baseline) / baseline).astype(np.float32)

@@ -340,3 +340,11 @@ def test_subject_discovery_natural_order(tmp_path):
     assert [p.name for p in usp.find_subjects(tmp_path, skip=("subject_2",))] == ["subject_1", "subject_10"]
     with pytest.raises(usp.PipelineError, match="subject_7"):
         usp.find_subjects(tmp_path, only=("subject_7",))
+
+
+def test_sliding_percentile_equals_scipy():
+    from scipy.ndimage import percentile_filter
+    traces = np.random.default_rng(4).normal(0, 1, (13, 97)).astype(np.float32)
+    for window in (3, 15, 61):
+        expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
+        np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)
