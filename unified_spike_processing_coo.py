@@ -1869,12 +1869,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run_batches(tasks: Sequence[BatchTask], pool, description: str) -> list:
-    """Results of every task in order; at most 2 tasks per worker in flight (bounded memory)."""
+def run_batches(tasks: Iterable, num_tasks: int, pool, description: str) -> list:
+    """Results of every task in order. ``tasks`` is consumed lazily and at most workers + 1
+    tasks are in flight, so the batches' copies of the traces never pile up in memory."""
     from collections import deque
     from tqdm import tqdm
     results = []
-    with tqdm(total=len(tasks), desc=description, unit="batch", leave=False,
+    with tqdm(total=num_tasks, desc=description, unit="batch", leave=False,
               disable=None, file=sys.stderr) as progress:
         if pool is None:
             for task in tasks:
@@ -1882,7 +1883,7 @@ def run_batches(tasks: Sequence[BatchTask], pool, description: str) -> list:
                 progress.update()
             return results
         pending: deque = deque()
-        max_pending = 2 * pool._processes  # noqa: SLF001 (the pool's own size)
+        max_pending = pool._processes + 1  # noqa: SLF001 (the pool's own size)
         for task in tasks:
             pending.append(pool.apply_async(process_batch, (task,)))
             while len(pending) >= max_pending:
@@ -2143,22 +2144,26 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     rng = np.random.default_rng([config.seed, 7])
     valid_rows = np.flatnonzero(valid)
     plot_rows = np.sort(rng.choice(valid_rows, size=min(config.num_neurons, len(valid_rows)), replace=False))
-    tasks = []
-    for start in range(0, num_cells, config.batch_size):
-        rows = np.arange(start, min(start + config.batch_size, num_cells))
-        tasks.append(BatchTask(
-            rows=rows, traces=subject.traces[rows], cell_ids=subject.cell_ids[rows],
-            plot_rows=np.searchsorted(rows, plot_rows[(plot_rows >= rows[0]) & (plot_rows <= rows[-1])]),
-            model_folder=choice.folder if isinstance(choice.folder, str) else str(choice.folder),
-            model_source=choice.source, is_fluorescence=trace_type == "fluorescence",
-            frame_rate_hz=subject.frame_rate_hz, baseline_window_s=config.baseline_window_s,
-            baseline_percentile=config.baseline_percentile, cascade_threshold=config.cascade_threshold,
-            spike_mode=config.spike_mode, spike_threshold=config.spike_threshold, seed=config.seed))
+    model_folder = str(choice.folder)
+
+    def batch_tasks():
+        for start in range(0, num_cells, config.batch_size):
+            rows = np.arange(start, min(start + config.batch_size, num_cells))
+            yield BatchTask(
+                rows=rows, traces=subject.traces[rows], cell_ids=subject.cell_ids[rows],
+                plot_rows=np.searchsorted(rows, plot_rows[(plot_rows >= rows[0]) & (plot_rows <= rows[-1])]),
+                model_folder=model_folder, model_source=choice.source,
+                is_fluorescence=trace_type == "fluorescence", frame_rate_hz=subject.frame_rate_hz,
+                baseline_window_s=config.baseline_window_s, baseline_percentile=config.baseline_percentile,
+                cascade_threshold=config.cascade_threshold, spike_mode=config.spike_mode,
+                spike_threshold=config.spike_threshold, seed=config.seed)
+
+    num_batches = -(-num_cells // config.batch_size)
     inference_started = time.perf_counter()
-    results = run_batches(tasks, pool, f"{subject.name} CASCADE")
+    results = run_batches(batch_tasks(), num_batches, pool, f"{subject.name} CASCADE")
     timings["inference_s"] = time.perf_counter() - inference_started
     log.info("%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB", subject.name,
-             len(tasks), timings["inference_s"], num_cells * num_frames / max(timings["inference_s"], 1e-9),
+             num_batches, timings["inference_s"], num_cells * num_frames / max(timings["inference_s"], 1e-9),
              _rss_gb())
 
     spike_cells = np.concatenate([r["spike_cells"] for r in results])
