@@ -434,16 +434,15 @@ class CascadeModel:
 
 
 def _read_model_config(folder: Path) -> dict:
+    """config.yaml with the keys the engine needs, or a PipelineError naming the file."""
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         raise PipelineError(f"CASCADE model folder {folder} has no config.yaml: "
                             "point --model_dir at a folder as CASCADE distributes it")
     try:
-        config = yaml.safe_load(config_path.read_text())
-    except Exception as exc:  # yaml raises many types
+        config = read_model_config(folder)
+    except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot parse {config_path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise PipelineError(f"{config_path} is not a CASCADE config (expected a mapping)")
     required = ("sampling_rate", "noise_levels", "smoothing", "windowsize", "before_frac",
                 "filter_sizes", "filter_numbers", "dense_expansion")
     missing = [key for key in required if key not in config]
