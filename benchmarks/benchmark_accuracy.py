@@ -224,6 +224,16 @@ def format_tables(result: dict, noise_levels) -> str:
     return "\n".join(lines)
 
 
+def _model_training_command(model_dir: str) -> str | None:
+    """The training command recorded in the model's config.yaml, if any."""
+    import yaml
+    try:
+        with open(os.path.join(model_dir, "config.yaml")) as fh:
+            return (yaml.safe_load(fh) or {}).get("training_command")
+    except OSError:
+        return None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="CASCADE model folder (default: the builtin model)")
@@ -255,9 +265,13 @@ def main(argv=None) -> int:
     print(table)
     print(f"\n{result['n_recordings']} recordings, {time.time() - t0:.0f} s")
     if args.markdown:
+        training_command = _model_training_command(args.model)
         with open(args.markdown, "w") as fh:
             fh.write("# Accuracy on CASCADE ground truth\n\n")
             fh.write(f"Command (from the repository root):\n\n    {command}\n\n")
+            if training_command:
+                fh.write(f"The model ({os.path.basename(os.path.normpath(args.model))}) was trained with:"
+                         f"\n\n    {training_command}\n\n")
             fh.write(table + "\n")
     return 0
 
