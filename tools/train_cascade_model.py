@@ -429,7 +429,7 @@ def main(argv=None) -> int:
             "trace_duration_s": args.duration_s,
             "spikes": "inhomogeneous Poisson with slow log-normal rate modulation, half the cells bursty; "
                       "mean rates log-uniform 0.01-2 Hz",
-            "indicator": "double-exponential kernels, rise 50-200 ms, decay 0.4-2.5 s, peak 3-60 % dF/F "
+            "indicator": "double-exponential kernels, rise 50-200 ms, decay 0.4-2.5 s, peak 4-60 % dF/F "
                          "per spike, mild supralinearity and saturation, per-cell exposure window "
                          "inside the frame, slow baseline drift and offset",
             "noise": "white Gaussian plus partly shot-like noise, scaled per cell so the total CASCADE "
