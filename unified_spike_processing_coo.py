@@ -1386,10 +1386,32 @@ def assign_model_noise_levels(noise_levels: np.ndarray, model_levels: Sequence[i
     return levels[index].astype(int)
 
 
+_ENGINE_CACHE: dict = {}  # per-process cache: TensorFlow, the traced engine, loaded models
+
+
 def _tensorflow():
-    """Import TensorFlow quietly (it costs ~3 s and ~700 MB, so only workers import it)."""
+    """TensorFlow, imported once per process and quietly (~3 s, ~700 MB: only workers need it).
+
+    TensorFlow's C++ start-up chatter (oneDNN notices, 'failed call to cuInit' on machines
+    without a GPU) goes to file descriptor 2 before its log settings apply, so descriptor 2 is
+    pointed at /dev/null while it starts; what it found is logged once in our own words.
+    """
+    if "tensorflow" in _ENGINE_CACHE:
+        return _ENGINE_CACHE["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    sys.stderr.flush()
+    saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        os.close(devnull)
+    log.info("TensorFlow %s on %s", tf.__version__,
+              f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)")
+    _ENGINE_CACHE["tensorflow"] = tf
     return tf
 
 
@@ -1442,7 +1464,6 @@ class ConvolutionalCascade:
                              *[self._tf.constant(a) for a in args]).numpy()
 
 
-_ENGINE_CACHE: dict = {}  # per-process cache: the traced engine and loaded models
 
 
 def _engine() -> ConvolutionalCascade:
@@ -2092,8 +2113,16 @@ def _spans(mask: np.ndarray) -> list:
 
 
 def _rss_gb() -> float:
+    """Resident memory of this process and its workers, in GB."""
     import psutil
-    return psutil.Process().memory_info().rss / 1e9
+    process = psutil.Process()
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 1e9
 
 
 def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) -> dict:
@@ -2161,7 +2190,7 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     inference_started = time.perf_counter()
     results = run_batches(batch_tasks(), num_batches, pool, f"{subject.name} CASCADE")
     timings["inference_s"] = time.perf_counter() - inference_started
-    log.info("%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB", subject.name,
+    log.info("%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers", subject.name,
              num_batches, timings["inference_s"], num_cells * num_frames / max(timings["inference_s"], 1e-9),
              _rss_gb())
 
