@@ -2449,17 +2449,24 @@ def _format_bytes(num_bytes: float) -> str:
 
 def summary_lines(summaries: list, failures: dict, totals: dict) -> list:
     """The end-of-run summary, in the original's form but with honest memory figures."""
-    lines = ["", "=" * 72, "Processed subjects:"]
+    lines = ["", "=" * 72]
+    for model, source in dict.fromkeys((s["model"], s["model_source"]) for s in summaries):
+        if source.startswith(FALLBACK_SOURCE_PREFIX):
+            lines.append(f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX):-1]}")
+        else:
+            lines.append(f"CASCADE model: {model} ({source})")
+    lines.append("Processed subjects:")
     for s in summaries:
         lines += [f"{s['subject']}: {s['total_spikes']:,} active voxels of {s['total_pixels']:,} "
-                  f"(model {s['model']}, {s['model_source']}, {s['seconds']:.1f} s)",
+                  f"(model {s['model']}, {s['seconds']:.1f} s)",
                   f"  → Sparsity: {s['sparsity_percent']:.4f}% of voxels active",
                   f"  → Memory savings vs dense: ~{s['memory_savings_percent']:.2f}% in memory "
                   f"({_format_bytes(s['coo_memory_bytes'])} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
                   f"{_format_bytes(s['dense_bytes'])} dense uint8), ~{s['disk_savings_percent']:.2f}% on disk "
                   f"({_format_bytes(s['coo_file_bytes'])})"]
         for warning in s["warnings"]:
-            lines.append(f"  ! WARNING: {warning}")
+            if not warning.startswith("model fallback"):  # said once above
+                lines.append(f"  ! WARNING: {warning}")
     for name, reason in failures.items():
         lines.append(f"{name}: FAILED: {reason}")
     total_spikes = sum(s["total_spikes"] for s in summaries)
