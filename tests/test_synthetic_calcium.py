@@ -73,3 +73,12 @@ def test_single_spike_kernel_shape():
     assert 0.1 < dff[peak] <= 0.2 * (1 + params.supralinearity[0])
     # e-fold decay over about 1 s = 10 frames
     assert dff[peak + 10] / dff[peak] == pytest.approx(np.exp(-1), rel=0.25)
+
+
+def test_short_traces_and_single_trace():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    counts = sc.simulate_spike_trains(20, 40, 7.5, rng)
+    assert counts.shape == (20, 40) and np.isfinite(counts).all()
+    one = sc.simulate_dff(counts[0], 7.5, 3.0, rng)
+    assert one.shape == (40,) and np.isfinite(one).all()

@@ -141,8 +141,10 @@ def simulate_spike_trains(
         rows = np.flatnonzero(rounded == sigma)
         white = rng.standard_normal((rows.size, n_frames))
         smooth = gaussian_filter1d(white, sigma=sigma, axis=1, mode="wrap")
-        smooth /= smooth.std(axis=1, keepdims=True) + 1e-12
-        log_mod[rows] = smooth
+        std = smooth.std(axis=1, keepdims=True)
+        # A timescale far beyond a short trace leaves (almost) no modulation: keep those rows
+        # flat instead of blowing round-off up to unit variance (exp() would overflow).
+        log_mod[rows] = np.where(std > 1e-3, smooth / (std + 1e-12), 0.0)
     log_mod *= mod_strength[:, None]
     modulation = np.exp(log_mod)
     modulation /= modulation.mean(axis=1, keepdims=True)
@@ -319,8 +321,9 @@ def simulate_dff(
     """
     spike_counts = np.asarray(spike_counts)
     if spike_counts.ndim == 1:
-        return simulate_dff(spike_counts[None], frame_rate_hz, noise_level, rng, params,
-                            fine_rate_hz, drift, max_cells_per_chunk, **param_ranges)[0]
+        return simulate_dff(spike_counts[None], frame_rate_hz, noise_level, rng, params=params,
+                            fine_rate_hz=fine_rate_hz, drift=drift, noise_mode=noise_mode,
+                            max_cells_per_chunk=max_cells_per_chunk, **param_ranges)[0]
     n_cells, n_frames = spike_counts.shape
     if params is None:
         params = draw_kernel_params(n_cells, rng, **param_ranges)
