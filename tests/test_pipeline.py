@@ -349,3 +349,26 @@ def test_sliding_percentile_equals_scipy():
     for window in (3, 15, 61):
         expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
         np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)
+
+
+def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
+    run_cli("--input_dir", SAMPLE, "--output_dir", tmp_path, "--subjects", "subject_2", "--no_plots",
+            "--spike_mode", "discrete", "--keep_edge_frames", "--coordinates", "registered",
+            "--no_z_markers", "--cascade_threshold", "0", *model_args())
+    grid = coo(tmp_path, "subject_2")
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(360))
+    assert grid["attrs"]["marker_pixels"] == 0 and grid["attrs"]["param_spike_mode"] == "discrete"
+    assert grid["attrs"]["param_cascade_threshold"] == "0"
+    coords = grid["spike_coords"]
+    # no spikes where CASCADE has no prediction (first/last 32 frames are kept but empty)
+    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 360 - 32
+    with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
+        registered = truth["cells/CellXYZ_norm"][()]
+    with h5py.File(tmp_path / "subject_2" / usp.METADATA_FILENAME, "r") as meta:
+        np.testing.assert_array_equal(meta["cells/position"][()], registered)
+        spike_count = meta["cells/spike_count"][()]
+    # discrete mode: a cell's binary spikes are the frames with inferred spikes
+    subject = usp.load_subject(SAMPLE / "subject_2")
+    model = usp.load_cascade_model("builtin")
+    rates = usp.predict_spike_rates(usp.compute_dff(subject.traces, subject.frame_rate_hz), model, threshold=0)
+    np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))
