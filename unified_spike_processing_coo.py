@@ -39,7 +39,7 @@ import types
 import urllib.request
 import uuid
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -2125,6 +2125,35 @@ def _rss_gb() -> float:
     return total / 1e9
 
 
+def _plot_payload(results, subject, model, grid, valid, plot_rows, spike_cells, spike_frames,
+                  frame_to_timepoint, kept_frames, is_train, predicted, rate_sum, noise_level,
+                  spike_mode, rng) -> dict:
+    """What the PDF shows, gathered from the batch results (small arrays only)."""
+    num_cells, num_frames = subject.traces.shape
+    valid_rows = np.flatnonzero(valid)
+    in_grid = frame_to_timepoint[spike_frames] >= 0
+    cell_spikes_kept = np.bincount(spike_cells[in_grid], minlength=num_cells)
+    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    order = raster_pool[np.lexsort((raster_pool, grid.cell_voxels[raster_pool, 0]))]  # by plane
+    rank = np.full(num_cells, -1)
+    rank[order] = np.arange(len(order))
+    in_raster = rank[spike_cells] >= 0
+    test_mask = np.zeros(num_frames, bool)
+    test_mask[kept_frames[is_train == 0]] = True
+    return {
+        "dff": np.concatenate([r["plot_dff"] for r in results]),
+        "rates": np.concatenate([r["plot_rates"] for r in results]),
+        "spikes": np.concatenate([r["plot_spikes"] for r in results]),
+        "cell_ids": subject.cell_ids[plot_rows], "spike_mode": spike_mode,
+        "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]), "raster_size": len(order),
+        "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
+        "test_spans_frames": _spans(test_mask), "edge_spans_frames": _spans(~predicted),
+        "cell_voxels": grid.cell_voxels[valid], "cell_spike_counts": cell_spikes_kept[valid],
+        "grid_height": grid.height, "grid_width": grid.width, "z_values": grid.z_values,
+        "noise_level": noise_level, "model_noise_levels": model.noise_levels, "model_name": model.name,
+    }
+
+
 def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) -> dict:
     """Load, infer, binarise, grid and write one subject; returns its summary numbers."""
     timings = {}
@@ -2265,27 +2294,10 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
             "valid": valid.astype(np.uint8),
         })
         if config.plots:
-            in_grid = frame_to_timepoint[spike_frames] >= 0
-            cell_spikes_kept = np.bincount(spike_cells[in_grid], minlength=num_cells)
-            raster_cells_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
-            order = raster_cells_pool[np.lexsort((raster_cells_pool, grid.cell_voxels[raster_cells_pool, 0]))]
-            rank = np.full(num_cells, -1)
-            rank[order] = np.arange(len(order))
-            in_raster = rank[spike_cells] >= 0
-            test_mask = np.zeros(num_frames, bool)
-            test_mask[kept_frames[is_train == 0]] = True
-            plot_subject_pdf(temporaries[2], subject.name, subject.frame_rate_hz, {
-                "dff": np.concatenate([r["plot_dff"] for r in results]),
-                "rates": np.concatenate([r["plot_rates"] for r in results]),
-                "spikes": np.concatenate([r["plot_spikes"] for r in results]),
-                "cell_ids": subject.cell_ids[plot_rows], "spike_mode": config.spike_mode,
-                "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]), "raster_size": len(order),
-                "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
-                "test_spans_frames": _spans(test_mask), "edge_spans_frames": _spans(~predicted),
-                "cell_voxels": grid.cell_voxels[valid], "cell_spike_counts": cell_spikes_kept[valid],
-                "grid_height": grid.height, "grid_width": grid.width, "z_values": grid.z_values, "noise_level": noise_level,
-                "model_noise_levels": model.noise_levels, "model_name": model.name,
-            })
+            plot_subject_pdf(temporaries[2], subject.name, subject.frame_rate_hz, _plot_payload(
+                results, subject, model, grid, valid, plot_rows, spike_cells, spike_frames,
+                frame_to_timepoint, kept_frames, is_train, predicted, rate_sum, noise_level,
+                config.spike_mode, rng))
         for temporary, final in zip(temporaries, finals):
             if temporary.exists():
                 os.replace(temporary, final)
@@ -2538,6 +2550,11 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
                 log.error("%s: unexpected %s: %s (run with --verbose for the traceback)",
                           folder.name, type(exc).__name__, exc)
                 log.debug("traceback", exc_info=True)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # Ctrl-C or a crash: do not wait for batches nobody will read
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()

@@ -11,7 +11,6 @@ import logging
 import os
 import random
 import socket
-import sys
 import threading
 import zipfile
 from pathlib import Path

@@ -9,7 +9,7 @@ import pytest
 from scipy.ndimage import gaussian_filter1d
 
 import unified_spike_processing_coo as usp
-from conftest import REPO_DIR, shared_dir
+from conftest import REPO_DIR
 
 SAMPLE = REPO_DIR / "sample_data"
 SCRIPT = REPO_DIR / "unified_spike_processing_coo.py"
