@@ -196,7 +196,11 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
             cell_resp = h5["CellResp"]
             if cell_resp.ndim != 2:
                 raise PipelineError(f"{series_path}: CellResp has shape {cell_resp.shape}, expected (T, N)")
-            traces = np.ascontiguousarray(cell_resp[()].T, dtype=np.float32)  # -> (N, T)
+            # -> (N, T), a block of cells at a time so the transpose never doubles the memory
+            num_frames_stored, num_cells_stored = cell_resp.shape
+            traces = np.empty((num_cells_stored, num_frames_stored), dtype=np.float32)
+            for start in range(0, num_cells_stored, 8192):
+                traces[start:start + 8192] = cell_resp[:, start:start + 8192].T
             abs_ix = np.asarray(h5["absIX"][()]).ravel() if "absIX" in h5 else None
     except PipelineError:
         raise
