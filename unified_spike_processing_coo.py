@@ -1731,9 +1731,8 @@ class GridSpec:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def _scale_to_pixels(values: np.ndarray, size: int) -> np.ndarray:
-    """Min-max scale to [0, size-1] and floor (the original's mapping)."""
-    low, high = float(values.min()), float(values.max())
+def _scale_to_pixels(values: np.ndarray, size: int, low: float, high: float) -> np.ndarray:
+    """Min-max scale [low, high] to [0, size-1] and floor (the original's mapping), clipped."""
     if high <= low:
         return np.zeros(len(values), dtype=np.int32)
     scaled = np.floor((values - low) / (high - low) * (size - 1))
@@ -1741,14 +1740,23 @@ def _scale_to_pixels(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_grid_spec(positions: np.ndarray, num_timepoints: int, height: int, width: int,
-                   z_markers: bool = True) -> GridSpec:
-    """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value."""
-    z_values, z_index = np.unique(positions[:, 2], return_inverse=True)
+                   z_markers: bool = True, valid: Optional[np.ndarray] = None) -> GridSpec:
+    """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value.
+
+    Scaling and planes come from the ``valid`` cells only (all cells by default); other cells
+    get the voxel of their clipped position (they carry no spikes).
+    """
+    valid = np.ones(len(positions), bool) if valid is None else np.asarray(valid, bool)
+    reference = positions[valid]
+    z_values = np.unique(reference[:, 2])
     if z_markers and len(z_values) + 1 > width:
         raise PipelineError(f"{len(z_values)} z-planes need a grid width of at least "
                             f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)")
-    voxels = np.stack([z_index.astype(np.int32), _scale_to_pixels(positions[:, 0], height),
-                       _scale_to_pixels(positions[:, 1], width)], axis=1)
+    low, high = reference.min(axis=0), reference.max(axis=0)
+    z_index = np.clip(np.searchsorted(z_values, positions[:, 2]), 0, len(z_values) - 1)
+    voxels = np.stack([z_index.astype(np.int32),
+                       _scale_to_pixels(positions[:, 0], height, low[0], high[0]),
+                       _scale_to_pixels(positions[:, 1], width, low[1], high[1])], axis=1)
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
 
 
@@ -2244,8 +2252,8 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
 
     grid_started = time.perf_counter()
-    grid = make_grid_spec_for_cells(subject.positions, valid, len(kept_frames), config.grid_height,
-                                    config.grid_width, config.z_markers)
+    grid = make_grid_spec(subject.positions, len(kept_frames), config.grid_height,
+                          config.grid_width, config.z_markers, valid=valid)
     coo = build_coo(spike_cells, spike_frames, grid, frame_to_timepoint, config.z_markers)
     is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
     timings["grid_s"] = time.perf_counter() - grid_started
@@ -2324,20 +2332,6 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
              "%.1f s; RSS %.2f GB", subject.name, num_entries, coo["spike_pixels"], coo["marker_pixels"],
              coo["collisions"], "x".join(map(str, grid.shape)), out_dir, timings["total_s"], _rss_gb())
     return summary
-
-
-def make_grid_spec_for_cells(positions: np.ndarray, valid: np.ndarray, num_timepoints: int,
-                             height: int, width: int, z_markers: bool) -> GridSpec:
-    """Grid scaled over the valid cells only; invalid cells get the voxel of their clipped spot."""
-    base = make_grid_spec(positions[valid], num_timepoints, height, width, z_markers)
-    low, high = positions[valid].min(axis=0), positions[valid].max(axis=0)
-    span = np.where(high > low, high - low, 1.0)
-    x = np.clip(np.floor((positions[:, 0] - low[0]) / span[0] * (height - 1)), 0, height - 1)
-    y = np.clip(np.floor((positions[:, 1] - low[1]) / span[1] * (width - 1)), 0, width - 1)
-    z = np.clip(np.searchsorted(base.z_values, positions[:, 2]), 0, base.num_z_planes - 1)
-    voxels = np.stack([z, x, y], axis=1).astype(np.int32)
-    voxels[valid] = base.cell_voxels
-    return dataclasses.replace(base, cell_voxels=voxels)
 
 
 # =============================================================================================

@@ -164,7 +164,7 @@ def test_truth_matches_cellresp(loaded, subject):
     # CASCADE noise levels (dF/F against an 8th-percentile baseline) spread over ~2-8.
     F = s["CellResp"].T.astype(np.float64)
     f0 = np.percentile(F, 8, axis=1, keepdims=True)
-    nl = msd.cascade_noise_level((F - f0) / f0, spec.fpsec)
+    nl = msd.sc.cascade_noise_level((F - f0) / f0, spec.fpsec)
     p5, p50, p95 = np.percentile(nl, [5, 50, 95])
     assert 1.8 < p5 < 3.0 and 3.5 < p50 < 6.0 and 7.0 < p95 < 9.5
 

@@ -264,11 +264,6 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
     return np.minimum(counts, 255).astype(np.uint8), cls, event_t
 
 
-def cascade_noise_level(dff: np.ndarray, fpsec: float) -> np.ndarray:
-    """CASCADE's noise level per row of a (cells, frames) dF/F array."""
-    return sc.cascade_noise_level(dff, fpsec)
-
-
 def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
     """Generate every array of one subject (nothing is written)."""
     rng = subject_rng(seed, spec.subject)
@@ -430,7 +425,7 @@ def summarize(sub: dict) -> dict:
     F = sub["CellResp"].T.astype(np.float64)  # (N, T)
     # dF/F against a simple 8th-percentile baseline per cell (what a pipeline would roughly do)
     f0 = np.percentile(F, 8, axis=1, keepdims=True)
-    nl = cascade_noise_level((F - f0) / f0, spec.fpsec)
+    nl = sc.cascade_noise_level((F - f0) / f0, spec.fpsec)
     duration = spec.n_frames / spec.fpsec
     rates = sub["spike_counts"].sum(axis=1) / duration
     return {
