@@ -22,6 +22,7 @@ Run with --help for every option. The file reads top-down like the pipeline: con
 loading subjects, dF/F, CASCADE models (loading, resolution), inference, discrete spikes, spike
 binarisation, gridding, the worker pool, writing, plotting, one subject end to end, command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,9 @@ import types
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -63,9 +64,11 @@ class PipelineError(Exception):
 # Configuration of a run
 # =============================================================================================
 
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Every parameter of a run; recorded in each output so a file says how it was made."""
+
     input_dir: str
     output_dir: str
     subjects: tuple = ()
@@ -73,21 +76,21 @@ class PipelineConfig:
     workers: int = 1
     batch_size: int = 30000
     cascade_model: str = "Global_EXC_2Hz_smoothing500ms"
-    model_dir: Optional[str] = None
-    model_cache: Optional[str] = None
+    model_dir: str | None = None
+    model_cache: str | None = None
     strict_model: bool = False
     offline: bool = False
-    cascade_threshold: object = 1          # 0, 1 or False
-    trace_type: str = "auto"               # auto | fluorescence | dff
+    cascade_threshold: object = 1  # 0, 1 or False
+    trace_type: str = "auto"  # auto | fluorescence | dff
     baseline_percentile: float = 8.0
     baseline_window_s: float = 30.0
-    spike_mode: str = "sample"             # sample | discrete | threshold
+    spike_mode: str = "sample"  # sample | discrete | threshold
     spike_threshold: float = 0.5
     seed: int = 42
     keep_edge_frames: bool = False
     grid_height: int = 256
     grid_width: int = 128
-    coordinates: str = "raw"               # raw (CellXYZ) | registered (CellXYZ_norm)
+    coordinates: str = "raw"  # raw (CellXYZ) | registered (CellXYZ_norm)
     z_markers: bool = True
     split_block: int = 330
     split_ratio: float = 0.95
@@ -113,17 +116,19 @@ class PipelineConfig:
 # Loading subjects: Chen et al. 2018 layout and a generic traces.h5
 # =============================================================================================
 
+
 @dataclass
 class SubjectData:
     """One subject's cells: traces (N, T) and positions (N, 3) as [x, y, z]."""
+
     name: str
     folder: str
-    traces: np.ndarray            # (N, T) float32, raw fluorescence or dF/F
-    positions: np.ndarray         # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
+    traces: np.ndarray  # (N, T) float32, raw fluorescence or dF/F
+    positions: np.ndarray  # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
     frame_rate_hz: float
-    cell_ids: np.ndarray          # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
-    layout: str                   # 'chen2018' | 'generic'
-    trace_type_hint: Optional[str] = None
+    cell_ids: np.ndarray  # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
+    layout: str  # 'chen2018' | 'generic'
+    trace_type_hint: str | None = None
     source_files: tuple = ()
 
 
@@ -146,8 +151,10 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     names = sorted(folders, key=_natural_key)
     unknown = [name for name in only if name not in folders]
     if unknown:
-        raise PipelineError(f"--subjects names {', '.join(unknown)}, not found under {input_dir} "
-                            f"(found: {', '.join(names) or 'none'})")
+        raise PipelineError(
+            f"--subjects names {', '.join(unknown)}, not found under {input_dir} "
+            f"(found: {', '.join(names) or 'none'})"
+        )
     if only:
         names = [name for name in names if name in set(only)]
     names = [name for name in names if name not in set(skip)]
@@ -158,6 +165,7 @@ def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
     import h5py
     import scipy.io
+
     if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5 (after a 512-byte text header)
         try:
             with h5py.File(path, "r") as h5:
@@ -165,8 +173,9 @@ def _mat_struct_fields(path: Path) -> dict:
                     raise PipelineError(f"{path} has no struct 'data'")
                 group = h5["data"]
                 # MATLAB stores matrices transposed in HDF5: undo it
-                return {key: np.asarray(group[key][()]).T for key in group
-                        if isinstance(group[key], h5py.Dataset)}
+                return {
+                    key: np.asarray(group[key][()]).T for key in group if isinstance(group[key], h5py.Dataset)
+                }
         except PipelineError:
             raise
         except Exception as exc:
@@ -185,6 +194,7 @@ def _mat_struct_fields(path: Path) -> dict:
 def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     import h5py
+
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
     for path in (series_path, anatomy_path):
         if not path.is_file():
@@ -200,7 +210,7 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
             num_frames_stored, num_cells_stored = cell_resp.shape
             traces = np.empty((num_cells_stored, num_frames_stored), dtype=np.float32)
             for start in range(0, num_cells_stored, 8192):
-                traces[start:start + 8192] = cell_resp[:, start:start + 8192].T
+                traces[start : start + 8192] = cell_resp[:, start : start + 8192].T
             abs_ix = np.asarray(h5["absIX"][()]).ravel() if "absIX" in h5 else None
     except PipelineError:
         raise
@@ -223,30 +233,43 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
         # absIX is 1-based into CellXYZ (MATLAB); forgetting the -1 shifts every cell by one row
         cell_ids = abs_ix.astype(np.int64)
         if len(cell_ids) != num_cells:
-            raise PipelineError(f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}")
+            raise PipelineError(
+                f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}"
+            )
     else:
         invalid = set(np.asarray(fields.get("IX_inval_anat", []), dtype=np.int64).ravel().tolist())
         cell_ids = np.array([i for i in range(1, len(cell_xyz) + 1) if i not in invalid], dtype=np.int64)
         if len(cell_ids) != num_cells:
-            raise PipelineError(f"{series_path} has no absIX and CellResp's {num_cells} cells do not match "
-                                f"the {len(cell_ids)} valid cells of {anatomy_path}")
+            raise PipelineError(
+                f"{series_path} has no absIX and CellResp's {num_cells} cells do not match "
+                f"the {len(cell_ids)} valid cells of {anatomy_path}"
+            )
     if cell_ids.min(initial=1) < 1 or cell_ids.max(initial=1) > len(cell_xyz):
         raise PipelineError(f"{series_path}: absIX points outside CellXYZ (1..{len(cell_xyz)})")
-    return SubjectData(name=folder.name, folder=str(folder), traces=traces,
-                       positions=cell_xyz[cell_ids - 1], frame_rate_hz=frame_rate_hz,
-                       cell_ids=cell_ids, layout="chen2018",
-                       source_files=(str(series_path), str(anatomy_path)))
+    return SubjectData(
+        name=folder.name,
+        folder=str(folder),
+        traces=traces,
+        positions=cell_xyz[cell_ids - 1],
+        frame_rate_hz=frame_rate_hz,
+        cell_ids=cell_ids,
+        layout="chen2018",
+        source_files=(str(series_path), str(anatomy_path)),
+    )
 
 
 def load_generic_subject(folder: Path) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
     import h5py
+
     path = folder / "traces.h5"
     try:
         with h5py.File(path, "r") as h5:
             missing = [k for k in ("traces", "positions") if k not in h5]
             if missing or "frame_rate_hz" not in h5.attrs:
-                raise PipelineError(f"{path} lacks {', '.join(missing + (['attribute frame_rate_hz'] if 'frame_rate_hz' not in h5.attrs else []))}")
+                raise PipelineError(
+                    f"{path} lacks {', '.join(missing + (['attribute frame_rate_hz'] if 'frame_rate_hz' not in h5.attrs else []))}"
+                )
             traces = np.asarray(h5["traces"][()], dtype=np.float32)
             positions = np.asarray(h5["positions"][()], dtype=np.float64)
             frame_rate_hz = float(h5.attrs["frame_rate_hz"])
@@ -257,11 +280,20 @@ def load_generic_subject(folder: Path) -> SubjectData:
     except Exception as exc:
         raise PipelineError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
     if traces.ndim != 2 or positions.shape != (traces.shape[0], 3):
-        raise PipelineError(f"{path}: traces {traces.shape} and positions {positions.shape} "
-                            "must be (N, T) and (N, 3)")
-    return SubjectData(name=folder.name, folder=str(folder), traces=traces, positions=positions,
-                       frame_rate_hz=frame_rate_hz, cell_ids=np.arange(len(traces), dtype=np.int64),
-                       layout="generic", trace_type_hint=hint, source_files=(str(path),))
+        raise PipelineError(
+            f"{path}: traces {traces.shape} and positions {positions.shape} must be (N, T) and (N, 3)"
+        )
+    return SubjectData(
+        name=folder.name,
+        folder=str(folder),
+        traces=traces,
+        positions=positions,
+        frame_rate_hz=frame_rate_hz,
+        cell_ids=np.arange(len(traces), dtype=np.int64),
+        layout="generic",
+        trace_type_hint=hint,
+        source_files=(str(path),),
+    )
 
 
 def load_subject(folder, coordinates: str = "raw") -> SubjectData:
@@ -271,7 +303,9 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
         subject = load_chen2018_subject(folder, coordinates)
     elif (folder / "traces.h5").exists():
         if coordinates == "registered":
-            raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+            raise PipelineError(
+                f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)"
+            )
         subject = load_generic_subject(folder)
     else:
         raise PipelineError(f"{folder} has neither TimeSeries.h5 + data_full.mat (Chen 2018) nor traces.h5")
@@ -284,7 +318,9 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
         raise PipelineError(f"{folder}: cell positions contain NaN or infinite values")
     infinite = np.isinf(subject.traces)
     if infinite.any():
-        log.warning("%s: %d infinite trace values treated as missing (NaN)", subject.name, int(infinite.sum()))
+        log.warning(
+            "%s: %d infinite trace values treated as missing (NaN)", subject.name, int(infinite.sum())
+        )
         subject.traces[infinite] = np.nan
     if np.isnan(subject.traces).all():
         raise PipelineError(f"{folder}: every trace value is NaN")
@@ -295,7 +331,8 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
 # dF/F: deciding what the traces are, and a vectorised sliding-percentile baseline
 # =============================================================================================
 
-def decide_trace_type(traces: np.ndarray, hint: Optional[str] = None, max_cells: int = 2000) -> tuple:
+
+def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: int = 2000) -> tuple:
     """'fluorescence' or 'dff' from the data, with the reason (logged and recorded).
 
     Raw fluorescence sits on a positive baseline far above its own fluctuations; dF/F hovers
@@ -314,8 +351,9 @@ def decide_trace_type(traces: np.ndarray, hint: Optional[str] = None, max_cells:
     return "dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})"
 
 
-def sliding_percentile(traces: np.ndarray, window_frames: int, percentile: float,
-                       max_chunk_values: int = 1 << 26) -> np.ndarray:
+def sliding_percentile(
+    traces: np.ndarray, window_frames: int, percentile: float, max_chunk_values: int = 1 << 26
+) -> np.ndarray:
     """Centred sliding percentile per row (edges repeat the end values), exactly as
     scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') but ~3x faster: np.partition
     over a strided window view, a block of rows at a time so memory stays bounded."""
@@ -326,14 +364,15 @@ def sliding_percentile(traces: np.ndarray, window_frames: int, percentile: float
     out = np.empty((num_rows, num_frames), dtype=np.float32)
     rows_per_block = max(1, max_chunk_values // max(1, num_frames * window_frames))
     for start in range(0, num_rows, rows_per_block):
-        block = np.pad(traces[start:start + rows_per_block], ((0, 0), (half, half)), mode="edge")
+        block = np.pad(traces[start : start + rows_per_block], ((0, 0), (half, half)), mode="edge")
         windows = np.lib.stride_tricks.sliding_window_view(block, window_frames, axis=1)
-        out[start:start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
+        out[start : start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
     return out
 
 
-def compute_dff(fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0,
-                percentile: float = 8.0) -> np.ndarray:
+def compute_dff(
+    fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0, percentile: float = 8.0
+) -> np.ndarray:
     """dF/F = (F - F0) / F0 with F0 the ``percentile`` over a centred ``window_s`` window.
 
     The window is converted to frames with the subject's real frame rate (the original assumed
@@ -366,38 +405,57 @@ def compute_dff(fluorescence: np.ndarray, frame_rate_hz: float, window_s: float 
 MODEL_FILE_PATTERN = re.compile(r"Model_NoiseLevel_(\d+)_Ensemble_(\d+)\.h5$")
 
 # The layer stack CASCADE trains (cascade2p's define_model); anything else is rejected.
-CASCADE_LAYER_CLASSES = ("Conv1D", "Conv1D", "MaxPooling1D", "Conv1D", "MaxPooling1D",
-                         "Dense", "Flatten", "Dense")
+CASCADE_LAYER_CLASSES = (
+    "Conv1D",
+    "Conv1D",
+    "MaxPooling1D",
+    "Conv1D",
+    "MaxPooling1D",
+    "Dense",
+    "Flatten",
+    "Dense",
+)
 
 
 @dataclass(frozen=True)
 class NetworkWeights:
     """Weights of one ensemble member, in Keras's layout (kernel: (width, in, out))."""
+
     conv1_kernel: np.ndarray
     conv1_bias: np.ndarray
     conv2_kernel: np.ndarray
     conv2_bias: np.ndarray
     conv3_kernel: np.ndarray
     conv3_bias: np.ndarray
-    dense_kernel: np.ndarray      # (filters3, dense_expansion), applied at each position
+    dense_kernel: np.ndarray  # (filters3, dense_expansion), applied at each position
     dense_bias: np.ndarray
-    output_kernel: np.ndarray     # (positions * dense_expansion, 1), flattened position-major
+    output_kernel: np.ndarray  # (positions * dense_expansion, 1), flattened position-major
     output_bias: np.ndarray
     source_file: str = ""
 
     def as_tuple(self) -> tuple:
-        return (self.conv1_kernel, self.conv1_bias, self.conv2_kernel, self.conv2_bias,
-                self.conv3_kernel, self.conv3_bias, self.dense_kernel, self.dense_bias,
-                self.output_kernel, self.output_bias)
+        return (
+            self.conv1_kernel,
+            self.conv1_bias,
+            self.conv2_kernel,
+            self.conv2_bias,
+            self.conv3_kernel,
+            self.conv3_bias,
+            self.dense_kernel,
+            self.dense_bias,
+            self.output_kernel,
+            self.output_bias,
+        )
 
 
 @dataclass(frozen=True)
 class CascadeModel:
     """A CASCADE model: its configuration and the weights of every ensemble member."""
+
     name: str
     folder: str
     sampling_rate_hz: float
-    noise_levels: tuple               # model noise levels, ascending ints
+    noise_levels: tuple  # model noise levels, ascending ints
     smoothing_s: float
     causal_kernel: bool
     window_size: int
@@ -406,8 +464,8 @@ class CascadeModel:
     filter_numbers: tuple
     dense_expansion: int
     ensemble_size: int
-    ensembles: dict                   # noise level -> tuple of NetworkWeights
-    source: str = "model_dir"         # how it was found (see resolve_model)
+    ensembles: dict  # noise level -> tuple of NetworkWeights
+    source: str = "model_dir"  # how it was found (see resolve_model)
 
     @property
     def window_offset(self) -> int:
@@ -430,25 +488,39 @@ class CascadeModel:
 
     def provenance(self) -> dict:
         """What outputs record about the model, so a file says how it was made."""
-        return {"cascade_model": self.name, "model_source": self.source,
-                "model_folder": self.folder, "model_sampling_rate_hz": self.sampling_rate_hz,
-                "model_smoothing_s": self.smoothing_s,
-                "model_noise_levels": list(self.noise_levels),
-                "model_ensemble_size": self.ensemble_size}
+        return {
+            "cascade_model": self.name,
+            "model_source": self.source,
+            "model_folder": self.folder,
+            "model_sampling_rate_hz": self.sampling_rate_hz,
+            "model_smoothing_s": self.smoothing_s,
+            "model_noise_levels": list(self.noise_levels),
+            "model_ensemble_size": self.ensemble_size,
+        }
 
 
 def _read_model_config(folder: Path) -> dict:
     """config.yaml with the keys the engine needs, or a PipelineError naming the file."""
     config_path = folder / "config.yaml"
     if not config_path.is_file():
-        raise PipelineError(f"CASCADE model folder {folder} has no config.yaml: "
-                            "point --model_dir at a folder as CASCADE distributes it")
+        raise PipelineError(
+            f"CASCADE model folder {folder} has no config.yaml: "
+            "point --model_dir at a folder as CASCADE distributes it"
+        )
     try:
         config = read_model_config(folder)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot parse {config_path}: {exc}") from None
-    required = ("sampling_rate", "noise_levels", "smoothing", "windowsize", "before_frac",
-                "filter_sizes", "filter_numbers", "dense_expansion")
+    required = (
+        "sampling_rate",
+        "noise_levels",
+        "smoothing",
+        "windowsize",
+        "before_frac",
+        "filter_sizes",
+        "filter_numbers",
+        "dense_expansion",
+    )
     missing = [key for key in required if key not in config]
     if missing:
         raise PipelineError(f"{config_path} lacks {', '.join(missing)}: not a CASCADE model config")
@@ -470,23 +542,35 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
     """Fail clearly if the saved network is not the CASCADE stack the engine implements."""
     classes = tuple(layer.get("class_name") for layer in layers)
     if classes != CASCADE_LAYER_CLASSES:
-        raise PipelineError(f"{path}: layer stack {classes} is not CASCADE's "
-                            f"{CASCADE_LAYER_CLASSES}; this engine cannot run it")
+        raise PipelineError(
+            f"{path}: layer stack {classes} is not CASCADE's "
+            f"{CASCADE_LAYER_CLASSES}; this engine cannot run it"
+        )
     convs = [layers[0]["config"], layers[1]["config"], layers[3]["config"]]
     for i, conv in enumerate(convs):
         expected = (int(config["filter_numbers"][i]), int(config["filter_sizes"][i]))
         found = (int(conv["filters"]), _as_int(conv["kernel_size"]))
-        if found != expected or conv.get("activation") != "relu" \
-                or conv.get("padding", "valid") != "valid" \
-                or _as_int(conv.get("strides", 1)) != 1 or _as_int(conv.get("dilation_rate", 1)) != 1:
-            raise PipelineError(f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, "
-                                f"config.yaml says {expected} relu valid")
+        if (
+            found != expected
+            or conv.get("activation") != "relu"
+            or conv.get("padding", "valid") != "valid"
+            or _as_int(conv.get("strides", 1)) != 1
+            or _as_int(conv.get("dilation_rate", 1)) != 1
+        ):
+            raise PipelineError(
+                f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, "
+                f"config.yaml says {expected} relu valid"
+            )
     for pool in (layers[2]["config"], layers[4]["config"]):
-        if _as_int(pool.get("pool_size", 2)) != 2 or _as_int(pool.get("strides", 2)) != 2 \
-                or pool.get("padding", "valid") != "valid":
+        if (
+            _as_int(pool.get("pool_size", 2)) != 2
+            or _as_int(pool.get("strides", 2)) != 2
+            or pool.get("padding", "valid") != "valid"
+        ):
             raise PipelineError(f"{path}: max-pooling layers must be size 2, stride 2, valid")
-    if layers[5]["config"].get("activation") != "relu" \
-            or int(layers[5]["config"]["units"]) != int(config["dense_expansion"]):
+    if layers[5]["config"].get("activation") != "relu" or int(layers[5]["config"]["units"]) != int(
+        config["dense_expansion"]
+    ):
         raise PipelineError(f"{path}: hidden dense layer is not relu x dense_expansion")
     if layers[7]["config"].get("activation") != "linear" or int(layers[7]["config"]["units"]) != 1:
         raise PipelineError(f"{path}: output layer must be a single linear unit")
@@ -494,24 +578,27 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
 
 def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
     import h5py
+
     try:
         with h5py.File(path, "r") as h5:
             raw_config = h5.attrs.get("model_config")
             if raw_config is None:
-                raise PipelineError(f"{path} has no 'model_config' attribute: "
-                                    "not a Keras model file saved by CASCADE")
+                raise PipelineError(
+                    f"{path} has no 'model_config' attribute: not a Keras model file saved by CASCADE"
+                )
             if isinstance(raw_config, bytes):
                 raw_config = raw_config.decode()
             layers = _layer_config_list(json.loads(raw_config))
             _check_architecture(layers, config, path)
             group = h5["model_weights"] if "model_weights" in h5 else h5
-            layer_names = [n.decode() if isinstance(n, bytes) else str(n)
-                           for n in group.attrs["layer_names"]]
+            layer_names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]]
             arrays = []
             for layer_name in layer_names:
                 layer_group = group[layer_name]
-                weight_names = [n.decode() if isinstance(n, bytes) else str(n)
-                                for n in layer_group.attrs.get("weight_names", [])]
+                weight_names = [
+                    n.decode() if isinstance(n, bytes) else str(n)
+                    for n in layer_group.attrs.get("weight_names", [])
+                ]
                 if not weight_names:
                     continue
                 weights = [np.asarray(layer_group[n], dtype=np.float32) for n in weight_names]
@@ -521,9 +608,11 @@ def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
     except PipelineError:
         raise
     except (OSError, KeyError, StopIteration, ValueError) as exc:
-        raise PipelineError(f"cannot read CASCADE weights from {path} ({exc}); "
-                            "the file is missing, truncated or not a Keras HDF5 model: "
-                            "re-download the model folder") from None
+        raise PipelineError(
+            f"cannot read CASCADE weights from {path} ({exc}); "
+            "the file is missing, truncated or not a Keras HDF5 model: "
+            "re-download the model folder"
+        ) from None
     if len(arrays) != 5:
         raise PipelineError(f"{path}: expected 5 weighted layers, found {len(arrays)}")
     (k1, b1), (k2, b2), (k3, b3), (kd, bd), (ko, bo) = arrays
@@ -544,25 +633,36 @@ def load_cascade_model_folder(folder, source: str = "model_dir") -> CascadeModel
     noise_levels = tuple(sorted(int(n) for n in config["noise_levels"]))
     absent = [n for n in noise_levels if n not in members]
     if absent:
-        raise PipelineError(f"CASCADE model folder {folder} has no Model_NoiseLevel_{absent[0]}_"
-                            "Ensemble_*.h5 file although config.yaml lists that noise level: "
-                            "the download is incomplete, fetch the model again")
-    ensembles = {level: tuple(_read_network_weights(path, config)
-                              for _, path in sorted(members[level])) for level in noise_levels}
+        raise PipelineError(
+            f"CASCADE model folder {folder} has no Model_NoiseLevel_{absent[0]}_"
+            "Ensemble_*.h5 file although config.yaml lists that noise level: "
+            "the download is incomplete, fetch the model again"
+        )
+    ensembles = {
+        level: tuple(_read_network_weights(path, config) for _, path in sorted(members[level]))
+        for level in noise_levels
+    }
     return CascadeModel(
-        name=str(config.get("model_name", folder.name)), folder=str(folder.resolve()),
-        sampling_rate_hz=float(config["sampling_rate"]), noise_levels=noise_levels,
-        smoothing_s=float(config["smoothing"]), causal_kernel=bool(config.get("causal_kernel", 0)),
-        window_size=int(config["windowsize"]), before_frac=float(config["before_frac"]),
+        name=str(config.get("model_name", folder.name)),
+        folder=str(folder.resolve()),
+        sampling_rate_hz=float(config["sampling_rate"]),
+        noise_levels=noise_levels,
+        smoothing_s=float(config["smoothing"]),
+        causal_kernel=bool(config.get("causal_kernel", 0)),
+        window_size=int(config["windowsize"]),
+        before_frac=float(config["before_frac"]),
         filter_sizes=tuple(int(v) for v in config["filter_sizes"]),
         filter_numbers=tuple(int(v) for v in config["filter_numbers"]),
         dense_expansion=int(config["dense_expansion"]),
         ensemble_size=min(len(e) for e in ensembles.values()),
-        ensembles=ensembles, source=source)
+        ensembles=ensembles,
+        source=source,
+    )
 
 
-def load_cascade_model(folder_or_name, *, cache_dir=None, strict: bool = False,
-                       frame_rate_hz: Optional[float] = None) -> CascadeModel:
+def load_cascade_model(
+    folder_or_name, *, cache_dir=None, strict: bool = False, frame_rate_hz: float | None = None
+) -> CascadeModel:
     """Load a CASCADE model from a folder, or by name ('builtin' or an official model name).
 
     Names are resolved as on the command line (see resolve_model): local cache, then download,
@@ -571,8 +671,14 @@ def load_cascade_model(folder_or_name, *, cache_dir=None, strict: bool = False,
     candidate = Path(str(folder_or_name)).expanduser()
     if candidate.is_dir():
         return load_cascade_model_folder(candidate, source="model_dir")
-    choice = resolve_model(str(folder_or_name), None, cache_dir=cache_dir,
-                           builtin_dir=BUILTIN_MODEL_DIR, strict=strict, frame_rate_hz=frame_rate_hz)
+    choice = resolve_model(
+        str(folder_or_name),
+        None,
+        cache_dir=cache_dir,
+        builtin_dir=BUILTIN_MODEL_DIR,
+        strict=strict,
+        frame_rate_hz=frame_rate_hz,
+    )
     return load_cascade_model_folder(choice.folder, source=choice.source)
 
 
@@ -705,6 +811,7 @@ _IGNORED_ENTRIES = ("__MACOSX",)
 # Types
 # --------------------------------------------------------------------------- #
 
+
 class ModelResolutionError(PipelineError):
     """No usable CASCADE model; the message is one actionable line."""
 
@@ -750,6 +857,7 @@ class ModelChoice:
 # --------------------------------------------------------------------------- #
 # Names, index and automatic choice
 # --------------------------------------------------------------------------- #
+
 
 def default_model_cache_dir() -> Path:
     """The default ``--model_cache`` (neuralib's cache), user home expanded."""
@@ -852,8 +960,9 @@ def parse_model_index(text: str | bytes) -> dict:
     return links
 
 
-def fetch_model_index(index_url: str = OFFICIAL_MODEL_INDEX_URL,
-                      timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> dict:
+def fetch_model_index(
+    index_url: str = OFFICIAL_MODEL_INDEX_URL, timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S
+) -> dict:
     """Download and parse CASCADE's model index (``{name: link}``)."""
     request = urllib.request.Request(index_url, headers={"User-Agent": "unified-spike-processing"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -861,11 +970,13 @@ def fetch_model_index(index_url: str = OFFICIAL_MODEL_INDEX_URL,
     return parse_model_index(data)
 
 
-def lookup_model_link(name: str,
-                      index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-                      known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
-                      timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-                      cache_dir: str | Path | None = None) -> str:
+def lookup_model_link(
+    name: str,
+    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
+    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
+    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+    cache_dir: str | Path | None = None,
+) -> str:
     """Download link of model ``name``.
 
     Looked up, in order, in the index fetched from ``index_url`` (at run time, like
@@ -904,6 +1015,7 @@ def lookup_model_link(name: str,
 # --------------------------------------------------------------------------- #
 # Model folder checks
 # --------------------------------------------------------------------------- #
+
 
 def _one_line(value, limit: int = 400) -> str:
     text = " ".join(str(value).split())
@@ -954,7 +1066,7 @@ def _hdf5_problem(path: Path) -> str | None:
     end = start + 3 * size_of_offsets
     if len(head) < end:
         return f"{path.name} is truncated (superblock)"
-    base_address = int.from_bytes(head[start:start + size_of_offsets], "little")
+    base_address = int.from_bytes(head[start : start + size_of_offsets], "little")
     eof_start = start + 2 * size_of_offsets
     eof_address = int.from_bytes(head[eof_start:end], "little")
     undefined = (1 << (8 * size_of_offsets)) - 1
@@ -998,8 +1110,11 @@ def model_folder_problem(folder: str | Path) -> str | None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
         return "config.yaml has no positive sampling_rate"
     levels = config.get("noise_levels")
-    if (not isinstance(levels, list) or not levels
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in levels)):
+    if (
+        not isinstance(levels, list)
+        or not levels
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in levels)
+    ):
         return "config.yaml has no list of integer noise_levels"
     for level in levels:
         if not any(folder.glob(f"Model_NoiseLevel_{level}_Ensemble_*.h5")):
@@ -1017,8 +1132,11 @@ def is_complete_model_folder(folder: str | Path) -> bool:
 
 
 def _visible_subfolders(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_ENTRIES)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_ENTRIES
+    )
 
 
 def find_model_folder(folder: str | Path) -> Path | None:
@@ -1059,13 +1177,15 @@ def _check_model_name(name: str) -> str:
     if not _MODEL_NAME_RE.match(name) or ".." in name:
         raise ModelResolutionError(
             f"invalid CASCADE model name {name!r}: use an official name such as "
-            f"'Global_EXC_2Hz_smoothing500ms', 'auto', 'builtin', or pass --model_dir DIR")
+            f"'Global_EXC_2Hz_smoothing500ms', 'auto', 'builtin', or pass --model_dir DIR"
+        )
     return name
 
 
 # --------------------------------------------------------------------------- #
 # Download and atomic installation
 # --------------------------------------------------------------------------- #
+
 
 def _remove_path(path: Path) -> None:
     try:
@@ -1116,8 +1236,7 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         total = 0
         for info in members:
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if (not parts or info.filename.startswith(("/", "\\")) or ".." in parts
-                    or ":" in parts[0]):
+            if not parts or info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
                 raise ModelDownloadError(f"unsafe path {info.filename!r} in model archive")
             total += info.file_size
         if total > 4 * MAX_DOWNLOAD_BYTES:
@@ -1162,12 +1281,14 @@ def _install_folder(source: Path, target: Path) -> Path:
     raise ModelDownloadError(f"could not install model folder into {target} ({_one_line(last_error)})")
 
 
-def download_model(name: str,
-                   cache_dir: str | Path,
-                   index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-                   timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-                   known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
-                   link: str | None = None) -> Path:
+def download_model(
+    name: str,
+    cache_dir: str | Path,
+    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
+    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
+    link: str | None = None,
+) -> Path:
     """Download model ``name`` into ``<cache_dir>/<name>`` and return its folder.
 
     The zip is written to a temporary file inside ``cache_dir``, checked (size
@@ -1204,7 +1325,8 @@ def download_model(name: str,
         if model_root is None:
             raise ModelDownloadError(
                 f"archive of '{name}' from {link} holds no complete CASCADE model "
-                f"({_describe_problem(extract_dir)})")
+                f"({_describe_problem(extract_dir)})"
+            )
         if model_root != extract_dir:
             # Move the sub-folder out so the folder that is renamed into place is fresh.
             staged = cache_dir / f".{name}.{uuid.uuid4().hex}.stage.tmp"
@@ -1217,8 +1339,9 @@ def download_model(name: str,
     except ModelDownloadError:
         raise
     except Exception as exc:  # OSError/URLError, http.client.HTTPException, BadZipFile, ...
-        raise ModelDownloadError(f"download of CASCADE model '{name}' from {link} failed: "
-                                 f"{type(exc).__name__}: {_one_line(exc)}") from exc
+        raise ModelDownloadError(
+            f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
     finally:
         if zip_path is not None:
             _remove_path(zip_path)
@@ -1230,14 +1353,23 @@ def download_model(name: str,
 # Resolution
 # --------------------------------------------------------------------------- #
 
+
 def _choice_from_folder(folder: Path, source: str, requested: str, name: str | None = None) -> ModelChoice:
     config = read_model_config(folder)
     smoothing = config.get("smoothing")
-    smoothing_s = (float(smoothing) if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
-                   else float("nan"))
-    return ModelChoice(name=name or folder.name, folder=folder.resolve(), source=source,
-                       sampling_rate_hz=float(config["sampling_rate"]), smoothing_s=smoothing_s,
-                       requested=requested)
+    smoothing_s = (
+        float(smoothing)
+        if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
+        else float("nan")
+    )
+    return ModelChoice(
+        name=name or folder.name,
+        folder=folder.resolve(),
+        source=source,
+        sampling_rate_hz=float(config["sampling_rate"]),
+        smoothing_s=smoothing_s,
+        requested=requested,
+    )
 
 
 def _builtin_choice(builtin_dir: str | Path, source: str, requested: str) -> ModelChoice:
@@ -1246,31 +1378,45 @@ def _builtin_choice(builtin_dir: str | Path, source: str, requested: str) -> Mod
     if folder is None:
         raise ModelResolutionError(
             f"builtin CASCADE model folder {builtin_dir} is unusable ({_describe_problem(builtin_dir)}); "
-            f"restore it from the repository (models/) or pass --model_dir DIR")
+            f"restore it from the repository (models/) or pass --model_dir DIR"
+        )
     return _choice_from_folder(folder, source, requested)
 
 
 def _log_choice(choice: ModelChoice, frame_rate_hz: float | None) -> None:
     emit = log.warning if choice.is_fallback else log.info
-    emit("CASCADE model: %s (source: %s; folder: %s; sampling rate %g Hz; smoothing %g s)",
-        choice.name, choice.source, choice.folder, choice.sampling_rate_hz, choice.smoothing_s)
+    emit(
+        "CASCADE model: %s (source: %s; folder: %s; sampling rate %g Hz; smoothing %g s)",
+        choice.name,
+        choice.source,
+        choice.folder,
+        choice.sampling_rate_hz,
+        choice.smoothing_s,
+    )
     if frame_rate_hz is not None and math.isfinite(float(frame_rate_hz)) and float(frame_rate_hz) > 0:
         mismatch = abs(choice.sampling_rate_hz - float(frame_rate_hz)) / float(frame_rate_hz)
         if mismatch > RATE_MISMATCH_WARN_FRACTION:
-            log.warning("CASCADE model %s is trained for %g Hz but the frame rate is %g Hz (%.0f%% off)",
-                           choice.name, choice.sampling_rate_hz, float(frame_rate_hz), 100 * mismatch)
+            log.warning(
+                "CASCADE model %s is trained for %g Hz but the frame rate is %g Hz (%.0f%% off)",
+                choice.name,
+                choice.sampling_rate_hz,
+                float(frame_rate_hz),
+                100 * mismatch,
+            )
 
 
-def resolve_model(cascade_model: str | None,
-                  model_dir: str | Path | None,
-                  cache_dir: str | Path | None,
-                  builtin_dir: str | Path,
-                  strict: bool = False,
-                  frame_rate_hz: float | None = None,
-                  index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-                  allow_download: bool = True,
-                  timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-                  known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS) -> ModelChoice:
+def resolve_model(
+    cascade_model: str | None,
+    model_dir: str | Path | None,
+    cache_dir: str | Path | None,
+    builtin_dir: str | Path,
+    strict: bool = False,
+    frame_rate_hz: float | None = None,
+    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
+    allow_download: bool = True,
+    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
+) -> ModelChoice:
     """Resolve the CASCADE model to use (see the module docstring for the order).
 
     ``cascade_model``: a model name, ``'auto'``, ``'builtin'`` or None (= builtin).
@@ -1290,7 +1436,8 @@ def resolve_model(cascade_model: str | None,
         if folder is None:
             raise ModelResolutionError(
                 f"--model_dir {folder_arg} is not a CASCADE model folder ({_describe_problem(folder_arg)}); "
-                f"pass a folder holding config.yaml and Model_NoiseLevel_<N>_Ensemble_<E>.h5 files")
+                f"pass a folder holding config.yaml and Model_NoiseLevel_<N>_Ensemble_<E>.h5 files"
+            )
         choice = _choice_from_folder(folder, "model_dir", str(model_dir))
         _log_choice(choice, frame_rate_hz)
         return choice
@@ -1303,14 +1450,17 @@ def resolve_model(cascade_model: str | None,
 
     if requested.lower() == AUTO_MODEL_KEYWORD:
         if frame_rate_hz is None:
-            raise ModelResolutionError("--cascade_model auto needs the subject's frame rate; "
-                                       "pass --cascade_model NAME or --model_dir DIR")
+            raise ModelResolutionError(
+                "--cascade_model auto needs the subject's frame rate; "
+                "pass --cascade_model NAME or --model_dir DIR"
+            )
         candidates = list(known_models or OFFICIAL_GLOBAL_EXC_MODELS)
         try:
             name = choose_auto_model_name(frame_rate_hz, candidates)
         except ValueError as exc:
-            raise ModelResolutionError(f"--cascade_model auto: {_one_line(exc)}; "
-                                       f"pass --cascade_model NAME or --model_dir DIR") from exc
+            raise ModelResolutionError(
+                f"--cascade_model auto: {_one_line(exc)}; pass --cascade_model NAME or --model_dir DIR"
+            ) from exc
         log.info("--cascade_model auto: frame rate %g Hz -> %s", float(frame_rate_hz), name)
     else:
         name = _check_model_name(requested)
@@ -1330,8 +1480,9 @@ def resolve_model(cascade_model: str | None,
 
     if allow_download:
         try:
-            folder = download_model(name, cache, index_url=index_url, timeout_s=timeout_s,
-                                    known_models=known_models)
+            folder = download_model(
+                name, cache, index_url=index_url, timeout_s=timeout_s, known_models=known_models
+            )
         except ModelDownloadError as exc:
             reason = _one_line(exc)
         else:
@@ -1347,9 +1498,15 @@ def resolve_model(cascade_model: str | None,
         raise ModelResolutionError(
             f"--strict_model: CASCADE model '{name}' is unavailable: {reason}. Fix: on a machine with "
             f"internet run once without --strict_model (or unzip the model's download) and copy the "
-            f"model folder to {target}, or pass --model_dir DIR")
-    log.warning("CASCADE model '%s' unavailable (%s); falling back to the builtin model %s "
-                   "(use --strict_model to make this an error)", name, reason, builtin_dir)
+            f"model folder to {target}, or pass --model_dir DIR"
+        )
+    log.warning(
+        "CASCADE model '%s' unavailable (%s); falling back to the builtin model %s "
+        "(use --strict_model to make this an error)",
+        name,
+        reason,
+        builtin_dir,
+    )
     try:
         choice = _builtin_choice(builtin_dir, f"{FALLBACK_SOURCE_PREFIX}{reason})", requested)
     except ModelResolutionError as exc:
@@ -1361,6 +1518,7 @@ def resolve_model(cascade_model: str | None,
 # =============================================================================================
 # Inference: noise levels, the fully-convolutional CASCADE engine, thresholds
 # =============================================================================================
+
 
 def calculate_noise_levels(dff: np.ndarray, frame_rate_hz: float) -> np.ndarray:
     """CASCADE's standardised noise level per trace: nanmedian(|diff|)/sqrt(rate) * 100.
@@ -1408,18 +1566,20 @@ def _tensorflow():
     try:
         os.dup2(devnull, 2)
         import tensorflow as tf
+
         gpus = tf.config.list_physical_devices("GPU")
     finally:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
-    log.info("TensorFlow %s on %s", tf.__version__,
-              f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)")
+    log.info(
+        "TensorFlow %s on %s", tf.__version__, f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)"
+    )
     _ENGINE_CACHE["tensorflow"] = tf
     return tf
 
 
-def configure_tensorflow_threads(num_threads: Optional[int]) -> None:
+def configure_tensorflow_threads(num_threads: int | None) -> None:
     """Cap TensorFlow's CPU threads (workers share the cores); no-op once TF has started."""
     if not num_threads:
         return
@@ -1446,14 +1606,14 @@ class ConvolutionalCascade:
         tf = _tensorflow()
 
         def forward(traces, k1, b1, k2, b2, k3, b3, kd, bd, ko, bo):
-            h = tf.expand_dims(traces, -1)                                    # (B, T, 1)
+            h = tf.expand_dims(traces, -1)  # (B, T, 1)
             h = tf.nn.relu(tf.nn.conv1d(h, k1, 1, "VALID") + b1)
             h = tf.nn.relu(tf.nn.conv1d(h, k2, 1, "VALID") + b2)
-            h = tf.maximum(h[:, :-1], h[:, 1:])                               # pool 1
+            h = tf.maximum(h[:, :-1], h[:, 1:])  # pool 1
             h = tf.nn.relu(tf.nn.conv1d(h, k3, 1, "VALID", dilations=2) + b3)
-            h = tf.maximum(h[:, :-2], h[:, 2:])                               # pool 2
-            h = tf.nn.relu(tf.einsum("btc,cd->btd", h, kd) + bd)              # per position
-            out = tf.nn.conv1d(h, ko, 1, "VALID", dilations=4) + bo           # flatten+dense
+            h = tf.maximum(h[:, :-2], h[:, 2:])  # pool 2
+            h = tf.nn.relu(tf.einsum("btc,cd->btd", h, kd) + bd)  # per position
+            out = tf.nn.conv1d(h, ko, 1, "VALID", dilations=4) + bo  # flatten+dense
             return out[:, :, 0]
 
         self._forward = tf.function(forward, reduce_retracing=True)
@@ -1461,13 +1621,12 @@ class ConvolutionalCascade:
 
     def __call__(self, traces: np.ndarray, weights: NetworkWeights, dense_expansion: int) -> np.ndarray:
         """Raw network output for every window start: (B, T - W + 1 or more) float32."""
-        ko = weights.output_kernel.reshape(-1, dense_expansion, 1)            # (positions, D, 1)
+        ko = weights.output_kernel.reshape(-1, dense_expansion, 1)  # (positions, D, 1)
         args = list(weights.as_tuple())
         args[8] = ko
-        return self._forward(self._tf.constant(traces, dtype=self._tf.float32),
-                             *[self._tf.constant(a) for a in args]).numpy()
-
-
+        return self._forward(
+            self._tf.constant(traces, dtype=self._tf.float32), *[self._tf.constant(a) for a in args]
+        ).numpy()
 
 
 def _engine() -> ConvolutionalCascade:
@@ -1478,13 +1637,13 @@ def _engine() -> ConvolutionalCascade:
 
 def _nan_window_mask(nan_frames: np.ndarray, window_size: int, num_windows: int) -> np.ndarray:
     """True for every window start whose window holds at least one NaN frame."""
-    counts = np.concatenate([np.zeros((nan_frames.shape[0], 1), np.int32),
-                             np.cumsum(nan_frames, axis=1, dtype=np.int32)], axis=1)
-    return (counts[:, window_size:window_size + num_windows] - counts[:, :num_windows]) > 0
+    counts = np.concatenate(
+        [np.zeros((nan_frames.shape[0], 1), np.int32), np.cumsum(nan_frames, axis=1, dtype=np.int32)], axis=1
+    )
+    return (counts[:, window_size : window_size + num_windows] - counts[:, :num_windows]) > 0
 
 
-def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *,
-                      max_chunk_frames: int = 1 << 19) -> tuple:
+def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *, max_chunk_frames: int = 1 << 19) -> tuple:
     """Ensemble-mean network output per frame (no threshold, no padding) and the noise report.
 
     Returns (rates (N, T) float64 with NaN where no prediction exists, noise_levels (N,),
@@ -1509,7 +1668,7 @@ def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *,
         rows = np.flatnonzero(model_noise == level)
         members = model.ensembles[level]
         for start in range(0, len(rows), rows_per_chunk):
-            chunk_rows = rows[start:start + rows_per_chunk]
+            chunk_rows = rows[start : start + rows_per_chunk]
             traces = dff[chunk_rows].astype(np.float32)
             nan_frames = np.isnan(traces)
             traces[nan_frames] = 0.0  # masked below: any NaN in a window gives NaN
@@ -1519,13 +1678,14 @@ def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *,
             total /= len(members)
             if nan_frames.any():
                 total[_nan_window_mask(nan_frames, window, num_windows)] = np.nan
-            rates[chunk_rows, first:first + num_windows] = total
+            rates[chunk_rows, first : first + num_windows] = total
     return rates, noise, model_noise
 
 
 def _single_spike_peak(smoothing_frames: float) -> float:
     """Peak of one spike smoothed with CASCADE's Gaussian (scipy's gaussian_filter of a delta)."""
     from scipy.ndimage import gaussian_filter1d
+
     delta = np.zeros(1001)
     delta[501] = 1.0
     return float(gaussian_filter1d(delta, sigma=smoothing_frames).max())
@@ -1542,13 +1702,15 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
         return rates
     if threshold == 1:
         from scipy.ndimage import maximum_filter1d
+
         threshold_value = _single_spike_peak(model.smoothing_frames) / math.e
         with np.errstate(invalid="ignore"):
             active = rates > threshold_value
         reach = int(model.smoothing_frames)
         if reach > 0:
-            active = maximum_filter1d(active.view(np.uint8), size=2 * reach + 1, axis=1,
-                                      mode="constant").astype(bool)
+            active = maximum_filter1d(
+                active.view(np.uint8), size=2 * reach + 1, axis=1, mode="constant"
+            ).astype(bool)
         else:
             # scipy's binary_dilation with iterations=0 dilates until nothing changes
             active = np.repeat(active.any(axis=1, keepdims=True), rates.shape[1], axis=1)
@@ -1563,8 +1725,15 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
     raise ValueError(f"threshold must be 0, 1 or False, got {threshold!r}")
 
 
-def predict_spike_rates(dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan,
-                        *, return_noise: bool = False, max_chunk_frames: int = 1 << 19):
+def predict_spike_rates(
+    dff: np.ndarray,
+    model: CascadeModel,
+    threshold=0,
+    padding=np.nan,
+    *,
+    return_noise: bool = False,
+    max_chunk_frames: int = 1 << 19,
+):
     """CASCADE spike rates (spikes per frame) for dF/F traces shaped (neurons, frames).
 
     Same semantics as ``cascade2p.cascade.predict``: dF/F as fractions; each neuron uses the
@@ -1577,9 +1746,9 @@ def predict_spike_rates(dff: np.ndarray, model: CascadeModel, threshold=0, paddi
     rates, noise, model_noise = predict_raw_rates(dff, model, max_chunk_frames=max_chunk_frames)
     apply_cascade_threshold(rates, model, threshold)
     num_frames = rates.shape[1]
-    rates[:, :min(model.frames_before, num_frames)] = padding
+    rates[:, : min(model.frames_before, num_frames)] = padding
     if model.frames_after > 0:
-        rates[:, max(0, num_frames - model.frames_after):] = padding
+        rates[:, max(0, num_frames - model.frames_after) :] = padding
     if return_noise:
         return rates, {"noise_level": noise, "model_noise_level": model_noise}
     return rates
@@ -1588,6 +1757,7 @@ def predict_spike_rates(dff: np.ndarray, model: CascadeModel, threshold=0, paddi
 # =============================================================================================
 # Discrete spikes: deterministic greedy placement of smoothed unit spikes
 # =============================================================================================
+
 
 def _gaussian_kernel(sigma_frames: float) -> np.ndarray:
     """scipy.ndimage's Gaussian (truncate=4) as explicit taps; a unit spike's smoothed shape."""
@@ -1621,6 +1791,7 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
     all segments of all neurons). NaN rates count as 0 and get no spikes.
     """
     from scipy.ndimage import maximum_filter1d
+
     rates = np.nan_to_num(np.asarray(rates, dtype=np.float64), nan=0.0)
     num_neurons, num_frames = rates.shape
     counts = np.zeros((num_neurons, num_frames), dtype=np.int32)
@@ -1630,15 +1801,16 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
     kernel = _gaussian_kernel(sigma)
     radius = len(kernel) // 2
     support = rates > 0.03 / sigma
-    support = maximum_filter1d(support.view(np.uint8), size=max(1, round(4 * sigma)), axis=1,
-                               mode="constant").astype(bool)
+    support = maximum_filter1d(
+        support.view(np.uint8), size=max(1, round(4 * sigma)), axis=1, mode="constant"
+    ).astype(bool)
     # Rows laid end to end with `radius` zeros between them, so no kernel reaches a neighbour.
     width = num_frames + 2 * radius
     rate_flat = np.zeros((num_neurons, width))
-    rate_flat[:, radius:radius + num_frames] = rates
+    rate_flat[:, radius : radius + num_frames] = rates
     rate_flat = rate_flat.ravel()
     support_flat = np.zeros((num_neurons, width), bool)
-    support_flat[:, radius:radius + num_frames] = support
+    support_flat[:, radius : radius + num_frames] = support
     edges = np.diff(np.concatenate([[0], support_flat.ravel().view(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     lengths = ends - starts
@@ -1656,7 +1828,7 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
         # L1 error change of adding one smoothed spike at each position, summed over its taps
         gain = np.zeros(len(positions) - 2 * radius)
         for tap, weight in enumerate(kernel):
-            window_error = error[tap:tap + len(gain)]
+            window_error = error[tap : tap + len(gain)]
             gain += np.abs(window_error) - np.abs(window_error - weight)
         # keep the core (un-padded) positions of every segment
         core_start = np.concatenate([[0], np.cumsum(seg_length + 2 * radius)[:-1]])
@@ -1675,7 +1847,7 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
         np.add.at(spikes_flat, spike_at, 1)
         placed[chosen] += 1
         active = chosen[placed[chosen] < budget[chosen]]
-    counts[:] = spikes_flat.reshape(num_neurons, width)[:, radius:radius + num_frames]
+    counts[:] = spikes_flat.reshape(num_neurons, width)[:, radius : radius + num_frames]
     return counts
 
 
@@ -1683,8 +1855,16 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
 # Spike binarisation: rates -> binary spikes, reproducible whatever the batching
 # =============================================================================================
 
-def binarize_spikes(rates: np.ndarray, cell_ids: np.ndarray, mode: str, *, seed: int = 42,
-                    spike_threshold: float = 0.5, model: Optional[CascadeModel] = None) -> np.ndarray:
+
+def binarize_spikes(
+    rates: np.ndarray,
+    cell_ids: np.ndarray,
+    mode: str,
+    *,
+    seed: int = 42,
+    spike_threshold: float = 0.5,
+    model: CascadeModel | None = None,
+) -> np.ndarray:
     """Binary spikes (N, T) bool from CASCADE rates (spikes/frame); NaN frames never spike.
 
     sample: Bernoulli(clip(rate, 0, 1)) from a random stream keyed by (seed, cell id), so a cell
@@ -1712,15 +1892,17 @@ def binarize_spikes(rates: np.ndarray, cell_ids: np.ndarray, mode: str, *, seed:
 # Gridding: cells -> voxels, spikes -> unique sorted COO coordinates, train/test split
 # =============================================================================================
 
+
 @dataclass(frozen=True)
 class GridSpec:
     """The (T, Z, H, W) grid of one subject and where each cell falls in it."""
+
     num_timepoints: int
     num_z_planes: int
     height: int
     width: int
-    z_values: np.ndarray          # (Z,) distinct z positions, ascending
-    cell_voxels: np.ndarray       # (N, 3) int32 [z, x, y] per cell
+    z_values: np.ndarray  # (Z,) distinct z positions, ascending
+    cell_voxels: np.ndarray  # (N, 3) int32 [z, x, y] per cell
 
     @property
     def shape(self) -> tuple:
@@ -1739,8 +1921,14 @@ def _scale_to_pixels(values: np.ndarray, size: int, low: float, high: float) -> 
     return np.clip(scaled, 0, size - 1).astype(np.int32)
 
 
-def make_grid_spec(positions: np.ndarray, num_timepoints: int, height: int, width: int,
-                   z_markers: bool = True, valid: Optional[np.ndarray] = None) -> GridSpec:
+def make_grid_spec(
+    positions: np.ndarray,
+    num_timepoints: int,
+    height: int,
+    width: int,
+    z_markers: bool = True,
+    valid: np.ndarray | None = None,
+) -> GridSpec:
     """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value.
 
     Scaling and planes come from the ``valid`` cells only (all cells by default); other cells
@@ -1750,13 +1938,20 @@ def make_grid_spec(positions: np.ndarray, num_timepoints: int, height: int, widt
     reference = positions[valid]
     z_values = np.unique(reference[:, 2])
     if z_markers and len(z_values) + 1 > width:
-        raise PipelineError(f"{len(z_values)} z-planes need a grid width of at least "
-                            f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)")
+        raise PipelineError(
+            f"{len(z_values)} z-planes need a grid width of at least "
+            f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)"
+        )
     low, high = reference.min(axis=0), reference.max(axis=0)
     z_index = np.clip(np.searchsorted(z_values, positions[:, 2]), 0, len(z_values) - 1)
-    voxels = np.stack([z_index.astype(np.int32),
-                       _scale_to_pixels(positions[:, 0], height, low[0], high[0]),
-                       _scale_to_pixels(positions[:, 1], width, low[1], high[1])], axis=1)
+    voxels = np.stack(
+        [
+            z_index.astype(np.int32),
+            _scale_to_pixels(positions[:, 0], height, low[0], high[0]),
+            _scale_to_pixels(positions[:, 1], width, low[1], high[1]),
+        ],
+        axis=1,
+    )
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
 
 
@@ -1766,7 +1961,7 @@ def z_marker_coords(grid: GridSpec) -> np.ndarray:
     for z in range(grid.num_z_planes):
         rows, cols = np.meshgrid(np.arange(2), np.arange(grid.width - (z + 2), grid.width), indexing="ij")
         per_plane.append(np.stack([np.full(rows.size, z), rows.ravel(), cols.ravel()], axis=1))
-    plane_pixels = np.concatenate(per_plane).astype(np.int32)       # (P, 3) [z, x, y]
+    plane_pixels = np.concatenate(per_plane).astype(np.int32)  # (P, 3) [z, x, y]
     t = np.repeat(np.arange(grid.num_timepoints, dtype=np.int32), len(plane_pixels))
     return np.column_stack([t, np.tile(plane_pixels, (grid.num_timepoints, 1))])
 
@@ -1775,8 +1970,13 @@ def _linear_index(coords: np.ndarray, shape: tuple) -> np.ndarray:
     return np.ravel_multi_index(tuple(coords.T.astype(np.int64)), shape)
 
 
-def build_coo(spike_cells: np.ndarray, spike_frames: np.ndarray, grid: GridSpec,
-              frame_to_timepoint: np.ndarray, z_markers: bool = True) -> dict:
+def build_coo(
+    spike_cells: np.ndarray,
+    spike_frames: np.ndarray,
+    grid: GridSpec,
+    frame_to_timepoint: np.ndarray,
+    z_markers: bool = True,
+) -> dict:
     """Unique, sorted [t, z, x, y] coordinates of every active voxel, and what went into them.
 
     ``spike_frames`` are original frame numbers; frames mapped to -1 (dropped) are skipped.
@@ -1788,26 +1988,31 @@ def build_coo(spike_cells: np.ndarray, spike_frames: np.ndarray, grid: GridSpec,
     spike_coords = np.column_stack([timepoints[keep], voxels]).astype(np.int64)
     spike_linear = np.unique(_linear_index(spike_coords, grid.shape))
     collisions = int(keep.sum() - len(spike_linear))
-    marker_linear = (_linear_index(z_marker_coords(grid), grid.shape) if z_markers
-                     else np.zeros(0, np.int64))
+    marker_linear = _linear_index(z_marker_coords(grid), grid.shape) if z_markers else np.zeros(0, np.int64)
     all_linear = np.union1d(spike_linear, marker_linear)  # sorted, unique
     coords = np.stack(np.unravel_index(all_linear, grid.shape), axis=1).astype(np.int32)
-    return {"coords": coords, "spike_pixels": len(spike_linear), "marker_pixels": len(marker_linear),
-            "marker_spike_overlap": len(spike_linear) + len(marker_linear) - len(all_linear),
-            "spikes_in_grid": int(keep.sum()), "collisions": collisions}
+    return {
+        "coords": coords,
+        "spike_pixels": len(spike_linear),
+        "marker_pixels": len(marker_linear),
+        "marker_spike_overlap": len(spike_linear) + len(marker_linear) - len(all_linear),
+        "spikes_in_grid": int(keep.sum()),
+        "collisions": collisions,
+    }
 
 
-def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95,
-                     seed: int = 42) -> tuple:
+def train_test_split(
+    num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42
+) -> tuple:
     """The original's split: blocks of ``block_frames`` shuffled with RandomState(seed); the
     first max(1, int(num_blocks*(1-split_ratio))) shuffled blocks are test, the rest and any
     leftover frames train. Returns (is_train (T,) uint8, test block indices)."""
     num_blocks = max(1, num_timepoints // block_frames)
     order = np.random.RandomState(seed).permutation(num_blocks)
-    test_blocks = np.sort(order[:max(1, int(num_blocks * (1 - split_ratio)))])
+    test_blocks = np.sort(order[: max(1, int(num_blocks * (1 - split_ratio)))])
     is_train = np.ones(num_timepoints, dtype=np.uint8)
     for block in test_blocks:
-        is_train[block * block_frames:(block + 1) * block_frames] = 0
+        is_train[block * block_frames : (block + 1) * block_frames] = 0
     return is_train, test_blocks
 
 
@@ -1822,6 +2027,7 @@ def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, d
 def load_coo_grid(path) -> dict:
     """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes."""
     import h5py
+
     with h5py.File(path, "r") as h5:
         result = {key: h5[key][()] for key in h5}
         result["attrs"] = dict(h5.attrs)
@@ -1832,13 +2038,15 @@ def load_coo_grid(path) -> dict:
 # Batched inference across a worker pool
 # =============================================================================================
 
+
 @dataclass(frozen=True)
 class BatchTask:
     """One batch of cells for a worker: raw traces in, sparse spikes and summaries out."""
-    rows: np.ndarray              # (B,) row numbers in the subject
-    traces: np.ndarray            # (B, T) float32
-    cell_ids: np.ndarray          # (B,) ids that key each cell's random stream
-    plot_rows: np.ndarray         # positions within this batch whose full traces come back
+
+    rows: np.ndarray  # (B,) row numbers in the subject
+    traces: np.ndarray  # (B, T) float32
+    cell_ids: np.ndarray  # (B,) ids that key each cell's random stream
+    plot_rows: np.ndarray  # positions within this batch whose full traces come back
     model_folder: str
     model_source: str
     is_fluorescence: bool
@@ -1867,11 +2075,20 @@ def process_batch(task: BatchTask) -> dict:
     """dF/F -> CASCADE rates -> binary spikes for one batch; returns only sparse results."""
     started = time.perf_counter()
     model = _cached_model(task.model_folder, task.model_source)
-    dff = (compute_dff(task.traces, task.frame_rate_hz, task.baseline_window_s, task.baseline_percentile)
-           if task.is_fluorescence else task.traces)
+    dff = (
+        compute_dff(task.traces, task.frame_rate_hz, task.baseline_window_s, task.baseline_percentile)
+        if task.is_fluorescence
+        else task.traces
+    )
     rates, report = predict_spike_rates(dff, model, threshold=task.cascade_threshold, return_noise=True)
-    spikes = binarize_spikes(rates, task.cell_ids, task.spike_mode, seed=task.seed,
-                             spike_threshold=task.spike_threshold, model=model)
+    spikes = binarize_spikes(
+        rates,
+        task.cell_ids,
+        task.spike_mode,
+        seed=task.seed,
+        spike_threshold=task.spike_threshold,
+        model=model,
+    )
     cells, frames = np.nonzero(spikes)
     return {
         "rows": task.rows,
@@ -1888,7 +2105,7 @@ def process_batch(task: BatchTask) -> dict:
     }
 
 
-def _init_worker(num_threads: Optional[int], log_level: int) -> None:
+def _init_worker(num_threads: int | None, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
     configure_tensorflow_threads(num_threads)
 
@@ -1905,10 +2122,13 @@ def run_batches(tasks: Iterable, num_tasks: int, pool, description: str) -> list
     """Results of every task in order. ``tasks`` is consumed lazily and at most workers + 1
     tasks are in flight, so the batches' copies of the traces never pile up in memory."""
     from collections import deque
+
     from tqdm import tqdm
+
     results = []
-    with tqdm(total=num_tasks, desc=description, unit="batch", leave=False,
-              disable=None, file=sys.stderr) as progress:
+    with tqdm(
+        total=num_tasks, desc=description, unit="batch", leave=False, disable=None, file=sys.stderr
+    ) as progress:
         if pool is None:
             for task in tasks:
                 results.append(process_batch(task))
@@ -1963,9 +2183,11 @@ def _temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def write_coo_file(path: Path, coo: dict, grid: GridSpec, timepoint_indices: np.ndarray,
-                   is_train: np.ndarray, attrs: dict) -> None:
+def write_coo_file(
+    path: Path, coo: dict, grid: GridSpec, timepoint_indices: np.ndarray, is_train: np.ndarray, attrs: dict
+) -> None:
     import h5py
+
     with h5py.File(path, "w") as h5:
         coords = coo["coords"]
         _write_dataset(h5, "spike_coords", coords)
@@ -1979,6 +2201,7 @@ def write_coo_file(path: Path, coo: dict, grid: GridSpec, timepoint_indices: np.
 
 def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
     import h5py
+
     with h5py.File(path, "w") as h5:
         for key, value in attrs.items():
             h5.attrs[key] = _h5_attr(value)
@@ -1992,8 +2215,11 @@ def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) ->
 def write_combined_metadata(output_dir: Path) -> dict:
     """combined_metadata.h5: a group per subject found in output_dir (this run's and earlier)."""
     import h5py
-    subject_dirs = sorted((p for p in output_dir.iterdir() if (p / METADATA_FILENAME).is_file()),
-                          key=lambda p: _natural_key(p.name))
+
+    subject_dirs = sorted(
+        (p for p in output_dir.iterdir() if (p / METADATA_FILENAME).is_file()),
+        key=lambda p: _natural_key(p.name),
+    )
     totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
     final = output_dir / COMBINED_FILENAME
     temporary = _temporary_path(final)
@@ -2004,8 +2230,9 @@ def write_combined_metadata(output_dir: Path) -> dict:
                 totals["total_subjects"] += 1
                 totals["total_spikes"] += int(source.attrs["total_spikes"])
                 totals["total_pixels"] += int(source.attrs["total_pixels"])
-        totals["overall_sparsity_percent"] = (100.0 * totals["total_spikes"] / totals["total_pixels"]
-                                              if totals["total_pixels"] else 0.0)
+        totals["overall_sparsity_percent"] = (
+            100.0 * totals["total_spikes"] / totals["total_pixels"] if totals["total_pixels"] else 0.0
+        )
         for key, value in totals.items():
             combined.attrs[key] = value
         combined.attrs["format"] = "COO_sparse"
@@ -2019,9 +2246,11 @@ def write_combined_metadata(output_dir: Path) -> dict:
 # Plotting: one PDF per subject
 # =============================================================================================
 
+
 def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: dict) -> None:
     """The original's pages (dF/F, rate, spikes for a few cells) plus population views."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
@@ -2038,7 +2267,9 @@ def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: 
                 ax.plot(time_s, trace + i * spacing, lw=0.7)
             ax.set_yticks(np.arange(len(traces)) * spacing, labels)
             ax.set_xlabel("time (s)")
-            ax.set_title(f"{subject_name}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)")
+            ax.set_title(
+                f"{subject_name}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)"
+            )
             fig.tight_layout()
             pdf.savefig(fig)
             plt.close(fig)
@@ -2054,8 +2285,9 @@ def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: 
         pdf.savefig(fig)
         plt.close(fig)
 
-        fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True,
-                                                  gridspec_kw={"height_ratios": [3, 1]})
+        fig, (raster_ax, rate_ax) = plt.subplots(
+            2, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
         raster_cells, raster_frames = plot["raster"]
         raster_ax.plot(raster_frames / frame_rate_hz, raster_cells, "|", ms=2, color="k", alpha=0.6)
         raster_ax.set_ylabel("cell (sorted by z-plane)")
@@ -2088,8 +2320,16 @@ def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: 
                 continue
             in_plane = voxels[:, 0] == z
             order = np.argsort(counts[in_plane])  # active cells drawn on top
-            image = ax.scatter(voxels[in_plane, 2][order], voxels[in_plane, 1][order], c=counts[in_plane][order],
-                               s=4, cmap="viridis", vmin=0, vmax=vmax, linewidths=0)
+            image = ax.scatter(
+                voxels[in_plane, 2][order],
+                voxels[in_plane, 1][order],
+                c=counts[in_plane][order],
+                s=4,
+                cmap="viridis",
+                vmin=0,
+                vmax=vmax,
+                linewidths=0,
+            )
             ax.set_xlim(-1, plot["grid_width"])
             ax.set_ylim(plot["grid_height"], -1)
             ax.set_aspect("equal")
@@ -2118,6 +2358,7 @@ def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: 
 # One subject, end to end
 # =============================================================================================
 
+
 def _spans(mask: np.ndarray) -> list:
     """[start, stop) frame spans where mask is True."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
@@ -2127,6 +2368,7 @@ def _spans(mask: np.ndarray) -> list:
 def _rss_gb() -> float:
     """Resident memory of this process and its workers, in GB."""
     import psutil
+
     process = psutil.Process()
     total = process.memory_info().rss
     for child in process.children(recursive=True):
@@ -2137,15 +2379,32 @@ def _rss_gb() -> float:
     return total / 1e9
 
 
-def _plot_payload(results, subject, model, grid, valid, plot_rows, spike_cells, spike_frames,
-                  frame_to_timepoint, kept_frames, is_train, predicted, rate_sum, noise_level,
-                  spike_mode, rng) -> dict:
+def _plot_payload(
+    results,
+    subject,
+    model,
+    grid,
+    valid,
+    plot_rows,
+    spike_cells,
+    spike_frames,
+    frame_to_timepoint,
+    kept_frames,
+    is_train,
+    predicted,
+    rate_sum,
+    noise_level,
+    spike_mode,
+    rng,
+) -> dict:
     """What the PDF shows, gathered from the batch results (small arrays only)."""
     num_cells, num_frames = subject.traces.shape
     valid_rows = np.flatnonzero(valid)
     in_grid = frame_to_timepoint[spike_frames] >= 0
     cell_spikes_kept = np.bincount(spike_cells[in_grid], minlength=num_cells)
-    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    raster_pool = (
+        valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    )
     order = raster_pool[np.lexsort((raster_pool, grid.cell_voxels[raster_pool, 0]))]  # by plane
     rank = np.full(num_cells, -1)
     rank[order] = np.arange(len(order))
@@ -2156,13 +2415,21 @@ def _plot_payload(results, subject, model, grid, valid, plot_rows, spike_cells, 
         "dff": np.concatenate([r["plot_dff"] for r in results]),
         "rates": np.concatenate([r["plot_rates"] for r in results]),
         "spikes": np.concatenate([r["plot_spikes"] for r in results]),
-        "cell_ids": subject.cell_ids[plot_rows], "spike_mode": spike_mode,
-        "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]), "raster_size": len(order),
+        "cell_ids": subject.cell_ids[plot_rows],
+        "spike_mode": spike_mode,
+        "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]),
+        "raster_size": len(order),
         "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
-        "test_spans_frames": _spans(test_mask), "edge_spans_frames": _spans(~predicted),
-        "cell_voxels": grid.cell_voxels[valid], "cell_spike_counts": cell_spikes_kept[valid],
-        "grid_height": grid.height, "grid_width": grid.width, "z_values": grid.z_values,
-        "noise_level": noise_level, "model_noise_levels": model.noise_levels, "model_name": model.name,
+        "test_spans_frames": _spans(test_mask),
+        "edge_spans_frames": _spans(~predicted),
+        "cell_voxels": grid.cell_voxels[valid],
+        "cell_spike_counts": cell_spikes_kept[valid],
+        "grid_height": grid.height,
+        "grid_width": grid.width,
+        "z_values": grid.z_values,
+        "noise_level": noise_level,
+        "model_noise_levels": model.noise_levels,
+        "model_name": model.name,
     }
 
 
@@ -2173,11 +2440,20 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     subject = load_subject(folder, config.coordinates)
     num_cells, num_frames = subject.traces.shape
     timings["load_s"] = time.perf_counter() - started
-    log.info("%s: %d cells x %d frames at %.3g Hz (%s layout)", subject.name, num_cells, num_frames,
-             subject.frame_rate_hz, subject.layout)
+    log.info(
+        "%s: %d cells x %d frames at %.3g Hz (%s layout)",
+        subject.name,
+        num_cells,
+        num_frames,
+        subject.frame_rate_hz,
+        subject.layout,
+    )
 
-    trace_type, reason = ((config.trace_type, "set by --trace_type") if config.trace_type != "auto"
-                          else decide_trace_type(subject.traces, subject.trace_type_hint))
+    trace_type, reason = (
+        (config.trace_type, "set by --trace_type")
+        if config.trace_type != "auto"
+        else decide_trace_type(subject.traces, subject.trace_type_hint)
+    )
     log.info("%s: traces treated as %s (%s)", subject.name, trace_type, reason)
 
     choice = model_choice(subject.frame_rate_hz)
@@ -2187,16 +2463,22 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
         warnings_list.append(f"model fallback: {choice.source}")
     mismatch = abs(model.sampling_rate_hz - subject.frame_rate_hz) / subject.frame_rate_hz
     if mismatch > config.max_rate_mismatch:
-        raise PipelineError(f"frame rate {subject.frame_rate_hz:.3g} Hz is {mismatch:.0%} away from model "
-                            f"{model.name}'s {model.sampling_rate_hz:g} Hz: pick a matching model "
-                            "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch")
+        raise PipelineError(
+            f"frame rate {subject.frame_rate_hz:.3g} Hz is {mismatch:.0%} away from model "
+            f"{model.name}'s {model.sampling_rate_hz:g} Hz: pick a matching model "
+            "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
+        )
     if mismatch > RATE_MISMATCH_WARN_FRACTION:
-        message = (f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
-                   f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)")
+        message = (
+            f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
+            f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)"
+        )
         log.warning("%s: %s", subject.name, message)
         warnings_list.append(message)
     if num_frames < model.window_size + 1:
-        raise PipelineError(f"{num_frames} frames are fewer than CASCADE's window of {model.window_size} frames")
+        raise PipelineError(
+            f"{num_frames} frames are fewer than CASCADE's window of {model.window_size} frames"
+        )
 
     nan_rows = np.isnan(subject.traces)
     valid = ~nan_rows.all(axis=1)
@@ -2219,21 +2501,34 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
         for start in range(0, num_cells, config.batch_size):
             rows = np.arange(start, min(start + config.batch_size, num_cells))
             yield BatchTask(
-                rows=rows, traces=subject.traces[rows], cell_ids=subject.cell_ids[rows],
+                rows=rows,
+                traces=subject.traces[rows],
+                cell_ids=subject.cell_ids[rows],
                 plot_rows=np.searchsorted(rows, plot_rows[(plot_rows >= rows[0]) & (plot_rows <= rows[-1])]),
-                model_folder=model_folder, model_source=choice.source,
-                is_fluorescence=trace_type == "fluorescence", frame_rate_hz=subject.frame_rate_hz,
-                baseline_window_s=config.baseline_window_s, baseline_percentile=config.baseline_percentile,
-                cascade_threshold=config.cascade_threshold, spike_mode=config.spike_mode,
-                spike_threshold=config.spike_threshold, seed=config.seed)
+                model_folder=model_folder,
+                model_source=choice.source,
+                is_fluorescence=trace_type == "fluorescence",
+                frame_rate_hz=subject.frame_rate_hz,
+                baseline_window_s=config.baseline_window_s,
+                baseline_percentile=config.baseline_percentile,
+                cascade_threshold=config.cascade_threshold,
+                spike_mode=config.spike_mode,
+                spike_threshold=config.spike_threshold,
+                seed=config.seed,
+            )
 
     num_batches = -(-num_cells // config.batch_size)
     inference_started = time.perf_counter()
     results = run_batches(batch_tasks(), num_batches, pool, f"{subject.name} CASCADE")
     timings["inference_s"] = time.perf_counter() - inference_started
-    log.info("%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers", subject.name,
-             num_batches, timings["inference_s"], num_cells * num_frames / max(timings["inference_s"], 1e-9),
-             _rss_gb())
+    log.info(
+        "%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers",
+        subject.name,
+        num_batches,
+        timings["inference_s"],
+        num_cells * num_frames / max(timings["inference_s"], 1e-9),
+        _rss_gb(),
+    )
 
     spike_cells = np.concatenate([r["spike_cells"] for r in results])
     spike_frames = np.concatenate([r["spike_frames"] for r in results])
@@ -2246,16 +2541,24 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
 
     # frames CASCADE could predict; the others are dropped unless --keep_edge_frames
     predicted = np.zeros(num_frames, dtype=bool)
-    predicted[model.frames_before:num_frames - model.frames_after] = True
+    predicted[model.frames_before : num_frames - model.frames_after] = True
     kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
 
     grid_started = time.perf_counter()
-    grid = make_grid_spec(subject.positions, len(kept_frames), config.grid_height,
-                          config.grid_width, config.z_markers, valid=valid)
+    grid = make_grid_spec(
+        subject.positions,
+        len(kept_frames),
+        config.grid_height,
+        config.grid_width,
+        config.z_markers,
+        valid=valid,
+    )
     coo = build_coo(spike_cells, spike_frames, grid, frame_to_timepoint, config.z_markers)
-    is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
+    is_train, test_blocks = train_test_split(
+        len(kept_frames), config.split_block, config.split_ratio, config.seed
+    )
     timings["grid_s"] = time.perf_counter() - grid_started
 
     num_entries = len(coo["coords"])
@@ -2264,52 +2567,105 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     plane_active = np.bincount(coo["coords"][:, 1], minlength=grid.num_z_planes)
     plane_pixels = grid.num_timepoints * grid.height * grid.width
     attrs = {
-        "format": "COO_sparse", "subject": subject.name, "total_spikes": num_entries,
-        "total_pixels": total_pixels, "sparsity_percent": sparsity_percent,
-        "spike_pixels": coo["spike_pixels"], "marker_pixels": coo["marker_pixels"],
-        "marker_spike_overlap": coo["marker_spike_overlap"], "spikes_in_grid": coo["spikes_in_grid"],
+        "format": "COO_sparse",
+        "subject": subject.name,
+        "total_spikes": num_entries,
+        "total_pixels": total_pixels,
+        "sparsity_percent": sparsity_percent,
+        "spike_pixels": coo["spike_pixels"],
+        "marker_pixels": coo["marker_pixels"],
+        "marker_spike_overlap": coo["marker_spike_overlap"],
+        "spikes_in_grid": coo["spikes_in_grid"],
         "collisions": coo["collisions"],
-        "cascade_model": model.name, "frame_rate_hz": subject.frame_rate_hz,
-        "num_timepoints": grid.num_timepoints, "num_z_planes": grid.num_z_planes,
-        "grid_height": grid.height, "grid_width": grid.width, "num_cells": num_cells,
-        "num_valid_cells": int(valid.sum()), "num_original_frames": num_frames,
-        "trace_type": trace_type, "trace_type_reason": reason, "layout": subject.layout,
-        "source_files": list(subject.source_files), "software_version": __version__,
-        "coordinate_order": "t,z,x,y", "warnings": "; ".join(warnings_list),
+        "cascade_model": model.name,
+        "frame_rate_hz": subject.frame_rate_hz,
+        "num_timepoints": grid.num_timepoints,
+        "num_z_planes": grid.num_z_planes,
+        "grid_height": grid.height,
+        "grid_width": grid.width,
+        "num_cells": num_cells,
+        "num_valid_cells": int(valid.sum()),
+        "num_original_frames": num_frames,
+        "trace_type": trace_type,
+        "trace_type_reason": reason,
+        "layout": subject.layout,
+        "source_files": list(subject.source_files),
+        "software_version": __version__,
+        "coordinate_order": "t,z,x,y",
+        "warnings": "; ".join(warnings_list),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **model.provenance(), **config.as_attrs(),
+        **model.provenance(),
+        **config.as_attrs(),
     }
     out_dir = Path(config.output_dir) / subject.name
     out_dir.mkdir(parents=True, exist_ok=True)
     write_started = time.perf_counter()
-    finals = [out_dir / COO_FILENAME, out_dir / METADATA_FILENAME, out_dir / f"{subject.name}_visualization.pdf"]
+    finals = [
+        out_dir / COO_FILENAME,
+        out_dir / METADATA_FILENAME,
+        out_dir / f"{subject.name}_visualization.pdf",
+    ]
     temporaries = [_temporary_path(path) for path in finals]
     try:
         write_coo_file(temporaries[0], coo, grid, kept_frames, is_train, attrs)
         coo_bytes = temporaries[0].stat().st_size
         timings["write_s"] = time.perf_counter() - write_started
-        metadata_attrs = dict(attrs, coo_file_bytes=coo_bytes,
-                              timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
-                              **{k: v for k, v in timings.items()})
+        metadata_attrs = dict(
+            attrs,
+            coo_file_bytes=coo_bytes,
+            timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
+            **dict(timings.items()),
+        )
         train_timepoints = np.flatnonzero(is_train == 1)
-        write_metadata_file(temporaries[1], metadata_attrs, {
-            "z_values": grid.z_values, "is_train": is_train, "train_timepoints": train_timepoints,
-            "test_timepoints": np.flatnonzero(is_train == 0), "test_blocks": test_blocks,
-            "timepoint_indices": kept_frames.astype(np.int32),
-            "per_plane_active_pixels": plane_active,
-            "per_plane_sparsity_percent": 100.0 * plane_active / plane_pixels,
-            "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
-        }, {
-            "trace_column": np.arange(num_cells, dtype=np.int32), "cell_id": subject.cell_ids,
-            "position": subject.positions, "voxel_zxy": grid.cell_voxels, "noise_level": noise_level,
-            "model_noise_level": model_noise_level, "spike_count": spike_count,
-            "valid": valid.astype(np.uint8),
-        })
+        write_metadata_file(
+            temporaries[1],
+            metadata_attrs,
+            {
+                "z_values": grid.z_values,
+                "is_train": is_train,
+                "train_timepoints": train_timepoints,
+                "test_timepoints": np.flatnonzero(is_train == 0),
+                "test_blocks": test_blocks,
+                "timepoint_indices": kept_frames.astype(np.int32),
+                "per_plane_active_pixels": plane_active,
+                "per_plane_sparsity_percent": 100.0 * plane_active / plane_pixels,
+                "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
+            },
+            {
+                "trace_column": np.arange(num_cells, dtype=np.int32),
+                "cell_id": subject.cell_ids,
+                "position": subject.positions,
+                "voxel_zxy": grid.cell_voxels,
+                "noise_level": noise_level,
+                "model_noise_level": model_noise_level,
+                "spike_count": spike_count,
+                "valid": valid.astype(np.uint8),
+            },
+        )
         if config.plots:
-            plot_subject_pdf(temporaries[2], subject.name, subject.frame_rate_hz, _plot_payload(
-                results, subject, model, grid, valid, plot_rows, spike_cells, spike_frames,
-                frame_to_timepoint, kept_frames, is_train, predicted, rate_sum, noise_level,
-                config.spike_mode, rng))
+            plot_subject_pdf(
+                temporaries[2],
+                subject.name,
+                subject.frame_rate_hz,
+                _plot_payload(
+                    results,
+                    subject,
+                    model,
+                    grid,
+                    valid,
+                    plot_rows,
+                    spike_cells,
+                    spike_frames,
+                    frame_to_timepoint,
+                    kept_frames,
+                    is_train,
+                    predicted,
+                    rate_sum,
+                    noise_level,
+                    config.spike_mode,
+                    rng,
+                ),
+            )
         for temporary, final in zip(temporaries, finals):
             if temporary.exists():
                 os.replace(temporary, final)
@@ -2320,23 +2676,40 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
     timings["total_s"] = time.perf_counter() - started
     dense_bytes = total_pixels  # one uint8 per voxel
     summary = {
-        "subject": subject.name, "total_spikes": num_entries, "total_pixels": total_pixels,
-        "sparsity_percent": sparsity_percent, "coo_memory_bytes": COO_BYTES_PER_ENTRY * num_entries,
-        "coo_file_bytes": coo_bytes, "dense_bytes": dense_bytes,
+        "subject": subject.name,
+        "total_spikes": num_entries,
+        "total_pixels": total_pixels,
+        "sparsity_percent": sparsity_percent,
+        "coo_memory_bytes": COO_BYTES_PER_ENTRY * num_entries,
+        "coo_file_bytes": coo_bytes,
+        "dense_bytes": dense_bytes,
         "memory_savings_percent": 100.0 * (1 - COO_BYTES_PER_ENTRY * num_entries / dense_bytes),
         "disk_savings_percent": 100.0 * (1 - coo_bytes / dense_bytes),
-        "model": model.name, "model_source": model.source, "warnings": warnings_list,
+        "model": model.name,
+        "model_source": model.source,
+        "warnings": warnings_list,
         "seconds": timings["total_s"],
     }
-    log.info("%s: %d active voxels (%d spike, %d marker; %d collisions) in a %s grid, written to %s in "
-             "%.1f s; RSS %.2f GB", subject.name, num_entries, coo["spike_pixels"], coo["marker_pixels"],
-             coo["collisions"], "x".join(map(str, grid.shape)), out_dir, timings["total_s"], _rss_gb())
+    log.info(
+        "%s: %d active voxels (%d spike, %d marker; %d collisions) in a %s grid, written to %s in "
+        "%.1f s; RSS %.2f GB",
+        subject.name,
+        num_entries,
+        coo["spike_pixels"],
+        coo["marker_pixels"],
+        coo["collisions"],
+        "x".join(map(str, grid.shape)),
+        out_dir,
+        timings["total_s"],
+        _rss_gb(),
+    )
     return summary
 
 
 # =============================================================================================
 # Command line
 # =============================================================================================
+
 
 def _comma_list(text: str) -> tuple:
     return tuple(item.strip() for item in text.split(",") if item.strip())
@@ -2355,21 +2728,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unified_spike_processing_coo.py",
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike "
-                    "grids (T, Z, H, W) with CASCADE spike inference.",
+        "grids (T, Z, H, W) with CASCADE spike inference.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or "
-               "subject_<n>/traces.h5 (traces (N,T), positions (N,3), attr frame_rate_hz), directly under "
-               "--input_dir or under --input_dir/Subjects. Exit status: 0 all subjects written, 1 some "
-               "subjects failed (each named in the log), 2 bad arguments or no usable model. "
-               "For production SLURM runs, fill the model cache on a node with internet and pass "
-               "--strict_model, so that a missing model is an error rather than a fallback.")
+        "subject_<n>/traces.h5 (traces (N,T), positions (N,3), attr frame_rate_hz), directly under "
+        "--input_dir or under --input_dir/Subjects. Exit status: 0 all subjects written, 1 some "
+        "subjects failed (each named in the log), 2 bad arguments or no usable model. "
+        "For production SLURM runs, fill the model cache on a node with internet and pass "
+        "--strict_model, so that a missing model is an error rather than a fallback.",
+    )
     io = parser.add_argument_group("input and output")
     io.add_argument("--input_dir", required=True, help="folder of subject_<n> folders")
-    io.add_argument("--output_dir", required=True, help="where <subject>/ outputs and combined_metadata.h5 go")
+    io.add_argument(
+        "--output_dir", required=True, help="where <subject>/ outputs and combined_metadata.h5 go"
+    )
     io.add_argument("--subjects", type=_comma_list, default=(), help="only these subjects (comma list)")
     io.add_argument("--skip", type=_comma_list, default=(), help="skip these subjects (comma list)")
-    io.add_argument("--coordinates", choices=("raw", "registered"), default="raw",
-                    help="cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)")
+    io.add_argument(
+        "--coordinates",
+        choices=("raw", "registered"),
+        default="raw",
+        help="cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)",
+    )
     io.add_argument("--no_plots", dest="plots", action="store_false", help="skip the PDF of plots")
     io.add_argument("--num_neurons", type=int, default=10, help="cells shown in the PDF's trace pages")
     io.add_argument("--log_file", default=None, help="also log here (default: <output_dir>/processing.log)")
@@ -2380,37 +2760,85 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", type=int, default=30000, help="cells per batch sent to a worker")
 
     model = parser.add_argument_group("CASCADE model")
-    model.add_argument("--cascade_model", default="Global_EXC_2Hz_smoothing500ms",
-                       help="official model name, 'auto' (per subject, nearest sampling rate) or 'builtin'")
+    model.add_argument(
+        "--cascade_model",
+        default="Global_EXC_2Hz_smoothing500ms",
+        help="official model name, 'auto' (per subject, nearest sampling rate) or 'builtin'",
+    )
     model.add_argument("--model_dir", default=None, help="a CASCADE model folder (overrides --cascade_model)")
-    model.add_argument("--model_cache", default=None,
-                       help="where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)")
-    model.add_argument("--strict_model", action="store_true",
-                       help="error instead of falling back to the builtin model when the named one is unavailable")
-    model.add_argument("--offline", action="store_true",
-                       help="never download: use --model_dir, the cache or the builtin model")
-    model.add_argument("--cascade_threshold", type=_threshold_arg, default=1,
-                       help="CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none")
-    model.add_argument("--max_rate_mismatch", type=float, default=0.5,
-                       help="refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)")
+    model.add_argument(
+        "--model_cache",
+        default=None,
+        help="where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)",
+    )
+    model.add_argument(
+        "--strict_model",
+        action="store_true",
+        help="error instead of falling back to the builtin model when the named one is unavailable",
+    )
+    model.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: use --model_dir, the cache or the builtin model",
+    )
+    model.add_argument(
+        "--cascade_threshold",
+        type=_threshold_arg,
+        default=1,
+        help="CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none",
+    )
+    model.add_argument(
+        "--max_rate_mismatch",
+        type=float,
+        default=0.5,
+        help="refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)",
+    )
 
     traces = parser.add_argument_group("traces")
-    traces.add_argument("--trace_type", choices=("auto", "fluorescence", "dff"), default="auto",
-                        help="raw fluorescence (converted to dF/F) or dF/F; auto decides per subject")
+    traces.add_argument(
+        "--trace_type",
+        choices=("auto", "fluorescence", "dff"),
+        default="auto",
+        help="raw fluorescence (converted to dF/F) or dF/F; auto decides per subject",
+    )
     traces.add_argument("--baseline_percentile", type=float, default=8.0, help="F0 percentile for dF/F")
     traces.add_argument("--baseline_window_s", type=float, default=30.0, help="sliding F0 window (seconds)")
 
     spikes = parser.add_argument_group("spikes and grid")
-    spikes.add_argument("--spike_mode", choices=("sample", "discrete", "threshold"), default="sample",
-                        help="sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold")
-    spikes.add_argument("--spike_threshold", type=float, default=0.5, help="rate threshold (spikes/frame) for --spike_mode threshold")
-    spikes.add_argument("--seed", type=int, default=42, help="seed of spike sampling and the train/test split")
-    spikes.add_argument("--keep_edge_frames", action="store_true",
-                        help="keep the frames at both ends where CASCADE's window gives no prediction")
-    spikes.add_argument("--grid_shape", type=int, nargs=2, metavar=("H", "W"), default=(256, 128),
-                        help="grid height (x) and width (y) in pixels")
-    spikes.add_argument("--no_z_markers", dest="z_markers", action="store_false",
-                        help="do not add the z-plane marker pixels (rows 0-1, last z+2 columns)")
+    spikes.add_argument(
+        "--spike_mode",
+        choices=("sample", "discrete", "threshold"),
+        default="sample",
+        help="sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold",
+    )
+    spikes.add_argument(
+        "--spike_threshold",
+        type=float,
+        default=0.5,
+        help="rate threshold (spikes/frame) for --spike_mode threshold",
+    )
+    spikes.add_argument(
+        "--seed", type=int, default=42, help="seed of spike sampling and the train/test split"
+    )
+    spikes.add_argument(
+        "--keep_edge_frames",
+        action="store_true",
+        help="keep the frames at both ends where CASCADE's window gives no prediction",
+    )
+    spikes.add_argument(
+        "--grid_shape",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=(256, 128),
+        help="grid height (x) and width (y) in pixels",
+    )
+    spikes.add_argument(
+        "--no_z_markers",
+        dest="z_markers",
+        action="store_false",
+        help="do not add the z-plane marker pixels (rows 0-1, last z+2 columns)",
+    )
     spikes.add_argument("--split_block", type=int, default=330, help="frames per train/test block")
     spikes.add_argument("--split_ratio", type=float, default=0.95, help="fraction of blocks for training")
     return parser
@@ -2424,16 +2852,35 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     if min(args.grid_shape) < 1:
         raise PipelineError("--grid_shape needs positive H and W")
     return PipelineConfig(
-        input_dir=args.input_dir, output_dir=args.output_dir, subjects=tuple(args.subjects),
-        skip=tuple(args.skip), workers=args.workers, batch_size=args.batch_size,
-        cascade_model=args.cascade_model, model_dir=args.model_dir, model_cache=args.model_cache,
-        strict_model=args.strict_model, offline=args.offline, cascade_threshold=args.cascade_threshold,
-        trace_type=args.trace_type, baseline_percentile=args.baseline_percentile,
-        baseline_window_s=args.baseline_window_s, spike_mode=args.spike_mode,
-        spike_threshold=args.spike_threshold, seed=args.seed, keep_edge_frames=args.keep_edge_frames,
-        grid_height=args.grid_shape[0], grid_width=args.grid_shape[1], coordinates=args.coordinates,
-        z_markers=args.z_markers, split_block=args.split_block, split_ratio=args.split_ratio,
-        num_neurons=args.num_neurons, plots=args.plots, max_rate_mismatch=args.max_rate_mismatch)
+        input_dir=args.input_dir,
+        output_dir=args.output_dir,
+        subjects=tuple(args.subjects),
+        skip=tuple(args.skip),
+        workers=args.workers,
+        batch_size=args.batch_size,
+        cascade_model=args.cascade_model,
+        model_dir=args.model_dir,
+        model_cache=args.model_cache,
+        strict_model=args.strict_model,
+        offline=args.offline,
+        cascade_threshold=args.cascade_threshold,
+        trace_type=args.trace_type,
+        baseline_percentile=args.baseline_percentile,
+        baseline_window_s=args.baseline_window_s,
+        spike_mode=args.spike_mode,
+        spike_threshold=args.spike_threshold,
+        seed=args.seed,
+        keep_edge_frames=args.keep_edge_frames,
+        grid_height=args.grid_shape[0],
+        grid_width=args.grid_shape[1],
+        coordinates=args.coordinates,
+        z_markers=args.z_markers,
+        split_block=args.split_block,
+        split_ratio=args.split_ratio,
+        num_neurons=args.num_neurons,
+        plots=args.plots,
+        max_rate_mismatch=args.max_rate_mismatch,
+    )
 
 
 def _setup_logging(log_file: Path, verbose: bool) -> None:
@@ -2462,18 +2909,22 @@ def summary_lines(summaries: list, failures: dict, totals: dict) -> list:
     lines = ["", "=" * 72]
     for model, source in dict.fromkeys((s["model"], s["model_source"]) for s in summaries):
         if source.startswith(FALLBACK_SOURCE_PREFIX):
-            lines.append(f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX):-1]}")
+            lines.append(
+                f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
+            )
         else:
             lines.append(f"CASCADE model: {model} ({source})")
     lines.append("Processed subjects:")
     for s in summaries:
-        lines += [f"{s['subject']}: {s['total_spikes']:,} active voxels of {s['total_pixels']:,} "
-                  f"(model {s['model']}, {s['seconds']:.1f} s)",
-                  f"  → Sparsity: {s['sparsity_percent']:.4f}% of voxels active",
-                  f"  → Memory savings vs dense: ~{s['memory_savings_percent']:.2f}% in memory "
-                  f"({_format_bytes(s['coo_memory_bytes'])} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
-                  f"{_format_bytes(s['dense_bytes'])} dense uint8), ~{s['disk_savings_percent']:.2f}% on disk "
-                  f"({_format_bytes(s['coo_file_bytes'])})"]
+        lines += [
+            f"{s['subject']}: {s['total_spikes']:,} active voxels of {s['total_pixels']:,} "
+            f"(model {s['model']}, {s['seconds']:.1f} s)",
+            f"  → Sparsity: {s['sparsity_percent']:.4f}% of voxels active",
+            f"  → Memory savings vs dense: ~{s['memory_savings_percent']:.2f}% in memory "
+            f"({_format_bytes(s['coo_memory_bytes'])} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
+            f"{_format_bytes(s['dense_bytes'])} dense uint8), ~{s['disk_savings_percent']:.2f}% on disk "
+            f"({_format_bytes(s['coo_file_bytes'])})",
+        ]
         for warning in s["warnings"]:
             if not warning.startswith("model fallback"):  # said once above
                 lines.append(f"  ! WARNING: {warning}")
@@ -2483,14 +2934,19 @@ def summary_lines(summaries: list, failures: dict, totals: dict) -> list:
     total_pixels = sum(s["total_pixels"] for s in summaries)
     coo_bytes = COO_BYTES_PER_ENTRY * total_spikes
     file_bytes = sum(s["coo_file_bytes"] for s in summaries)
-    lines += ["", "Summary:",
-              f"  Subjects processed: {len(summaries)} ({len(failures)} failed)",
-              f"  Total spikes (active voxels): {total_spikes:,}"]
+    lines += [
+        "",
+        "Summary:",
+        f"  Subjects processed: {len(summaries)} ({len(failures)} failed)",
+        f"  Total spikes (active voxels): {total_spikes:,}",
+    ]
     if total_pixels:
-        lines += [f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
-                  f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
-                  f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
-                  f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})"]
+        lines += [
+            f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
+            f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
+            f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
+            f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})",
+        ]
     if totals:
         lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects in the output folder")
     lines.append("=" * 72)
@@ -2503,19 +2959,33 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
     subjects = find_subjects(config.input_dir, config.subjects, config.skip)
     if not subjects:
         raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
-    log.info("unified_spike_processing_coo %s: %d subjects from %s -> %s (%d workers, batches of %d cells)",
-             __version__, len(subjects), config.input_dir, output_dir, config.workers, config.batch_size)
+    log.info(
+        "unified_spike_processing_coo %s: %d subjects from %s -> %s (%d workers, batches of %d cells)",
+        __version__,
+        len(subjects),
+        config.input_dir,
+        output_dir,
+        config.workers,
+        config.batch_size,
+    )
 
     resolved: dict = {}  # one resolution (and at most one download try) per model name per run
 
     def model_choice(frame_rate_hz: float):
-        key = config.model_dir or (config.cascade_model if config.cascade_model != AUTO_MODEL_KEYWORD
-                                   else choose_auto_model_name(frame_rate_hz, OFFICIAL_GLOBAL_EXC_MODELS))
+        key = config.model_dir or (
+            config.cascade_model
+            if config.cascade_model != AUTO_MODEL_KEYWORD
+            else choose_auto_model_name(frame_rate_hz, OFFICIAL_GLOBAL_EXC_MODELS)
+        )
         if key not in resolved:
-            resolved[key] = resolve_model(key if not config.model_dir else config.cascade_model,
-                                          config.model_dir, cache_dir=config.model_cache,
-                                          builtin_dir=BUILTIN_MODEL_DIR, strict=config.strict_model,
-                                          allow_download=not config.offline)
+            resolved[key] = resolve_model(
+                key if not config.model_dir else config.cascade_model,
+                config.model_dir,
+                cache_dir=config.model_cache,
+                builtin_dir=BUILTIN_MODEL_DIR,
+                strict=config.strict_model,
+                allow_download=not config.offline,
+            )
         return resolved[key]
 
     if config.cascade_model != AUTO_MODEL_KEYWORD or config.model_dir:
@@ -2524,11 +2994,12 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
     pool = None
     if config.workers > 1:
         import multiprocessing
+
         threads = max(1, available_cpus() // config.workers)
         # spawn: TensorFlow is not fork-safe, and each worker loads it once
         pool = multiprocessing.get_context("spawn").Pool(
-            config.workers, initializer=_init_worker,
-            initargs=(threads, logging.getLogger().level))
+            config.workers, initializer=_init_worker, initargs=(threads, logging.getLogger().level)
+        )
     else:
         configure_tensorflow_threads(available_cpus())
 
@@ -2545,8 +3016,12 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
                 log.error("%s: out of memory; lower --batch_size or --workers", folder.name)
             except Exception as exc:  # one bad subject must not stop the others
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"
-                log.error("%s: unexpected %s: %s (run with --verbose for the traceback)",
-                          folder.name, type(exc).__name__, exc)
+                log.error(
+                    "%s: unexpected %s: %s (run with --verbose for the traceback)",
+                    folder.name,
+                    type(exc).__name__,
+                    exc,
+                )
                 log.debug("traceback", exc_info=True)
     except BaseException:
         if pool is not None:
@@ -2564,7 +3039,7 @@ def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
     return 1 if failures else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
     try:

@@ -65,6 +65,7 @@ def default_ground_truth_dir() -> str:
 # Methods
 # --------------------------------------------------------------------------
 
+
 def fill_nan(y: np.ndarray) -> np.ndarray:
     """Linear interpolation over NaN frames (OASIS and the derivative need finite input)."""
     y = np.asarray(y, float).copy()
@@ -88,8 +89,9 @@ OASIS_VARIANTS = {
 }
 
 
-def oasis_rates(y: np.ndarray, frame_rate_hz: float, smoothing_s: float, variant: dict,
-                seed: int) -> np.ndarray:
+def oasis_rates(
+    y: np.ndarray, frame_rate_hz: float, smoothing_s: float, variant: dict, seed: int
+) -> np.ndarray:
     """OASIS spikes with an explicit robust noise estimate and a fitted AR(1) decay,
     smoothed like the targets."""
     from oasis.functions import ar1_to_tau, deconvolve, estimate_time_constant
@@ -103,8 +105,9 @@ def oasis_rates(y: np.ndarray, frame_rate_hz: float, smoothing_s: float, variant
     g = min(max(g, 0.05), 0.995)  # keep a valid, decaying AR(1) if the fit is degenerate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = deconvolve(y, tau_d=ar1_to_tau(g, frame_rate_hz), framerate=frame_rate_hz, sn=sn,
-                            b_nonneg=False, **variant)
+        result = deconvolve(
+            y, tau_d=ar1_to_tau(g, frame_rate_hz), framerate=frame_rate_hz, sn=sn, b_nonneg=False, **variant
+        )
     return smoothed_spike_targets(np.asarray(result[1], float), frame_rate_hz, smoothing_s)
 
 
@@ -124,6 +127,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------
 # Benchmark
 # --------------------------------------------------------------------------
+
 
 def run(args) -> dict:
     import unified_spike_processing_coo as usp
@@ -162,27 +166,34 @@ def run(args) -> dict:
         n_max = max(y.size for y in noisy)
         batch = np.full((len(noisy), n_max), np.nan)
         for row, y in enumerate(noisy):
-            batch[row, :y.size] = y
+            batch[row, : y.size] = y
         rates = usp.predict_spike_rates(batch, model, threshold=0)
 
         for row, (y, (i, rec, counts)) in enumerate(zip(noisy, meta)):
             truth = smoothed_spike_targets(counts, frame_rate_hz, smoothing_s)
-            cascade = rates[row, :y.size]
+            cascade = rates[row, : y.size]
             valid = np.isfinite(cascade) & np.isfinite(truth)
             if valid.sum() < 10:
                 skipped[level][rec.dataset] += 1
                 continue
             per_method = {"CASCADE": cascade}
             for name, variant in OASIS_VARIANTS.items():
-                per_method["OASIS " + name] = oasis_rates(y, frame_rate_hz, smoothing_s, variant,
-                                                          seed=args.seed + i)
+                per_method["OASIS " + name] = oasis_rates(
+                    y, frame_rate_hz, smoothing_s, variant, seed=args.seed + i
+                )
             per_method["dF/F derivative"] = derivative_rates(y, frame_rate_hz, smoothing_s)
             for name, pred in per_method.items():
                 r = pearson(pred[valid], truth[valid])
                 scores[level][rec.dataset][name].append(r)
                 scores[level]["all"][name].append(r)
-    return {"scores": scores, "skipped": skipped, "frame_rate_hz": frame_rate_hz,
-            "smoothing_s": smoothing_s, "model": model, "n_recordings": len(recordings)}
+    return {
+        "scores": scores,
+        "skipped": skipped,
+        "frame_rate_hz": frame_rate_hz,
+        "smoothing_s": smoothing_s,
+        "model": model,
+        "n_recordings": len(recordings),
+    }
 
 
 def median(values) -> float:
@@ -194,9 +205,12 @@ def median(values) -> float:
 def format_tables(result: dict, noise_levels) -> str:
     scores, skipped = result["scores"], result["skipped"]
     oasis_names = ["OASIS " + n for n in OASIS_VARIANTS]
-    lines = ["Median Pearson correlation with the true spike rate (per recording, then median).",
-             f"Model frame rate {result['frame_rate_hz']:g} Hz, smoothing {result['smoothing_s']:g} s; "
-             "n = recordings at that noise level (noisier ones left out).", ""]
+    lines = [
+        "Median Pearson correlation with the true spike rate (per recording, then median).",
+        f"Model frame rate {result['frame_rate_hz']:g} Hz, smoothing {result['smoothing_s']:g} s; "
+        "n = recordings at that noise level (noisier ones left out).",
+        "",
+    ]
     header = "| dataset | noise level | n | CASCADE builtin | OASIS (best variant) | dF/F derivative |"
     lines += [header, "|---|---|---|---|---|---|"]
     best_variant = {}
@@ -209,24 +223,38 @@ def format_tables(result: dict, noise_levels) -> str:
             s = scores[level][dataset]
             n = len(s["CASCADE"])
             label = "**all**" if dataset == "all" else dataset
-            lines.append(f"| {label} | {level:g} | {n} | {median(s['CASCADE']):.3f} | "
-                         f"{median(s[best_variant[level]]):.3f} | {median(s['dF/F derivative']):.3f} |")
-    lines += ["", "OASIS variant chosen per noise level (best median over all recordings): "
-              + ", ".join(f"{lv:g}: {v[6:]}" for lv, v in best_variant.items()), "",
-              "All OASIS variants, median over all recordings:", "",
-              "| noise level | " + " | ".join(oasis_names) + " |",
-              "|---|" + "---|" * len(oasis_names)]
+            lines.append(
+                f"| {label} | {level:g} | {n} | {median(s['CASCADE']):.3f} | "
+                f"{median(s[best_variant[level]]):.3f} | {median(s['dF/F derivative']):.3f} |"
+            )
+    lines += [
+        "",
+        "OASIS variant chosen per noise level (best median over all recordings): "
+        + ", ".join(f"{lv:g}: {v[6:]}" for lv, v in best_variant.items()),
+        "",
+        "All OASIS variants, median over all recordings:",
+        "",
+        "| noise level | " + " | ".join(oasis_names) + " |",
+        "|---|" + "---|" * len(oasis_names),
+    ]
     for level in best_variant:
-        lines.append(f"| {level:g} | " + " | ".join(f"{median(scores[level]['all'][n]):.3f}"
-                                                  for n in oasis_names) + " |")
-    lines += ["", "Recordings left out (noisier than the level, or without spikes): "
-              + ", ".join(f"{lv:g}: {sum(skipped[lv].values())}" for lv in noise_levels)]
+        lines.append(
+            f"| {level:g} | "
+            + " | ".join(f"{median(scores[level]['all'][n]):.3f}" for n in oasis_names)
+            + " |"
+        )
+    lines += [
+        "",
+        "Recordings left out (noisier than the level, or without spikes): "
+        + ", ".join(f"{lv:g}: {sum(skipped[lv].values())}" for lv in noise_levels),
+    ]
     return "\n".join(lines)
 
 
 def _model_training_command(model_dir: str) -> str | None:
     """The training command recorded in the model's config.yaml, if any."""
     import yaml
+
     try:
         with open(os.path.join(model_dir, "config.yaml")) as fh:
             return (yaml.safe_load(fh) or {}).get("training_command")
@@ -237,9 +265,12 @@ def _model_training_command(model_dir: str) -> str | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="CASCADE model folder (default: the builtin model)")
-    p.add_argument("--ground_truth_dir", default=None,
-                   help="folder of DSxx-*/CAttached_*.mat (default: $SPIKE_SHARED_DIR/cascade/Ground_truth "
-                        "or ../shared/cascade/Ground_truth)")
+    p.add_argument(
+        "--ground_truth_dir",
+        default=None,
+        help="folder of DSxx-*/CAttached_*.mat (default: $SPIKE_SHARED_DIR/cascade/Ground_truth "
+        "or ../shared/cascade/Ground_truth)",
+    )
     p.add_argument("--datasets", nargs="*", default=None, help="only these DSxx folder names")
     p.add_argument("--noise_levels", type=float, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--seed", type=int, default=0, help="seed of the added noise")
@@ -253,15 +284,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.ground_truth_dir = args.ground_truth_dir or default_ground_truth_dir()
     if not os.path.isdir(args.ground_truth_dir):
-        sys.exit(f"ground truth not found at {args.ground_truth_dir}: pass --ground_truth_dir or set "
-                 "SPIKE_SHARED_DIR to the folder holding cascade/Ground_truth")
+        sys.exit(
+            f"ground truth not found at {args.ground_truth_dir}: pass --ground_truth_dir or set "
+            "SPIKE_SHARED_DIR to the folder holding cascade/Ground_truth"
+        )
     if not os.path.isdir(args.model):
         sys.exit(f"model folder {args.model} not found")
     t0 = time.time()
     result = run(args)
     table = format_tables(result, args.noise_levels)
-    command = "python " + " ".join(shlex.quote(a) for a in
-                                   [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv)
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv
+    )
     print(table)
     print(f"\n{result['n_recordings']} recordings, {time.time() - t0:.0f} s")
     if args.markdown:
@@ -270,8 +304,10 @@ def main(argv=None) -> int:
             fh.write("# Accuracy on CASCADE ground truth\n\n")
             fh.write(f"Command (from the repository root):\n\n    {command}\n\n")
             if training_command:
-                fh.write(f"The model ({os.path.basename(os.path.normpath(args.model))}) was trained with:"
-                         f"\n\n    {training_command}\n\n")
+                fh.write(
+                    f"The model ({os.path.basename(os.path.normpath(args.model))}) was trained with:"
+                    f"\n\n    {training_command}\n\n"
+                )
             fh.write(table + "\n")
     return 0
 

@@ -85,13 +85,17 @@ def parse_threshold(text: str):
 # Workers: one method per fresh process
 # ------------------------------------------------------------------------------------------------
 
+
 def configure_threads(intra: int, inter: int) -> dict:
     import tensorflow as tf
+
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
-    return {"tf_version": tf.__version__,
-            "intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_threads": tf.config.threading.get_inter_op_parallelism_threads()}
+    return {
+        "tf_version": tf.__version__,
+        "intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
 
 
 def prepare_reference_cache(model_dir: Path, cache_dir: Path) -> str:
@@ -130,8 +134,14 @@ def worker(args) -> None:
         start = time.perf_counter()
         model = usp.load_cascade_model(args.model)
         loaded = time.perf_counter()
-        rates, report = usp.predict_spike_rates(dff, model, threshold=threshold, padding=np.nan,
-                                                return_noise=True, max_chunk_frames=args.max_chunk_frames)
+        rates, report = usp.predict_spike_rates(
+            dff,
+            model,
+            threshold=threshold,
+            padding=np.nan,
+            return_noise=True,
+            max_chunk_frames=args.max_chunk_frames,
+        )
         result["load_s"] = loaded - start
         result["seconds"] = time.perf_counter() - start
         result["max_chunk_frames"] = args.max_chunk_frames
@@ -153,8 +163,9 @@ def worker(args) -> None:
         cache = Path(args.cache_dir)
         name = prepare_reference_cache(model_dir, cache)
         start = time.perf_counter()
-        rates = cascade_predict(dff, name, threshold=threshold, padding=np.nan, verbose=False,
-                                cache_dir=cache)
+        rates = cascade_predict(
+            dff, name, threshold=threshold, padding=np.nan, verbose=False, cache_dir=cache
+        )
         result["seconds"] = time.perf_counter() - start
         np.save(args.output, rates)
     else:
@@ -169,6 +180,7 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
     try:
@@ -189,21 +201,47 @@ def package_version(name: str) -> str:
 
 def make_traces(args, sampling_rate_hz: float) -> tuple:
     from tools.synthetic_calcium import cascade_noise_level, simulate_dataset
+
     rng = np.random.default_rng(args.seed)
     levels = rng.uniform(args.noise_min, args.noise_max, args.neurons)
-    data = simulate_dataset(args.neurons, args.frames, sampling_rate_hz, levels, smoothing_s=0.2, rng=rng,
-                            dff_kwargs={"noise_mode": "total"})
+    data = simulate_dataset(
+        args.neurons,
+        args.frames,
+        sampling_rate_hz,
+        levels,
+        smoothing_s=0.2,
+        rng=rng,
+        dff_kwargs={"noise_mode": "total"},
+    )
     dff = data["dff"].astype(np.float64)  # as from a .mat file; both methods get the same array
     return dff, cascade_noise_level(dff, sampling_rate_hz)
 
 
 def run_worker(args, method: str, workdir: Path, data: Path, output: Path, extra=()) -> dict:
     result_path = workdir / f"result_{method}_{len(list(workdir.glob('result_*')))}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--data", str(data),
-               "--output", str(output), "--result", str(result_path), "--model", str(args.model),
-               "--threshold", args.threshold, "--intra_threads", str(args.intra_threads),
-               "--inter_threads", str(args.inter_threads), "--cache_dir", str(workdir / "neuralib_cache"),
-               *extra]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--method",
+        method,
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--result",
+        str(result_path),
+        "--model",
+        str(args.model),
+        "--threshold",
+        args.threshold,
+        "--intra_threads",
+        str(args.intra_threads),
+        "--inter_threads",
+        str(args.inter_threads),
+        "--cache_dir",
+        str(workdir / "neuralib_cache"),
+        *extra,
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_USE_LEGACY_KERAS", None)  # the reference worker sets it itself
     wall = time.perf_counter()
@@ -220,15 +258,18 @@ def run_worker(args, method: str, workdir: Path, data: Path, output: Path, extra
 def compare(fast: np.ndarray, reference: np.ndarray) -> dict:
     both = np.isfinite(fast) & np.isfinite(reference)
     diff = np.abs(fast[both] - reference[both])
-    return {"nan_layout_equal": bool(np.array_equal(np.isnan(fast), np.isnan(reference))),
-            "finite_in_both": int(both.sum()),
-            "max_abs_diff": float(diff.max()) if diff.size else float("nan"),
-            "mean_abs_diff": float(diff.mean()) if diff.size else float("nan")}
+    return {
+        "nan_layout_equal": bool(np.array_equal(np.isnan(fast), np.isnan(reference))),
+        "finite_in_both": int(both.sum()),
+        "max_abs_diff": float(diff.max()) if diff.size else float("nan"),
+        "mean_abs_diff": float(diff.mean()) if diff.size else float("nan"),
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--neurons", type=int, default=2000)
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--noise_min", type=float, default=2.0, help="lowest target noise level")
@@ -236,13 +277,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(default_model_dir()), help="CASCADE model folder")
     parser.add_argument("--threshold", default="0", help="0, 1 or False (both methods)")
-    parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[1 << 17, 1 << 19, 1 << 21],
-                        help="max_chunk_frames values for the fast engine; the first is compared "
-                             "with the reference and used for the discrete spikes")
-    parser.add_argument("--intra_threads", type=int, default=os.cpu_count(),
-                        help="TensorFlow intra-op threads, both methods (default: CPU count)")
-    parser.add_argument("--inter_threads", type=int, default=os.cpu_count(),
-                        help="TensorFlow inter-op threads, both methods (default: CPU count)")
+    parser.add_argument(
+        "--chunk_sizes",
+        type=int,
+        nargs="+",
+        default=[1 << 17, 1 << 19, 1 << 21],
+        help="max_chunk_frames values for the fast engine; the first is compared "
+        "with the reference and used for the discrete spikes",
+    )
+    parser.add_argument(
+        "--intra_threads",
+        type=int,
+        default=os.cpu_count(),
+        help="TensorFlow intra-op threads, both methods (default: CPU count)",
+    )
+    parser.add_argument(
+        "--inter_threads",
+        type=int,
+        default=os.cpu_count(),
+        help="TensorFlow inter-op threads, both methods (default: CPU count)",
+    )
     parser.add_argument("--skip_reference", action="store_true", help="do not run neuralib")
     parser.add_argument("--markdown", help="also append the printed report to this file")
     # worker-only options
@@ -261,6 +315,7 @@ def main(argv=None) -> int:
     if not (model_dir / "config.yaml").is_file():
         parser.error(f"no CASCADE model at {model_dir} (set --model or SPIKE_SHARED_DIR)")
     import yaml
+
     sampling_rate_hz = float(yaml.safe_load((model_dir / "config.yaml").read_text())["sampling_rate"])
 
     lines = []
@@ -271,21 +326,27 @@ def main(argv=None) -> int:
 
     say(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     say(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    say(f"CPU: {cpu_model()}, {os.cpu_count()} cores visible; load average at start: "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    say(f"python {platform.python_version()}, tensorflow {package_version('tensorflow')}, "
+    say(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores visible; load average at start: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    say(
+        f"python {platform.python_version()}, tensorflow {package_version('tensorflow')}, "
         f"tf-keras {package_version('tf-keras')}, neura-library {package_version('neura-library')}, "
-        f"numpy {np.__version__}")
+        f"numpy {np.__version__}"
+    )
     say(f"model: {model_dir} ({sampling_rate_hz} Hz), threshold {args.threshold}, padding NaN")
 
     start = time.perf_counter()
     dff, noise = make_traces(args, sampling_rate_hz)
     neuron_frames = dff.size
-    say(f"traces: {args.neurons} neurons x {args.frames} frames = {neuron_frames:,} neuron-frames of "
+    say(
+        f"traces: {args.neurons} neurons x {args.frames} frames = {neuron_frames:,} neuron-frames of "
         f"synthetic dF/F (tools/synthetic_calcium.py, seed {args.seed}, noise_mode='total', target "
         f"levels uniform in [{args.noise_min}, {args.noise_max}]; measured levels 5/50/95 %: "
         f"{' / '.join(f'{x:.2f}' for x in np.nanpercentile(noise, [5, 50, 95]))}), float64; "
-        f"made in {time.perf_counter() - start:.1f} s")
+        f"made in {time.perf_counter() - start:.1f} s"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         workdir = Path(tmp)
@@ -295,38 +356,49 @@ def main(argv=None) -> int:
         fast_runs = []
         for chunk in args.chunk_sizes:
             output = workdir / f"fast_{chunk}.npy"
-            fast_runs.append(run_worker(args, "fast", workdir, data, output,
-                                        ["--max_chunk_frames", str(chunk)]))
+            fast_runs.append(
+                run_worker(args, "fast", workdir, data, output, ["--max_chunk_frames", str(chunk)])
+            )
             fast_runs[-1]["output"] = output
         first = fast_runs[0]
-        say(f"TensorFlow threads (both methods): intra-op {first['intra_threads']}, "
-            f"inter-op {first['inter_threads']} (TF {first['tf_version']})")
+        say(
+            f"TensorFlow threads (both methods): intra-op {first['intra_threads']}, "
+            f"inter-op {first['inter_threads']} (TF {first['tf_version']})"
+        )
         say(f"model noise levels assigned (level: neurons): {first['model_noise_levels']}")
         say()
         say("(a) fast engine, predict_spike_rates (cold: model load + tf.function tracing included)")
         say("  max_chunk_frames | wall s | neuron-frames/s | CPU s | peak RSS MB | increase MB | load 1-min")
         for run in fast_runs:
-            say(f"  {run['max_chunk_frames']:>16,} | {run['seconds']:6.2f} | "
+            say(
+                f"  {run['max_chunk_frames']:>16,} | {run['seconds']:6.2f} | "
                 f"{neuron_frames / run['seconds']:15,.0f} | {run['cpu_s']:5.1f} | {run['rss_peak_mb']:11.0f} | "
-                f"{run['rss_increase_mb']:11.0f} | {run['load_before']:.1f} -> {run['load_after']:.1f}")
+                f"{run['rss_increase_mb']:11.0f} | {run['load_before']:.1f} -> {run['load_after']:.1f}"
+            )
         best = min(fast_runs, key=lambda run: run["seconds"])
-        say(f"  fastest: max_chunk_frames = {best['max_chunk_frames']:,} "
+        say(
+            f"  fastest: max_chunk_frames = {best['max_chunk_frames']:,} "
             f"(model load {best['load_s']:.2f} s of its {best['seconds']:.2f} s); "
-            f"import+input baseline RSS {first['rss_baseline_mb']:.0f} MB")
+            f"import+input baseline RSS {first['rss_baseline_mb']:.0f} MB"
+        )
         reference_rates = None
         base = np.load(first["output"])
         for run in fast_runs[1:]:
             other = compare(np.load(run["output"]), base)
-            say(f"  max_chunk_frames {run['max_chunk_frames']:,} vs {first['max_chunk_frames']:,}: "
-                f"max |diff| {other['max_abs_diff']:.3g}, NaN layout equal {other['nan_layout_equal']}")
+            say(
+                f"  max_chunk_frames {run['max_chunk_frames']:,} vs {first['max_chunk_frames']:,}: "
+                f"max |diff| {other['max_abs_diff']:.3g}, NaN layout equal {other['nan_layout_equal']}"
+            )
         del base
 
         discrete = run_worker(args, "discrete", workdir, data, first["output"])
         say()
-        say(f"(b) infer_discrete_spikes on the fast output: {discrete['seconds']:.2f} s "
+        say(
+            f"(b) infer_discrete_spikes on the fast output: {discrete['seconds']:.2f} s "
             f"(CPU {discrete['cpu_s']:.2f} s; {neuron_frames / discrete['seconds']:,.0f} neuron-frames/s), peak RSS "
             f"{discrete['rss_peak_mb']:.0f} MB (+{discrete['rss_increase_mb']:.0f} MB over rates loaded), "
-            f"{discrete['total_spikes']:,} spikes for a rate sum of {discrete['rate_sum']:,.0f}")
+            f"{discrete['total_spikes']:,} spikes for a rate sum of {discrete['rate_sum']:,.0f}"
+        )
 
         say()
         if args.skip_reference:
@@ -339,37 +411,49 @@ def main(argv=None) -> int:
                 say(f"(c) reference FAILED: {exc}")
                 reference = None
             if reference is not None:
-                if (reference["intra_threads"], reference["inter_threads"]) != \
-                        (first["intra_threads"], first["inter_threads"]):
+                if (reference["intra_threads"], reference["inter_threads"]) != (
+                    first["intra_threads"],
+                    first["inter_threads"],
+                ):
                     say("  WARNING: thread counts differ between methods")
-                say(f"(c) reference, neuralib cascade_predict (model load included): "
+                say(
+                    f"(c) reference, neuralib cascade_predict (model load included): "
                     f"{reference['seconds']:.2f} s wall, {neuron_frames / reference['seconds']:,.0f} neuron-frames/s, "
                     f"CPU {reference['cpu_s']:.1f} s, load 1-min {reference['load_before']:.1f} -> "
                     f"{reference['load_after']:.1f}, "
                     f"peak RSS {reference['rss_peak_mb']:.0f} MB (+{reference['rss_increase_mb']:.0f} MB "
                     f"over its import+input baseline {reference['rss_baseline_mb']:.0f} MB); "
-                    f"TF threads intra {reference['intra_threads']}, inter {reference['inter_threads']}")
+                    f"TF threads intra {reference['intra_threads']}, inter {reference['inter_threads']}"
+                )
                 reference_rates = np.load(output)
                 say()
                 say("fast vs reference")
                 for run in fast_runs:
-                    say(f"  speed ratio (reference s / fast s) at max_chunk_frames "
+                    say(
+                        f"  speed ratio (reference s / fast s) at max_chunk_frames "
                         f"{run['max_chunk_frames']:,}: {reference['seconds'] / run['seconds']:.1f}x wall, "
-                        f"{reference['cpu_s'] / run['cpu_s']:.1f}x CPU time")
-                say(f"  peak RSS increase: fast {first['rss_increase_mb']:.0f} MB "
+                        f"{reference['cpu_s'] / run['cpu_s']:.1f}x CPU time"
+                    )
+                say(
+                    f"  peak RSS increase: fast {first['rss_increase_mb']:.0f} MB "
                     f"(max_chunk_frames {first['max_chunk_frames']:,}) vs reference "
-                    f"{reference['rss_increase_mb']:.0f} MB")
+                    f"{reference['rss_increase_mb']:.0f} MB"
+                )
                 for run in fast_runs:
                     agreement = compare(np.load(run["output"]), reference_rates)
-                    say(f"  max_chunk_frames {run['max_chunk_frames']:,}: max |difference| "
+                    say(
+                        f"  max_chunk_frames {run['max_chunk_frames']:,}: max |difference| "
                         f"{agreement['max_abs_diff']:.3g} (mean {agreement['mean_abs_diff']:.3g}) over "
                         f"{agreement['finite_in_both']:,} entries finite in both; NaN layouts agree: "
-                        f"{agreement['nan_layout_equal']}")
+                        f"{agreement['nan_layout_equal']}"
+                    )
                 agreement = compare(np.load(first["output"]), reference_rates)
                 ratio = reference["seconds"] / best["seconds"]
                 ok = ratio >= 20 and agreement["max_abs_diff"] <= 1e-4 and agreement["nan_layout_equal"]
-                say(f"  goal (ratio >= 20x at the fastest setting, max |difference| <= 1e-4, same NaNs): "
-                    f"{'MET' if ok else 'NOT MET'} ({ratio:.1f}x, {agreement['max_abs_diff']:.3g})")
+                say(
+                    f"  goal (ratio >= 20x at the fastest setting, max |difference| <= 1e-4, same NaNs): "
+                    f"{'MET' if ok else 'NOT MET'} ({ratio:.1f}x, {agreement['max_abs_diff']:.3g})"
+                )
     say(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.markdown:
         with open(args.markdown, "a") as handle:

@@ -1,4 +1,5 @@
 """Shared fixtures: the repository root, ../shared (real CASCADE material) and quiet TensorFlow."""
+
 import os
 import sys
 from pathlib import Path
@@ -26,4 +27,5 @@ def shared_cascade() -> Path:
 @pytest.fixture(scope="session")
 def official_model(shared_cascade):
     import unified_spike_processing_coo as usp
+
     return usp.load_cascade_model(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms")

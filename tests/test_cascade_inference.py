@@ -1,4 +1,5 @@
 """CASCADE inference: the fast engine against CASCADE's own outputs and against Keras itself."""
+
 import json
 
 import h5py
@@ -23,6 +24,7 @@ def reference(shared_cascade):
 
 # --- model loading -----------------------------------------------------------------------------
 
+
 def test_official_model_config_and_weights(official_model):
     m = official_model
     assert m.sampling_rate_hz == 7.5 and m.smoothing_s == 0.2
@@ -38,6 +40,7 @@ def test_official_model_config_and_weights(official_model):
 
 def test_missing_model_file_names_the_file(tmp_path, shared_cascade):
     import shutil
+
     folder = tmp_path / "model"
     shutil.copytree(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms", folder)
     for path in folder.glob("Model_NoiseLevel_4_*.h5"):
@@ -48,6 +51,7 @@ def test_missing_model_file_names_the_file(tmp_path, shared_cascade):
 
 def test_corrupt_model_file_names_the_file(tmp_path, shared_cascade):
     import shutil
+
     folder = tmp_path / "model"
     shutil.copytree(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms", folder)
     victim = folder / "Model_NoiseLevel_5_Ensemble_1.h5"
@@ -64,9 +68,11 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 # --- spike rates against CASCADE's own outputs ------------------------------------------------------
 
-@pytest.mark.parametrize("threshold, key", [(0, "spike_rates_threshold0"),
-                                            (1, "spike_rates_threshold1"),
-                                            (False, "spike_rates_nothreshold")])
+
+@pytest.mark.parametrize(
+    "threshold, key",
+    [(0, "spike_rates_threshold0"), (1, "spike_rates_threshold1"), (False, "spike_rates_nothreshold")],
+)
 def test_rates_match_cascade_reference(reference, official_model, threshold, key):
     rates = usp.predict_spike_rates(reference["dff"], official_model, threshold=threshold)
     expected = reference[key]
@@ -103,6 +109,7 @@ def test_discrete_spikes_match_cascade(reference, official_model):
 
 # --- semantics on small inputs ----------------------------------------------------------------------
 
+
 def test_noise_level_definition_and_assignment():
     rng = np.random.default_rng(0)
     dff = rng.normal(0, 0.05, (3, 2000))
@@ -125,8 +132,7 @@ def test_nan_windows_edges_and_chunking(official_model):
     np.testing.assert_array_equal(nan_frames, np.arange(150 - 32, 150 + 32))
     assert not np.isnan(np.delete(rates, 3, axis=0)).any()
     # chunking over neurons never changes a number
-    small = usp.predict_spike_rates(dff, official_model, threshold=False, padding=-1.0,
-                                    max_chunk_frames=300)
+    small = usp.predict_spike_rates(dff, official_model, threshold=False, padding=-1.0, max_chunk_frames=300)
     np.testing.assert_array_equal(np.nan_to_num(small), np.nan_to_num(rates))
     # too-short traces give only padding
     assert np.isnan(usp.predict_spike_rates(dff[:, :50], official_model)).all()
@@ -134,9 +140,11 @@ def test_nan_windows_edges_and_chunking(official_model):
 
 # --- the fast engine equals Keras's own windowed predict on a model Keras saved -------------------
 
+
 def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed=0):
     """A model folder in CASCADE's layout written by Keras itself (random weights, optimizer)."""
     import yaml
+
     keras = pytest.importorskip("tensorflow").keras
     keras.utils.set_random_seed(seed)
     folder.mkdir(parents=True)
@@ -157,15 +165,26 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
             for layer in model.layers:
                 if layer.weights:
                     kernel, bias = layer.get_weights()
-                    layer.set_weights([kernel, np.random.default_rng(seed + member).normal(0, 0.05, bias.shape)])
+                    layer.set_weights(
+                        [kernel, np.random.default_rng(seed + member).normal(0, 0.05, bias.shape)]
+                    )
             model.compile(loss="mean_squared_error", optimizer="adagrad")
             path = folder / f"Model_NoiseLevel_{level}_Ensemble_{member}.h5"
             model.save(path)
             models[(level, member)] = model
-    config = dict(model_name="keras_test_model", sampling_rate=2.0, noise_levels=list(noise_levels),
-                  smoothing=0.5, causal_kernel=0, windowsize=64, before_frac=0.5,
-                  filter_sizes=[31, 19, 5], filter_numbers=[30, 40, 50], dense_expansion=30,
-                  ensemble_size=ensemble_size)
+    config = dict(
+        model_name="keras_test_model",
+        sampling_rate=2.0,
+        noise_levels=list(noise_levels),
+        smoothing=0.5,
+        causal_kernel=0,
+        windowsize=64,
+        before_frac=0.5,
+        filter_sizes=[31, 19, 5],
+        filter_numbers=[30, 40, 50],
+        dense_expansion=30,
+        ensemble_size=ensemble_size,
+    )
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return models
 
@@ -186,8 +205,10 @@ def test_engine_equals_keras_windowed_predict(tmp_path):
     for neuron in range(len(dff)):
         level = int(report["model_noise_level"][neuron])
         members = [keras_models[(level, e)] for e in range(2)]
-        expected = np.mean([m.predict(windows[neuron][..., None].astype(np.float32), verbose=0)[:, 0]
-                            for m in members], axis=0)
+        expected = np.mean(
+            [m.predict(windows[neuron][..., None].astype(np.float32), verbose=0)[:, 0] for m in members],
+            axis=0,
+        )
         valid = np.arange(32, num_frames - 32)
         got = rates[neuron, valid]
         np.testing.assert_allclose(got, expected[valid - offset], atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ It is pointed at a private cache folder (a link to the shared model plus a copy 
 ``available_models.yaml``) so it never downloads anything. Skips when the shared CASCADE
 material, neuralib, tf-keras or neuralib's other imports (ruamel.yaml, numba) are missing.
 """
+
 import importlib.util
 import os
 import shutil
@@ -71,9 +72,21 @@ def live_reference(shared_cascade, tmp_path_factory):
     dff = scipy.io.loadmat(traces)["dF_traces"][:NEURONS].astype(np.float64)
     np.save(tmp / "dff.npy", dff)
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    proc = subprocess.run([sys.executable, "-c", NEURALIB_SCRIPT, str(tmp / "dff.npy"), str(cache),
-                           MODEL_NAME, str(tmp / "rates_")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NEURALIB_SCRIPT,
+            str(tmp / "dff.npy"),
+            str(cache),
+            MODEL_NAME,
+            str(tmp / "rates_"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode == SKIP_EXIT:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, f"neuralib subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -21,6 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from conftest import shared_dir  # noqa: E402
+
 from unified_spike_processing_coo import (  # noqa: E402
     AUTO_MODEL_KEYWORD,
     FALLBACK_SOURCE_PREFIX,
@@ -39,8 +41,6 @@ from unified_spike_processing_coo import (  # noqa: E402
     parse_model_smoothing_ms,
     resolve_model,
 )
-
-from conftest import shared_dir  # noqa: E402
 
 SHARED_MODELS = shared_dir() / "cascade" / "Pretrained_models"
 MODEL = "Global_EXC_2Hz_smoothing500ms"
@@ -70,12 +70,21 @@ training_finished: Yes
 # Helpers and fixtures
 # --------------------------------------------------------------------------- #
 
-def make_model(folder: Path, name: str = MODEL, rate: float = 2.0, smoothing: float = 0.5,
-               noise_levels=(2, 3), ensembles: int = 2, marker: str | None = None) -> Path:
+
+def make_model(
+    folder: Path,
+    name: str = MODEL,
+    rate: float = 2.0,
+    smoothing: float = 0.5,
+    noise_levels=(2, 3),
+    ensembles: int = 2,
+    marker: str | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     levels = "\n".join(f"- {n}" for n in noise_levels)
     (folder / "config.yaml").write_text(
-        CONFIG_TEMPLATE.format(name=name, rate=rate, smoothing=smoothing, levels=levels))
+        CONFIG_TEMPLATE.format(name=name, rate=rate, smoothing=smoothing, levels=levels)
+    )
     for level in noise_levels:
         for ens in range(ensembles):
             with h5py.File(folder / f"Model_NoiseLevel_{level}_Ensemble_{ens}.h5", "w") as f:
@@ -169,8 +178,7 @@ def server():
 
 @pytest.fixture
 def builtin_dir(tmp_path):
-    return make_model(tmp_path / "models" / "builtin_2Hz_smoothing500ms",
-                      name="builtin_2Hz_smoothing500ms")
+    return make_model(tmp_path / "models" / "builtin_2Hz_smoothing500ms", name="builtin_2Hz_smoothing500ms")
 
 
 @pytest.fixture
@@ -198,13 +206,22 @@ def cache_listing(cache: Path) -> list:
 
 
 def resolve(name, cache, builtin_dir, index_url, known=None, **kw):
-    return resolve_model(name, None, cache, builtin_dir, index_url=index_url,
-                         known_models=known if known is not None else {}, timeout_s=TIMEOUT, **kw)
+    return resolve_model(
+        name,
+        None,
+        cache,
+        builtin_dir,
+        index_url=index_url,
+        known_models=known if known is not None else {},
+        timeout_s=TIMEOUT,
+        **kw,
+    )
 
 
 # --------------------------------------------------------------------------- #
 # Names, index, auto choice
 # --------------------------------------------------------------------------- #
+
 
 def test_parse_model_sampling_rate_and_smoothing():
     assert parse_model_sampling_rate_hz("Global_EXC_2.5Hz_smoothing400ms_high_noise") == 2.5
@@ -231,17 +248,23 @@ def test_embedded_table_matches_official_index():
     assert OFFICIAL_MODEL_INDEX_URL.startswith("https://drive.switch.ch/")
 
 
-@pytest.mark.parametrize("rate, expected", [
-    (1.84, "Global_EXC_2Hz_smoothing500ms"),
-    (2.0, "Global_EXC_2Hz_smoothing500ms"),
-    (2.25, "Global_EXC_2Hz_smoothing500ms"),  # tie 2 vs 2.5 Hz: plain variant wins
-    (2.56, "Global_EXC_2.5Hz_smoothing400ms_high_noise"),
-    (7.4, "Global_EXC_7.5Hz_smoothing200ms"),
-    (1.0, "Global_EXC_1Hz_smoothing1000ms"),
-    (10.0, "Global_EXC_10Hz_smoothing100ms"),
-])
+@pytest.mark.parametrize(
+    "rate, expected",
+    [
+        (1.84, "Global_EXC_2Hz_smoothing500ms"),
+        (2.0, "Global_EXC_2Hz_smoothing500ms"),
+        (2.25, "Global_EXC_2Hz_smoothing500ms"),  # tie 2 vs 2.5 Hz: plain variant wins
+        (2.56, "Global_EXC_2.5Hz_smoothing400ms_high_noise"),
+        (7.4, "Global_EXC_7.5Hz_smoothing200ms"),
+        (1.0, "Global_EXC_1Hz_smoothing1000ms"),
+        (10.0, "Global_EXC_10Hz_smoothing100ms"),
+    ],
+)
 def test_choose_auto_model_name(rate, expected):
-    names = list(OFFICIAL_GLOBAL_EXC_MODELS) + ["Zebrafish_1Hz_smoothing1000ms", "OGB_zf_pDp_7.5Hz_smoothing200ms"]
+    names = list(OFFICIAL_GLOBAL_EXC_MODELS) + [
+        "Zebrafish_1Hz_smoothing1000ms",
+        "OGB_zf_pDp_7.5Hz_smoothing200ms",
+    ]
     assert choose_auto_model_name(rate, names) == expected
     random.Random(0).shuffle(names)
     assert choose_auto_model_name(rate, names) == expected
@@ -259,6 +282,7 @@ def test_choose_auto_model_name_rejects_bad_input():
 # --------------------------------------------------------------------------- #
 # Folder completeness
 # --------------------------------------------------------------------------- #
+
 
 def test_is_complete_model_folder(tmp_path):
     good = make_model(tmp_path / "good")
@@ -302,7 +326,9 @@ def test_hdf5_latest_superblock_checked(tmp_path):
     assert not is_complete_model_folder(folder)
 
 
-@pytest.mark.skipif(not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model")
+@pytest.mark.skipif(
+    not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model"
+)
 def test_official_model_folder_is_complete():
     assert is_complete_model_folder(SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms")
 
@@ -311,12 +337,20 @@ def test_official_model_folder_is_complete():
 # resolve_model
 # --------------------------------------------------------------------------- #
 
+
 def test_model_dir(tmp_path, builtin_dir):
     folder = make_model(tmp_path / "my_model", rate=7.5, smoothing=0.2)
-    choice = resolve_model(MODEL, folder, tmp_path / "unused_cache", builtin_dir, strict=True,
-                           index_url=refused_url())
-    assert choice == ModelChoice(name="my_model", folder=folder.resolve(), source="model_dir",
-                                 sampling_rate_hz=7.5, smoothing_s=0.2, requested=str(folder))
+    choice = resolve_model(
+        MODEL, folder, tmp_path / "unused_cache", builtin_dir, strict=True, index_url=refused_url()
+    )
+    assert choice == ModelChoice(
+        name="my_model",
+        folder=folder.resolve(),
+        source="model_dir",
+        sampling_rate_hz=7.5,
+        smoothing_s=0.2,
+        requested=str(folder),
+    )
     assert not (tmp_path / "unused_cache").exists()
     attrs = choice.as_attrs()
     assert attrs["model_source"] == "model_dir" and attrs["model_sampling_rate_hz"] == 7.5
@@ -358,8 +392,14 @@ def test_builtin_missing_is_error(tmp_path, cache):
 
 def test_cache_hit_touches_no_network(cache, builtin_dir, served_model):
     make_model(cache / MODEL, marker="cached")
-    choice = resolve(MODEL, cache, builtin_dir, served_model.url("/index.yaml"),
-                     known={MODEL: served_model.url("/m.zip")}, strict=True)
+    choice = resolve(
+        MODEL,
+        cache,
+        builtin_dir,
+        served_model.url("/index.yaml"),
+        known={MODEL: served_model.url("/m.zip")},
+        strict=True,
+    )
     assert choice.source == "cache" and choice.folder == (cache / MODEL).resolve()
     assert (choice.folder / "marker.txt").read_text() == "cached"
     assert served_model.requests == []
@@ -394,8 +434,9 @@ def test_download_zip_with_subfolder(tmp_path, cache, builtin_dir, server):
 
 
 def test_index_unavailable_uses_embedded_link(cache, builtin_dir, served_model):
-    choice = resolve(MODEL, cache, builtin_dir, refused_url(), known={MODEL: served_model.url("/m.zip")},
-                     strict=True)
+    choice = resolve(
+        MODEL, cache, builtin_dir, refused_url(), known={MODEL: served_model.url("/m.zip")}, strict=True
+    )
     assert choice.source == "downloaded" and served_model.requests == ["/m.zip"]
 
 
@@ -414,8 +455,9 @@ def test_download_404_falls_back_to_builtin(cache, builtin_dir, server, caplog):
 
 def test_connection_refused_falls_back_to_builtin(cache, builtin_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        choice = resolve(MODEL, cache, builtin_dir, refused_url("/index.yaml"),
-                         known={MODEL: refused_url("/m.zip")})
+        choice = resolve(
+            MODEL, cache, builtin_dir, refused_url("/index.yaml"), known={MODEL: refused_url("/m.zip")}
+        )
     assert choice.source.startswith("builtin (fallback:") and choice.source.endswith(")")
     assert any(r.levelno == logging.WARNING and "falling back" in r.getMessage() for r in caplog.records)
     assert cache_listing(cache) == []
@@ -447,15 +489,29 @@ def test_invalid_model_name_is_error(cache, builtin_dir):
 
 
 def test_auto_picks_model_by_frame_rate(cache, builtin_dir, server):
-    names = ["Global_EXC_2Hz_smoothing500ms", "Global_EXC_2.5Hz_smoothing400ms_high_noise",
-             "Global_EXC_7.5Hz_smoothing200ms"]
+    names = [
+        "Global_EXC_2Hz_smoothing500ms",
+        "Global_EXC_2.5Hz_smoothing400ms_high_noise",
+        "Global_EXC_7.5Hz_smoothing200ms",
+    ]
     for name in names:
-        make_model(cache / name, name=name, rate=parse_model_sampling_rate_hz(name),
-                   smoothing=parse_model_smoothing_ms(name) / 1000)
+        make_model(
+            cache / name,
+            name=name,
+            rate=parse_model_sampling_rate_hz(name),
+            smoothing=parse_model_smoothing_ms(name) / 1000,
+        )
     known = {name: server.url(f"/{name}.zip") for name in OFFICIAL_GLOBAL_EXC_MODELS}
     for rate, expected in [(1.84, names[0]), (2.56, names[1]), (7.4, names[2])]:
-        choice = resolve(AUTO_MODEL_KEYWORD, cache, builtin_dir, server.url("/index.yaml"),
-                         known=known, strict=True, frame_rate_hz=rate)
+        choice = resolve(
+            AUTO_MODEL_KEYWORD,
+            cache,
+            builtin_dir,
+            server.url("/index.yaml"),
+            known=known,
+            strict=True,
+            frame_rate_hz=rate,
+        )
         assert (choice.name, choice.source, choice.requested) == (expected, "cache", "auto")
         assert choice.sampling_rate_hz == parse_model_sampling_rate_hz(expected)
     assert server.requests == []
@@ -468,8 +524,15 @@ def test_auto_downloads_when_not_cached(tmp_path, cache, builtin_dir, server):
     src = make_model(tmp_path / "src" / name, name=name, rate=7.5, smoothing=0.2)
     server.routes["/m75.zip"] = zip_model(src, tmp_path / "m75.zip")
     server.routes["/index.yaml"] = index_yaml({name: server.url("/m75.zip")})
-    choice = resolve("auto", cache, builtin_dir, server.url("/index.yaml"), known=OFFICIAL_GLOBAL_EXC_MODELS,
-                     frame_rate_hz=7.4, strict=True)
+    choice = resolve(
+        "auto",
+        cache,
+        builtin_dir,
+        server.url("/index.yaml"),
+        known=OFFICIAL_GLOBAL_EXC_MODELS,
+        frame_rate_hz=7.4,
+        strict=True,
+    )
     assert choice.name == name and choice.source == "downloaded"
 
 
@@ -530,7 +593,9 @@ def test_zip_without_model_is_rejected(tmp_path, cache, server):
     (folder / "config.yaml").unlink()
     server.routes["/m.zip"] = zip_model(folder, tmp_path / "m.zip")
     with pytest.raises(ModelDownloadError, match="no complete CASCADE model"):
-        download_model(MODEL, cache, index_url=None, known_models={MODEL: server.url("/m.zip")}, timeout_s=TIMEOUT)
+        download_model(
+            MODEL, cache, index_url=None, known_models={MODEL: server.url("/m.zip")}, timeout_s=TIMEOUT
+        )
     assert cache_listing(cache) == []
 
 
@@ -540,8 +605,9 @@ def test_zip_with_unsafe_path_is_rejected(tmp_path, cache, server):
         archive.writestr("../evil.txt", "x")
     server.routes["/evil.zip"] = zip_path.read_bytes()
     with pytest.raises(ModelDownloadError, match="unsafe path"):
-        download_model(MODEL, cache, index_url=None, known_models={MODEL: server.url("/evil.zip")},
-                       timeout_s=TIMEOUT)
+        download_model(
+            MODEL, cache, index_url=None, known_models={MODEL: server.url("/evil.zip")}, timeout_s=TIMEOUT
+        )
     assert not (tmp_path / "evil.txt").exists() and cache_listing(cache) == []
 
 
@@ -554,8 +620,9 @@ def test_concurrent_winner_is_kept(tmp_path, cache, served_model):
         return zip_bytes
 
     served_model.routes["/m.zip"] = winner_installs_then_serves
-    folder = download_model(MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT,
-                            known_models={})
+    folder = download_model(
+        MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={}
+    )
     assert folder == cache / MODEL and (folder / "marker.txt").read_text() == "winner"
     assert cache_listing(cache) == [MODEL]
 
@@ -566,7 +633,9 @@ def test_stale_temporaries_are_cleaned(cache, served_model):
     os.utime(old, (1, 1))
     fresh = cache / f".{MODEL}.cafe.extract.tmp"
     fresh.mkdir()  # may belong to a running process: kept
-    download_model(MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={})
+    download_model(
+        MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={}
+    )
     assert cache_listing(cache) == sorted([MODEL, fresh.name])
 
 

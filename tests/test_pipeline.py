@@ -1,4 +1,5 @@
 """The pipeline end to end on sample_data, and its stages on small arrays."""
+
 import shutil
 import subprocess
 import sys
@@ -6,10 +7,10 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO_DIR
 from scipy.ndimage import gaussian_filter1d
 
 import unified_spike_processing_coo as usp
-from conftest import REPO_DIR
 
 SAMPLE = REPO_DIR / "sample_data"
 SCRIPT = REPO_DIR / "unified_spike_processing_coo.py"
@@ -17,14 +18,20 @@ SCRIPT = REPO_DIR / "unified_spike_processing_coo.py"
 
 def model_args() -> list:
     """The builtin model (shipped, offline); it must be complete for the product to work."""
-    assert usp.is_complete_model_folder(usp.BUILTIN_MODEL_DIR), \
+    assert usp.is_complete_model_folder(usp.BUILTIN_MODEL_DIR), (
         f"builtin model missing or incomplete at {usp.BUILTIN_MODEL_DIR}"
+    )
     return ["--cascade_model", "builtin", "--offline"]
 
 
 def run_cli(*args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                            text=True, timeout=600, cwd=REPO_DIR)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_DIR,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
     return result
@@ -43,6 +50,7 @@ def coo(out, subject):
 
 # --- end to end ---------------------------------------------------------------------------------
 
+
 def test_outputs_schema_and_dtypes(sample_run):
     out, result = sample_run
     assert (out / usp.COMBINED_FILENAME).is_file() and (out / "processing.log").is_file()
@@ -56,9 +64,22 @@ def test_outputs_schema_and_dtypes(sample_run):
             assert h5["timepoint_indices"].dtype == np.int32 and h5["is_train"].dtype == np.uint8
             assert h5["spike_coords"].compression == "gzip"
             attrs = dict(h5.attrs)
-        for key in ("total_spikes", "sparsity_percent", "format", "subject", "cascade_model",
-                    "frame_rate_hz", "num_timepoints", "num_z_planes", "grid_height", "grid_width",
-                    "model_source", "software_version", "param_seed", "param_spike_mode"):
+        for key in (
+            "total_spikes",
+            "sparsity_percent",
+            "format",
+            "subject",
+            "cascade_model",
+            "frame_rate_hz",
+            "num_timepoints",
+            "num_z_planes",
+            "grid_height",
+            "grid_width",
+            "model_source",
+            "software_version",
+            "param_seed",
+            "param_spike_mode",
+        ):
             assert key in attrs, key
         assert attrs["format"] == "COO_sparse" and attrs["subject"] == subject
         assert attrs["model_source"] == "builtin"
@@ -79,8 +100,9 @@ def test_coords_sorted_unique_in_range_and_counts(sample_run):
         total = int(np.prod(shape, dtype=np.int64))
         assert grid["attrs"]["sparsity_percent"] == pytest.approx(100 * len(coords) / total)
         assert shape[0] == grid["attrs"]["num_timepoints"] == len(grid["timepoint_indices"])
-        assert grid["attrs"]["spike_pixels"] + grid["attrs"]["marker_pixels"] \
-            - grid["attrs"]["marker_spike_overlap"] == len(coords)
+        assert grid["attrs"]["spike_pixels"] + grid["attrs"]["marker_pixels"] - grid["attrs"][
+            "marker_spike_overlap"
+        ] == len(coords)
 
 
 def test_dense_round_trip(sample_run):
@@ -120,7 +142,7 @@ def test_split_matches_original_rule(sample_run):
     assert T == 416 and is_train[:330].sum() == 0 and is_train[330:].all()
     big, blocks = usp.train_test_split(4000, 330, 0.95, 42)
     order = np.random.RandomState(42).permutation(12)
-    assert list(blocks) == sorted(order[:max(1, int(12 * 0.05))]) and big.sum() == 4000 - 330
+    assert list(blocks) == sorted(order[: max(1, int(12 * 0.05))]) and big.sum() == 4000 - 330
 
 
 def test_absix_mapping_gives_true_positions(sample_run):
@@ -136,14 +158,37 @@ def test_absix_mapping_gives_true_positions(sample_run):
 def test_metadata_and_combined(sample_run):
     out, _ = sample_run
     with h5py.File(out / "subject_1" / usp.METADATA_FILENAME, "r") as meta:
-        for key in ("num_timepoints", "num_z_planes", "total_spikes", "sparsity_percent", "trace_type",
-                    "collisions", "marker_pixels", "model_source", "inference_s"):
+        for key in (
+            "num_timepoints",
+            "num_z_planes",
+            "total_spikes",
+            "sparsity_percent",
+            "trace_type",
+            "collisions",
+            "marker_pixels",
+            "model_source",
+            "inference_s",
+        ):
             assert key in meta.attrs, key
         assert meta.attrs["trace_type"] == "fluorescence"
-        for key in ("z_values", "train_timepoints", "test_timepoints", "is_train", "per_plane_sparsity_percent"):
+        for key in (
+            "z_values",
+            "train_timepoints",
+            "test_timepoints",
+            "is_train",
+            "per_plane_sparsity_percent",
+        ):
             assert key in meta, key
         n = meta.attrs["num_cells"]
-        for key in ("cell_id", "position", "voxel_zxy", "noise_level", "model_noise_level", "spike_count", "valid"):
+        for key in (
+            "cell_id",
+            "position",
+            "voxel_zxy",
+            "noise_level",
+            "model_noise_level",
+            "spike_count",
+            "valid",
+        ):
             assert len(meta["cells"][key]) == n, key
     with h5py.File(out / usp.COMBINED_FILENAME, "r") as combined:
         assert set(combined) == {"subject_1", "subject_2", "subject_3"}
@@ -151,14 +196,27 @@ def test_metadata_and_combined(sample_run):
         assert combined.attrs["total_subjects"] == 3 and combined.attrs["total_spikes"] == sum(spikes)
         assert combined.attrs["format"] == "COO_sparse"
         assert combined.attrs["overall_sparsity_percent"] == pytest.approx(
-            100 * combined.attrs["total_spikes"] / combined.attrs["total_pixels"])
+            100 * combined.attrs["total_spikes"] / combined.attrs["total_pixels"]
+        )
 
 
 def test_identical_outputs_whatever_workers_and_batch_size(sample_run, tmp_path):
     out, _ = sample_run
     other = tmp_path / "other"
-    run_cli("--input_dir", SAMPLE, "--output_dir", other, "--subjects", "subject_1,subject_3",
-            "--workers", 2, "--batch_size", 500, "--no_plots", *model_args())
+    run_cli(
+        "--input_dir",
+        SAMPLE,
+        "--output_dir",
+        other,
+        "--subjects",
+        "subject_1,subject_3",
+        "--workers",
+        2,
+        "--batch_size",
+        500,
+        "--no_plots",
+        *model_args(),
+    )
     for subject in ("subject_1", "subject_3"):
         a, b = coo(out, subject), coo(other, subject)
         for key in ("spike_coords", "grid_shape", "timepoint_indices", "is_train"):
@@ -177,10 +235,12 @@ def test_inferred_spikes_recover_true_spikes():
     inferred = gaussian_filter1d(np.nan_to_num(rates), sigma, axis=1)[:, valid]
     target = gaussian_filter1d(true_spikes, sigma, axis=1)[:, valid]
     active = target.std(axis=1) > 0
+
     def correlations(a, b):
         a = a - a.mean(axis=1, keepdims=True)
         b = b - b.mean(axis=1, keepdims=True)
         return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+
     matched = np.median(correlations(inferred[active], target[active]))
     shuffled = np.median(correlations(inferred[active], np.roll(target[active], 1, axis=0)))
     assert matched > 0.5 and matched > shuffled + 0.3, (matched, shuffled)
@@ -191,6 +251,7 @@ def test_inferred_spikes_recover_true_spikes():
 
 
 # --- bad input: one error line per subject, the others still run, nothing lost -------------
+
 
 def test_bad_subjects_fail_alone_and_keep_earlier_outputs(tmp_path):
     data = tmp_path / "data"
@@ -243,21 +304,41 @@ def test_bad_subjects_fail_alone_and_keep_earlier_outputs(tmp_path):
 
 def test_help_and_bad_arguments():
     result = run_cli("--help")
-    for flag in ("--input_dir", "--workers", "--batch_size", "--cascade_model", "--strict_model",
-                 "--spike_mode", "--grid_shape", "--trace_type", "--keep_edge_frames"):
+    for flag in (
+        "--input_dir",
+        "--workers",
+        "--batch_size",
+        "--cascade_model",
+        "--strict_model",
+        "--spike_mode",
+        "--grid_shape",
+        "--trace_type",
+        "--keep_edge_frames",
+    ):
         assert flag in result.stdout
     assert run_cli("--input_dir", "nowhere", "--output_dir", "/tmp/x_unused", check=False).returncode == 2
 
 
 def test_strict_model_without_network_is_a_clear_error(tmp_path):
-    result = run_cli("--input_dir", SAMPLE, "--output_dir", tmp_path, "--cascade_model",
-                     "Global_EXC_2Hz_smoothing500ms", "--model_cache", tmp_path / "cache",
-                     "--offline", "--strict_model", check=False)
+    result = run_cli(
+        "--input_dir",
+        SAMPLE,
+        "--output_dir",
+        tmp_path,
+        "--cascade_model",
+        "Global_EXC_2Hz_smoothing500ms",
+        "--model_cache",
+        tmp_path / "cache",
+        "--offline",
+        "--strict_model",
+        check=False,
+    )
     assert result.returncode == 2
     assert "Global_EXC_2Hz_smoothing500ms" in result.stderr and "--model_dir" in result.stderr
 
 
 # --- stages on small arrays -------------------------------------------------------------------
+
 
 def test_compute_dff_matches_naive_percentile():
     rng = np.random.default_rng(0)
@@ -266,9 +347,10 @@ def test_compute_dff_matches_naive_percentile():
     half = 10
     for i in range(4):
         for t in (0, 50, 119):
-            window = F[i, max(0, t - half):t + half + 1]
-            padded = np.concatenate([np.full(max(0, half - t), F[i, 0]), window,
-                                     np.full(max(0, t + half - 119), F[i, -1])])
+            window = F[i, max(0, t - half) : t + half + 1]
+            padded = np.concatenate(
+                [np.full(max(0, half - t), F[i, 0]), window, np.full(max(0, t + half - 119), F[i, -1])]
+            )
             f0 = np.percentile(padded, 8, method="lower")
             assert dff[i, t] == pytest.approx((F[i, t] - f0) / f0, rel=1e-3, abs=1e-3)
 
@@ -287,14 +369,16 @@ def test_sampled_spikes_do_not_depend_on_batching():
     rates[3, :10] = np.nan
     ids = np.arange(1000, 1040)
     whole = usp.binarize_spikes(rates, ids, "sample", seed=5)
-    parts = np.concatenate([usp.binarize_spikes(rates[i:i + 7], ids[i:i + 7], "sample", seed=5)
-                            for i in range(0, 40, 7)])
+    parts = np.concatenate(
+        [usp.binarize_spikes(rates[i : i + 7], ids[i : i + 7], "sample", seed=5) for i in range(0, 40, 7)]
+    )
     np.testing.assert_array_equal(whole, parts)
     assert not whole[3, :10].any()
     assert abs(whole.mean() - np.nanmean(rates)) < 0.02
     assert not np.array_equal(whole, usp.binarize_spikes(rates, ids, "sample", seed=6))
-    np.testing.assert_array_equal(usp.binarize_spikes(rates, ids, "threshold", spike_threshold=0.2),
-                                  np.nan_to_num(rates) >= 0.2)
+    np.testing.assert_array_equal(
+        usp.binarize_spikes(rates, ids, "threshold", spike_threshold=0.2), np.nan_to_num(rates) >= 0.2
+    )
 
 
 def test_build_coo_unique_collisions_and_dropped_frames():
@@ -323,6 +407,7 @@ def test_generic_layout_and_v73_mat(tmp_path):
     shutil.copytree(SAMPLE / "subject_1", chen)
     original = usp.load_subject(chen)
     import scipy.io
+
     fields = scipy.io.loadmat(chen / "data_full.mat", squeeze_me=True, struct_as_record=False)["data"]
     (chen / "data_full.mat").unlink()
     with h5py.File(chen / "data_full.mat", "w", userblock_size=512) as h5:
@@ -363,16 +448,34 @@ def test_subject_discovery_natural_order(tmp_path):
 
 def test_sliding_percentile_equals_scipy():
     from scipy.ndimage import percentile_filter
+
     traces = np.random.default_rng(4).normal(0, 1, (13, 97)).astype(np.float32)
     for window in (3, 15, 61):
         expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
-        np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)
+        np.testing.assert_array_equal(
+            usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected
+        )
 
 
 def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
-    run_cli("--input_dir", SAMPLE, "--output_dir", tmp_path, "--subjects", "subject_2", "--no_plots",
-            "--spike_mode", "discrete", "--keep_edge_frames", "--coordinates", "registered",
-            "--no_z_markers", "--cascade_threshold", "0", *model_args())
+    run_cli(
+        "--input_dir",
+        SAMPLE,
+        "--output_dir",
+        tmp_path,
+        "--subjects",
+        "subject_2",
+        "--no_plots",
+        "--spike_mode",
+        "discrete",
+        "--keep_edge_frames",
+        "--coordinates",
+        "registered",
+        "--no_z_markers",
+        "--cascade_threshold",
+        "0",
+        *model_args(),
+    )
     grid = coo(tmp_path, "subject_2")
     np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(360))
     assert grid["attrs"]["marker_pixels"] == 0 and grid["attrs"]["param_spike_mode"] == "discrete"
@@ -388,5 +491,7 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
     # discrete mode: a cell's binary spikes are the frames with inferred spikes
     subject = usp.load_subject(SAMPLE / "subject_2")
     model = usp.load_cascade_model("builtin")
-    rates = usp.predict_spike_rates(usp.compute_dff(subject.traces, subject.frame_rate_hz), model, threshold=0)
+    rates = usp.predict_spike_rates(
+        usp.compute_dff(subject.traces, subject.frame_rate_hz), model, threshold=0
+    )
     np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))

@@ -205,4 +205,3 @@ def test_make_subject_is_deterministic():
     np.testing.assert_array_equal(a["CellResp"], b["CellResp"])
     np.testing.assert_array_equal(a["spike_counts"], b["spike_counts"])
     assert not np.array_equal(a["CellResp"], c["CellResp"])
-

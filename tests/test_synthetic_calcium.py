@@ -1,4 +1,5 @@
 """tools/synthetic_calcium.py: reproducibility, units and the noise-level definition."""
+
 import sys
 from pathlib import Path
 
@@ -32,8 +33,15 @@ def test_mean_rates_in_range_and_realised():
 def test_added_noise_has_requested_cascade_level(frame_rate_hz):
     rng = np.random.default_rng(1)
     zeros = np.zeros((40, 3000), int)
-    dff = sc.simulate_dff(zeros, frame_rate_hz, 4.0, rng, drift=False,
-                          shot_noise_fraction_range=(0.0, 0.0), baseline_offset_range=(0.0, 0.0))
+    dff = sc.simulate_dff(
+        zeros,
+        frame_rate_hz,
+        4.0,
+        rng,
+        drift=False,
+        shot_noise_fraction_range=(0.0, 0.0),
+        baseline_offset_range=(0.0, 0.0),
+    )
     assert np.median(sc.cascade_noise_level(dff, frame_rate_hz)) == pytest.approx(4.0, rel=0.03)
 
 
@@ -77,6 +85,7 @@ def test_single_spike_kernel_shape():
 
 def test_short_traces_and_single_trace():
     import numpy as np
+
     rng = np.random.default_rng(0)
     counts = sc.simulate_spike_trains(20, 40, 7.5, rng)
     assert counts.shape == (20, 40) and np.isfinite(counts).all()

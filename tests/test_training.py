@@ -4,6 +4,7 @@ Trains one model (1 noise level, 1 ensemble member, 1 epoch, a few cells) into a
 temporary folder and checks the CASCADE folder layout, config.yaml keys, the
 HDF5 file structure and that the pipeline's loader and predictor accept it.
 """
+
 import json
 import os
 import sys
@@ -17,14 +18,35 @@ import yaml
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 
-CASCADE_KEYS = ["model_name", "sampling_rate", "training_datasets", "noise_levels", "smoothing",
-                "causal_kernel", "windowsize", "before_frac", "filter_sizes", "filter_numbers",
-                "dense_expansion", "loss_function", "optimizer", "nr_of_epochs", "ensemble_size",
-                "batch_size", "training_finished", "verbose"]
+CASCADE_KEYS = [
+    "model_name",
+    "sampling_rate",
+    "training_datasets",
+    "noise_levels",
+    "smoothing",
+    "causal_kernel",
+    "windowsize",
+    "before_frac",
+    "filter_sizes",
+    "filter_numbers",
+    "dense_expansion",
+    "loss_function",
+    "optimizer",
+    "nr_of_epochs",
+    "ensemble_size",
+    "batch_size",
+    "training_finished",
+    "verbose",
+]
 
 # (kernel shape, bias shape) of CASCADE's five weighted layers, in order.
-EXPECTED_SHAPES = [((31, 1, 30), (30,)), ((19, 30, 40), (40,)), ((5, 40, 50), (50,)),
-                   ((50, 30), (30,)), ((60, 1), (1,))]
+EXPECTED_SHAPES = [
+    ((31, 1, 30), (30,)),
+    ((19, 30, 40), (40,)),
+    ((5, 40, 50), (50,)),
+    ((50, 30), (30,)),
+    ((60, 1), (1,)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +54,28 @@ def trained_folder(tmp_path_factory):
     from tools import train_cascade_model
 
     out = tmp_path_factory.mktemp("model") / "tiny_2Hz_smoothing500ms"
-    argv = ["--out", str(out), "--sampling_rate", "2", "--smoothing", "0.5", "--noise_levels", "3",
-            "--ensemble_size", "1", "--epochs", "1", "--n_cells", "12", "--n_val_cells", "4",
-            "--duration_s", "300", "--seed", "1"]
+    argv = [
+        "--out",
+        str(out),
+        "--sampling_rate",
+        "2",
+        "--smoothing",
+        "0.5",
+        "--noise_levels",
+        "3",
+        "--ensemble_size",
+        "1",
+        "--epochs",
+        "1",
+        "--n_cells",
+        "12",
+        "--n_val_cells",
+        "4",
+        "--duration_s",
+        "300",
+        "--seed",
+        "1",
+    ]
     assert train_cascade_model.main(argv) == 0
     return out
 
@@ -62,8 +103,17 @@ def test_h5_structure(trained_folder):
     with h5py.File(trained_folder / "Model_NoiseLevel_3_Ensemble_0.h5", "r") as h5:
         model_config = json.loads(h5.attrs["model_config"])
         classes = [layer["class_name"] for layer in model_config["config"]["layers"]]
-        assert classes == ["InputLayer", "Conv1D", "Conv1D", "MaxPooling1D", "Conv1D",
-                           "MaxPooling1D", "Dense", "Flatten", "Dense"]
+        assert classes == [
+            "InputLayer",
+            "Conv1D",
+            "Conv1D",
+            "MaxPooling1D",
+            "Conv1D",
+            "MaxPooling1D",
+            "Dense",
+            "Flatten",
+            "Dense",
+        ]
         group = h5["model_weights"]
         shapes = []
         for layer_name in group.attrs["layer_names"]:
@@ -71,8 +121,12 @@ def test_h5_structure(trained_folder):
             names = group[layer_name].attrs["weight_names"]
             if len(names) == 0:
                 continue
-            ws = {(n.decode() if isinstance(n, bytes) else n).split("/")[-1].split(":")[0]:
-                  group[layer_name][n].shape for n in names}
+            ws = {
+                (n.decode() if isinstance(n, bytes) else n).split("/")[-1].split(":")[0]: group[layer_name][
+                    n
+                ].shape
+                for n in names
+            }
             shapes.append((ws["kernel"], ws["bias"]))
         assert shapes == EXPECTED_SHAPES
 
@@ -85,6 +139,7 @@ def test_pipeline_loads_and_predicts(trained_folder):
     assert model.sampling_rate_hz == 2.0 and tuple(model.noise_levels) == (3,)
 
     from tools import synthetic_calcium as sc
+
     rng = np.random.default_rng(0)
     spikes = sc.simulate_spike_trains(3, 200, 2.0, rng)
     dff = sc.simulate_dff(spikes, 2.0, 3.0, rng)
@@ -105,5 +160,6 @@ def test_pipeline_matches_keras(trained_folder):
     dff = rng.normal(0, 0.05, size=(1, 150)).astype(np.float32)
     keras_out = net.predict(sliding_windows(dff[0]), verbose=0)[:, 0]
     raw, _, _ = usp.predict_raw_rates(dff, usp.load_cascade_model(trained_folder))
-    np.testing.assert_allclose(raw[0, FRAMES_BEFORE:FRAMES_BEFORE + keras_out.size], keras_out,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        raw[0, FRAMES_BEFORE : FRAMES_BEFORE + keras_out.size], keras_out, rtol=1e-4, atol=1e-5
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.io as sio
 
-from tools.synthetic_calcium import noise_sigma_for_level, cascade_noise_level
+from tools.synthetic_calcium import cascade_noise_level, noise_sigma_for_level
 
 __all__ = ["Recording", "load_ground_truth", "resample_recording", "add_noise_to_level"]
 
@@ -123,8 +123,9 @@ def resample_recording(rec: Recording, frame_rate_hz: float, outlier_mad: float 
     return dff, counts
 
 
-def add_noise_to_level(dff: np.ndarray, frame_rate_hz: float, target_noise_level: float,
-                       rng: np.random.Generator):
+def add_noise_to_level(
+    dff: np.ndarray, frame_rate_hz: float, target_noise_level: float, rng: np.random.Generator
+):
     """Add white Gaussian noise so the trace reaches ``target_noise_level``.
 
     The trace's own noise is measured with CASCADE's definition and treated as
@@ -136,5 +137,5 @@ def add_noise_to_level(dff: np.ndarray, frame_rate_hz: float, target_noise_level
         return None
     sigma_own = noise_sigma_for_level(own_level, frame_rate_hz)
     sigma_target = noise_sigma_for_level(target_noise_level, frame_rate_hz)
-    sigma_add = np.sqrt(max(sigma_target ** 2 - sigma_own ** 2, 0.0))
+    sigma_add = np.sqrt(max(sigma_target**2 - sigma_own**2, 0.0))
     return dff + sigma_add * rng.standard_normal(dff.shape)

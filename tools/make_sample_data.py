@@ -231,16 +231,31 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
     counts = np.zeros((N, T), dtype=np.int64)
     rows = np.flatnonzero(cls == SPARSE)
     counts[rows] = sc.simulate_spike_trains(
-        rows.size, T, fps, rng, mean_rate_range_hz=(0.02, 0.5), bursty_fraction=0.0,
-        rate_modulation_range=(0.0, 1.0))
+        rows.size,
+        T,
+        fps,
+        rng,
+        mean_rate_range_hz=(0.02, 0.5),
+        bursty_fraction=0.0,
+        rate_modulation_range=(0.0, 1.0),
+    )
     rows = np.flatnonzero(cls == BURSTY)
     counts[rows] = sc.simulate_spike_trains(
-        rows.size, T, fps, rng, mean_rate_range_hz=(0.08, 0.4), bursty_fraction=1.0,
-        burst_spike_fraction_range=(0.7, 0.95), mean_burst_size_range=(2.5, 6.0),
-        burst_duration_range_s=(0.2, 1.0), rate_modulation_range=(0.3, 1.0))
+        rows.size,
+        T,
+        fps,
+        rng,
+        mean_rate_range_hz=(0.08, 0.4),
+        bursty_fraction=1.0,
+        burst_spike_fraction_range=(0.7, 0.95),
+        mean_burst_size_range=(2.5, 6.0),
+        burst_duration_range_s=(0.2, 1.0),
+        rate_modulation_range=(0.3, 1.0),
+    )
     rows = np.flatnonzero(cls == POPULATION)
     counts[rows] = sc.simulate_spike_trains(
-        rows.size, T, fps, rng, mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0)
+        rows.size, T, fps, rng, mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0
+    )
 
     # Whole-brain population events (swim-bout-like) at shared times >= 12 s apart (mean 30 s):
     # each active cell joins an event with a per-cell probability (coupled cells often, others
@@ -276,7 +291,8 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
     # GCaMP6f/6s-like kernels. Light-sheet timing: plane z (0-based) of volume k is exposed for
     # ~0.8/Z of the volume period starting at (k + z/Z) / fpsec.
     params = sc.draw_kernel_params(
-        N, rng, amplitude_range=(0.05, 0.5), rise_range_s=(0.1, 0.2), decay_range_s=(0.5, 2.0))
+        N, rng, amplitude_range=(0.05, 0.5), rise_range_s=(0.1, 0.2), decay_range_s=(0.5, 2.0)
+    )
     params.exposure_fraction = np.full(N, 0.8 / Z)
     params.exposure_offset = plane / Z
     dff_true = sc.simulate_dff(counts, fps, 0.0, rng, params=params, drift=False)

@@ -61,6 +61,7 @@ MEDIAN_ABS_DIFF_PER_SIGMA = 0.6745 * np.sqrt(2.0)
 # Noise level and targets
 # --------------------------------------------------------------------------
 
+
 def cascade_noise_level(dff: np.ndarray, frame_rate_hz: float) -> np.ndarray:
     """CASCADE noise level of each trace (last axis is time).
 
@@ -76,8 +77,7 @@ def noise_sigma_for_level(noise_level, frame_rate_hz: float):
     return np.asarray(noise_level, dtype=float) / 100.0 * np.sqrt(frame_rate_hz) / MEDIAN_ABS_DIFF_PER_SIGMA
 
 
-def smoothed_spike_targets(spike_counts: np.ndarray, frame_rate_hz: float,
-                           smoothing_s: float) -> np.ndarray:
+def smoothed_spike_targets(spike_counts: np.ndarray, frame_rate_hz: float, smoothing_s: float) -> np.ndarray:
     """Spikes per frame smoothed with a Gaussian of sigma ``smoothing_s * frame_rate_hz``
     frames (along the last axis), the regression target of CASCADE models."""
     counts = np.asarray(spike_counts, dtype=float)
@@ -90,6 +90,7 @@ def smoothed_spike_targets(spike_counts: np.ndarray, frame_rate_hz: float,
 # --------------------------------------------------------------------------
 # Spike trains
 # --------------------------------------------------------------------------
+
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float, size) -> np.ndarray:
     return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
@@ -185,6 +186,7 @@ def simulate_spike_trains(
 # Fluorescence
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class KernelParams:
     """Per-cell indicator and acquisition parameters (arrays of length n_cells).
@@ -251,8 +253,13 @@ def draw_kernel_params(
     )
 
 
-def _calcium_fine(spike_counts: np.ndarray, params: KernelParams, fine_rate_hz: float,
-                  samples_per_frame: int, rng: np.random.Generator) -> np.ndarray:
+def _calcium_fine(
+    spike_counts: np.ndarray,
+    params: KernelParams,
+    fine_rate_hz: float,
+    samples_per_frame: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Calcium (single-spike peak = 1) on a fine time grid, by FFT convolution of
     spikes placed uniformly at random inside their frame."""
     n_cells, n_frames = spike_counts.shape
@@ -263,7 +270,8 @@ def _calcium_fine(spike_counts: np.ndarray, params: KernelParams, fine_rate_hz: 
         n_per = spike_counts[cell_idx, frame_idx]
         cell_idx = np.repeat(cell_idx, n_per)
         fine_idx = np.repeat(frame_idx, n_per) * samples_per_frame + rng.integers(
-            0, samples_per_frame, size=cell_idx.size)
+            0, samples_per_frame, size=cell_idx.size
+        )
         np.add.at(spikes_fine, (cell_idx, fine_idx), 1.0)
 
     # Kernel support: long enough for the slowest cell to decay to ~0.1 % of
@@ -276,9 +284,11 @@ def _calcium_fine(spike_counts: np.ndarray, params: KernelParams, fine_rate_hz: 
     kernel = np.exp(-t_s / decay) - np.exp(-t_s / rise)
     kernel /= kernel.max(axis=1, keepdims=True)
     n_fft = int(2 ** np.ceil(np.log2(n_fine + max_len)))
-    calcium = np.fft.irfft(np.fft.rfft(spikes_fine, n_fft, axis=1) *
-                           np.fft.rfft(kernel.astype(np.float32), n_fft, axis=1),
-                           n_fft, axis=1)[:, :n_fine]
+    calcium = np.fft.irfft(
+        np.fft.rfft(spikes_fine, n_fft, axis=1) * np.fft.rfft(kernel.astype(np.float32), n_fft, axis=1),
+        n_fft,
+        axis=1,
+    )[:, :n_fine]
     return np.maximum(calcium, 0.0).astype(np.float32)
 
 
@@ -321,9 +331,18 @@ def simulate_dff(
     """
     spike_counts = np.asarray(spike_counts)
     if spike_counts.ndim == 1:
-        return simulate_dff(spike_counts[None], frame_rate_hz, noise_level, rng, params=params,
-                            fine_rate_hz=fine_rate_hz, drift=drift, noise_mode=noise_mode,
-                            max_cells_per_chunk=max_cells_per_chunk, **param_ranges)[0]
+        return simulate_dff(
+            spike_counts[None],
+            frame_rate_hz,
+            noise_level,
+            rng,
+            params=params,
+            fine_rate_hz=fine_rate_hz,
+            drift=drift,
+            noise_mode=noise_mode,
+            max_cells_per_chunk=max_cells_per_chunk,
+            **param_ranges,
+        )[0]
     n_cells, n_frames = spike_counts.shape
     if params is None:
         params = draw_kernel_params(n_cells, rng, **param_ranges)
@@ -335,22 +354,27 @@ def simulate_dff(
 
     # Exposure window per cell, in whole fine samples inside the frame.
     width = np.clip(np.round(params.exposure_fraction * samples_per_frame), 1, samples_per_frame).astype(int)
-    offset = np.clip(np.round(params.exposure_offset * samples_per_frame), 0,
-                     samples_per_frame - width).astype(int)
+    offset = np.clip(
+        np.round(params.exposure_offset * samples_per_frame), 0, samples_per_frame - width
+    ).astype(int)
 
     calcium = np.empty((n_cells, n_frames), dtype=np.float32)
     frame_starts = np.arange(n_frames) * samples_per_frame
     for start in range(0, n_cells, max_cells_per_chunk):
         rows = slice(start, min(n_cells, start + max_cells_per_chunk))
-        sub = KernelParams(**{k: (v[rows] if isinstance(v, np.ndarray) else v)
-                              for k, v in params.__dict__.items()})
+        sub = KernelParams(
+            **{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in params.__dict__.items()}
+        )
         fine = _calcium_fine(spike_counts[rows], sub, fine_rate_hz, samples_per_frame, rng)
         # Mean over each cell's exposure window via a cumulative sum.
-        csum = np.concatenate([np.zeros((fine.shape[0], 1), np.float64),
-                               np.cumsum(fine, axis=1, dtype=np.float64)], axis=1)
+        csum = np.concatenate(
+            [np.zeros((fine.shape[0], 1), np.float64), np.cumsum(fine, axis=1, dtype=np.float64)], axis=1
+        )
         lo = frame_starts[None, :] + offset[rows, None]
         hi = lo + width[rows, None]
-        calcium[rows] = (np.take_along_axis(csum, hi, 1) - np.take_along_axis(csum, lo, 1)) / width[rows, None]
+        calcium[rows] = (np.take_along_axis(csum, hi, 1) - np.take_along_axis(csum, lo, 1)) / width[
+            rows, None
+        ]
 
     # Indicator nonlinearity: supralinear for bursts, saturating for large calcium.
     c = calcium.astype(float)
@@ -384,8 +408,9 @@ def simulate_dff(
     return dff.astype(np.float32)
 
 
-def _scale_for_total_level(clean: np.ndarray, unit_noise: np.ndarray, sigma_white: np.ndarray,
-                           frame_rate_hz: float, n_iter: int = 20) -> np.ndarray:
+def _scale_for_total_level(
+    clean: np.ndarray, unit_noise: np.ndarray, sigma_white: np.ndarray, frame_rate_hz: float, n_iter: int = 20
+) -> np.ndarray:
     """Per-cell noise scale s such that the noise level of ``clean + s * unit_noise``
     matches the level whose white-noise sigma is ``sigma_white`` (bisection; the
     level grows monotonically with s for a fixed noise realisation)."""
@@ -418,11 +443,14 @@ def simulate_dataset(
     ``mean_rate_hz`` (per cell).
     """
     spikes, mean_rate_hz = simulate_spike_trains(
-        n_cells, n_frames, frame_rate_hz, rng, return_rates=True, **(spike_kwargs or {}))
+        n_cells, n_frames, frame_rate_hz, rng, return_rates=True, **(spike_kwargs or {})
+    )
     dff_kwargs = dict(dff_kwargs or {})
     params = dff_kwargs.pop("params", None)
     if params is None:
-        range_keys = {k: dff_kwargs.pop(k) for k in list(dff_kwargs) if k.endswith("_range") or k.endswith("_range_s")}
+        range_keys = {
+            k: dff_kwargs.pop(k) for k in list(dff_kwargs) if k.endswith("_range") or k.endswith("_range_s")
+        }
         params = draw_kernel_params(n_cells, rng, **range_keys)
     dff = simulate_dff(spikes, frame_rate_hz, noise_level, rng, params=params, **dff_kwargs)
     return {

@@ -72,6 +72,7 @@ SEGMENTS_PER_BATCH = 32
 # Keras setup
 # --------------------------------------------------------------------------
 
+
 def import_keras(n_threads: int):
     """Import TensorFlow limited to ``n_threads`` and return (tf, keras module).
 
@@ -153,6 +154,7 @@ def sliding_windows(dff: np.ndarray) -> np.ndarray:
 # Training data
 # --------------------------------------------------------------------------
 
+
 def noise_level_range(level: float, all_levels: list[float]) -> tuple[float, float]:
     """Interval of actual noise levels the model for ``level`` is trained on.
 
@@ -168,9 +170,15 @@ def noise_level_range(level: float, all_levels: list[float]) -> tuple[float, flo
     return low, high
 
 
-def synthetic_traces(n_cells: int, n_frames: int, frame_rate_hz: float, smoothing_s: float,
-                     level_range: tuple[float, float], rng: np.random.Generator,
-                     max_rounds: int = 20):
+def synthetic_traces(
+    n_cells: int,
+    n_frames: int,
+    frame_rate_hz: float,
+    smoothing_s: float,
+    level_range: tuple[float, float],
+    rng: np.random.Generator,
+    max_rounds: int = 20,
+):
     """Synthetic dF/F and targets whose measured noise level lies in ``level_range``.
 
     Noise is added to reach a total (signal included) noise level drawn
@@ -207,9 +215,14 @@ def _fill_nan(y: np.ndarray) -> np.ndarray:
     return y
 
 
-def ground_truth_traces(resampled: list[tuple[np.ndarray, np.ndarray]], frame_rate_hz: float,
-                        smoothing_s: float, level_range: tuple[float, float], replicates: int,
-                        rng: np.random.Generator):
+def ground_truth_traces(
+    resampled: list[tuple[np.ndarray, np.ndarray]],
+    frame_rate_hz: float,
+    smoothing_s: float,
+    level_range: tuple[float, float],
+    replicates: int,
+    rng: np.random.Generator,
+):
     """Noisy copies of resampled ground-truth recordings for one noise-level range.
 
     Each recording gets ``replicates`` independent noise draws, each to a level
@@ -249,7 +262,7 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
         if n_windows < OUTPUTS_PER_SEGMENT:
             xs.append(np.concatenate([dff, np.full(seg_len - dff.size, dff[-1], dff.dtype)]))
             y = np.zeros(OUTPUTS_PER_SEGMENT, np.float32)
-            y[:n_windows] = target[FRAMES_BEFORE:FRAMES_BEFORE + n_windows]
+            y[:n_windows] = target[FRAMES_BEFORE : FRAMES_BEFORE + n_windows]
             w = np.zeros(OUTPUTS_PER_SEGMENT, np.float32)
             w[:n_windows] = 1.0
             ys.append(y)
@@ -260,8 +273,8 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
         if starts.size == 0:
             starts = np.array([0])
         for s in starts:
-            xs.append(dff[s:s + seg_len])
-            ys.append(target[s + FRAMES_BEFORE:s + FRAMES_BEFORE + OUTPUTS_PER_SEGMENT])
+            xs.append(dff[s : s + seg_len])
+            ys.append(target[s + FRAMES_BEFORE : s + FRAMES_BEFORE + OUTPUTS_PER_SEGMENT])
             ws.append(np.ones(OUTPUTS_PER_SEGMENT, np.float32))
     return np.stack(xs)[..., None], np.stack(ys)[..., None], np.stack(ws)
 
@@ -269,6 +282,7 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
 # --------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------
+
 
 def train_one(tf, keras, train, val, args, seed: int, log):
     """Train one ensemble member; returns (windowed model, metrics dict)."""
@@ -285,14 +299,15 @@ def train_one(tf, keras, train, val, args, seed: int, log):
         lr = args.learning_rate * (1.0 if frac < 0.5 else 0.1 ** (2 * (frac - 0.5)))
         seq.optimizer.learning_rate.assign(lr)
         x, y, w = cut_segments(*train, rng)
-        fit = seq.fit(x, y, sample_weight=w, batch_size=SEGMENTS_PER_BATCH, epochs=1, shuffle=True,
-                      verbose=0)
+        fit = seq.fit(x, y, sample_weight=w, batch_size=SEGMENTS_PER_BATCH, epochs=1, shuffle=True, verbose=0)
         # Mean squared error over the real (unpadded) validation windows.
         val_pred = seq.predict(x_val, batch_size=64, verbose=0)[..., 0]
         val_loss = float(np.sum(w_val * (val_pred - y_val[..., 0]) ** 2) / np.sum(w_val))
         history.append((float(fit.history["loss"][-1]), val_loss))
-        log(f"    epoch {epoch + 1}/{args.epochs}: lr {lr:.2e} train mse {history[-1][0]:.5f} "
-            f"val mse {val_loss:.5f} ({x.shape[0]} segments)")
+        log(
+            f"    epoch {epoch + 1}/{args.epochs}: lr {lr:.2e} train mse {history[-1][0]:.5f} "
+            f"val mse {val_loss:.5f} ({x.shape[0]} segments)"
+        )
         if val_loss < best_loss:
             best_loss, best_weights = val_loss, seq.get_weights()
     seq.set_weights(best_weights)
@@ -312,13 +327,17 @@ def train_one(tf, keras, train, val, args, seed: int, log):
     real = w_val.ravel() > 0
     pred = seq.predict(x_val, batch_size=64, verbose=0)[..., 0].ravel()[real]
     corr = float(np.corrcoef(pred, y_val[..., 0].ravel()[real])[0, 1])
-    metrics = {"val_mse": round(best_loss, 6), "val_pearson_r": round(corr, 4),
-               "epochs_mse": [[round(a, 6), round(b, 6)] for a, b in history]}
+    metrics = {
+        "val_mse": round(best_loss, 6),
+        "val_pearson_r": round(corr, 4),
+        "epochs_mse": [[round(a, 6), round(b, 6)] for a, b in history],
+    }
     return win, metrics
 
 
 def software_versions(tf, keras) -> dict:
     import scipy
+
     return {
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -333,11 +352,18 @@ def code_version() -> str:
     """Git commit of this repository (with '+modified' if the training code has
     uncommitted changes), or 'unknown' outside a git checkout."""
     import subprocess
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tools"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "tools"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit or "unknown") + ("+modified" if dirty else "")
@@ -345,6 +371,7 @@ def code_version() -> str:
 
 def write_config(path: str, config: dict) -> None:
     import yaml
+
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         fh.write("# CASCADE model configuration, written by tools/train_cascade_model.py\n")
@@ -353,16 +380,27 @@ def write_config(path: str, config: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring for examples.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for examples.",
+    )
     p.add_argument("--out", required=True, help="output model folder (created)")
     p.add_argument("--model_name", default=None, help="model_name in config.yaml (default: folder name)")
     p.add_argument("--sampling_rate", type=float, default=2.0, help="frame rate of the model in Hz")
-    p.add_argument("--smoothing", type=float, default=0.5,
-                   help="sigma of the Gaussian smoothing of the targets in seconds")
-    p.add_argument("--noise_levels", type=int, nargs="+", default=list(range(1, 10)),
-                   help="CASCADE noise levels to train a model for")
+    p.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.5,
+        help="sigma of the Gaussian smoothing of the targets in seconds",
+    )
+    p.add_argument(
+        "--noise_levels",
+        type=int,
+        nargs="+",
+        default=list(range(1, 10)),
+        help="CASCADE noise levels to train a model for",
+    )
     p.add_argument("--ensemble_size", type=int, default=2, help="models per noise level")
     p.add_argument("--epochs", type=int, default=8, help="passes over the training traces per model")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate")
@@ -373,14 +411,23 @@ def parse_args(argv=None):
     syn.add_argument("--duration_s", type=float, default=900.0, help="length of each synthetic trace")
     syn.add_argument("--n_val_cells", type=int, default=100, help="synthetic validation cells per model")
     gt = p.add_argument_group("ground-truth training data")
-    gt.add_argument("--ground_truth_dir", default=None,
-                    help="train on CASCADE CAttached_*.mat ground truth in this folder (DSxx subfolders)")
-    gt.add_argument("--ground_truth_datasets", nargs="*", default=None,
-                    help="restrict to these DSxx folder names")
-    gt.add_argument("--gt_replicates", type=int, default=5,
-                    help="independent noise draws per recording and model")
-    gt.add_argument("--gt_val_fraction", type=float, default=0.1,
-                    help="fraction of recordings held out for validation / model selection")
+    gt.add_argument(
+        "--ground_truth_dir",
+        default=None,
+        help="train on CASCADE CAttached_*.mat ground truth in this folder (DSxx subfolders)",
+    )
+    gt.add_argument(
+        "--ground_truth_datasets", nargs="*", default=None, help="restrict to these DSxx folder names"
+    )
+    gt.add_argument(
+        "--gt_replicates", type=int, default=5, help="independent noise draws per recording and model"
+    )
+    gt.add_argument(
+        "--gt_val_fraction",
+        type=float,
+        default=0.1,
+        help="fraction of recordings held out for validation / model selection",
+    )
     p.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
     return p.parse_args(argv)
 
@@ -401,6 +448,7 @@ def main(argv=None) -> int:
     resampled, val_resampled = None, None
     if args.ground_truth_dir:
         from tools.cascade_ground_truth import load_ground_truth, resample_recording
+
         recs = load_ground_truth(args.ground_truth_dir, args.ground_truth_datasets)
         if not recs:
             sys.exit(f"no CAttached_*.mat recordings found in {args.ground_truth_dir}")
@@ -417,7 +465,7 @@ def main(argv=None) -> int:
             "n_validation_recordings": n_val,
             "resampling": "mean of the original frames in each 1/sampling_rate bin; spikes counted per bin",
             "noise": "white Gaussian noise added to reach a total noise level drawn uniformly in each "
-                     "model's noise range; recordings already noisier are skipped",
+            "model's noise range; recordings already noisier are skipped",
             "replicates_per_recording": args.gt_replicates,
         }
     else:
@@ -428,12 +476,12 @@ def main(argv=None) -> int:
             "validation_cells_per_model": args.n_val_cells,
             "trace_duration_s": args.duration_s,
             "spikes": "inhomogeneous Poisson with slow log-normal rate modulation, half the cells bursty; "
-                      "mean rates log-uniform 0.01-2 Hz",
+            "mean rates log-uniform 0.01-2 Hz",
             "indicator": "double-exponential kernels, rise 50-200 ms, decay 0.4-2.5 s, peak 4-60 % dF/F "
-                         "per spike, mild supralinearity and saturation, per-cell exposure window "
-                         "inside the frame, slow baseline drift and offset",
+            "per spike, mild supralinearity and saturation, per-cell exposure window "
+            "inside the frame, slow baseline drift and offset",
             "noise": "white Gaussian plus partly shot-like noise, scaled per cell so the total CASCADE "
-                     "noise level (signal included) is uniform in each model's noise range",
+            "noise level (signal included) is uniform in each model's noise range",
         }
 
     config = {
@@ -456,18 +504,19 @@ def main(argv=None) -> int:
         "training_finished": "Running",
         "verbose": 1,
         # Provenance beyond CASCADE's keys.
-        "training_command": "python " + " ".join(shlex.quote(a) for a in [
-            os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv),
+        "training_command": "python "
+        + " ".join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv),
         "training_seed": args.seed,
         "training_code_version": code_version(),
         "training_software": software_versions(tf, keras),
         "training_data": data_description,
-        "training_noise_level_ranges": {int(n): [round(v, 3) for v in noise_level_range(n, levels)]
-                                        for n in levels},
+        "training_noise_level_ranges": {
+            int(n): [round(v, 3) for v in noise_level_range(n, levels)] for n in levels
+        },
         "training_method": "fully-convolutional equivalent of the windowed network on segments of "
-                           f"{WINDOW_FRAMES - 1 + OUTPUTS_PER_SEGMENT} frames, {SEGMENTS_PER_BATCH} segments "
-                           "(= batch_size windows) per step, Adam with learning-rate decay over the "
-                           "second half, weights of the epoch with the lowest validation MSE",
+        f"{WINDOW_FRAMES - 1 + OUTPUTS_PER_SEGMENT} frames, {SEGMENTS_PER_BATCH} segments "
+        "(= batch_size windows) per step, Adam with learning-rate decay over the "
+        "second half, weights of the epoch with the lowest validation MSE",
         "output_units": "spikes per frame (multiply by sampling_rate for spikes per second)",
         "training_started": _dt.datetime.now().isoformat(timespec="seconds"),
         "training_metrics": {},
@@ -476,6 +525,7 @@ def main(argv=None) -> int:
     if os.path.exists(config_path) and not args.overwrite:
         # Resuming: keep the metrics of models trained earlier.
         import yaml
+
         with open(config_path) as fh:
             old = yaml.safe_load(fh) or {}
         config["training_metrics"] = old.get("training_metrics", {}) or {}
@@ -495,24 +545,35 @@ def main(argv=None) -> int:
             t0 = time.time()
             # One independent stream per model, so models do not depend on which
             # others were trained in this run.
-            seed = int(np.random.SeedSequence([args.seed, level, member]).generate_state(1)[0] % (2 ** 31))
+            seed = int(np.random.SeedSequence([args.seed, level, member]).generate_state(1)[0] % (2**31))
             rng = np.random.default_rng(seed)
             if resampled is None:
-                train = synthetic_traces(args.n_cells, n_frames, args.sampling_rate, args.smoothing,
-                                         level_range, rng)
-                val = synthetic_traces(args.n_val_cells, n_frames, args.sampling_rate, args.smoothing,
-                                       level_range, rng)
+                train = synthetic_traces(
+                    args.n_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng
+                )
+                val = synthetic_traces(
+                    args.n_val_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng
+                )
             else:
-                train = ground_truth_traces(resampled, args.sampling_rate, args.smoothing, level_range,
-                                            args.gt_replicates, rng)
-                val = ground_truth_traces(val_resampled, args.sampling_rate, args.smoothing, level_range,
-                                          max(1, args.gt_replicates // 2), rng)
+                train = ground_truth_traces(
+                    resampled, args.sampling_rate, args.smoothing, level_range, args.gt_replicates, rng
+                )
+                val = ground_truth_traces(
+                    val_resampled,
+                    args.sampling_rate,
+                    args.smoothing,
+                    level_range,
+                    max(1, args.gt_replicates // 2),
+                    rng,
+                )
                 if not train[0] or not val[0]:
                     log(f"{name}: no ground truth reaches noise level range {level_range}, skipped")
                     unreachable_levels.add(level)
                     continue
-            log(f"{name}: noise levels {level_range[0]:.2f}-{level_range[1]:.2f}, "
-                f"{len(train[0])} training traces, data ready in {time.time() - t0:.1f} s")
+            log(
+                f"{name}: noise levels {level_range[0]:.2f}-{level_range[1]:.2f}, "
+                f"{len(train[0])} training traces, data ready in {time.time() - t0:.1f} s"
+            )
             model, metrics = train_one(tf, keras, train, val, args, seed, log)
             tmp = path[:-3] + ".tmp.h5"
             with warnings.catch_warnings():
@@ -538,7 +599,10 @@ def main(argv=None) -> int:
     config["training_ended"] = _dt.datetime.now().isoformat(timespec="seconds")
     config["training_wall_s_this_run"] = round(time.time() - log_start, 1)
     write_config(config_path, config)
-    log(f"done, training_finished: {config['training_finished']}" + (f", missing {missing}" if missing else ""))
+    log(
+        f"done, training_finished: {config['training_finished']}"
+        + (f", missing {missing}" if missing else "")
+    )
     return 0 if not missing else 1
 
 
