@@ -26,21 +26,27 @@ binarisation, gridding, the worker pool, writing, plotting, one subject end to e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import types
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -61,75 +67,301 @@ class PipelineError(Exception):
 
 
 # =============================================================================================
-# Configuration of a run
+# 1. Configuration of a run
 # =============================================================================================
+# Every parameter is declared once, here: its default, its --help text, its argument group and
+# whether it changes the outputs (those make up the fingerprint that decides whether a finished
+# subject can be skipped on a rerun). The command line is built from these declarations.
+
+
+def option(default, help: str, group: str, *, outputs: bool = False, flag: str | None = None, **argparse_kwargs):
+    """A configuration field with its command-line declaration (see build_parser)."""
+    metadata = {"help": help, "group": group, "outputs": outputs, "flag": flag, "kwargs": argparse_kwargs}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _comma_list(text: str) -> tuple:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _threshold_arg(text: str):
+    value = text.strip().lower()
+    if value in ("none", "false", "off"):
+        return False
+    if value in ("0", "1"):
+        return int(value)
+    raise argparse.ArgumentTypeError("must be 0, 1 or none")
+
+
+def _shard_arg(text: str) -> tuple:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise argparse.ArgumentTypeError("must be K/N with 1 <= K <= N, e.g. 3/18")
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Every parameter of a run; recorded in each output so a file says how it was made."""
+    """Every parameter of a run; those marked outputs=True are recorded in each output file."""
 
-    input_dir: str
-    output_dir: str
-    subjects: tuple = ()
-    skip: tuple = ()
-    workers: int = 1
-    batch_size: int = 30000
-    cascade_model: str = "Global_EXC_2Hz_smoothing500ms"
-    model_dir: str | None = None
-    model_cache: str | None = None
-    strict_model: bool = False
-    offline: bool = False
-    cascade_threshold: object = 1  # 0, 1 or False
-    trace_type: str = "auto"  # auto | fluorescence | dff
-    baseline_percentile: float = 8.0
-    baseline_window_s: float = 30.0
-    spike_mode: str = "sample"  # sample | discrete | threshold
-    spike_threshold: float = 0.5
-    seed: int = 42
-    keep_edge_frames: bool = False
-    grid_height: int = 256
-    grid_width: int = 128
-    coordinates: str = "raw"  # raw (CellXYZ) | registered (CellXYZ_norm)
-    z_markers: bool = True
-    split_block: int = 330
-    split_ratio: float = 0.95
-    num_neurons: int = 10
-    plots: bool = True
-    max_rate_mismatch: float = 0.5
+    # input and output
+    input_dir: str = option(None, "folder of subject_<n> folders", "input and output", required=True)
+    output_dir: str = option(
+        None, "where <subject>/ outputs and combined_metadata.h5 go", "input and output", required=True
+    )
+    subjects: tuple = option((), "only these subjects (comma list)", "input and output", type=_comma_list)
+    skip: tuple = option((), "skip these subjects (comma list)", "input and output", type=_comma_list)
+    coordinates: str = option(
+        "raw",
+        "cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)",
+        "input and output",
+        outputs=True,
+        choices=("raw", "registered"),
+    )
+    plots: bool = option(True, "skip the PDF of plots", "input and output", outputs=True, flag="--no_plots")
+    num_neurons: int = option(10, "cells shown in the PDF's trace pages", "input and output", outputs=True, type=int)
+    log_file: str | None = option(
+        None, "log here (default: <output_dir>/processing.log, or processing_shard<K>of<N>.log)", "input and output"
+    )
+    verbose: bool = option(False, "debug logging, tracebacks on errors", "input and output", flag="-v/--verbose")
+
+    # running: none of these change the outputs
+    workers: int = option(1, "worker processes for CASCADE inference", "running", type=int)
+    batch_size: int = option(
+        30000, "cells per batch sent to a worker (memory per worker does not grow with it)", "running", type=int
+    )
+    overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", "running")
+    shard: tuple | None = option(
+        None,
+        "process the K-th of N parts of the subject list (default inside a SLURM array: from SLURM_ARRAY_TASK_*)",
+        "running",
+        type=_shard_arg,
+        metavar="K/N",
+    )
+    combine_only: bool = option(
+        False, "only build combined_metadata.h5 and the summary from the outputs present", "running"
+    )
+
+    # CASCADE model
+    cascade_model: str = option(
+        "Global_EXC_2Hz_smoothing500ms",
+        "official model name, 'auto' (per subject, nearest sampling rate) or 'builtin' (nearest builtin model)",
+        "CASCADE model",
+        outputs=True,
+    )
+    model_dir: str | None = option(None, "a CASCADE model folder (overrides --cascade_model)", "CASCADE model")
+    model_cache: str | None = option(
+        None,
+        "where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)",
+        "CASCADE model",
+    )
+    strict_model: bool = option(
+        False, "error instead of falling back to the builtin model when the named one is unavailable", "CASCADE model"
+    )
+    offline: bool = option(False, "never download: use --model_dir, the cache or the builtin models", "CASCADE model")
+    cascade_threshold: object = option(
+        1,
+        "CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none",
+        "CASCADE model",
+        outputs=True,
+        type=_threshold_arg,
+    )
+    max_rate_mismatch: float = option(
+        0.5,
+        "refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)",
+        "CASCADE model",
+        type=float,
+    )
+
+    # traces
+    trace_type: str = option(
+        "auto",
+        "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject",
+        "traces",
+        outputs=True,
+        choices=("auto", "fluorescence", "dff"),
+    )
+    baseline_percentile: float = option(8.0, "F0 percentile for dF/F", "traces", outputs=True, type=float)
+    baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", "traces", outputs=True, type=float)
+
+    # spikes and grid
+    spike_mode: str = option(
+        "sample",
+        "sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold",
+        "spikes and grid",
+        outputs=True,
+        choices=("sample", "discrete", "threshold"),
+    )
+    spike_threshold: float = option(
+        0.5, "rate threshold (spikes/frame) for --spike_mode threshold", "spikes and grid", outputs=True, type=float
+    )
+    seed: int = option(42, "seed of spike sampling and the train/test split", "spikes and grid", outputs=True, type=int)
+    keep_edge_frames: bool = option(
+        False,
+        "keep the frames at both ends where CASCADE's window gives no prediction",
+        "spikes and grid",
+        outputs=True,
+    )
+    grid_shape: tuple = option(
+        (256, 128),
+        "grid height (x) and width (y) in pixels",
+        "spikes and grid",
+        outputs=True,
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+    )
+    z_markers: bool = option(
+        True,
+        "do not add the z-plane marker pixels (rows 0-1, last z+2 columns)",
+        "spikes and grid",
+        outputs=True,
+        flag="--no_z_markers",
+    )
+    split_block: int = option(330, "frames per train/test block", "spikes and grid", outputs=True, type=int)
+    split_ratio: float = option(0.95, "fraction of blocks for training", "spikes and grid", outputs=True, type=float)
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
+        problems = []
+        if self.workers < 1 or self.batch_size < 1:
+            problems.append("--workers and --batch_size must be at least 1")
+        if not 0 < self.split_ratio <= 1 or self.split_block < 1:
+            problems.append("--split_ratio must be in (0, 1] and --split_block at least 1")
+        if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
+            problems.append("--grid_shape needs positive H and W")
+        if self.num_neurons < 0 or self.max_rate_mismatch < 0 or self.baseline_window_s <= 0:
+            problems.append("--num_neurons, --max_rate_mismatch must be >= 0 and --baseline_window_s > 0")
+        if not 0 <= self.baseline_percentile <= 100:
+            problems.append("--baseline_percentile must be in [0, 100]")
+        if problems:
+            raise PipelineError("; ".join(problems))
+
+    @property
+    def grid_height(self) -> int:
+        return self.grid_shape[0]
+
+    @property
+    def grid_width(self) -> int:
+        return self.grid_shape[1]
+
+    def output_params(self) -> dict:
+        """The parameters that change the outputs (the fingerprint's share of the config)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["outputs"]}
 
     def as_attrs(self) -> dict:
-        """HDF5-friendly copy of the parameters (None -> '', tuples -> comma strings)."""
-        attrs = {}
-        for key, value in dataclasses.asdict(self).items():
-            if value is None:
-                value = ""
-            elif isinstance(value, (tuple, list)):
-                value = ",".join(str(v) for v in value)
-            elif key == "cascade_threshold":
-                value = "none" if value is False else str(value)
-            attrs[f"param_{key}"] = value
-        return attrs
+        """Every parameter as HDF5 attributes param_<name> (converted by h5_attr_value)."""
+        return {f"param_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def h5_attr_value(value):
+    """The one conversion of Python values to HDF5 attributes (None -> '', dicts -> JSON,
+    tuples of strings -> comma list, False threshold -> 'none')."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return json.dumps(value, default=str, sort_keys=True)
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        if not value or isinstance(value[0], str):
+            return ",".join(str(v) for v in value)
+        return np.asarray(value)
+    return value
 
 
 # =============================================================================================
-# Loading subjects: Chen et al. 2018 layout and a generic traces.h5
+# 2. Loading subjects: Chen et al. 2018 layout and a generic traces.h5
 # =============================================================================================
+# Loading reads everything but the traces: those stay in their HDF5 file and are read a block of
+# cells at a time (by the workers, during inference), so no process ever holds a whole fish.
+
+TRACE_READ_CELLS = 4096  # cells per read: a few tens of MB for a 4,000-frame recording
+
+
+@dataclass(frozen=True)
+class TraceFile:
+    """Where a subject's traces live: an HDF5 dataset with cells on rows (N, T) or columns (T, N)."""
+
+    path: str
+    dataset: str
+    cells_on_columns: bool  # Chen's CellResp is (T, N)
+    num_cells: int
+    num_frames: int
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Traces of cells [start, stop) as (cells, T) float32; infinite values become NaN."""
+        traces = self.read_raw(start, stop)
+        mark_infinite_as_missing(traces)
+        return traces
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Traces of cells [start, stop) as stored, as (cells, T) float32."""
+        import h5py
+
+        stop = self.num_cells if stop is None else min(stop, self.num_cells)
+        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
+        try:
+            with h5py.File(self.path, "r") as h5:
+                data = h5[self.dataset]
+                for first in range(start, stop, TRACE_READ_CELLS):
+                    last = min(first + TRACE_READ_CELLS, stop)
+                    block = data[:, first:last].T if self.cells_on_columns else data[first:last]
+                    traces[first - start : last - start] = block
+        except OSError as exc:
+            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc})") from None
+        return traces
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Traces of a few chosen cells (ascending rows), e.g. a sample for a decision."""
+        import h5py
+
+        with h5py.File(self.path, "r") as h5:
+            data = h5[self.dataset]
+            traces = data[:, rows].T if self.cells_on_columns else data[rows]
+        traces = np.asarray(traces, dtype=np.float32)
+        traces[np.isinf(traces)] = np.nan
+        return traces
+
+
+def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
+    """Infinite values -> NaN, in place; returns the count per cell (they are reported)."""
+    infinite = np.isinf(traces)
+    traces[infinite] = np.nan
+    return infinite.sum(axis=1).astype(np.int32)
 
 
 @dataclass
 class SubjectData:
-    """One subject's cells: traces (N, T) and positions (N, 3) as [x, y, z]."""
+    """One subject: where its traces are, and its cells' positions (N, 3) as [x, y, z]."""
 
     name: str
     folder: str
-    traces: np.ndarray  # (N, T) float32, raw fluorescence or dF/F
+    trace_file: TraceFile
     positions: np.ndarray  # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
     frame_rate_hz: float
     cell_ids: np.ndarray  # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
     layout: str  # 'chen2018' | 'generic'
     trace_type_hint: str | None = None
     source_files: tuple = ()
+    warnings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def num_cells(self) -> int:
+        return self.trace_file.num_cells
+
+    @property
+    def num_frames(self) -> int:
+        return self.trace_file.num_frames
+
+    def read_traces(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(cells, T) float32 traces of cells [start, stop); the whole subject by default."""
+        return self.trace_file.read(start, stop)
+
+    def warn(self, message: str) -> None:
+        """A doubt about the input: logged now, stored in the outputs' `warnings` attribute."""
+        log.warning("%s: %s", self.name, message)
+        self.warnings.append(message)
 
 
 def _natural_key(name: str):
@@ -152,8 +384,7 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     unknown = [name for name in only if name not in folders]
     if unknown:
         raise PipelineError(
-            f"--subjects names {', '.join(unknown)}, not found under {input_dir} "
-            f"(found: {', '.join(names) or 'none'})"
+            f"--subjects names {', '.join(unknown)}, not found under {input_dir} (found: {', '.join(names) or 'none'})"
         )
     if only:
         names = [name for name in names if name in set(only)]
@@ -173,9 +404,7 @@ def _mat_struct_fields(path: Path) -> dict:
                     raise PipelineError(f"{path} has no struct 'data'")
                 group = h5["data"]
                 # MATLAB stores matrices transposed in HDF5: undo it
-                return {
-                    key: np.asarray(group[key][()]).T for key in group if isinstance(group[key], h5py.Dataset)
-                }
+                return {key: np.asarray(group[key][()]).T for key in group if isinstance(group[key], h5py.Dataset)}
         except PipelineError:
             raise
         except Exception as exc:
@@ -191,31 +420,41 @@ def _mat_struct_fields(path: Path) -> dict:
     return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
 
 
-def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
-    """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
+def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tuple = ()) -> tuple:
+    """The TraceFile of ``path[dataset]`` (shape checked, traces not read), the file's attributes and
+    the small datasets named in ``extra`` that are present (Chen files hold other large ones)."""
     import h5py
 
+    try:
+        with h5py.File(path, "r") as h5:
+            if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
+                raise PipelineError(f"{path} has no dataset '{dataset}'")
+            data = h5[dataset]
+            expected = "(T, N)" if cells_on_columns else "(N, T)"
+            if data.ndim != 2:
+                raise PipelineError(f"{path}: {dataset} has shape {data.shape}, expected {expected}")
+            if data.dtype.kind not in "fiu":
+                raise PipelineError(
+                    f"{path}: {dataset} holds {data.dtype} values, expected real numbers (fluorescence or dF/F)"
+                )
+            frames, cells = data.shape if cells_on_columns else data.shape[::-1]
+            attrs = {key: h5.attrs[key] for key in h5.attrs}
+            other = {key: np.asarray(h5[key][()]) for key in extra if isinstance(h5.get(key), h5py.Dataset)}
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
+    return TraceFile(str(path), dataset, cells_on_columns, int(cells), int(frames)), attrs, other
+
+
+def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
+    """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
     for path in (series_path, anatomy_path):
         if not path.is_file():
             raise PipelineError(f"{path} is missing (Chen 2018 layout needs TimeSeries.h5 and data_full.mat)")
-    try:
-        with h5py.File(series_path, "r") as h5:
-            if "CellResp" not in h5:
-                raise PipelineError(f"{series_path} has no dataset 'CellResp'")
-            cell_resp = h5["CellResp"]
-            if cell_resp.ndim != 2:
-                raise PipelineError(f"{series_path}: CellResp has shape {cell_resp.shape}, expected (T, N)")
-            # -> (N, T), a block of cells at a time so the transpose never doubles the memory
-            num_frames_stored, num_cells_stored = cell_resp.shape
-            traces = np.empty((num_cells_stored, num_frames_stored), dtype=np.float32)
-            for start in range(0, num_cells_stored, 8192):
-                traces[start : start + 8192] = cell_resp[:, start : start + 8192].T
-            abs_ix = np.asarray(h5["absIX"][()]).ravel() if "absIX" in h5 else None
-    except PipelineError:
-        raise
-    except Exception as exc:
-        raise PipelineError(f"cannot read {series_path} ({exc}); the file is corrupt or truncated") from None
+    trace_file, _, datasets = _open_trace_file(series_path, "CellResp", True, extra=("absIX",))
+    abs_ix = datasets["absIX"].ravel() if "absIX" in datasets else None
     fields = _mat_struct_fields(anatomy_path)
     key = "CellXYZ_norm" if coordinates == "registered" else "CellXYZ"
     if key not in fields:
@@ -228,14 +467,12 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     if "fpsec" not in fields:
         raise PipelineError(f"{anatomy_path}: struct data has no fpsec (frame rate)")
     frame_rate_hz = float(np.asarray(fields["fpsec"]).ravel()[0])
-    num_cells = traces.shape[0]
+    num_cells = trace_file.num_cells
     if abs_ix is not None:
         # absIX is 1-based into CellXYZ (MATLAB); forgetting the -1 shifts every cell by one row
         cell_ids = abs_ix.astype(np.int64)
         if len(cell_ids) != num_cells:
-            raise PipelineError(
-                f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}"
-            )
+            raise PipelineError(f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}")
     else:
         invalid = set(np.asarray(fields.get("IX_inval_anat", []), dtype=np.int64).ravel().tolist())
         cell_ids = np.array([i for i in range(1, len(cell_xyz) + 1) if i not in invalid], dtype=np.int64)
@@ -249,7 +486,7 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     return SubjectData(
         name=folder.name,
         folder=str(folder),
-        traces=traces,
+        trace_file=trace_file,
         positions=cell_xyz[cell_ids - 1],
         frame_rate_hz=frame_rate_hz,
         cell_ids=cell_ids,
@@ -260,36 +497,28 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
 
 def load_generic_subject(folder: Path) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
-    import h5py
-
     path = folder / "traces.h5"
-    try:
-        with h5py.File(path, "r") as h5:
-            missing = [k for k in ("traces", "positions") if k not in h5]
-            if missing or "frame_rate_hz" not in h5.attrs:
-                raise PipelineError(
-                    f"{path} lacks {', '.join(missing + (['attribute frame_rate_hz'] if 'frame_rate_hz' not in h5.attrs else []))}"
-                )
-            traces = np.asarray(h5["traces"][()], dtype=np.float32)
-            positions = np.asarray(h5["positions"][()], dtype=np.float64)
-            frame_rate_hz = float(h5.attrs["frame_rate_hz"])
-            hint = h5.attrs.get("trace_type")
-            hint = hint.decode() if isinstance(hint, bytes) else (str(hint) if hint is not None else None)
-    except PipelineError:
-        raise
-    except Exception as exc:
-        raise PipelineError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
-    if traces.ndim != 2 or positions.shape != (traces.shape[0], 3):
-        raise PipelineError(
-            f"{path}: traces {traces.shape} and positions {positions.shape} must be (N, T) and (N, 3)"
+    trace_file, attrs, datasets = _open_trace_file(path, "traces", False, extra=("positions",))
+    if "positions" not in datasets or "frame_rate_hz" not in attrs:
+        missing = [k for k in ("positions",) if k not in datasets] + (
+            ["attribute frame_rate_hz"] if "frame_rate_hz" not in attrs else []
         )
+        raise PipelineError(f"{path} lacks {', '.join(missing)}")
+    positions = np.asarray(datasets["positions"], dtype=np.float64)
+    if positions.shape != (trace_file.num_cells, 3):
+        raise PipelineError(
+            f"{path}: traces {(trace_file.num_cells, trace_file.num_frames)} and positions {positions.shape} "
+            "must be (N, T) and (N, 3)"
+        )
+    hint = attrs.get("trace_type")
+    hint = hint.decode() if isinstance(hint, bytes) else (str(hint) if hint is not None else None)
     return SubjectData(
         name=folder.name,
         folder=str(folder),
-        traces=traces,
+        trace_file=trace_file,
         positions=positions,
-        frame_rate_hz=frame_rate_hz,
-        cell_ids=np.arange(len(traces), dtype=np.int64),
+        frame_rate_hz=float(np.asarray(attrs["frame_rate_hz"]).ravel()[0]),
+        cell_ids=np.arange(trace_file.num_cells, dtype=np.int64),
         layout="generic",
         trace_type_hint=hint,
         source_files=(str(path),),
@@ -297,33 +526,23 @@ def load_generic_subject(folder: Path) -> SubjectData:
 
 
 def load_subject(folder, coordinates: str = "raw") -> SubjectData:
-    """Load a subject folder in whichever supported layout it has, and check it is usable."""
+    """Open a subject folder in whichever supported layout it has and check what can be checked
+    without reading the traces (those are read a block at a time during inference)."""
     folder = Path(folder)
     if (folder / "TimeSeries.h5").exists() or (folder / "data_full.mat").exists():
         subject = load_chen2018_subject(folder, coordinates)
     elif (folder / "traces.h5").exists():
         if coordinates == "registered":
-            raise PipelineError(
-                f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)"
-            )
+            raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
         subject = load_generic_subject(folder)
     else:
         raise PipelineError(f"{folder} has neither TimeSeries.h5 + data_full.mat (Chen 2018) nor traces.h5")
-    num_cells, num_frames = subject.traces.shape
-    if num_cells == 0 or num_frames == 0:
-        raise PipelineError(f"{folder}: empty recording ({num_cells} cells x {num_frames} frames)")
+    if subject.num_cells == 0 or subject.num_frames == 0:
+        raise PipelineError(f"{folder}: empty recording ({subject.num_cells} cells x {subject.num_frames} frames)")
     if not (math.isfinite(subject.frame_rate_hz) and subject.frame_rate_hz > 0):
         raise PipelineError(f"{folder}: invalid frame rate {subject.frame_rate_hz!r} Hz")
     if not np.isfinite(subject.positions).all():
         raise PipelineError(f"{folder}: cell positions contain NaN or infinite values")
-    infinite = np.isinf(subject.traces)
-    if infinite.any():
-        log.warning(
-            "%s: %d infinite trace values treated as missing (NaN)", subject.name, int(infinite.sum())
-        )
-        subject.traces[infinite] = np.nan
-    if np.isnan(subject.traces).all():
-        raise PipelineError(f"{folder}: every trace value is NaN")
     return subject
 
 
@@ -405,16 +624,7 @@ def compute_dff(
 MODEL_FILE_PATTERN = re.compile(r"Model_NoiseLevel_(\d+)_Ensemble_(\d+)\.h5$")
 
 # The layer stack CASCADE trains (cascade2p's define_model); anything else is rejected.
-CASCADE_LAYER_CLASSES = (
-    "Conv1D",
-    "Conv1D",
-    "MaxPooling1D",
-    "Conv1D",
-    "MaxPooling1D",
-    "Dense",
-    "Flatten",
-    "Dense",
-)
+CASCADE_LAYER_CLASSES = ("Conv1D", "Conv1D", "MaxPooling1D", "Conv1D", "MaxPooling1D", "Dense", "Flatten", "Dense")
 
 
 @dataclass(frozen=True)
@@ -504,8 +714,7 @@ def _read_model_config(folder: Path) -> dict:
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         raise PipelineError(
-            f"CASCADE model folder {folder} has no config.yaml: "
-            "point --model_dir at a folder as CASCADE distributes it"
+            f"CASCADE model folder {folder} has no config.yaml: point --model_dir at a folder as CASCADE distributes it"
         )
     try:
         config = read_model_config(folder)
@@ -543,8 +752,7 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
     classes = tuple(layer.get("class_name") for layer in layers)
     if classes != CASCADE_LAYER_CLASSES:
         raise PipelineError(
-            f"{path}: layer stack {classes} is not CASCADE's "
-            f"{CASCADE_LAYER_CLASSES}; this engine cannot run it"
+            f"{path}: layer stack {classes} is not CASCADE's {CASCADE_LAYER_CLASSES}; this engine cannot run it"
         )
     convs = [layers[0]["config"], layers[1]["config"], layers[3]["config"]]
     for i, conv in enumerate(convs):
@@ -583,9 +791,7 @@ def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
         with h5py.File(path, "r") as h5:
             raw_config = h5.attrs.get("model_config")
             if raw_config is None:
-                raise PipelineError(
-                    f"{path} has no 'model_config' attribute: not a Keras model file saved by CASCADE"
-                )
+                raise PipelineError(f"{path} has no 'model_config' attribute: not a Keras model file saved by CASCADE")
             if isinstance(raw_config, bytes):
                 raw_config = raw_config.decode()
             layers = _layer_config_list(json.loads(raw_config))
@@ -596,8 +802,7 @@ def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
             for layer_name in layer_names:
                 layer_group = group[layer_name]
                 weight_names = [
-                    n.decode() if isinstance(n, bytes) else str(n)
-                    for n in layer_group.attrs.get("weight_names", [])
+                    n.decode() if isinstance(n, bytes) else str(n) for n in layer_group.attrs.get("weight_names", [])
                 ]
                 if not weight_names:
                     continue
@@ -960,9 +1165,7 @@ def parse_model_index(text: str | bytes) -> dict:
     return links
 
 
-def fetch_model_index(
-    index_url: str = OFFICIAL_MODEL_INDEX_URL, timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S
-) -> dict:
+def fetch_model_index(index_url: str = OFFICIAL_MODEL_INDEX_URL, timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> dict:
     """Download and parse CASCADE's model index (``{name: link}``)."""
     request = urllib.request.Request(index_url, headers={"User-Agent": "unified-spike-processing"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -1133,9 +1336,7 @@ def is_complete_model_folder(folder: str | Path) -> bool:
 
 def _visible_subfolders(folder: Path) -> list:
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_ENTRIES
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_ENTRIES
     )
 
 
@@ -1324,8 +1525,7 @@ def download_model(
         model_root = find_model_folder(extract_dir)
         if model_root is None:
             raise ModelDownloadError(
-                f"archive of '{name}' from {link} holds no complete CASCADE model "
-                f"({_describe_problem(extract_dir)})"
+                f"archive of '{name}' from {link} holds no complete CASCADE model ({_describe_problem(extract_dir)})"
             )
         if model_root != extract_dir:
             # Move the sub-folder out so the folder that is renamed into place is fresh.
@@ -1358,9 +1558,7 @@ def _choice_from_folder(folder: Path, source: str, requested: str, name: str | N
     config = read_model_config(folder)
     smoothing = config.get("smoothing")
     smoothing_s = (
-        float(smoothing)
-        if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
-        else float("nan")
+        float(smoothing) if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) else float("nan")
     )
     return ModelChoice(
         name=name or folder.name,
@@ -1451,8 +1649,7 @@ def resolve_model(
     if requested.lower() == AUTO_MODEL_KEYWORD:
         if frame_rate_hz is None:
             raise ModelResolutionError(
-                "--cascade_model auto needs the subject's frame rate; "
-                "pass --cascade_model NAME or --model_dir DIR"
+                "--cascade_model auto needs the subject's frame rate; pass --cascade_model NAME or --model_dir DIR"
             )
         candidates = list(known_models or OFFICIAL_GLOBAL_EXC_MODELS)
         try:
@@ -1480,9 +1677,7 @@ def resolve_model(
 
     if allow_download:
         try:
-            folder = download_model(
-                name, cache, index_url=index_url, timeout_s=timeout_s, known_models=known_models
-            )
+            folder = download_model(name, cache, index_url=index_url, timeout_s=timeout_s, known_models=known_models)
         except ModelDownloadError as exc:
             reason = _one_line(exc)
         else:
@@ -1572,9 +1767,7 @@ def _tensorflow():
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
-    log.info(
-        "TensorFlow %s on %s", tf.__version__, f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)"
-    )
+    log.info("TensorFlow %s on %s", tf.__version__, f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)")
     _ENGINE_CACHE["tensorflow"] = tf
     return tf
 
@@ -1708,9 +1901,7 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
             active = rates > threshold_value
         reach = int(model.smoothing_frames)
         if reach > 0:
-            active = maximum_filter1d(
-                active.view(np.uint8), size=2 * reach + 1, axis=1, mode="constant"
-            ).astype(bool)
+            active = maximum_filter1d(active.view(np.uint8), size=2 * reach + 1, axis=1, mode="constant").astype(bool)
         else:
             # scipy's binary_dilation with iterations=0 dilates until nothing changes
             active = np.repeat(active.any(axis=1, keepdims=True), rates.shape[1], axis=1)
@@ -1801,9 +1992,9 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
     kernel = _gaussian_kernel(sigma)
     radius = len(kernel) // 2
     support = rates > 0.03 / sigma
-    support = maximum_filter1d(
-        support.view(np.uint8), size=max(1, round(4 * sigma)), axis=1, mode="constant"
-    ).astype(bool)
+    support = maximum_filter1d(support.view(np.uint8), size=max(1, round(4 * sigma)), axis=1, mode="constant").astype(
+        bool
+    )
     # Rows laid end to end with `radius` zeros between them, so no kernel reaches a neighbour.
     width = num_frames + 2 * radius
     rate_flat = np.zeros((num_neurons, width))
@@ -1889,8 +2080,13 @@ def binarize_spikes(
 
 
 # =============================================================================================
-# Gridding: cells -> voxels, spikes -> unique sorted COO coordinates, train/test split
+# 7. Gridding: cells -> voxels, spikes -> unique sorted COO coordinates, train/test split
 # =============================================================================================
+# The grid is built a block of timepoints at a time: entries are sorted by t first, so blocks
+# written one after the other give exactly the array a single pass would, and memory grows with
+# one block's spikes, never with the dense grid.
+
+SPIKES_PER_GRID_BLOCK = 1 << 22  # ~4 M spikes (~100 MB of temporaries) per block
 
 
 @dataclass(frozen=True)
@@ -1911,6 +2107,10 @@ class GridSpec:
     @property
     def num_voxels(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def voxels_per_timepoint(self) -> int:
+        return self.num_z_planes * self.height * self.width
 
 
 def _scale_to_pixels(values: np.ndarray, size: int, low: float, high: float) -> np.ndarray:
@@ -1955,19 +2155,36 @@ def make_grid_spec(
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
 
 
-def z_marker_coords(grid: GridSpec) -> np.ndarray:
+def z_marker_coords(grid: GridSpec, timepoints: range | None = None) -> np.ndarray:
     """The original's 'preaugmented' z markers: rows 0-1, columns W-(z+2)..W-1 for every (t, z)."""
+    timepoints = range(grid.num_timepoints) if timepoints is None else timepoints
     per_plane = []
     for z in range(grid.num_z_planes):
         rows, cols = np.meshgrid(np.arange(2), np.arange(grid.width - (z + 2), grid.width), indexing="ij")
         per_plane.append(np.stack([np.full(rows.size, z), rows.ravel(), cols.ravel()], axis=1))
     plane_pixels = np.concatenate(per_plane).astype(np.int32)  # (P, 3) [z, x, y]
-    t = np.repeat(np.arange(grid.num_timepoints, dtype=np.int32), len(plane_pixels))
-    return np.column_stack([t, np.tile(plane_pixels, (grid.num_timepoints, 1))])
+    t = np.repeat(np.asarray(timepoints, dtype=np.int32), len(plane_pixels))
+    return np.column_stack([t, np.tile(plane_pixels, (len(timepoints), 1))])
 
 
 def _linear_index(coords: np.ndarray, shape: tuple) -> np.ndarray:
     return np.ravel_multi_index(tuple(coords.T.astype(np.int64)), shape)
+
+
+@dataclass
+class CooCounts:
+    """What went into a COO grid (or one block of it): entries of each kind and collisions."""
+
+    spike_pixels: int = 0  # active voxels made by spikes
+    marker_pixels: int = 0  # z-marker voxels
+    marker_spike_overlap: int = 0  # voxels that are both
+    spikes_in_grid: int = 0  # spikes in kept frames
+    collisions: int = 0  # spikes that fell on a voxel already active at that time
+
+    def __iadd__(self, other: CooCounts) -> CooCounts:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        return self
 
 
 def build_coo(
@@ -1976,34 +2193,34 @@ def build_coo(
     grid: GridSpec,
     frame_to_timepoint: np.ndarray,
     z_markers: bool = True,
-) -> dict:
-    """Unique, sorted [t, z, x, y] coordinates of every active voxel, and what went into them.
+    timepoints: range | None = None,
+) -> tuple:
+    """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts.
 
     ``spike_frames`` are original frame numbers; frames mapped to -1 (dropped) are skipped.
     Several cells in one voxel at one time give one active voxel (counted as collisions).
+    ``timepoints`` limits the z markers to a block of timepoints (all by default); the spikes
+    given must then fall in that block.
     """
-    timepoints = frame_to_timepoint[spike_frames]
-    keep = timepoints >= 0
-    voxels = grid.cell_voxels[spike_cells[keep]]
-    spike_coords = np.column_stack([timepoints[keep], voxels]).astype(np.int64)
-    spike_linear = np.unique(_linear_index(spike_coords, grid.shape))
-    collisions = int(keep.sum() - len(spike_linear))
-    marker_linear = _linear_index(z_marker_coords(grid), grid.shape) if z_markers else np.zeros(0, np.int64)
+    timepoint = frame_to_timepoint[spike_frames]
+    keep = timepoint >= 0
+    cell_flat = _linear_index(grid.cell_voxels, grid.shape[1:])
+    spike_linear = np.unique(timepoint[keep] * grid.voxels_per_timepoint + cell_flat[spike_cells[keep]])
+    marker_linear = _linear_index(z_marker_coords(grid, timepoints), grid.shape) if z_markers else np.zeros(0, np.int64)
     all_linear = np.union1d(spike_linear, marker_linear)  # sorted, unique
     coords = np.stack(np.unravel_index(all_linear, grid.shape), axis=1).astype(np.int32)
-    return {
-        "coords": coords,
-        "spike_pixels": len(spike_linear),
-        "marker_pixels": len(marker_linear),
-        "marker_spike_overlap": len(spike_linear) + len(marker_linear) - len(all_linear),
-        "spikes_in_grid": int(keep.sum()),
-        "collisions": collisions,
-    }
+    spikes_in_grid = int(keep.sum())
+    counts = CooCounts(
+        spike_pixels=len(spike_linear),
+        marker_pixels=len(marker_linear),
+        marker_spike_overlap=len(spike_linear) + len(marker_linear) - len(all_linear),
+        spikes_in_grid=spikes_in_grid,
+        collisions=spikes_in_grid - len(spike_linear),
+    )
+    return coords, counts
 
 
-def train_test_split(
-    num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42
-) -> tuple:
+def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42) -> tuple:
     """The original's split: blocks of ``block_frames`` shuffled with RandomState(seed); the
     first max(1, int(num_blocks*(1-split_ratio))) shuffled blocks are test, the rest and any
     leftover frames train. Returns (is_train (T,) uint8, test block indices)."""
@@ -2016,12 +2233,540 @@ def train_test_split(
     return is_train, test_blocks
 
 
+@dataclass(frozen=True)
+class GridPlan:
+    """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
+
+    grid: GridSpec
+    kept_frames: np.ndarray  # (T,) original frame of each timepoint
+    frame_to_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
+    predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
+    is_train: np.ndarray  # (T,) uint8
+    test_blocks: np.ndarray
+
+
+def plan_grid(positions, valid, num_frames: int, model: CascadeModel, config: PipelineConfig) -> GridPlan:
+    """Kept frames (CASCADE's edge frames are dropped unless --keep_edge_frames), grid and split."""
+    predicted = np.zeros(num_frames, dtype=bool)
+    predicted[model.frames_before : num_frames - model.frames_after] = True
+    kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
+    frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
+    frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
+    grid = make_grid_spec(
+        positions, len(kept_frames), config.grid_height, config.grid_width, config.z_markers, valid=valid
+    )
+    is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
+    return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks)
+
+
+def coo_blocks(spikes: SubjectSpikes, plan: GridPlan, z_markers: bool) -> Iterator[tuple]:
+    """build_coo over consecutive blocks of timepoints: yields (coords, counts) in sorted order."""
+    per_timepoint = spikes.frame_counts[plan.kept_frames]
+    bounds = [0]
+    budget = 0
+    for t, count in enumerate(per_timepoint):
+        if budget + count > SPIKES_PER_GRID_BLOCK and t > bounds[-1]:
+            bounds.append(t)
+            budget = 0
+        budget += count
+    bounds.append(len(plan.kept_frames))
+    for t0, t1 in zip(bounds[:-1], bounds[1:]):
+        if t1 <= t0:
+            continue
+        cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
+        yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, z_markers, range(t0, t1))
+
+
 def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
     """Dense (T, Z, H, W) array from COO coordinates (vectorised). Mind the size: T*Z*H*W bytes."""
     dense = np.zeros(tuple(int(s) for s in grid_shape), dtype=dtype)
     coords = np.asarray(spike_coords, dtype=np.int64)
     dense[tuple(coords.T)] = 1 if spike_values is None else spike_values
     return dense
+
+
+# =============================================================================================
+# 8. Workers: batches of cells -> spikes, across a pool that survives a dead worker
+# =============================================================================================
+# A worker reads its batch's traces from the subject's file itself and streams them through
+# dF/F, CASCADE and spike sampling a chunk of cells at a time, so its memory does not grow with
+# --batch_size. It sends back spikes as int32 (frame, cell) events and small per-cell summaries.
+
+CELLS_PER_CHUNK = 2048  # cells streamed through dF/F -> CASCADE -> spikes at once in a worker
+RATE_SUM_SCALE = 2.0**32  # population rate summed in fixed point: exact whatever the batching
+PROGRESS_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What a worker needs to turn traces into spikes (the same for every batch of a subject)."""
+
+    is_fluorescence: bool
+    frame_rate_hz: float
+    baseline_window_s: float
+    baseline_percentile: float
+    cascade_threshold: object
+    spike_mode: str
+    spike_threshold: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One batch of cells [start, stop) of a subject, for a worker."""
+
+    trace_file: TraceFile
+    start: int
+    stop: int
+    cell_ids: np.ndarray  # (B,) ids that key each cell's random stream
+    plot_rows: np.ndarray  # subject rows in [start, stop) whose full traces come back for the PDF
+    model_folder: str
+    model_source: str
+    settings: InferenceSettings
+
+
+@dataclass
+class BatchResult:
+    """A batch's spikes as (frame, cell) events sorted by frame, and per-cell summaries."""
+
+    start: int
+    spike_frames: np.ndarray  # (S,) int32, ascending
+    spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a frame
+    spike_count: np.ndarray  # (B,) int32 spikes per cell (all frames)
+    noise_level: np.ndarray  # (B,) CASCADE noise level per cell
+    model_noise_level: np.ndarray  # (B,) the model noise level each cell used
+    nan_frames: np.ndarray  # (B,) int32 frames without a value (NaN or infinite)
+    infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
+    rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
+    plot_rows: np.ndarray
+    plot_dff: np.ndarray
+    plot_rates: np.ndarray
+    plot_spikes: np.ndarray
+    seconds: float
+
+
+def infer_spikes(traces: np.ndarray, cell_ids: np.ndarray, model: CascadeModel, settings: InferenceSettings):
+    """dF/F -> CASCADE rates -> binary spikes for a chunk of cells: (dff, rates, spikes, noise report)."""
+    dff = (
+        compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
+        if settings.is_fluorescence
+        else traces
+    )
+    rates, report = predict_spike_rates(dff, model, threshold=settings.cascade_threshold, return_noise=True)
+    spikes = binarize_spikes(
+        rates, cell_ids, settings.spike_mode, seed=settings.seed, spike_threshold=settings.spike_threshold, model=model
+    )
+    return dff, rates, spikes, report
+
+
+def process_batch(task: BatchTask) -> BatchResult:
+    """One batch, a chunk of cells at a time; only compact results leave the worker."""
+    started = time.perf_counter()
+    model = load_model_once(task.model_folder, task.model_source)
+    num_frames = task.trace_file.num_frames
+    parts: dict = {key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "plot")}
+    rate_sum_fixed = np.zeros(num_frames, dtype=np.int64)
+    for start in range(task.start, task.stop, CELLS_PER_CHUNK):
+        stop = min(start + CELLS_PER_CHUNK, task.stop)
+        traces = task.trace_file.read_raw(start, stop)
+        parts["inf"].append(mark_infinite_as_missing(traces))
+        parts["nan"].append(np.isnan(traces).sum(axis=1).astype(np.int32))
+        ids = task.cell_ids[start - task.start : stop - task.start]
+        dff, rates, spikes, report = infer_spikes(traces, ids, model, task.settings)
+        frames, cells = np.nonzero(spikes.T)  # sorted by frame, then cell
+        parts["frames"].append(frames.astype(np.int32))
+        parts["cells"].append((cells + start).astype(np.int32))
+        parts["count"].append(spikes.sum(axis=1).astype(np.int32))
+        parts["noise"].append(report["noise_level"])
+        parts["level"].append(report["model_noise_level"])
+        rate_sum_fixed += np.round(np.nan_to_num(rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
+        local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < stop)] - start
+        parts["plot"].append((dff[local].astype(np.float32), rates[local].astype(np.float32), spikes[local]))
+    frames = np.concatenate(parts["frames"])
+    order = np.argsort(frames, kind="stable")  # chunks ascend in cell: (frame, cell) order overall
+    plot_dff, plot_rates, plot_spikes = (np.concatenate(p) for p in zip(*parts["plot"]))
+    return BatchResult(
+        start=task.start,
+        spike_frames=frames[order],
+        spike_cells=np.concatenate(parts["cells"])[order],
+        spike_count=np.concatenate(parts["count"]),
+        noise_level=np.concatenate(parts["noise"]),
+        model_noise_level=np.concatenate(parts["level"]),
+        nan_frames=np.concatenate(parts["nan"]),
+        infinite_values=np.concatenate(parts["inf"]),
+        rate_sum_fixed=rate_sum_fixed,
+        plot_rows=task.plot_rows,
+        plot_dff=plot_dff,
+        plot_rates=plot_rates,
+        plot_spikes=plot_spikes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class SubjectSpikes:
+    """A subject's inference results, gathered from its batches in order of their cells."""
+
+    batches: list  # BatchResult per batch, ascending cells; each holds its frame-sorted events
+    num_frames: int
+
+    def cells(self, key: str) -> np.ndarray:
+        """A per-cell summary over all batches, e.g. cells('spike_count')."""
+        return np.concatenate([getattr(batch, key) for batch in self.batches])
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Cells with at least one value (all-NaN cells are left out of the grid)."""
+        return self.cells("nan_frames") < self.num_frames
+
+    @property
+    def frame_counts(self) -> np.ndarray:
+        """(frames,) spikes per frame over all cells."""
+        return sum(np.bincount(b.spike_frames, minlength=self.num_frames) for b in self.batches)
+
+    @property
+    def rate_sum(self) -> np.ndarray:
+        """(frames,) sum of CASCADE rates over cells (spikes/frame), identical whatever the batching."""
+        return sum(b.rate_sum_fixed for b in self.batches) / RATE_SUM_SCALE
+
+    def events_in_frames(self, first: int, stop: int) -> tuple:
+        """(cells, frames) of every spike in frames [first, stop)."""
+        cells, frames = [], []
+        for batch in self.batches:
+            lo, hi = np.searchsorted(batch.spike_frames, [first, stop])
+            cells.append(batch.spike_cells[lo:hi])
+            frames.append(batch.spike_frames[lo:hi])
+        return np.concatenate(cells), np.concatenate(frames)
+
+    def events_of_cells(self, rows: np.ndarray) -> tuple:
+        """(cells, frames) of every spike of the given cells."""
+        cells, frames = [], []
+        for batch in self.batches:
+            mine = np.isin(batch.spike_cells, rows)
+            cells.append(batch.spike_cells[mine])
+            frames.append(batch.spike_frames[mine])
+        return np.concatenate(cells), np.concatenate(frames)
+
+    def plot_traces(self) -> tuple:
+        """(rows, dff, rates, spikes) of the cells shown in the PDF."""
+        return tuple(
+            np.concatenate([getattr(b, key) for b in self.batches])
+            for key in ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")
+        )
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (respects SLURM/cgroup affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker(num_threads: int, log_level: int) -> None:
+    # The parent stops the workers itself: a Ctrl-C or SLURM's SIGTERM reaching the whole process
+    # group must not print one traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
+    configure_tensorflow_threads(num_threads)
+
+
+class WorkerDied(PipelineError):
+    """A worker process died (killed by the OOM killer, a signal, or a crash) during a batch."""
+
+
+class WorkerPool:
+    """Worker processes for CASCADE (or the calling process when there is one worker).
+
+    Built on concurrent.futures' ProcessPoolExecutor, which reports a worker that died instead
+    of waiting for it forever (multiprocessing.Pool hangs); the pool is then rebuilt for the next
+    subject. Workers are started with 'spawn': TensorFlow is not fork-safe.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.threads_per_worker = max(1, available_cpus() // workers)
+        self._executor = None
+        if workers == 1:
+            configure_tensorflow_threads(available_cpus())
+
+    def _start(self):
+        import concurrent.futures
+        import multiprocessing
+
+        if self._executor is None:
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads_per_worker, logging.getLogger().level),
+            )
+        return self._executor
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        if kill:
+            for process in processes:
+                with contextlib.suppress(Exception):
+                    process.kill()
+        executor.shutdown(wait=not kill, cancel_futures=True)
+
+    def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
+        """Results of every task in order; at most workers + 1 tasks in flight."""
+        if self.workers == 1:
+            results = []
+            for task in tasks:
+                results.append(process_batch(task))
+                progress.advance(task.stop - task.start)
+            return results
+        from collections import deque
+        from concurrent.futures.process import BrokenProcessPool
+
+        executor = self._start()
+        pending: deque = deque()
+        results = []
+        try:
+            for task in itertools.chain(tasks, [None]):
+                if task is not None:
+                    pending.append((task, executor.submit(process_batch, task)))
+                while pending and (len(pending) > self.workers or task is None):
+                    done_task, future = pending.popleft()
+                    results.append(future.result())
+                    progress.advance(done_task.stop - done_task.start)
+        except BrokenProcessPool:
+            cause = self._death_cause()
+            self.close(kill=True)
+            raise WorkerDied(
+                f"a worker process died during CASCADE inference ({cause}); this is most often the "
+                f"out-of-memory killer: use fewer --workers (now {self.workers}) or a smaller "
+                "--batch_size, or ask the scheduler for more memory"
+            ) from None
+        return results
+
+    def _death_cause(self) -> str:
+        processes = (getattr(self._executor, "_processes", None) or {}).values()
+        codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+        if not codes:
+            return "exit status unknown"
+        code = codes[0]
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (SLURM and cron logs) a log line per finished batch,
+    at most one a minute: batches done, neuron-frames/s, time left and memory."""
+
+    def __init__(self, subject: str, num_batches: int, num_cells: int, num_frames: int):
+        self.subject, self.num_batches, self.num_frames = subject, num_batches, num_frames
+        self.num_cells, self.done_batches, self.done_cells = num_cells, 0, 0
+        self.started = self.last_log = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_batches, desc=f"{subject} CASCADE", unit="batch", leave=False)
+
+    def advance(self, cells: int) -> None:
+        self.done_batches += 1
+        self.done_cells += cells
+        if self.bar is not None:
+            self.bar.update()
+            return
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_LOG_INTERVAL_S and self.done_batches < self.num_batches:
+            self.last_log = now
+            rate = self.done_cells * self.num_frames / max(now - self.started, 1e-9)
+            left_s = (self.num_cells - self.done_cells) * self.num_frames / max(rate, 1e-9)
+            log.info(
+                "%s: CASCADE %d/%d batches, %.0f neuron-frames/s, about %.0f min left, RSS %.2f GB",
+                self.subject,
+                self.done_batches,
+                self.num_batches,
+                rate,
+                left_s / 60,
+                rss_gb(),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def rss_gb() -> float:
+    """Resident memory of this process and its workers, in GB."""
+    import psutil
+
+    process = psutil.Process()
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total / 1e9
+
+
+# =============================================================================================
+# 9. Outputs: atomic writers for the COO grid, metadata and combined metadata; readers
+# =============================================================================================
+# Every file is written to a temporary name in its final folder and renamed into place, so a
+# crash, a kill or a full disk never leaves half a file under a final name. A subject's metadata
+# is its commit record: it is removed before and renamed last after the other files, so the
+# presence of metadata.h5 with a matching run id means the subject's set of files is complete.
+
+COO_FILENAME = "preaugmented_grids_coo.h5"
+METADATA_FILENAME = "metadata.h5"
+COMBINED_FILENAME = "combined_metadata.h5"
+COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
+COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
+TEMPORARY_MARKER = ".tmp-"
+
+
+class WriteFailed(PipelineError):
+    """Writing an output failed (full disk, quota, permissions): the run stops cleanly."""
+
+
+def pdf_filename(subject_name: str) -> str:
+    return f"{subject_name}_visualization.pdf"
+
+
+def temporary_path(final: Path) -> Path:
+    """A hidden sibling of ``final`` naming this host and process (to find leftovers of dead runs)."""
+    return final.with_name(
+        f".{final.name}{TEMPORARY_MARKER}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def _set_attrs(h5, attrs: dict) -> None:
+    for key, value in attrs.items():
+        h5.attrs[key] = h5_attr_value(value)
+
+
+def _write_dataset(h5, name, data, compress: bool = True):
+    data = np.asarray(data)
+    if compress and data.size > 0 and data.ndim > 0:
+        return h5.create_dataset(name, data=data, compression="gzip", compression_opts=4, shuffle=True)
+    return h5.create_dataset(name, data=data)
+
+
+def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict) -> tuple:
+    """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries).
+
+    Datasets: spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones,
+    timepoint_offsets (T+1,) int64 (entries of timepoint t are rows offsets[t]:offsets[t+1]),
+    grid_shape, timepoint_indices (original frame of each t), is_train.
+    """
+    import h5py
+
+    grid = plan.grid
+    counts = CooCounts()
+    plane_entries = np.zeros(grid.num_z_planes, dtype=np.int64)
+    per_timepoint = np.zeros(grid.num_timepoints, dtype=np.int64)
+    with h5py.File(path, "w") as h5:
+        options = dict(chunks=(COO_CHUNK_ROWS, 4), compression="gzip", compression_opts=4, shuffle=True)
+        coords_out = h5.create_dataset("spike_coords", (0, 4), np.int32, maxshape=(None, 4), **options)
+        written = 0
+        for coords, block_counts in blocks:
+            counts += block_counts
+            if len(coords):
+                coords_out.resize(written + len(coords), axis=0)
+                coords_out[written:] = coords
+                written += len(coords)
+            plane_entries += np.bincount(coords[:, 1], minlength=grid.num_z_planes)
+            per_timepoint += np.bincount(coords[:, 0], minlength=grid.num_timepoints)
+        h5.create_dataset(
+            "spike_values",
+            data=np.ones(written, np.uint8),
+            chunks=(COO_CHUNK_ROWS,) if written else None,
+            compression="gzip" if written else None,
+            shuffle=bool(written),
+        )
+        _write_dataset(h5, "timepoint_offsets", np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
+        _write_dataset(h5, "grid_shape", np.asarray(grid.shape, dtype=np.int32), compress=False)
+        _write_dataset(h5, "timepoint_indices", plan.kept_frames.astype(np.int32))
+        _write_dataset(h5, "is_train", plan.is_train.astype(np.uint8))
+        _set_attrs(h5, {**attrs, **coo_attrs(counts, written, grid)})
+    return counts, plane_entries
+
+
+def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
+    """The counts every COO and metadata file records (total_spikes counts every entry, markers
+    included, as the original defined it)."""
+    return {
+        "total_spikes": num_entries,
+        "total_pixels": grid.num_voxels,
+        "sparsity_percent": 100.0 * num_entries / max(grid.num_voxels, 1),
+        **dataclasses.asdict(counts),
+    }
+
+
+def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        _set_attrs(h5, attrs)
+        for key, value in datasets.items():
+            _write_dataset(h5, key, value)
+        group = h5.create_group("cells")
+        for key, value in cells.items():
+            _write_dataset(group, key, value)
+
+
+def read_attrs(path: Path) -> dict | None:
+    """A file's HDF5 attributes, or None when it is absent or unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return {key: h5.attrs[key] for key in h5.attrs}
+    except (OSError, KeyError):
+        return None
+
+
+def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict) -> dict:
+    """combined_metadata.h5: one group per subject (a copy of its metadata.h5), totals, and the
+    subject folders left out with the reason (attribute `excluded`)."""
+    import h5py
+
+    totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
+    final = output_dir / COMBINED_FILENAME
+    temporary = temporary_path(final)
+    try:
+        with h5py.File(temporary, "w") as combined:
+            for subject_dir in subject_dirs:
+                with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
+                    source.copy(source["/"], combined, name=subject_dir.name)
+                    totals["total_subjects"] += 1
+                    totals["total_spikes"] += int(source.attrs["total_spikes"])
+                    totals["total_pixels"] += int(source.attrs["total_pixels"])
+            totals["overall_sparsity_percent"] = (
+                100.0 * totals["total_spikes"] / totals["total_pixels"] if totals["total_pixels"] else 0.0
+            )
+            _set_attrs(combined, totals)
+            _set_attrs(
+                combined,
+                {
+                    "format": "COO_sparse",
+                    "software_version": __version__,
+                    "subjects": [p.name for p in subject_dirs],
+                    "excluded": excluded,
+                },
+            )
+        os.replace(temporary, final)
+    finally:
+        remove_quietly(temporary)
+    return totals
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def load_coo_grid(path) -> dict:
@@ -2035,328 +2780,33 @@ def load_coo_grid(path) -> dict:
 
 
 # =============================================================================================
-# Batched inference across a worker pool
+# 10. Plots: one PDF per subject, one function per page
 # =============================================================================================
 
 
-@dataclass(frozen=True)
-class BatchTask:
-    """One batch of cells for a worker: raw traces in, sparse spikes and summaries out."""
+@dataclass
+class PlotData:
+    """What the PDF shows: small arrays gathered from a subject's results."""
 
-    rows: np.ndarray  # (B,) row numbers in the subject
-    traces: np.ndarray  # (B, T) float32
-    cell_ids: np.ndarray  # (B,) ids that key each cell's random stream
-    plot_rows: np.ndarray  # positions within this batch whose full traces come back
-    model_folder: str
-    model_source: str
-    is_fluorescence: bool
+    subject: str
     frame_rate_hz: float
-    baseline_window_s: float
-    baseline_percentile: float
-    cascade_threshold: object
+    summary_lines: list  # first page: what was run, and every warning
+    cell_ids: np.ndarray  # the few cells whose traces are drawn
+    dff: np.ndarray
+    rates: np.ndarray
+    spikes: np.ndarray
     spike_mode: str
-    spike_threshold: float
-    seed: int
-
-
-def _process_cache() -> dict:
-    """Per-process cache (engine, models): each worker loads TensorFlow and a model once."""
-    return _ENGINE_CACHE
-
-
-def _cached_model(folder: str, source: str) -> CascadeModel:
-    cache = _process_cache().setdefault("models", {})
-    if folder not in cache:
-        cache[folder] = load_cascade_model_folder(folder, source=source)
-    return cache[folder]
-
-
-def process_batch(task: BatchTask) -> dict:
-    """dF/F -> CASCADE rates -> binary spikes for one batch; returns only sparse results."""
-    started = time.perf_counter()
-    model = _cached_model(task.model_folder, task.model_source)
-    dff = (
-        compute_dff(task.traces, task.frame_rate_hz, task.baseline_window_s, task.baseline_percentile)
-        if task.is_fluorescence
-        else task.traces
-    )
-    rates, report = predict_spike_rates(dff, model, threshold=task.cascade_threshold, return_noise=True)
-    spikes = binarize_spikes(
-        rates,
-        task.cell_ids,
-        task.spike_mode,
-        seed=task.seed,
-        spike_threshold=task.spike_threshold,
-        model=model,
-    )
-    cells, frames = np.nonzero(spikes)
-    return {
-        "rows": task.rows,
-        "spike_cells": task.rows[cells].astype(np.int32),
-        "spike_frames": frames.astype(np.int32),
-        "spike_count": spikes.sum(axis=1).astype(np.int32),
-        "noise_level": report["noise_level"],
-        "model_noise_level": report["model_noise_level"],
-        "rate_sum": np.nansum(rates, axis=0),
-        "plot_dff": dff[task.plot_rows].astype(np.float32),
-        "plot_rates": rates[task.plot_rows].astype(np.float32),
-        "plot_spikes": spikes[task.plot_rows],
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _init_worker(num_threads: int | None, log_level: int) -> None:
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
-    configure_tensorflow_threads(num_threads)
-
-
-def available_cpus() -> int:
-    """CPUs this process may use (respects SLURM/cgroup affinity where the OS reports it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def run_batches(tasks: Iterable, num_tasks: int, pool, description: str) -> list:
-    """Results of every task in order. ``tasks`` is consumed lazily and at most workers + 1
-    tasks are in flight, so the batches' copies of the traces never pile up in memory."""
-    from collections import deque
-
-    from tqdm import tqdm
-
-    results = []
-    with tqdm(
-        total=num_tasks, desc=description, unit="batch", leave=False, disable=None, file=sys.stderr
-    ) as progress:
-        if pool is None:
-            for task in tasks:
-                results.append(process_batch(task))
-                progress.update()
-            return results
-        pending: deque = deque()
-        max_pending = pool._processes + 1  # noqa: SLF001 (the pool's own size)
-        for task in tasks:
-            pending.append(pool.apply_async(process_batch, (task,)))
-            while len(pending) >= max_pending:
-                results.append(pending.popleft().get())
-                progress.update()
-        while pending:
-            results.append(pending.popleft().get())
-            progress.update()
-    return results
-
-
-# =============================================================================================
-# Writing: COO grid, metadata, combined metadata (atomically: a crash never leaves half a file)
-# =============================================================================================
-
-COO_FILENAME = "preaugmented_grids_coo.h5"
-METADATA_FILENAME = "metadata.h5"
-COMBINED_FILENAME = "combined_metadata.h5"
-COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
-
-
-def _h5_attr(value):
-    """Values h5py can store as attributes (None -> '', dicts -> JSON)."""
-    if value is None:
-        return ""
-    if isinstance(value, dict):
-        return json.dumps(value, default=str)
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        return ",".join(value)
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value)
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    return value
-
-
-def _write_dataset(h5, name, data, compress: bool = True):
-    data = np.asarray(data)
-    if compress and data.size > 0 and data.ndim > 0:
-        return h5.create_dataset(name, data=data, compression="gzip", compression_opts=4, shuffle=True)
-    return h5.create_dataset(name, data=data)
-
-
-def _temporary_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def write_coo_file(
-    path: Path, coo: dict, grid: GridSpec, timepoint_indices: np.ndarray, is_train: np.ndarray, attrs: dict
-) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as h5:
-        coords = coo["coords"]
-        _write_dataset(h5, "spike_coords", coords)
-        _write_dataset(h5, "spike_values", np.ones(len(coords), dtype=np.uint8))
-        _write_dataset(h5, "grid_shape", np.asarray(grid.shape, dtype=np.int32), compress=False)
-        _write_dataset(h5, "timepoint_indices", timepoint_indices.astype(np.int32))
-        _write_dataset(h5, "is_train", is_train.astype(np.uint8))
-        for key, value in attrs.items():
-            h5.attrs[key] = _h5_attr(value)
-
-
-def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as h5:
-        for key, value in attrs.items():
-            h5.attrs[key] = _h5_attr(value)
-        for key, value in datasets.items():
-            _write_dataset(h5, key, value)
-        group = h5.create_group("cells")
-        for key, value in cells.items():
-            _write_dataset(group, key, value)
-
-
-def write_combined_metadata(output_dir: Path) -> dict:
-    """combined_metadata.h5: a group per subject found in output_dir (this run's and earlier)."""
-    import h5py
-
-    subject_dirs = sorted(
-        (p for p in output_dir.iterdir() if (p / METADATA_FILENAME).is_file()),
-        key=lambda p: _natural_key(p.name),
-    )
-    totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
-    final = output_dir / COMBINED_FILENAME
-    temporary = _temporary_path(final)
-    with h5py.File(temporary, "w") as combined:
-        for subject_dir in subject_dirs:
-            with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
-                source.copy(source["/"], combined, name=subject_dir.name)
-                totals["total_subjects"] += 1
-                totals["total_spikes"] += int(source.attrs["total_spikes"])
-                totals["total_pixels"] += int(source.attrs["total_pixels"])
-        totals["overall_sparsity_percent"] = (
-            100.0 * totals["total_spikes"] / totals["total_pixels"] if totals["total_pixels"] else 0.0
-        )
-        for key, value in totals.items():
-            combined.attrs[key] = value
-        combined.attrs["format"] = "COO_sparse"
-        combined.attrs["software_version"] = __version__
-        combined.attrs["subjects"] = ",".join(p.name for p in subject_dirs)
-    os.replace(temporary, final)
-    return totals
-
-
-# =============================================================================================
-# Plotting: one PDF per subject
-# =============================================================================================
-
-
-def plot_subject_pdf(path: Path, subject_name: str, frame_rate_hz: float, plot: dict) -> None:
-    """The original's pages (dF/F, rate, spikes for a few cells) plus population views."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    time_s = np.arange(plot["dff"].shape[1]) / frame_rate_hz
-    labels = [f"cell {int(c)}" for c in plot["cell_ids"]]
-    with PdfPages(path) as pdf:
-        for key, title, unit in (("dff", "dF/F", "dF/F"), ("rates", "CASCADE spike rate", "spikes/frame")):
-            traces = plot[key]
-            fig, ax = plt.subplots(figsize=(11, 8.5))
-            spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
-            spacing = spacing if spacing > 0 else 1.0
-            for i, trace in enumerate(traces):
-                ax.plot(time_s, trace + i * spacing, lw=0.7)
-            ax.set_yticks(np.arange(len(traces)) * spacing, labels)
-            ax.set_xlabel("time (s)")
-            ax.set_title(
-                f"{subject_name}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)"
-            )
-            fig.tight_layout()
-            pdf.savefig(fig)
-            plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(11, 8.5))
-        for i, row in enumerate(plot["spikes"]):
-            ax.vlines(time_s[np.flatnonzero(row)], i + 0.1, i + 0.9, lw=1.0)
-        ax.set_yticks(np.arange(len(labels)) + 0.5, labels)
-        ax.set_xlim(time_s[0], time_s[-1] if len(time_s) > 1 else 1)
-        ax.set_xlabel("time (s)")
-        ax.set_title(f"{subject_name}: binary spikes ({plot['spike_mode']}) of the same cells")
-        fig.tight_layout()
-        pdf.savefig(fig)
-        plt.close(fig)
-
-        fig, (raster_ax, rate_ax) = plt.subplots(
-            2, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-        )
-        raster_cells, raster_frames = plot["raster"]
-        raster_ax.plot(raster_frames / frame_rate_hz, raster_cells, "|", ms=2, color="k", alpha=0.6)
-        raster_ax.set_ylabel("cell (sorted by z-plane)")
-        raster_ax.set_title(f"{subject_name}: spikes of {plot['raster_size']} random cells")
-        rate_ax.plot(time_s, plot["population_rate_hz"], lw=0.8, color="C3")
-        for start, stop in plot["test_spans_frames"]:
-            rate_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="C0", alpha=0.15, lw=0)
-            raster_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="C0", alpha=0.08, lw=0)
-        rate_ax.set_ylabel("mean rate (Hz/cell)")
-        rate_ax.set_xlabel("time (s); blue: test blocks, grey: frames without prediction")
-        for start, stop in plot["edge_spans_frames"]:
-            rate_ax.axvspan(start / frame_rate_hz, stop / frame_rate_hz, color="0.6", alpha=0.3, lw=0)
-        fig.tight_layout()
-        pdf.savefig(fig)
-        plt.close(fig)
-
-        # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images)
-        voxels, counts = plot["cell_voxels"], plot["cell_spike_counts"]
-        num_planes = len(plot["z_values"])
-        columns = min(6, num_planes)
-        rows = int(math.ceil(num_planes / columns))
-        fig, axes = plt.subplots(rows, columns, figsize=(11, 8.5), squeeze=False)
-        vmax = max(1.0, float(np.percentile(counts, 99))) if counts.size else 1.0
-        image = None
-        for z, ax in enumerate(axes.ravel()):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if z >= num_planes:
-                ax.axis("off")
-                continue
-            in_plane = voxels[:, 0] == z
-            order = np.argsort(counts[in_plane])  # active cells drawn on top
-            image = ax.scatter(
-                voxels[in_plane, 2][order],
-                voxels[in_plane, 1][order],
-                c=counts[in_plane][order],
-                s=4,
-                cmap="viridis",
-                vmin=0,
-                vmax=vmax,
-                linewidths=0,
-            )
-            ax.set_xlim(-1, plot["grid_width"])
-            ax.set_ylim(plot["grid_height"], -1)
-            ax.set_aspect("equal")
-            ax.set_title(f"plane {z} (z={plot['z_values'][z]:g})", fontsize=8)
-        if image is not None:
-            fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
-        fig.suptitle(f"{subject_name}: spike counts per cell in each plane (x down, y across)")
-        pdf.savefig(fig)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(11, 8.5))
-        noise = plot["noise_level"][np.isfinite(plot["noise_level"])]
-        if noise.size:
-            ax.hist(noise, bins=60, color="0.4")
-        for level in plot["model_noise_levels"]:
-            ax.axvline(level, color="C3", lw=1, ls="--")
-        ax.set_xlabel("CASCADE noise level (% dF/F / sqrt(Hz)); dashed: the model's noise levels")
-        ax.set_ylabel("cells")
-        ax.set_title(f"{subject_name}: noise levels of {noise.size} cells vs model {plot['model_name']}")
-        fig.tight_layout()
-        pdf.savefig(fig)
-        plt.close(fig)
-
-
-# =============================================================================================
-# One subject, end to end
-# =============================================================================================
+    raster_cells: np.ndarray  # rank of the cell in the raster (sorted by plane)
+    raster_frames: np.ndarray
+    raster_size: int
+    population_rate_hz: np.ndarray
+    test_spans_frames: list
+    edge_spans_frames: list
+    cell_voxels: np.ndarray
+    cell_spike_counts: np.ndarray
+    grid: GridSpec
+    noise_level: np.ndarray
+    model: CascadeModel
 
 
 def _spans(mask: np.ndarray) -> list:
@@ -2365,103 +2815,184 @@ def _spans(mask: np.ndarray) -> list:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def _rss_gb() -> float:
-    """Resident memory of this process and its workers, in GB."""
-    import psutil
+def plot_subject_pdf(path: Path, plot: PlotData) -> None:
+    """The original's pages (dF/F, rate, spikes for a few cells) plus a summary and population views."""
+    import matplotlib
 
-    process = psutil.Process()
-    total = process.memory_info().rss
-    for child in process.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 1e9
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(path) as pdf:
+        for page in (_page_summary, _page_traces, _page_spikes, _page_raster, _page_planes, _page_noise):
+            for fig in page(plt, plot):
+                pdf.savefig(fig)
+                plt.close(fig)
 
 
-def _plot_payload(
-    results,
-    subject,
-    model,
-    grid,
-    valid,
-    plot_rows,
-    spike_cells,
-    spike_frames,
-    frame_to_timepoint,
-    kept_frames,
-    is_train,
-    predicted,
-    rate_sum,
-    noise_level,
-    spike_mode,
-    rng,
-) -> dict:
-    """What the PDF shows, gathered from the batch results (small arrays only)."""
-    num_cells, num_frames = subject.traces.shape
-    valid_rows = np.flatnonzero(valid)
-    in_grid = frame_to_timepoint[spike_frames] >= 0
-    cell_spikes_kept = np.bincount(spike_cells[in_grid], minlength=num_cells)
-    raster_pool = (
-        valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+def _page_summary(plt, plot: PlotData):
+    fig = plt.figure(figsize=(11, 8.5))
+    fig.text(0.05, 0.95, f"{plot.subject}", fontsize=16, va="top", weight="bold")
+    text = "\n".join(plot.summary_lines)
+    fig.text(0.05, 0.88, text, fontsize=9, va="top", family="monospace", wrap=True)
+    yield fig
+
+
+def _page_traces(plt, plot: PlotData):
+    time_s = np.arange(plot.dff.shape[1]) / plot.frame_rate_hz
+    labels = [f"cell {int(c)}" for c in plot.cell_ids]
+    for traces, title, unit in ((plot.dff, "dF/F", "dF/F"), (plot.rates, "CASCADE spike rate", "spikes/frame")):
+        fig, ax = plt.subplots(figsize=(11, 8.5))
+        spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
+        spacing = spacing if spacing > 0 else 1.0
+        for i, trace in enumerate(traces):
+            ax.plot(time_s, trace + i * spacing, lw=0.7)
+        ax.set_yticks(np.arange(len(traces)) * spacing, labels)
+        ax.set_xlabel("time (s)")
+        ax.set_title(f"{plot.subject}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)")
+        fig.tight_layout()
+        yield fig
+
+
+def _page_spikes(plt, plot: PlotData):
+    time_s = np.arange(plot.spikes.shape[1]) / plot.frame_rate_hz
+    fig, ax = plt.subplots(figsize=(11, 8.5))
+    for i, row in enumerate(plot.spikes):
+        ax.vlines(time_s[np.flatnonzero(row)], i + 0.1, i + 0.9, lw=1.0)
+    ax.set_yticks(np.arange(len(plot.cell_ids)) + 0.5, [f"cell {int(c)}" for c in plot.cell_ids])
+    ax.set_xlim(time_s[0], time_s[-1] if len(time_s) > 1 else 1)
+    ax.set_xlabel("time (s)")
+    ax.set_title(f"{plot.subject}: binary spikes ({plot.spike_mode}) of the same cells")
+    fig.tight_layout()
+    yield fig
+
+
+def _page_raster(plt, plot: PlotData):
+    rate = plot.frame_rate_hz
+    fig, (raster_ax, rate_ax) = plt.subplots(
+        2, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
-    order = raster_pool[np.lexsort((raster_pool, grid.cell_voxels[raster_pool, 0]))]  # by plane
-    rank = np.full(num_cells, -1)
-    rank[order] = np.arange(len(order))
-    in_raster = rank[spike_cells] >= 0
-    test_mask = np.zeros(num_frames, bool)
-    test_mask[kept_frames[is_train == 0]] = True
-    return {
-        "dff": np.concatenate([r["plot_dff"] for r in results]),
-        "rates": np.concatenate([r["plot_rates"] for r in results]),
-        "spikes": np.concatenate([r["plot_spikes"] for r in results]),
-        "cell_ids": subject.cell_ids[plot_rows],
-        "spike_mode": spike_mode,
-        "raster": (rank[spike_cells[in_raster]], spike_frames[in_raster]),
-        "raster_size": len(order),
-        "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
-        "test_spans_frames": _spans(test_mask),
-        "edge_spans_frames": _spans(~predicted),
-        "cell_voxels": grid.cell_voxels[valid],
-        "cell_spike_counts": cell_spikes_kept[valid],
-        "grid_height": grid.height,
-        "grid_width": grid.width,
-        "z_values": grid.z_values,
-        "noise_level": noise_level,
-        "model_noise_levels": model.noise_levels,
-        "model_name": model.name,
-    }
+    raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6)
+    raster_ax.set_ylabel("cell (sorted by z-plane)")
+    raster_ax.set_title(f"{plot.subject}: spikes of {plot.raster_size} random cells")
+    rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
+    for start, stop in plot.test_spans_frames:
+        rate_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.15, lw=0)
+        raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
+    for start, stop in plot.edge_spans_frames:
+        rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
+    rate_ax.set_ylabel("mean rate (Hz/cell)")
+    rate_ax.set_xlabel("time (s); blue: test blocks, grey: frames without prediction")
+    fig.tight_layout()
+    yield fig
 
 
-def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) -> dict:
-    """Load, infer, binarise, grid and write one subject; returns its summary numbers."""
-    timings = {}
-    started = time.perf_counter()
-    subject = load_subject(folder, config.coordinates)
-    num_cells, num_frames = subject.traces.shape
-    timings["load_s"] = time.perf_counter() - started
-    log.info(
-        "%s: %d cells x %d frames at %.3g Hz (%s layout)",
-        subject.name,
-        num_cells,
-        num_frames,
-        subject.frame_rate_hz,
-        subject.layout,
+def _page_planes(plt, plot: PlotData):
+    # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images)
+    voxels, counts, grid = plot.cell_voxels, plot.cell_spike_counts, plot.grid
+    columns = min(6, grid.num_z_planes)
+    rows = int(math.ceil(grid.num_z_planes / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(11, 8.5), squeeze=False)
+    vmax = max(1.0, float(np.percentile(counts, 99))) if counts.size else 1.0
+    image = None
+    for z, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if z >= grid.num_z_planes:
+            ax.axis("off")
+            continue
+        in_plane = voxels[:, 0] == z
+        order = np.argsort(counts[in_plane])  # active cells drawn on top
+        image = ax.scatter(
+            voxels[in_plane, 2][order],
+            voxels[in_plane, 1][order],
+            c=counts[in_plane][order],
+            s=4,
+            cmap="viridis",
+            vmin=0,
+            vmax=vmax,
+            linewidths=0,
+        )
+        ax.set_xlim(-1, grid.width)
+        ax.set_ylim(grid.height, -1)
+        ax.set_aspect("equal")
+        ax.set_title(f"plane {z} (z={grid.z_values[z]:g})", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
+    fig.suptitle(f"{plot.subject}: spike counts per cell in each plane (x down, y across)")
+    yield fig
+
+
+def _page_noise(plt, plot: PlotData):
+    fig, ax = plt.subplots(figsize=(11, 8.5))
+    noise = plot.noise_level[np.isfinite(plot.noise_level)]
+    if noise.size:
+        ax.hist(noise, bins=60, color="0.4")
+    for level in plot.model.noise_levels:
+        ax.axvline(level, color="C3", lw=1, ls="--")
+    ax.set_xlabel("CASCADE noise level (% dF/F / sqrt(Hz)); dashed: the model's noise levels")
+    ax.set_ylabel("cells")
+    ax.set_title(f"{plot.subject}: noise levels of {noise.size} cells vs model {plot.model.name}")
+    fig.tight_layout()
+    yield fig
+
+
+# =============================================================================================
+# 11. Driver: one subject as a list of stages; a run over many subjects (resume, shards, locks)
+# =============================================================================================
+
+
+@dataclass
+class SubjectSummary:
+    """What the end-of-run summary says about one subject (read back from its metadata if skipped)."""
+
+    subject: str
+    total_spikes: int  # COO entries, z markers included (the original's definition)
+    spike_pixels: int
+    marker_pixels: int
+    total_pixels: int
+    coo_file_bytes: int
+    model: str
+    model_source: str
+    warnings: list
+    seconds: float
+    up_to_date: bool = False  # skipped: finished outputs matched this run
+
+    @property
+    def sparsity_percent(self) -> float:
+        return 100.0 * self.total_spikes / max(self.total_pixels, 1)
+
+    @classmethod
+    def from_metadata(cls, attrs: dict, up_to_date: bool = True) -> SubjectSummary:
+        warnings_text = str(attrs.get("warnings", ""))
+        return cls(
+            subject=str(attrs["subject"]),
+            total_spikes=int(attrs["total_spikes"]),
+            spike_pixels=int(attrs["spike_pixels"]),
+            marker_pixels=int(attrs["marker_pixels"]),
+            total_pixels=int(attrs["total_pixels"]),
+            coo_file_bytes=int(attrs["coo_file_bytes"]),
+            model=str(attrs["cascade_model"]),
+            model_source=str(attrs["model_source"]),
+            warnings=[w for w in warnings_text.split("; ") if w],
+            seconds=float(attrs.get("total_s", 0.0)),
+            up_to_date=up_to_date,
+        )
+
+
+def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
+    """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
+    model = resolve_model(
+        config.cascade_model,
+        model_dir=config.model_dir,
+        cache_dir=config.model_cache,
+        frame_rate_hz=subject.frame_rate_hz,
+        strict=config.strict_model,
+        offline=config.offline,
     )
-
-    trace_type, reason = (
-        (config.trace_type, "set by --trace_type")
-        if config.trace_type != "auto"
-        else decide_trace_type(subject.traces, subject.trace_type_hint)
-    )
-    log.info("%s: traces treated as %s (%s)", subject.name, trace_type, reason)
-
-    choice = model_choice(subject.frame_rate_hz)
-    model = load_cascade_model_folder(choice.folder, source=choice.source)
-    warnings_list = []
-    if choice.is_fallback:
-        warnings_list.append(f"model fallback: {choice.source}")
-    mismatch = abs(model.sampling_rate_hz - subject.frame_rate_hz) / subject.frame_rate_hz
+    if model.is_fallback:
+        subject.warnings.append(f"model fallback: {model.source}")
+    mismatch = rate_mismatch(model, subject.frame_rate_hz)
     if mismatch > config.max_rate_mismatch:
         raise PipelineError(
             f"frame rate {subject.frame_rate_hz:.3g} Hz is {mismatch:.0%} away from model "
@@ -2469,418 +3000,810 @@ def process_subject(folder: Path, config: PipelineConfig, model_choice, pool) ->
             "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
         )
     if mismatch > RATE_MISMATCH_WARN_FRACTION:
-        message = (
+        subject.warn(
             f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
             f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)"
         )
-        log.warning("%s: %s", subject.name, message)
-        warnings_list.append(message)
-    if num_frames < model.window_size + 1:
+    if subject.num_frames < model.window_size + 1:
         raise PipelineError(
-            f"{num_frames} frames are fewer than CASCADE's window of {model.window_size} frames"
+            f"{subject.num_frames} frames are fewer than CASCADE's window of {model.window_size} frames"
         )
+    return model
 
-    nan_rows = np.isnan(subject.traces)
-    valid = ~nan_rows.all(axis=1)
-    partial_nan = int((nan_rows.any(axis=1) & valid).sum())
-    if (~valid).any():
-        message = f"{int((~valid).sum())} cells have all-NaN traces and are left out"
-        log.warning("%s: %s", subject.name, message)
-        warnings_list.append(message)
-    if partial_nan:
-        message = f"{partial_nan} cells have some NaN frames (no spikes in windows touching them)"
-        log.warning("%s: %s", subject.name, message)
-        warnings_list.append(message)
 
+def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: CascadeModel) -> dict:
+    """What made a subject's outputs: input files (size, modification time), the parameters that
+    change outputs, the model's identity (digest of its weights and config) and the software."""
+    inputs = {}
+    for path in subject.source_files:
+        stat = os.stat(path)
+        inputs[Path(path).name] = [stat.st_size, stat.st_mtime_ns]
+    params = {key: h5_attr_value(value) for key, value in config.output_params().items()}
+    params["cascade_threshold"] = str(config.cascade_threshold)
+    return {"inputs": inputs, "params": params, "model": model.digest, "software_version": __version__}
+
+
+def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
+    """Why a subject's outputs must be (re)computed, or None when they are complete and match."""
+    metadata = read_attrs(out_dir / METADATA_FILENAME)
+    if metadata is None or "fingerprint" not in metadata:
+        return "no finished outputs"
+    coo = read_attrs(out_dir / COO_FILENAME)
+    if coo is None or coo.get("run_id") != metadata.get("run_id"):
+        return "outputs incomplete"
+    if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
+        return "PDF missing"
+    return fingerprint_difference(json.loads(metadata["fingerprint"]), fingerprint)
+
+
+def fingerprint_difference(old: dict, new: dict) -> str | None:
+    """A short reason naming what changed between two fingerprints, or None."""
+    if old.get("software_version") != new["software_version"]:
+        return f"software version changed ({old.get('software_version')} -> {new['software_version']})"
+    if old.get("inputs") != new["inputs"]:
+        changed = sorted(
+            k
+            for k in set(old.get("inputs", {})) | set(new["inputs"])
+            if old.get("inputs", {}).get(k) != new["inputs"].get(k)
+        )
+        return f"input files changed ({', '.join(changed)})"
+    changed = [k for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
+    if changed:
+        return "parameters changed (" + ", ".join(f"--{k}" for k in changed) + ")"
+    if old.get("model") != new["model"]:
+        return "CASCADE model changed"
+    return None
+
+
+def decide_subject_trace_type(subject: SubjectData, config: PipelineConfig) -> tuple:
+    if config.trace_type != "auto":
+        return config.trace_type, "set by --trace_type"
+    sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
+    return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
+
+
+def infer_subject(subject, model, trace_type: str, config: PipelineConfig, pool: WorkerPool) -> SubjectSpikes:
+    """CASCADE over the subject's cells in batches (at least one per worker) across the pool."""
+    settings = InferenceSettings(
+        is_fluorescence=trace_type == "fluorescence",
+        frame_rate_hz=subject.frame_rate_hz,
+        baseline_window_s=config.baseline_window_s,
+        baseline_percentile=config.baseline_percentile,
+        cascade_threshold=config.cascade_threshold,
+        spike_mode=config.spike_mode,
+        spike_threshold=config.spike_threshold,
+        seed=config.seed,
+    )
+    plot_rows = plot_cells(subject, config)
+    batch_cells = min(config.batch_size, -(-subject.num_cells // pool.workers))  # every worker busy
+    starts = range(0, subject.num_cells, batch_cells)
+    tasks = (
+        BatchTask(
+            subject.trace_file,
+            start,
+            min(start + batch_cells, subject.num_cells),
+            subject.cell_ids[start : start + batch_cells],
+            plot_rows[(plot_rows >= start) & (plot_rows < start + batch_cells)],
+            model.folder,
+            model.source,
+            settings,
+        )
+        for start in starts
+    )
+    progress = Progress(subject.name, len(starts), subject.num_cells, subject.num_frames)
+    try:
+        batches = pool.map(tasks, progress)
+    finally:
+        progress.close()
+    return SubjectSpikes(batches, subject.num_frames)
+
+
+def plot_cells(subject: SubjectData, config: PipelineConfig) -> np.ndarray:
+    """The few cells whose traces the PDF shows (seeded; chosen among all cells)."""
     rng = np.random.default_rng([config.seed, 7])
+    return np.sort(rng.choice(subject.num_cells, size=min(config.num_neurons, subject.num_cells), replace=False))
+
+
+def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes) -> None:
+    """Doubts that only the traces reveal (read by the workers): refuse or record a warning."""
+    valid = spikes.valid
+    if not valid.any():
+        raise PipelineError(f"{subject.trace_file.path}: every trace value is NaN")
+    infinite = int(spikes.cells("infinite_values").sum())
+    if infinite:
+        subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
+    if (~valid).any():
+        subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
+    partial = int(((spikes.cells("nan_frames") > 0) & valid).sum())
+    if partial:
+        subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
+
+
+def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, summary_lines) -> PlotData:
+    """The PDF's content, from the subject's results (small arrays only)."""
+    valid = spikes.valid
     valid_rows = np.flatnonzero(valid)
-    plot_rows = np.sort(rng.choice(valid_rows, size=min(config.num_neurons, len(valid_rows)), replace=False))
-    model_folder = str(choice.folder)
-
-    def batch_tasks():
-        for start in range(0, num_cells, config.batch_size):
-            rows = np.arange(start, min(start + config.batch_size, num_cells))
-            yield BatchTask(
-                rows=rows,
-                traces=subject.traces[rows],
-                cell_ids=subject.cell_ids[rows],
-                plot_rows=np.searchsorted(rows, plot_rows[(plot_rows >= rows[0]) & (plot_rows <= rows[-1])]),
-                model_folder=model_folder,
-                model_source=choice.source,
-                is_fluorescence=trace_type == "fluorescence",
-                frame_rate_hz=subject.frame_rate_hz,
-                baseline_window_s=config.baseline_window_s,
-                baseline_percentile=config.baseline_percentile,
-                cascade_threshold=config.cascade_threshold,
-                spike_mode=config.spike_mode,
-                spike_threshold=config.spike_threshold,
-                seed=config.seed,
-            )
-
-    num_batches = -(-num_cells // config.batch_size)
-    inference_started = time.perf_counter()
-    results = run_batches(batch_tasks(), num_batches, pool, f"{subject.name} CASCADE")
-    timings["inference_s"] = time.perf_counter() - inference_started
-    log.info(
-        "%s: CASCADE on %d batches in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers",
-        subject.name,
-        num_batches,
-        timings["inference_s"],
-        num_cells * num_frames / max(timings["inference_s"], 1e-9),
-        _rss_gb(),
+    rng = np.random.default_rng([config.seed, 11])
+    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
+    rank = np.full(subject.num_cells, -1)
+    rank[order] = np.arange(len(order))
+    raster_cells, raster_frames = spikes.events_of_cells(order)
+    kept_cells, _ = spikes.events_in_frames(plan.kept_frames[0], plan.kept_frames[-1] + 1)
+    cell_spikes_kept = np.bincount(kept_cells, minlength=subject.num_cells)
+    test_mask = np.zeros(subject.num_frames, bool)
+    test_mask[plan.kept_frames[plan.is_train == 0]] = True
+    rows, dff, rates, binary = spikes.plot_traces()
+    return PlotData(
+        subject=subject.name,
+        frame_rate_hz=subject.frame_rate_hz,
+        summary_lines=summary_lines,
+        cell_ids=subject.cell_ids[rows],
+        dff=dff,
+        rates=rates,
+        spikes=binary,
+        spike_mode=config.spike_mode,
+        raster_cells=rank[raster_cells],
+        raster_frames=raster_frames,
+        raster_size=len(order),
+        population_rate_hz=population_rate_hz(spikes, subject),
+        test_spans_frames=_spans(test_mask),
+        edge_spans_frames=_spans(~plan.predicted),
+        cell_voxels=plan.grid.cell_voxels[valid],
+        cell_spike_counts=cell_spikes_kept[valid],
+        grid=plan.grid,
+        noise_level=spikes.cells("noise_level"),
+        model=model,
     )
 
-    spike_cells = np.concatenate([r["spike_cells"] for r in results])
-    spike_frames = np.concatenate([r["spike_frames"] for r in results])
-    spike_count = np.concatenate([r["spike_count"] for r in results])
-    noise_level = np.concatenate([r["noise_level"] for r in results])
-    model_noise_level = np.concatenate([r["model_noise_level"] for r in results])
-    rate_sum = np.sum([r["rate_sum"] for r in results], axis=0)
-    keep_spikes = valid[spike_cells]
-    spike_cells, spike_frames = spike_cells[keep_spikes], spike_frames[keep_spikes]
 
-    # frames CASCADE could predict; the others are dropped unless --keep_edge_frames
-    predicted = np.zeros(num_frames, dtype=bool)
-    predicted[model.frames_before : num_frames - model.frames_after] = True
-    kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
-    frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
-    frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
+def population_rate_hz(spikes: SubjectSpikes, subject: SubjectData) -> np.ndarray:
+    """Mean CASCADE rate per valid cell in Hz, per frame."""
+    return spikes.rate_sum / max(int(spikes.valid.sum()), 1) * subject.frame_rate_hz
 
-    grid_started = time.perf_counter()
-    grid = make_grid_spec(
-        subject.positions,
-        len(kept_frames),
-        config.grid_height,
-        config.grid_width,
-        config.z_markers,
-        valid=valid,
-    )
-    coo = build_coo(spike_cells, spike_frames, grid, frame_to_timepoint, config.z_markers)
-    is_train, test_blocks = train_test_split(
-        len(kept_frames), config.split_block, config.split_ratio, config.seed
-    )
-    timings["grid_s"] = time.perf_counter() - grid_started
 
-    num_entries = len(coo["coords"])
-    total_pixels = grid.num_voxels
-    sparsity_percent = 100.0 * num_entries / total_pixels
-    plane_active = np.bincount(coo["coords"][:, 1], minlength=grid.num_z_planes)
+def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> SubjectSummary:
+    """COO grid, PDF and metadata of one subject, each written to a temporary and renamed into place
+    (metadata last: it marks the set complete); a failure removes this subject's temporaries."""
+    timings = attrs["timings"]
+    finals = [out_dir / COO_FILENAME, out_dir / pdf_filename(subject.name), out_dir / METADATA_FILENAME]
+    temporaries = [temporary_path(path) for path in finals]
+    try:
+        started = time.perf_counter()
+        counts, plane_entries = write_coo_file(temporaries[0], coo_blocks(spikes, plan, config.z_markers), plan, attrs)
+        timings["grid_and_write_s"] = time.perf_counter() - started
+        attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid), coo_file_bytes=temporaries[0].stat().st_size)
+        if config.plots:
+            started = time.perf_counter()
+            lines = summary_page_lines(subject, model, attrs)
+            plot_subject_pdf(temporaries[1], plot_data(subject, spikes, plan, model, config, lines))
+            timings["plots_s"] = time.perf_counter() - started
+        timings["total_s"] = time.perf_counter() - run.subject_started
+        write_metadata_file(
+            temporaries[2], {**attrs, **timings}, *metadata_arrays(subject, spikes, plan, plane_entries)
+        )
+        with run.signals_held():  # the renames below happen all together or not at all
+            remove_quietly(finals[2])
+            for temporary, final in zip(temporaries, finals):
+                if temporary.exists():
+                    os.replace(temporary, final)
+                elif final != finals[2]:
+                    remove_quietly(final)  # e.g. an old PDF after --no_plots: not from this run
+    except OSError as exc:
+        raise WriteFailed(f"cannot write to {out_dir}: {describe_os_error(exc, out_dir)}") from None
+    finally:
+        for temporary in temporaries:
+            remove_quietly(temporary)
+    return SubjectSummary.from_metadata(dict(attrs, **timings), up_to_date=False)
+
+
+def describe_os_error(exc: OSError, folder: Path) -> str:
+    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
+    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or _disk_nearly_full(folder):
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({exc.strerror})"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return " ".join(str(exc).split())[:300]
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free < 1 << 20
+    return False
+
+
+def metadata_arrays(subject: SubjectData, spikes: SubjectSpikes, plan: GridPlan, plane_entries) -> tuple:
+    """(datasets, cells) of metadata.h5."""
+    grid, is_train = plan.grid, plan.is_train
     plane_pixels = grid.num_timepoints * grid.height * grid.width
-    attrs = {
+    datasets = {
+        "z_values": grid.z_values,
+        "is_train": is_train,
+        "train_timepoints": np.flatnonzero(is_train == 1),
+        "test_timepoints": np.flatnonzero(is_train == 0),
+        "test_blocks": plan.test_blocks,
+        "timepoint_indices": plan.kept_frames.astype(np.int32),
+        "per_plane_active_pixels": plane_entries,
+        "per_plane_sparsity_percent": 100.0 * plane_entries / max(plane_pixels, 1),
+        "population_rate_hz": population_rate_hz(spikes, subject),
+    }
+    cells = {
+        "trace_column": np.arange(subject.num_cells, dtype=np.int32),
+        "cell_id": subject.cell_ids,
+        "position": subject.positions,
+        "voxel_zxy": grid.cell_voxels,
+        "noise_level": spikes.cells("noise_level"),
+        "model_noise_level": spikes.cells("model_noise_level"),
+        "spike_count": spikes.cells("spike_count"),
+        "valid": spikes.valid.astype(np.uint8),
+    }
+    return datasets, cells
+
+
+def summary_page_lines(subject: SubjectData, model: CascadeModel, attrs: dict) -> list:
+    lines = [
+        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
+        f"({subject.layout} layout); traces treated as {attrs['trace_type']} ({attrs['trace_type_reason']})",
+        f"CASCADE model {model.name} ({model.source}), threshold {attrs['param_cascade_threshold']}",
+        f"grid {'x'.join(map(str, attrs['grid_shape']))}: {attrs['total_spikes']:,} entries "
+        f"({attrs['spike_pixels']:,} spike pixels, {attrs['marker_pixels']:,} marker pixels, "
+        f"{attrs['collisions']:,} collisions)",
+        f"software {__version__}, run {attrs['run_id']}, {attrs['created_utc']}",
+        "",
+        "Warnings:" if subject.warnings else "No warnings.",
+    ]
+    return lines + [f"  - {w}" for w in subject.warnings]
+
+
+def subject_attrs(subject, model, config, trace_type: tuple, fingerprint: dict, run, plan: GridPlan) -> dict:
+    """Attributes every output file of the subject records: how it was made."""
+    return {
         "format": "COO_sparse",
         "subject": subject.name,
-        "total_spikes": num_entries,
-        "total_pixels": total_pixels,
-        "sparsity_percent": sparsity_percent,
-        "spike_pixels": coo["spike_pixels"],
-        "marker_pixels": coo["marker_pixels"],
-        "marker_spike_overlap": coo["marker_spike_overlap"],
-        "spikes_in_grid": coo["spikes_in_grid"],
-        "collisions": coo["collisions"],
-        "cascade_model": model.name,
         "frame_rate_hz": subject.frame_rate_hz,
-        "num_timepoints": grid.num_timepoints,
-        "num_z_planes": grid.num_z_planes,
-        "grid_height": grid.height,
-        "grid_width": grid.width,
-        "num_cells": num_cells,
-        "num_valid_cells": int(valid.sum()),
-        "num_original_frames": num_frames,
-        "trace_type": trace_type,
-        "trace_type_reason": reason,
+        "num_timepoints": plan.grid.num_timepoints,
+        "num_z_planes": plan.grid.num_z_planes,
+        "grid_height": plan.grid.height,
+        "grid_width": plan.grid.width,
+        "grid_shape": plan.grid.shape,
+        "num_cells": subject.num_cells,
+        "num_valid_cells": 0,
+        "num_original_frames": subject.num_frames,
+        "trace_type": trace_type[0],
+        "trace_type_reason": trace_type[1],
         "layout": subject.layout,
         "source_files": list(subject.source_files),
         "software_version": __version__,
         "coordinate_order": "t,z,x,y",
-        "warnings": "; ".join(warnings_list),
+        "warnings": "; ".join(subject.warnings),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_id": run.run_id,
+        "fingerprint": fingerprint,
+        "timings": {},
         **model.provenance(),
         **config.as_attrs(),
     }
-    out_dir = Path(config.output_dir) / subject.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_started = time.perf_counter()
-    finals = [
-        out_dir / COO_FILENAME,
-        out_dir / METADATA_FILENAME,
-        out_dir / f"{subject.name}_visualization.pdf",
-    ]
-    temporaries = [_temporary_path(path) for path in finals]
-    try:
-        write_coo_file(temporaries[0], coo, grid, kept_frames, is_train, attrs)
-        coo_bytes = temporaries[0].stat().st_size
-        timings["write_s"] = time.perf_counter() - write_started
-        metadata_attrs = dict(
-            attrs,
-            coo_file_bytes=coo_bytes,
-            timings=json.dumps({k: round(v, 3) for k, v in timings.items()}),
-            **dict(timings.items()),
-        )
-        train_timepoints = np.flatnonzero(is_train == 1)
-        write_metadata_file(
-            temporaries[1],
-            metadata_attrs,
-            {
-                "z_values": grid.z_values,
-                "is_train": is_train,
-                "train_timepoints": train_timepoints,
-                "test_timepoints": np.flatnonzero(is_train == 0),
-                "test_blocks": test_blocks,
-                "timepoint_indices": kept_frames.astype(np.int32),
-                "per_plane_active_pixels": plane_active,
-                "per_plane_sparsity_percent": 100.0 * plane_active / plane_pixels,
-                "population_rate_hz": rate_sum / max(int(valid.sum()), 1) * subject.frame_rate_hz,
-            },
-            {
-                "trace_column": np.arange(num_cells, dtype=np.int32),
-                "cell_id": subject.cell_ids,
-                "position": subject.positions,
-                "voxel_zxy": grid.cell_voxels,
-                "noise_level": noise_level,
-                "model_noise_level": model_noise_level,
-                "spike_count": spike_count,
-                "valid": valid.astype(np.uint8),
-            },
-        )
-        if config.plots:
-            plot_subject_pdf(
-                temporaries[2],
-                subject.name,
-                subject.frame_rate_hz,
-                _plot_payload(
-                    results,
-                    subject,
-                    model,
-                    grid,
-                    valid,
-                    plot_rows,
-                    spike_cells,
-                    spike_frames,
-                    frame_to_timepoint,
-                    kept_frames,
-                    is_train,
-                    predicted,
-                    rate_sum,
-                    noise_level,
-                    config.spike_mode,
-                    rng,
-                ),
-            )
-        for temporary, final in zip(temporaries, finals):
-            if temporary.exists():
-                os.replace(temporary, final)
-    finally:
-        for temporary in temporaries:
-            if temporary.exists():
-                temporary.unlink()
-    timings["total_s"] = time.perf_counter() - started
-    dense_bytes = total_pixels  # one uint8 per voxel
-    summary = {
-        "subject": subject.name,
-        "total_spikes": num_entries,
-        "total_pixels": total_pixels,
-        "sparsity_percent": sparsity_percent,
-        "coo_memory_bytes": COO_BYTES_PER_ENTRY * num_entries,
-        "coo_file_bytes": coo_bytes,
-        "dense_bytes": dense_bytes,
-        "memory_savings_percent": 100.0 * (1 - COO_BYTES_PER_ENTRY * num_entries / dense_bytes),
-        "disk_savings_percent": 100.0 * (1 - coo_bytes / dense_bytes),
-        "model": model.name,
-        "model_source": model.source,
-        "warnings": warnings_list,
-        "seconds": timings["total_s"],
-    }
+
+
+def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
+    """One subject: load -> model -> (up to date? skip) -> infer -> grid -> write -> plot."""
+    run.subject_started = started = time.perf_counter()
+    subject = load_subject(folder, config.coordinates)
     log.info(
-        "%s: %d active voxels (%d spike, %d marker; %d collisions) in a %s grid, written to %s in "
-        "%.1f s; RSS %.2f GB",
+        "%s: %d cells x %d frames at %.3g Hz (%s layout)",
         subject.name,
-        num_entries,
-        coo["spike_pixels"],
-        coo["marker_pixels"],
-        coo["collisions"],
-        "x".join(map(str, grid.shape)),
+        subject.num_cells,
+        subject.num_frames,
+        subject.frame_rate_hz,
+        subject.layout,
+    )
+    model = choose_model(subject, config)
+    fingerprint = subject_fingerprint(subject, config, model)
+    out_dir = Path(config.output_dir) / subject.name
+    reason = "--overwrite" if config.overwrite else outputs_out_of_date(out_dir, fingerprint, config.plots)
+    if reason is None:
+        log.info("%s: outputs up to date (same inputs, parameters, model and software): skipped", subject.name)
+        return SubjectSummary.from_metadata(read_attrs(out_dir / METADATA_FILENAME))
+    log.info("%s: computing (%s)", subject.name, reason)
+    trace_type = decide_subject_trace_type(subject, config)
+    log.info("%s: traces treated as %s (%s)", subject.name, *trace_type)
+    load_s = time.perf_counter() - started
+    spikes = infer_subject(subject, model, trace_type[0], config, pool)
+    inference_s = time.perf_counter() - started - load_s
+    log.info(
+        "%s: CASCADE in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers",
+        subject.name,
+        inference_s,
+        subject.num_cells * subject.num_frames / max(inference_s, 1e-9),
+        rss_gb(),
+    )
+    check_inferred_traces(subject, spikes)
+    plan = plan_grid(subject.positions, spikes.valid, subject.num_frames, model, config)
+    attrs = subject_attrs(subject, model, config, trace_type, fingerprint, run, plan)
+    attrs.update(num_valid_cells=int(spikes.valid.sum()), warnings="; ".join(subject.warnings))
+    attrs["timings"] = {"load_s": load_s, "inference_s": inference_s}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = write_subject(out_dir, subject, spikes, plan, model, config, attrs, run)
+    log.info(
+        "%s: %d active voxels (%d spike, %d marker) in a %s grid, written to %s in %.1f s; RSS %.2f GB",
+        subject.name,
+        summary.total_spikes,
+        summary.spike_pixels,
+        summary.marker_pixels,
+        "x".join(map(str, plan.grid.shape)),
         out_dir,
-        timings["total_s"],
-        _rss_gb(),
+        summary.seconds,
+        rss_gb(),
     )
     return summary
 
 
+# --- a run over many subjects: locks, signals, shards, combine --------------------------------
+
+LOCK_DIRNAME = ".locks"
+LOCK_HEARTBEAT_S = 60.0  # a live run touches its lock files this often
+LOCK_STALE_S = 600.0  # a lock not touched for this long belongs to a dead run (any host)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the run (BaseException: no subject's except clause swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+
+
+class RunContext:
+    """This run's identity (host, pid, start) and what it holds: lock files and deferred signals.
+
+    Locks are files created atomically (O_CREAT | O_EXCL works on NFS and Lustre, unlike fcntl
+    locks on many clusters) holding host, PID and start time; a heartbeat thread touches them so a
+    run on another host can tell a live lock from one left by a run that died.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.run_id = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        self.lock_dir = output_dir / LOCK_DIRNAME
+        self.held: set = set()
+        self.subject_started = time.perf_counter()
+        self._pending_signal = None
+        self._holding_signals = False
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._touch_locks, daemon=True)
+
+    # signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self._holding_signals:
+            self._pending_signal = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def signals_held(self):
+        """Delay SIGTERM/SIGINT until the block is done (a subject's files renamed together)."""
+        self._holding_signals = True
+        try:
+            yield
+        finally:
+            self._holding_signals = False
+            if self._pending_signal is not None:
+                raise Interrupted(self._pending_signal)
+
+    # locks -----------------------------------------------------------------------------------
+    def acquire(self, name: str) -> str | None:
+        """Take the lock ``name``; None when taken, else who holds it."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        path = self.lock_dir / f"{name}.lock"
+        record = {"host": self.host, "pid": self.pid, "run_id": self.run_id, "started_utc": _utc_now()}
+        for _attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(path)
+                if holder is not None:
+                    return holder
+                remove_quietly(path)  # stale: its run is dead
+                log.info("removed stale lock %s", path)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+            self.held.add(path)
+            if not self._heartbeat.is_alive():
+                self._heartbeat.start()
+            return None
+        return "another run (lock contended)"
+
+    def release(self, name: str) -> None:
+        path = self.lock_dir / f"{name}.lock"
+        self.held.discard(path)
+        remove_quietly(path)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, wait_s: float = 0.0):
+        """Hold lock ``name`` for the block, waiting up to ``wait_s`` for another run to free it."""
+        deadline = time.monotonic() + wait_s
+        while (holder := self.acquire(name)) is not None:
+            if time.monotonic() > deadline:
+                raise LockBusy(f"{name} is locked by {holder}")
+            time.sleep(0.5)
+        try:
+            yield
+        finally:
+            self.release(name)
+
+    def release_all(self) -> None:
+        self._stop.set()
+        for path in list(self.held):
+            remove_quietly(path)
+        self.held.clear()
+
+    def _touch_locks(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            for path in list(self.held):
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+
+class LockBusy(PipelineError):
+    """Another live run holds the lock."""
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Who holds a lock file, or None when the lock is stale (its run is dead)."""
+    try:
+        record = json.loads(path.read_text())
+        age_s = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record, age_s = {}, 0.0  # being written right now, or unreadable: treat as live unless old
+    if record.get("host") == socket.gethostname() and not _pid_alive(record.get("pid")):
+        return None
+    if age_s > LOCK_STALE_S:
+        return None
+    return f"run {record.get('run_id', '?')} on {record.get('host', '?')} (PID {record.get('pid', '?')}, since {record.get('started_utc', '?')})"
+
+
+def _pid_alive(pid) -> bool:
+    import psutil
+
+    return isinstance(pid, int) and psutil.pid_exists(pid)
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporaries of dead runs (this host: their process is gone; other hosts: a day old)."""
+    if not output_dir.is_dir():
+        return
+    pattern = re.compile(rf"\.(.+){re.escape(TEMPORARY_MARKER)}(.+)-(\d+)-[0-9a-f]{{8}}$")
+    for path in itertools.chain(output_dir.glob(".*"), output_dir.glob("*/.*")):
+        match = pattern.match(path.name)
+        if not match:
+            continue
+        host, pid = match.group(2), int(match.group(3))
+        with contextlib.suppress(OSError):
+            dead = (host == socket.gethostname() and not _pid_alive(pid)) or time.time() - path.stat().st_mtime > 86400
+            if dead:
+                path.unlink()
+                log.info("removed %s, left by a run that died", path)
+
+
+def resolve_shard(shard: tuple | None, environ=os.environ) -> tuple | None:
+    """--shard K/N, else the SLURM array task's place in its array, else None (all subjects)."""
+    if shard is not None:
+        return shard
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        task = int(environ["SLURM_ARRAY_TASK_ID"])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        count = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ["SLURM_ARRAY_TASK_MAX"]) - first + 1)
+    except (KeyError, ValueError) as exc:
+        raise PipelineError(
+            f"cannot read the SLURM array task from the environment ({exc}); pass --shard K/N"
+        ) from None
+    return task - first + 1, count
+
+
+def subject_size(folder: Path) -> int:
+    """cells x frames of a subject (0 when it cannot be read: it will fail with its own error)."""
+    import h5py
+
+    for name, dataset in (("TimeSeries.h5", "CellResp"), ("traces.h5", "traces")):
+        with contextlib.suppress(Exception), h5py.File(folder / name, "r") as h5:
+            return int(np.prod(h5[dataset].shape))
+    return 0
+
+
+def select_shard(subjects: list, shard: tuple | None) -> list:
+    """The K-th of N deterministic parts of the subject list, balanced by size (cells x frames):
+    largest first, each to the lightest part so far (ties: lower part). Natural order within."""
+    if shard is None:
+        return subjects
+    k, n = shard
+    loads = [0] * n
+    parts: list = [[] for _ in range(n)]
+    sized = sorted(((subject_size(f), i, f) for i, f in enumerate(subjects)), key=lambda s: (-s[0], s[1]))
+    for size, index, folder in sized:
+        lightest = loads.index(min(loads))
+        loads[lightest] += max(size, 1)
+        parts[lightest].append((index, folder))
+    return [folder for _, folder in sorted(parts[k - 1], key=lambda item: item[0])]
+
+
+@dataclass
+class RunOutcome:
+    """What happened to each subject of a run."""
+
+    done: list = dataclasses.field(default_factory=list)  # SubjectSummary (computed or up to date)
+    failed: dict = dataclasses.field(default_factory=dict)  # name -> reason
+    not_processed: list = dataclasses.field(default_factory=list)  # names, after a stop
+    locked: dict = dataclasses.field(default_factory=dict)  # name -> holder
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.failed or self.not_processed or self.locked) else 0
+
+
+def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> RunOutcome:
+    """Each subject under its lock; one bad subject never stops the others, a full disk does."""
+    outcome = RunOutcome()
+    pool = WorkerPool(config.workers)
+    remaining = [folder.name for folder in subjects]
+    try:
+        for folder in subjects:
+            holder = run.acquire(folder.name)
+            if holder is not None:
+                outcome.locked[folder.name] = holder
+                log.warning("%s: skipped, locked by %s", folder.name, holder)
+                remaining.remove(folder.name)
+                continue
+            try:
+                outcome.done.append(process_subject(folder, config, pool, run))
+            except WriteFailed as exc:
+                outcome.failed[folder.name] = str(exc)
+                log.error("%s: %s; stopping: the remaining subjects were not processed", folder.name, exc)
+                remaining.remove(folder.name)
+                outcome.not_processed = remaining
+                return outcome
+            except PipelineError as exc:
+                outcome.failed[folder.name] = str(exc)
+                log.error("%s: %s", folder.name, exc)
+            except MemoryError:
+                outcome.failed[folder.name] = "out of memory"
+                log.error("%s: out of memory; lower --workers or ask for more memory", folder.name)
+            except Exception as exc:  # our bug: one bad subject must not stop the others
+                outcome.failed[folder.name] = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "%s: unexpected %s: %s (a bug: please report it; run with --verbose for the traceback)",
+                    folder.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                log.debug("traceback", exc_info=True)
+            finally:
+                run.release(folder.name)
+            remaining.remove(folder.name)
+    except Interrupted as stop:
+        pool.close(kill=True)
+        pool = None
+        finished = [s.subject for s in outcome.done]
+        log.error(
+            "interrupted by %s: finished %s; not finished: %s",
+            stop,
+            ", ".join(finished) or "none",
+            ", ".join(remaining) or "none",
+        )
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+    return outcome
+
+
+def combine_outputs(config: PipelineConfig, run: RunContext) -> dict:
+    """combined_metadata.h5 over the subject folders whose outputs match this run's parameters;
+    the others are named in a WARNING and in the file's `excluded` attribute."""
+    output_dir = Path(config.output_dir)
+    wanted = {key: h5_attr_value(value) for key, value in config.output_params().items()}
+    wanted["cascade_threshold"] = str(config.cascade_threshold)
+    included, excluded = [], {}
+    folders = sorted(
+        (p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: _natural_key(p.name),
+    )
+    for folder in folders:
+        reason = _combine_exclusion(folder, wanted)
+        if reason is None:
+            included.append(folder)
+        elif reason:
+            excluded[folder.name] = reason
+    if excluded:
+        log.warning(
+            "combined_metadata.h5 leaves out %s", "; ".join(f"{name} ({why})" for name, why in excluded.items())
+        )
+    with run.lock("combined_metadata", wait_s=300):
+        return write_combined_metadata(output_dir, included, excluded)
+
+
+def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
+    """Why a subject folder is left out of combined_metadata.h5 ('' if it is no subject folder)."""
+    metadata = read_attrs(folder / METADATA_FILENAME)
+    if metadata is None:
+        return "no finished outputs" if re.fullmatch(r"subject_\d+", folder.name) else ""
+    try:
+        fingerprint = json.loads(metadata["fingerprint"])
+    except (KeyError, ValueError):
+        return "made by an older version without a fingerprint"
+    changed = [k for k in wanted if fingerprint.get("params", {}).get(k) != wanted[k]]
+    if changed:
+        return "other parameters: " + ", ".join(f"--{k}" for k in changed)
+    if fingerprint.get("software_version") != __version__:
+        return f"made by version {fingerprint.get('software_version')}"
+    sources = [str(s) for s in np.atleast_1d(metadata.get("source_files", []))]
+    for source in (s for part in sources for s in part.split(",") if s):
+        stat = os.stat(source) if os.path.exists(source) else None
+        recorded = fingerprint["inputs"].get(Path(source).name)
+        if stat is None or recorded != [stat.st_size, stat.st_mtime_ns]:
+            return f"input {Path(source).name} changed or missing since"
+    return None
+
+
+def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunContext | None = None) -> int:
+    """Process the subjects (or this shard's share); returns the exit status (see --help)."""
+    output_dir = Path(config.output_dir)
+    run = run or RunContext(output_dir)
+    try:
+        remove_stale_temporaries(output_dir)
+        if config.combine_only:
+            totals = combine_outputs(config, run)
+            summaries = [
+                SubjectSummary.from_metadata(read_attrs(output_dir / s / METADATA_FILENAME)) for s in totals["subjects"]
+            ]
+            log_summary(RunOutcome(done=summaries), totals)
+            return 0
+        subjects = find_subjects(config.input_dir, config.subjects, config.skip)
+        if not subjects:
+            raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+        mine = select_shard(subjects, shard)
+        log.info(
+            "unified_spike_processing_coo %s: %d of %d subjects%s from %s -> %s (%d workers, batches of up to %d cells)",
+            __version__,
+            len(mine),
+            len(subjects),
+            f" (shard {shard[0]}/{shard[1]})" if shard else "",
+            config.input_dir,
+            output_dir,
+            config.workers,
+            config.batch_size,
+        )
+        outcome = run_subjects(mine, config, run)
+        totals = {}
+        if shard is None and outcome.done and not outcome.not_processed:
+            totals = combine_outputs(config, run)
+        log_summary(outcome, totals)
+        return outcome.exit_code
+    finally:
+        run.release_all()
+
+
+def _format_bytes(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(num_bytes) < 1000 or unit == "TB":
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+
+
+def summary_lines(outcome: RunOutcome, totals: dict) -> list:
+    """The end-of-run summary, in the original's form but with honest memory figures."""
+    summaries = outcome.done
+    lines = ["", "=" * 72]
+    for model, source in dict.fromkeys((s.model, s.model_source) for s in summaries):
+        if source.startswith(FALLBACK_SOURCE_PREFIX):
+            lines.append(
+                f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
+            )
+        else:
+            lines.append(f"CASCADE model: {model} ({source})")
+    lines.append("Processed subjects:")
+    for s in summaries:
+        coo_bytes = COO_BYTES_PER_ENTRY * s.total_spikes
+        lines += [
+            f"{s.subject}: {s.total_spikes:,} active voxels of {s.total_pixels:,} "
+            f"({s.spike_pixels:,} spike pixels, {s.marker_pixels:,} z-marker pixels; model {s.model}, "
+            + ("up to date, skipped)" if s.up_to_date else f"{s.seconds:.1f} s)"),
+            f"  → Sparsity: {s.sparsity_percent:.4f}% of voxels active",
+            f"  → Memory savings vs dense: ~{100.0 * (1 - coo_bytes / s.total_pixels):.2f}% in memory "
+            f"({_format_bytes(coo_bytes)} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
+            f"{_format_bytes(s.total_pixels)} dense uint8), ~{100.0 * (1 - s.coo_file_bytes / s.total_pixels):.2f}% on disk "
+            f"({_format_bytes(s.coo_file_bytes)})",
+        ]
+        lines += [f"  ! WARNING: {w}" for w in s.warnings if not w.startswith("model fallback")]
+    lines += [f"{name}: FAILED: {reason}" for name, reason in outcome.failed.items()]
+    lines += [f"{name}: SKIPPED: locked by {holder}" for name, holder in outcome.locked.items()]
+    lines += [f"{name}: NOT PROCESSED (the run stopped)" for name in outcome.not_processed]
+    total_spikes = sum(s.total_spikes for s in summaries)
+    total_pixels = sum(s.total_pixels for s in summaries)
+    coo_bytes = COO_BYTES_PER_ENTRY * total_spikes
+    file_bytes = sum(s.coo_file_bytes for s in summaries)
+    lines += [
+        "",
+        "Summary:",
+        f"  Subjects: {len(summaries)} done ({sum(s.up_to_date for s in summaries)} already up to date), "
+        f"{len(outcome.failed)} failed",
+        f"  Total spikes (active voxels): {total_spikes:,} = {sum(s.spike_pixels for s in summaries):,} spike pixels "
+        f"+ {sum(s.marker_pixels for s in summaries):,} z-marker pixels (- overlaps)",
+    ]
+    if total_pixels:
+        lines += [
+            f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
+            f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
+            f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
+            f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})",
+        ]
+    if totals:
+        lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects")
+    lines.append("=" * 72)
+    return lines
+
+
+def log_summary(outcome: RunOutcome, totals: dict) -> None:
+    for line in summary_lines(outcome, totals):
+        log.info(line)
+
+
 # =============================================================================================
-# Command line
+# 12. Command line
 # =============================================================================================
 
-
-def _comma_list(text: str) -> tuple:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-def _threshold_arg(text: str):
-    value = text.strip().lower()
-    if value in ("none", "false", "off"):
-        return False
-    if value in ("0", "1"):
-        return int(value)
-    raise argparse.ArgumentTypeError("must be 0, 1 or none")
+EXIT_CODES = (
+    "Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by "
+    "another run or was not processed after a write failure (each named in the log); 2 bad arguments "
+    "or no usable model; 130 / 143 interrupted by Ctrl-C / SIGTERM (finished subjects are kept; rerun "
+    "the same command to resume)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from PipelineConfig's declarations (defaults shown are the real ones)."""
     parser = argparse.ArgumentParser(
         prog="unified_spike_processing_coo.py",
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike "
-        "grids (T, Z, H, W) with CASCADE spike inference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "grids (T, Z, H, W) with CASCADE spike inference. Finished subjects whose inputs, parameters "
+        "and model are unchanged are skipped on a rerun.",
         epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or "
         "subject_<n>/traces.h5 (traces (N,T), positions (N,3), attr frame_rate_hz), directly under "
-        "--input_dir or under --input_dir/Subjects. Exit status: 0 all subjects written, 1 some "
-        "subjects failed (each named in the log), 2 bad arguments or no usable model. "
-        "For production SLURM runs, fill the model cache on a node with internet and pass "
-        "--strict_model, so that a missing model is an error rather than a fallback.",
+        "--input_dir or under --input_dir/Subjects. " + EXIT_CODES + " For production SLURM runs, fill "
+        "the model cache on a node with internet and pass --strict_model, so that a missing model is an "
+        "error rather than a fallback; see cluster/ for an sbatch array script.",
     )
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--input_dir", required=True, help="folder of subject_<n> folders")
-    io.add_argument(
-        "--output_dir", required=True, help="where <subject>/ outputs and combined_metadata.h5 go"
-    )
-    io.add_argument("--subjects", type=_comma_list, default=(), help="only these subjects (comma list)")
-    io.add_argument("--skip", type=_comma_list, default=(), help="skip these subjects (comma list)")
-    io.add_argument(
-        "--coordinates",
-        choices=("raw", "registered"),
-        default="raw",
-        help="cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)",
-    )
-    io.add_argument("--no_plots", dest="plots", action="store_false", help="skip the PDF of plots")
-    io.add_argument("--num_neurons", type=int, default=10, help="cells shown in the PDF's trace pages")
-    io.add_argument("--log_file", default=None, help="also log here (default: <output_dir>/processing.log)")
-    io.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
-
-    run = parser.add_argument_group("compute")
-    run.add_argument("--workers", type=int, default=1, help="worker processes for CASCADE inference")
-    run.add_argument("--batch_size", type=int, default=30000, help="cells per batch sent to a worker")
-
-    model = parser.add_argument_group("CASCADE model")
-    model.add_argument(
-        "--cascade_model",
-        default="Global_EXC_2Hz_smoothing500ms",
-        help="official model name, 'auto' (per subject, nearest sampling rate) or 'builtin'",
-    )
-    model.add_argument("--model_dir", default=None, help="a CASCADE model folder (overrides --cascade_model)")
-    model.add_argument(
-        "--model_cache",
-        default=None,
-        help="where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)",
-    )
-    model.add_argument(
-        "--strict_model",
-        action="store_true",
-        help="error instead of falling back to the builtin model when the named one is unavailable",
-    )
-    model.add_argument(
-        "--offline",
-        action="store_true",
-        help="never download: use --model_dir, the cache or the builtin model",
-    )
-    model.add_argument(
-        "--cascade_threshold",
-        type=_threshold_arg,
-        default=1,
-        help="CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none",
-    )
-    model.add_argument(
-        "--max_rate_mismatch",
-        type=float,
-        default=0.5,
-        help="refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)",
-    )
-
-    traces = parser.add_argument_group("traces")
-    traces.add_argument(
-        "--trace_type",
-        choices=("auto", "fluorescence", "dff"),
-        default="auto",
-        help="raw fluorescence (converted to dF/F) or dF/F; auto decides per subject",
-    )
-    traces.add_argument("--baseline_percentile", type=float, default=8.0, help="F0 percentile for dF/F")
-    traces.add_argument("--baseline_window_s", type=float, default=30.0, help="sliding F0 window (seconds)")
-
-    spikes = parser.add_argument_group("spikes and grid")
-    spikes.add_argument(
-        "--spike_mode",
-        choices=("sample", "discrete", "threshold"),
-        default="sample",
-        help="sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold",
-    )
-    spikes.add_argument(
-        "--spike_threshold",
-        type=float,
-        default=0.5,
-        help="rate threshold (spikes/frame) for --spike_mode threshold",
-    )
-    spikes.add_argument(
-        "--seed", type=int, default=42, help="seed of spike sampling and the train/test split"
-    )
-    spikes.add_argument(
-        "--keep_edge_frames",
-        action="store_true",
-        help="keep the frames at both ends where CASCADE's window gives no prediction",
-    )
-    spikes.add_argument(
-        "--grid_shape",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        default=(256, 128),
-        help="grid height (x) and width (y) in pixels",
-    )
-    spikes.add_argument(
-        "--no_z_markers",
-        dest="z_markers",
-        action="store_false",
-        help="do not add the z-plane marker pixels (rows 0-1, last z+2 columns)",
-    )
-    spikes.add_argument("--split_block", type=int, default=330, help="frames per train/test block")
-    spikes.add_argument("--split_ratio", type=float, default=0.95, help="fraction of blocks for training")
+    groups: dict = {}
+    for field in dataclasses.fields(PipelineConfig):
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flags = (meta["flag"] or f"--{field.name}").split("/")
+        kwargs = dict(meta["kwargs"], dest=field.name, help=meta["help"])
+        if isinstance(field.default, bool):
+            kwargs["action"] = "store_false" if field.default else "store_true"
+        else:
+            kwargs["default"] = field.default
+            if field.default not in (None, ()) and not kwargs.get("required"):
+                shown = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+                kwargs["help"] += f" (default: {shown})"
+        group.add_argument(*flags, **kwargs)
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    if args.workers < 1 or args.batch_size < 1:
-        raise PipelineError("--workers and --batch_size must be at least 1")
-    if not 0 < args.split_ratio <= 1 or args.split_block < 1:
-        raise PipelineError("--split_ratio must be in (0, 1] and --split_block at least 1")
-    if min(args.grid_shape) < 1:
-        raise PipelineError("--grid_shape needs positive H and W")
-    return PipelineConfig(
-        input_dir=args.input_dir,
-        output_dir=args.output_dir,
-        subjects=tuple(args.subjects),
-        skip=tuple(args.skip),
-        workers=args.workers,
-        batch_size=args.batch_size,
-        cascade_model=args.cascade_model,
-        model_dir=args.model_dir,
-        model_cache=args.model_cache,
-        strict_model=args.strict_model,
-        offline=args.offline,
-        cascade_threshold=args.cascade_threshold,
-        trace_type=args.trace_type,
-        baseline_percentile=args.baseline_percentile,
-        baseline_window_s=args.baseline_window_s,
-        spike_mode=args.spike_mode,
-        spike_threshold=args.spike_threshold,
-        seed=args.seed,
-        keep_edge_frames=args.keep_edge_frames,
-        grid_height=args.grid_shape[0],
-        grid_width=args.grid_shape[1],
-        coordinates=args.coordinates,
-        z_markers=args.z_markers,
-        split_block=args.split_block,
-        split_ratio=args.split_ratio,
-        num_neurons=args.num_neurons,
-        plots=args.plots,
-        max_rate_mismatch=args.max_rate_mismatch,
-    )
 
 
 def _setup_logging(log_file: Path, verbose: bool) -> None:
@@ -2891,166 +3814,36 @@ def _setup_logging(log_file: Path, verbose: bool) -> None:
     for handler in [h for h in root.handlers if getattr(h, "spike_grids", False)]:
         root.removeHandler(handler)  # a second main() in one process (tests, notebooks)
         handler.close()
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)):
+    file_handler = logging.FileHandler(log_file)  # OSError here: an unwritable log, exit 2
+    for handler in (logging.StreamHandler(sys.stderr), file_handler):
         handler.setFormatter(formatter)
         handler.spike_grids = True
         root.addHandler(handler)
 
 
-def _format_bytes(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(num_bytes) < 1000 or unit == "TB":
-            return f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
-
-
-def summary_lines(summaries: list, failures: dict, totals: dict) -> list:
-    """The end-of-run summary, in the original's form but with honest memory figures."""
-    lines = ["", "=" * 72]
-    for model, source in dict.fromkeys((s["model"], s["model_source"]) for s in summaries):
-        if source.startswith(FALLBACK_SOURCE_PREFIX):
-            lines.append(
-                f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
-            )
-        else:
-            lines.append(f"CASCADE model: {model} ({source})")
-    lines.append("Processed subjects:")
-    for s in summaries:
-        lines += [
-            f"{s['subject']}: {s['total_spikes']:,} active voxels of {s['total_pixels']:,} "
-            f"(model {s['model']}, {s['seconds']:.1f} s)",
-            f"  → Sparsity: {s['sparsity_percent']:.4f}% of voxels active",
-            f"  → Memory savings vs dense: ~{s['memory_savings_percent']:.2f}% in memory "
-            f"({_format_bytes(s['coo_memory_bytes'])} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
-            f"{_format_bytes(s['dense_bytes'])} dense uint8), ~{s['disk_savings_percent']:.2f}% on disk "
-            f"({_format_bytes(s['coo_file_bytes'])})",
-        ]
-        for warning in s["warnings"]:
-            if not warning.startswith("model fallback"):  # said once above
-                lines.append(f"  ! WARNING: {warning}")
-    for name, reason in failures.items():
-        lines.append(f"{name}: FAILED: {reason}")
-    total_spikes = sum(s["total_spikes"] for s in summaries)
-    total_pixels = sum(s["total_pixels"] for s in summaries)
-    coo_bytes = COO_BYTES_PER_ENTRY * total_spikes
-    file_bytes = sum(s["coo_file_bytes"] for s in summaries)
-    lines += [
-        "",
-        "Summary:",
-        f"  Subjects processed: {len(summaries)} ({len(failures)} failed)",
-        f"  Total spikes (active voxels): {total_spikes:,}",
-    ]
-    if total_pixels:
-        lines += [
-            f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
-            f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
-            f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
-            f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})",
-        ]
-    if totals:
-        lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects in the output folder")
-    lines.append("=" * 72)
-    return lines
-
-
-def run_pipeline(config: PipelineConfig, verbose: bool = False) -> int:
-    """Process every subject; returns the exit status (0 ok, 1 some subjects failed)."""
-    output_dir = Path(config.output_dir)
-    subjects = find_subjects(config.input_dir, config.subjects, config.skip)
-    if not subjects:
-        raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
-    log.info(
-        "unified_spike_processing_coo %s: %d subjects from %s -> %s (%d workers, batches of %d cells)",
-        __version__,
-        len(subjects),
-        config.input_dir,
-        output_dir,
-        config.workers,
-        config.batch_size,
-    )
-
-    resolved: dict = {}  # one resolution (and at most one download try) per model name per run
-
-    def model_choice(frame_rate_hz: float):
-        key = config.model_dir or (
-            config.cascade_model
-            if config.cascade_model != AUTO_MODEL_KEYWORD
-            else choose_auto_model_name(frame_rate_hz, OFFICIAL_GLOBAL_EXC_MODELS)
-        )
-        if key not in resolved:
-            resolved[key] = resolve_model(
-                key if not config.model_dir else config.cascade_model,
-                config.model_dir,
-                cache_dir=config.model_cache,
-                builtin_dir=BUILTIN_MODEL_DIR,
-                strict=config.strict_model,
-                allow_download=not config.offline,
-            )
-        return resolved[key]
-
-    if config.cascade_model != AUTO_MODEL_KEYWORD or config.model_dir:
-        model_choice(float("nan"))  # resolve up front: a strict failure stops before any work
-
-    pool = None
-    if config.workers > 1:
-        import multiprocessing
-
-        threads = max(1, available_cpus() // config.workers)
-        # spawn: TensorFlow is not fork-safe, and each worker loads it once
-        pool = multiprocessing.get_context("spawn").Pool(
-            config.workers, initializer=_init_worker, initargs=(threads, logging.getLogger().level)
-        )
-    else:
-        configure_tensorflow_threads(available_cpus())
-
-    summaries, failures = [], {}
-    try:
-        for folder in subjects:
-            try:
-                summaries.append(process_subject(folder, config, model_choice, pool))
-            except PipelineError as exc:
-                failures[folder.name] = str(exc)
-                log.error("%s: %s", folder.name, exc)
-            except MemoryError:
-                failures[folder.name] = "out of memory"
-                log.error("%s: out of memory; lower --batch_size or --workers", folder.name)
-            except Exception as exc:  # one bad subject must not stop the others
-                failures[folder.name] = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s: unexpected %s: %s (run with --verbose for the traceback)",
-                    folder.name,
-                    type(exc).__name__,
-                    exc,
-                )
-                log.debug("traceback", exc_info=True)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()  # Ctrl-C or a crash: do not wait for batches nobody will read
-            pool = None
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-
-    totals = write_combined_metadata(output_dir) if summaries else {}
-    for line in summary_lines(summaries, failures, totals):
-        log.info(line)
-    return 1 if failures else 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    output_dir = Path(args.output_dir)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = PipelineConfig(**vars(args))
+        shard = resolve_shard(config.shard)
+    except PipelineError as exc:
+        parser.error(str(exc))  # exit 2, before anything is created
+    output_dir = Path(config.output_dir)
+    default_log = f"processing_shard{shard[0]}of{shard[1]}.log" if shard else "processing.log"
+    log_file = Path(config.log_file) if config.log_file else output_dir / default_log
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(log_file, config.verbose)
     except OSError as exc:
-        print(f"error: cannot create --output_dir {output_dir}: {exc}", file=sys.stderr)
+        print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    _setup_logging(Path(args.log_file) if args.log_file else output_dir / "processing.log", args.verbose)
+    run = RunContext(output_dir)
+    run.install_signal_handlers()
     try:
-        config = config_from_args(args)
-        return run_pipeline(config, verbose=args.verbose)
+        return run_pipeline(config, shard, run)
+    except Interrupted as stop:
+        return stop.exit_code
     except PipelineError as exc:
         log.error("%s", exc)
         return 2

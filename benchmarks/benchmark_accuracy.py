@@ -82,16 +82,10 @@ def robust_noise_sd(y: np.ndarray) -> float:
 
 
 # Fair OASIS variants: name -> keyword arguments for deconvolve (besides tau_d, sn).
-OASIS_VARIANTS = {
-    "AR1 L1": dict(penalty=1),
-    "AR1 L1 refit-g": dict(penalty=1, optimize_g=5),
-    "AR1 L0": dict(penalty=0),
-}
+OASIS_VARIANTS = {"AR1 L1": dict(penalty=1), "AR1 L1 refit-g": dict(penalty=1, optimize_g=5), "AR1 L0": dict(penalty=0)}
 
 
-def oasis_rates(
-    y: np.ndarray, frame_rate_hz: float, smoothing_s: float, variant: dict, seed: int
-) -> np.ndarray:
+def oasis_rates(y: np.ndarray, frame_rate_hz: float, smoothing_s: float, variant: dict, seed: int) -> np.ndarray:
     """OASIS spikes with an explicit robust noise estimate and a fitted AR(1) decay,
     smoothed like the targets."""
     from oasis.functions import ar1_to_tau, deconvolve, estimate_time_constant
@@ -178,9 +172,7 @@ def run(args) -> dict:
                 continue
             per_method = {"CASCADE": cascade}
             for name, variant in OASIS_VARIANTS.items():
-                per_method["OASIS " + name] = oasis_rates(
-                    y, frame_rate_hz, smoothing_s, variant, seed=args.seed + i
-                )
+                per_method["OASIS " + name] = oasis_rates(y, frame_rate_hz, smoothing_s, variant, seed=args.seed + i)
             per_method["dF/F derivative"] = derivative_rates(y, frame_rate_hz, smoothing_s)
             for name, pred in per_method.items():
                 r = pearson(pred[valid], truth[valid])
@@ -239,9 +231,7 @@ def format_tables(result: dict, noise_levels) -> str:
     ]
     for level in best_variant:
         lines.append(
-            f"| {level:g} | "
-            + " | ".join(f"{median(scores[level]['all'][n]):.3f}" for n in oasis_names)
-            + " |"
+            f"| {level:g} | " + " | ".join(f"{median(scores[level]['all'][n]):.3f}" for n in oasis_names) + " |"
         )
     lines += [
         "",

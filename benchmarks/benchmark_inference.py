@@ -135,12 +135,7 @@ def worker(args) -> None:
         model = usp.load_cascade_model(args.model)
         loaded = time.perf_counter()
         rates, report = usp.predict_spike_rates(
-            dff,
-            model,
-            threshold=threshold,
-            padding=np.nan,
-            return_noise=True,
-            max_chunk_frames=args.max_chunk_frames,
+            dff, model, threshold=threshold, padding=np.nan, return_noise=True, max_chunk_frames=args.max_chunk_frames
         )
         result["load_s"] = loaded - start
         result["seconds"] = time.perf_counter() - start
@@ -163,9 +158,7 @@ def worker(args) -> None:
         cache = Path(args.cache_dir)
         name = prepare_reference_cache(model_dir, cache)
         start = time.perf_counter()
-        rates = cascade_predict(
-            dff, name, threshold=threshold, padding=np.nan, verbose=False, cache_dir=cache
-        )
+        rates = cascade_predict(dff, name, threshold=threshold, padding=np.nan, verbose=False, cache_dir=cache)
         result["seconds"] = time.perf_counter() - start
         np.save(args.output, rates)
     else:
@@ -356,9 +349,7 @@ def main(argv=None) -> int:
         fast_runs = []
         for chunk in args.chunk_sizes:
             output = workdir / f"fast_{chunk}.npy"
-            fast_runs.append(
-                run_worker(args, "fast", workdir, data, output, ["--max_chunk_frames", str(chunk)])
-            )
+            fast_runs.append(run_worker(args, "fast", workdir, data, output, ["--max_chunk_frames", str(chunk)]))
             fast_runs[-1]["output"] = output
         first = fast_runs[0]
         say(

@@ -86,9 +86,7 @@ def run(data: Path, out: Path, args: list) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=20000)
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--planes", type=int, default=29)
@@ -102,11 +100,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     data = make_data(
-        Path(args.data_dir) / f"{args.cells}x{args.frames}",
-        args.cells,
-        args.frames,
-        args.planes,
-        args.frame_rate_hz,
+        Path(args.data_dir) / f"{args.cells}x{args.frames}", args.cells, args.frames, args.planes, args.frame_rate_hz
     )
     neuron_frames = args.cells * args.frames
     print(

@@ -29,3 +29,25 @@ def official_model(shared_cascade):
     import unified_spike_processing_coo as usp
 
     return usp.load_cascade_model(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms")
+
+
+SAMPLE_DIR = REPO_DIR / "sample_data"
+SCRIPT = REPO_DIR / "unified_spike_processing_coo.py"
+OFFLINE_BUILTIN = ("--cascade_model", "builtin", "--offline")
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = None):
+    """Run the pipeline's command line in a subprocess (as a user or a scheduler does)."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_DIR,
+        env=None if env is None else {**os.environ, **env},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-4000:]}")
+    return result

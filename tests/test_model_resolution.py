@@ -261,10 +261,7 @@ def test_embedded_table_matches_official_index():
     ],
 )
 def test_choose_auto_model_name(rate, expected):
-    names = list(OFFICIAL_GLOBAL_EXC_MODELS) + [
-        "Zebrafish_1Hz_smoothing1000ms",
-        "OGB_zf_pDp_7.5Hz_smoothing200ms",
-    ]
+    names = list(OFFICIAL_GLOBAL_EXC_MODELS) + ["Zebrafish_1Hz_smoothing1000ms", "OGB_zf_pDp_7.5Hz_smoothing200ms"]
     assert choose_auto_model_name(rate, names) == expected
     random.Random(0).shuffle(names)
     assert choose_auto_model_name(rate, names) == expected
@@ -326,9 +323,7 @@ def test_hdf5_latest_superblock_checked(tmp_path):
     assert not is_complete_model_folder(folder)
 
 
-@pytest.mark.skipif(
-    not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model"
-)
+@pytest.mark.skipif(not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model")
 def test_official_model_folder_is_complete():
     assert is_complete_model_folder(SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms")
 
@@ -340,9 +335,7 @@ def test_official_model_folder_is_complete():
 
 def test_model_dir(tmp_path, builtin_dir):
     folder = make_model(tmp_path / "my_model", rate=7.5, smoothing=0.2)
-    choice = resolve_model(
-        MODEL, folder, tmp_path / "unused_cache", builtin_dir, strict=True, index_url=refused_url()
-    )
+    choice = resolve_model(MODEL, folder, tmp_path / "unused_cache", builtin_dir, strict=True, index_url=refused_url())
     assert choice == ModelChoice(
         name="my_model",
         folder=folder.resolve(),
@@ -434,9 +427,7 @@ def test_download_zip_with_subfolder(tmp_path, cache, builtin_dir, server):
 
 
 def test_index_unavailable_uses_embedded_link(cache, builtin_dir, served_model):
-    choice = resolve(
-        MODEL, cache, builtin_dir, refused_url(), known={MODEL: served_model.url("/m.zip")}, strict=True
-    )
+    choice = resolve(MODEL, cache, builtin_dir, refused_url(), known={MODEL: served_model.url("/m.zip")}, strict=True)
     assert choice.source == "downloaded" and served_model.requests == ["/m.zip"]
 
 
@@ -455,9 +446,7 @@ def test_download_404_falls_back_to_builtin(cache, builtin_dir, server, caplog):
 
 def test_connection_refused_falls_back_to_builtin(cache, builtin_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        choice = resolve(
-            MODEL, cache, builtin_dir, refused_url("/index.yaml"), known={MODEL: refused_url("/m.zip")}
-        )
+        choice = resolve(MODEL, cache, builtin_dir, refused_url("/index.yaml"), known={MODEL: refused_url("/m.zip")})
     assert choice.source.startswith("builtin (fallback:") and choice.source.endswith(")")
     assert any(r.levelno == logging.WARNING and "falling back" in r.getMessage() for r in caplog.records)
     assert cache_listing(cache) == []
@@ -593,9 +582,7 @@ def test_zip_without_model_is_rejected(tmp_path, cache, server):
     (folder / "config.yaml").unlink()
     server.routes["/m.zip"] = zip_model(folder, tmp_path / "m.zip")
     with pytest.raises(ModelDownloadError, match="no complete CASCADE model"):
-        download_model(
-            MODEL, cache, index_url=None, known_models={MODEL: server.url("/m.zip")}, timeout_s=TIMEOUT
-        )
+        download_model(MODEL, cache, index_url=None, known_models={MODEL: server.url("/m.zip")}, timeout_s=TIMEOUT)
     assert cache_listing(cache) == []
 
 
@@ -605,9 +592,7 @@ def test_zip_with_unsafe_path_is_rejected(tmp_path, cache, server):
         archive.writestr("../evil.txt", "x")
     server.routes["/evil.zip"] = zip_path.read_bytes()
     with pytest.raises(ModelDownloadError, match="unsafe path"):
-        download_model(
-            MODEL, cache, index_url=None, known_models={MODEL: server.url("/evil.zip")}, timeout_s=TIMEOUT
-        )
+        download_model(MODEL, cache, index_url=None, known_models={MODEL: server.url("/evil.zip")}, timeout_s=TIMEOUT)
     assert not (tmp_path / "evil.txt").exists() and cache_listing(cache) == []
 
 
@@ -620,9 +605,7 @@ def test_concurrent_winner_is_kept(tmp_path, cache, served_model):
         return zip_bytes
 
     served_model.routes["/m.zip"] = winner_installs_then_serves
-    folder = download_model(
-        MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={}
-    )
+    folder = download_model(MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={})
     assert folder == cache / MODEL and (folder / "marker.txt").read_text() == "winner"
     assert cache_listing(cache) == [MODEL]
 
@@ -633,9 +616,7 @@ def test_stale_temporaries_are_cleaned(cache, served_model):
     os.utime(old, (1, 1))
     fresh = cache / f".{MODEL}.cafe.extract.tmp"
     fresh.mkdir()  # may belong to a running process: kept
-    download_model(
-        MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={}
-    )
+    download_model(MODEL, cache, index_url=served_model.url("/index.yaml"), timeout_s=TIMEOUT, known_models={})
     assert cache_listing(cache) == sorted([MODEL, fresh.name])
 
 

@@ -172,9 +172,7 @@ def test_truth_matches_cellresp(loaded, subject):
     silent = cls == msd.SILENT
     active = rate > 0.2
     dff_est = (F - f0) / f0
-    corr_active = np.mean(
-        [np.corrcoef(dff_est[i], tr["dff_true"][i])[0, 1] for i in np.flatnonzero(active)[:50]]
-    )
+    corr_active = np.mean([np.corrcoef(dff_est[i], tr["dff_true"][i])[0, 1] for i in np.flatnonzero(active)[:50]])
     assert corr_active > 0.5
     assert np.all(tr["dff_true"][silent] == 0)
 

@@ -122,9 +122,7 @@ def test_h5_structure(trained_folder):
             if len(names) == 0:
                 continue
             ws = {
-                (n.decode() if isinstance(n, bytes) else n).split("/")[-1].split(":")[0]: group[layer_name][
-                    n
-                ].shape
+                (n.decode() if isinstance(n, bytes) else n).split("/")[-1].split(":")[0]: group[layer_name][n].shape
                 for n in names
             }
             shapes.append((ws["kernel"], ws["bias"]))
@@ -160,6 +158,4 @@ def test_pipeline_matches_keras(trained_folder):
     dff = rng.normal(0, 0.05, size=(1, 150)).astype(np.float32)
     keras_out = net.predict(sliding_windows(dff[0]), verbose=0)[:, 0]
     raw, _, _ = usp.predict_raw_rates(dff, usp.load_cascade_model(trained_folder))
-    np.testing.assert_allclose(
-        raw[0, FRAMES_BEFORE : FRAMES_BEFORE + keras_out.size], keras_out, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(raw[0, FRAMES_BEFORE : FRAMES_BEFORE + keras_out.size], keras_out, rtol=1e-4, atol=1e-5)

@@ -123,9 +123,7 @@ def resample_recording(rec: Recording, frame_rate_hz: float, outlier_mad: float 
     return dff, counts
 
 
-def add_noise_to_level(
-    dff: np.ndarray, frame_rate_hz: float, target_noise_level: float, rng: np.random.Generator
-):
+def add_noise_to_level(dff: np.ndarray, frame_rate_hz: float, target_noise_level: float, rng: np.random.Generator):
     """Add white Gaussian noise so the trace reaches ``target_noise_level``.
 
     The trace's own noise is measured with CASCADE's definition and treated as

@@ -231,13 +231,7 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
     counts = np.zeros((N, T), dtype=np.int64)
     rows = np.flatnonzero(cls == SPARSE)
     counts[rows] = sc.simulate_spike_trains(
-        rows.size,
-        T,
-        fps,
-        rng,
-        mean_rate_range_hz=(0.02, 0.5),
-        bursty_fraction=0.0,
-        rate_modulation_range=(0.0, 1.0),
+        rows.size, T, fps, rng, mean_rate_range_hz=(0.02, 0.5), bursty_fraction=0.0, rate_modulation_range=(0.0, 1.0)
     )
     rows = np.flatnonzero(cls == BURSTY)
     counts[rows] = sc.simulate_spike_trains(
@@ -253,9 +247,7 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
         rate_modulation_range=(0.3, 1.0),
     )
     rows = np.flatnonzero(cls == POPULATION)
-    counts[rows] = sc.simulate_spike_trains(
-        rows.size, T, fps, rng, mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0
-    )
+    counts[rows] = sc.simulate_spike_trains(rows.size, T, fps, rng, mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0)
 
     # Whole-brain population events (swim-bout-like) at shared times >= 12 s apart (mean 30 s):
     # each active cell joins an event with a per-cell probability (coupled cells often, others

@@ -285,9 +285,7 @@ def _calcium_fine(
     kernel /= kernel.max(axis=1, keepdims=True)
     n_fft = int(2 ** np.ceil(np.log2(n_fine + max_len)))
     calcium = np.fft.irfft(
-        np.fft.rfft(spikes_fine, n_fft, axis=1) * np.fft.rfft(kernel.astype(np.float32), n_fft, axis=1),
-        n_fft,
-        axis=1,
+        np.fft.rfft(spikes_fine, n_fft, axis=1) * np.fft.rfft(kernel.astype(np.float32), n_fft, axis=1), n_fft, axis=1
     )[:, :n_fine]
     return np.maximum(calcium, 0.0).astype(np.float32)
 
@@ -354,17 +352,13 @@ def simulate_dff(
 
     # Exposure window per cell, in whole fine samples inside the frame.
     width = np.clip(np.round(params.exposure_fraction * samples_per_frame), 1, samples_per_frame).astype(int)
-    offset = np.clip(
-        np.round(params.exposure_offset * samples_per_frame), 0, samples_per_frame - width
-    ).astype(int)
+    offset = np.clip(np.round(params.exposure_offset * samples_per_frame), 0, samples_per_frame - width).astype(int)
 
     calcium = np.empty((n_cells, n_frames), dtype=np.float32)
     frame_starts = np.arange(n_frames) * samples_per_frame
     for start in range(0, n_cells, max_cells_per_chunk):
         rows = slice(start, min(n_cells, start + max_cells_per_chunk))
-        sub = KernelParams(
-            **{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in params.__dict__.items()}
-        )
+        sub = KernelParams(**{k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in params.__dict__.items()})
         fine = _calcium_fine(spike_counts[rows], sub, fine_rate_hz, samples_per_frame, rng)
         # Mean over each cell's exposure window via a cumulative sum.
         csum = np.concatenate(
@@ -372,9 +366,7 @@ def simulate_dff(
         )
         lo = frame_starts[None, :] + offset[rows, None]
         hi = lo + width[rows, None]
-        calcium[rows] = (np.take_along_axis(csum, hi, 1) - np.take_along_axis(csum, lo, 1)) / width[
-            rows, None
-        ]
+        calcium[rows] = (np.take_along_axis(csum, hi, 1) - np.take_along_axis(csum, lo, 1)) / width[rows, None]
 
     # Indicator nonlinearity: supralinear for bursts, saturating for large calcium.
     c = calcium.astype(float)
@@ -448,9 +440,7 @@ def simulate_dataset(
     dff_kwargs = dict(dff_kwargs or {})
     params = dff_kwargs.pop("params", None)
     if params is None:
-        range_keys = {
-            k: dff_kwargs.pop(k) for k in list(dff_kwargs) if k.endswith("_range") or k.endswith("_range_s")
-        }
+        range_keys = {k: dff_kwargs.pop(k) for k in list(dff_kwargs) if k.endswith("_range") or k.endswith("_range_s")}
         params = draw_kernel_params(n_cells, rng, **range_keys)
     dff = simulate_dff(spikes, frame_rate_hz, noise_level, rng, params=params, **dff_kwargs)
     return {

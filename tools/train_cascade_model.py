@@ -358,11 +358,7 @@ def code_version() -> str:
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "tools"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
+            ["git", "status", "--porcelain", "--", "tools"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -389,10 +385,7 @@ def parse_args(argv=None):
     p.add_argument("--model_name", default=None, help="model_name in config.yaml (default: folder name)")
     p.add_argument("--sampling_rate", type=float, default=2.0, help="frame rate of the model in Hz")
     p.add_argument(
-        "--smoothing",
-        type=float,
-        default=0.5,
-        help="sigma of the Gaussian smoothing of the targets in seconds",
+        "--smoothing", type=float, default=0.5, help="sigma of the Gaussian smoothing of the targets in seconds"
     )
     p.add_argument(
         "--noise_levels",
@@ -416,12 +409,8 @@ def parse_args(argv=None):
         default=None,
         help="train on CASCADE CAttached_*.mat ground truth in this folder (DSxx subfolders)",
     )
-    gt.add_argument(
-        "--ground_truth_datasets", nargs="*", default=None, help="restrict to these DSxx folder names"
-    )
-    gt.add_argument(
-        "--gt_replicates", type=int, default=5, help="independent noise draws per recording and model"
-    )
+    gt.add_argument("--ground_truth_datasets", nargs="*", default=None, help="restrict to these DSxx folder names")
+    gt.add_argument("--gt_replicates", type=int, default=5, help="independent noise draws per recording and model")
     gt.add_argument(
         "--gt_val_fraction",
         type=float,
@@ -510,9 +499,7 @@ def main(argv=None) -> int:
         "training_code_version": code_version(),
         "training_software": software_versions(tf, keras),
         "training_data": data_description,
-        "training_noise_level_ranges": {
-            int(n): [round(v, 3) for v in noise_level_range(n, levels)] for n in levels
-        },
+        "training_noise_level_ranges": {int(n): [round(v, 3) for v in noise_level_range(n, levels)] for n in levels},
         "training_method": "fully-convolutional equivalent of the windowed network on segments of "
         f"{WINDOW_FRAMES - 1 + OUTPUTS_PER_SEGMENT} frames, {SEGMENTS_PER_BATCH} segments "
         "(= batch_size windows) per step, Adam with learning-rate decay over the "
@@ -548,23 +535,14 @@ def main(argv=None) -> int:
             seed = int(np.random.SeedSequence([args.seed, level, member]).generate_state(1)[0] % (2**31))
             rng = np.random.default_rng(seed)
             if resampled is None:
-                train = synthetic_traces(
-                    args.n_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng
-                )
-                val = synthetic_traces(
-                    args.n_val_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng
-                )
+                train = synthetic_traces(args.n_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng)
+                val = synthetic_traces(args.n_val_cells, n_frames, args.sampling_rate, args.smoothing, level_range, rng)
             else:
                 train = ground_truth_traces(
                     resampled, args.sampling_rate, args.smoothing, level_range, args.gt_replicates, rng
                 )
                 val = ground_truth_traces(
-                    val_resampled,
-                    args.sampling_rate,
-                    args.smoothing,
-                    level_range,
-                    max(1, args.gt_replicates // 2),
-                    rng,
+                    val_resampled, args.sampling_rate, args.smoothing, level_range, max(1, args.gt_replicates // 2), rng
                 )
                 if not train[0] or not val[0]:
                     log(f"{name}: no ground truth reaches noise level range {level_range}, skipped")
@@ -599,10 +577,7 @@ def main(argv=None) -> int:
     config["training_ended"] = _dt.datetime.now().isoformat(timespec="seconds")
     config["training_wall_s_this_run"] = round(time.time() - log_start, 1)
     write_config(config_path, config)
-    log(
-        f"done, training_finished: {config['training_finished']}"
-        + (f", missing {missing}" if missing else "")
-    )
+    log(f"done, training_finished: {config['training_finished']}" + (f", missing {missing}" if missing else ""))
     return 0 if not missing else 1
 
 

@@ -73,15 +73,7 @@ def live_reference(shared_cascade, tmp_path_factory):
     np.save(tmp / "dff.npy", dff)
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            NEURALIB_SCRIPT,
-            str(tmp / "dff.npy"),
-            str(cache),
-            MODEL_NAME,
-            str(tmp / "rates_"),
-        ],
+        [sys.executable, "-c", NEURALIB_SCRIPT, str(tmp / "dff.npy"), str(cache), MODEL_NAME, str(tmp / "rates_")],
         env=env,
         capture_output=True,
         text=True,

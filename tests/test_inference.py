@@ -70,8 +70,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "threshold, key",
-    [(0, "spike_rates_threshold0"), (1, "spike_rates_threshold1"), (False, "spike_rates_nothreshold")],
+    "threshold, key", [(0, "spike_rates_threshold0"), (1, "spike_rates_threshold1"), (False, "spike_rates_nothreshold")]
 )
 def test_rates_match_cascade_reference(reference, official_model, threshold, key):
     rates = usp.predict_spike_rates(reference["dff"], official_model, threshold=threshold)
@@ -165,9 +164,7 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
             for layer in model.layers:
                 if layer.weights:
                     kernel, bias = layer.get_weights()
-                    layer.set_weights(
-                        [kernel, np.random.default_rng(seed + member).normal(0, 0.05, bias.shape)]
-                    )
+                    layer.set_weights([kernel, np.random.default_rng(seed + member).normal(0, 0.05, bias.shape)])
             model.compile(loss="mean_squared_error", optimizer="adagrad")
             path = folder / f"Model_NoiseLevel_{level}_Ensemble_{member}.h5"
             model.save(path)
@@ -206,8 +203,7 @@ def test_engine_equals_keras_windowed_predict(tmp_path):
         level = int(report["model_noise_level"][neuron])
         members = [keras_models[(level, e)] for e in range(2)]
         expected = np.mean(
-            [m.predict(windows[neuron][..., None].astype(np.float32), verbose=0)[:, 0] for m in members],
-            axis=0,
+            [m.predict(windows[neuron][..., None].astype(np.float32), verbose=0)[:, 0] for m in members], axis=0
         )
         valid = np.arange(32, num_frames - 32)
         got = rates[neuron, valid]

@@ -1,0 +1,42 @@
+"""dF/F: the trace-type decision and the sliding-percentile baseline."""
+
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_DIR
+
+import unified_spike_processing_coo as usp
+
+SAMPLE = SAMPLE_DIR
+
+
+def test_compute_dff_matches_naive_percentile():
+    rng = np.random.default_rng(0)
+    F = 100 + rng.normal(0, 3, (4, 120)).cumsum(axis=1) * 0.1 + rng.normal(0, 1, (4, 120))
+    dff = usp.compute_dff(F, frame_rate_hz=2.0, window_s=10.0, percentile=8)
+    half = 10
+    for i in range(4):
+        for t in (0, 50, 119):
+            window = F[i, max(0, t - half) : t + half + 1]
+            padded = np.concatenate(
+                [np.full(max(0, half - t), F[i, 0]), window, np.full(max(0, t + half - 119), F[i, -1])]
+            )
+            f0 = np.percentile(padded, 8, method="lower")
+            assert dff[i, t] == pytest.approx((F[i, t] - f0) / f0, rel=1e-3, abs=1e-3)
+
+
+def test_trace_type_decision():
+    rng = np.random.default_rng(1)
+    fluorescence = 200 + rng.normal(0, 5, (50, 300))
+    assert usp.decide_trace_type(fluorescence)[0] == "fluorescence"
+    assert usp.decide_trace_type(rng.normal(0, 0.05, (50, 300)))[0] == "dff"
+    assert usp.decide_trace_type(fluorescence, hint="dff")[0] == "dff"
+
+
+def test_sliding_percentile_equals_scipy():
+    from scipy.ndimage import percentile_filter
+
+    traces = np.random.default_rng(4).normal(0, 1, (13, 97)).astype(np.float32)
+    for window in (3, 15, 61):
+        expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
+        np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)

@@ -1,0 +1,224 @@
+"""The files of a run on sample_data: schema, contents, split, markers, combined metadata."""
+
+
+import h5py
+import numpy as np
+import pytest
+from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli
+
+import unified_spike_processing_coo as usp
+
+SAMPLE = SAMPLE_DIR
+
+
+def model_args() -> list:
+    """The builtin model (shipped, offline); it must load for the product to work."""
+    usp.load_cascade_model_folder(usp.BUILTIN_MODEL_DIR)
+    return list(OFFLINE_BUILTIN)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = run_cli("--input_dir", SAMPLE, "--output_dir", out, *model_args())
+    return out, result
+
+
+def coo(out, subject):
+    return usp.load_coo_grid(out / subject / usp.COO_FILENAME)
+
+
+def test_outputs_schema_and_dtypes(sample_run):
+    out, result = sample_run
+    assert (out / usp.COMBINED_FILENAME).is_file() and (out / "processing.log").is_file()
+    for subject in ("subject_1", "subject_2", "subject_3"):
+        folder = out / subject
+        assert (folder / f"{subject}_visualization.pdf").stat().st_size > 10_000
+        with h5py.File(folder / usp.COO_FILENAME, "r") as h5:
+            assert h5["spike_coords"].dtype == np.int32 and h5["spike_coords"].shape[1] == 4
+            assert h5["spike_values"].dtype == np.uint8
+            assert h5["grid_shape"].dtype == np.int32 and h5["grid_shape"].shape == (4,)
+            assert h5["timepoint_indices"].dtype == np.int32 and h5["is_train"].dtype == np.uint8
+            assert h5["spike_coords"].compression == "gzip"
+            attrs = dict(h5.attrs)
+        for key in (
+            "total_spikes",
+            "sparsity_percent",
+            "format",
+            "subject",
+            "cascade_model",
+            "frame_rate_hz",
+            "num_timepoints",
+            "num_z_planes",
+            "grid_height",
+            "grid_width",
+            "model_source",
+            "software_version",
+            "param_seed",
+            "param_spike_mode",
+        ):
+            assert key in attrs, key
+        assert attrs["format"] == "COO_sparse" and attrs["subject"] == subject
+        assert attrs["model_source"] == "builtin"
+    assert "Summary:" in result.stderr and "→ Sparsity:" in result.stderr
+    assert "→ Memory savings vs dense:" in result.stderr
+
+
+def test_coords_sorted_unique_in_range_and_counts(sample_run):
+    out, _ = sample_run
+    for subject in ("subject_1", "subject_2", "subject_3"):
+        grid = coo(out, subject)
+        coords, shape = grid["spike_coords"].astype(np.int64), tuple(grid["grid_shape"])
+        assert len(coords) == grid["attrs"]["total_spikes"] == len(grid["spike_values"])
+        assert np.all(grid["spike_values"] == 1)
+        assert np.all(coords >= 0) and np.all(coords < np.array(shape))
+        linear = np.ravel_multi_index(tuple(coords.T), shape)
+        assert np.all(np.diff(linear) > 0), "coordinates must be sorted and unique"
+        total = int(np.prod(shape, dtype=np.int64))
+        assert grid["attrs"]["sparsity_percent"] == pytest.approx(100 * len(coords) / total)
+        assert shape[0] == grid["attrs"]["num_timepoints"] == len(grid["timepoint_indices"])
+        assert grid["attrs"]["spike_pixels"] + grid["attrs"]["marker_pixels"] - grid["attrs"][
+            "marker_spike_overlap"
+        ] == len(coords)
+
+
+def test_dense_round_trip(sample_run):
+    out, _ = sample_run
+    grid = coo(out, "subject_2")
+    coords, shape = grid["spike_coords"], tuple(grid["grid_shape"])
+    dense = usp.coo_to_dense_grid(coords, shape)
+    assert dense.dtype == np.uint8 and dense.shape == shape and int(dense.sum()) == len(coords)
+    back = np.argwhere(dense)  # argwhere is row-major sorted, like the file
+    np.testing.assert_array_equal(back, coords)
+
+
+def test_z_markers_and_edge_frames(sample_run):
+    out, _ = sample_run
+    grid = coo(out, "subject_1")
+    T, Z, H, W = grid["grid_shape"]
+    coords = grid["spike_coords"]
+    for z in (0, Z - 1):
+        plane = coords[(coords[:, 0] == 5) & (coords[:, 1] == z)]
+        marker = plane[(plane[:, 2] < 2) & (plane[:, 3] >= W - (z + 2))]
+        assert len(marker) == 2 * (z + 2)
+    assert grid["attrs"]["marker_pixels"] == T * sum(2 * (z + 2) for z in range(Z))
+    # 2 Hz model: 64-frame window, the first 32 and last 32 frames have no prediction
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(32, 400 - 32))
+
+
+def test_split_matches_original_rule(sample_run):
+    out, _ = sample_run
+    grid = coo(out, "subject_3")
+    T = int(grid["grid_shape"][0])
+    is_train, test_blocks = usp.train_test_split(T, 330, 0.95, 42)
+    np.testing.assert_array_equal(grid["is_train"], is_train)
+    with h5py.File(out / "subject_3" / usp.METADATA_FILENAME, "r") as meta:
+        np.testing.assert_array_equal(meta["test_timepoints"][()], np.flatnonzero(is_train == 0))
+        np.testing.assert_array_equal(meta["is_train"][()], is_train)
+    # by hand: 416 frames -> 1 block of 330, which is the test block; leftover frames train
+    assert T == 416 and is_train[:330].sum() == 0 and is_train[330:].all()
+    big, blocks = usp.train_test_split(4000, 330, 0.95, 42)
+    order = np.random.RandomState(42).permutation(12)
+    assert list(blocks) == sorted(order[: max(1, int(12 * 0.05))]) and big.sum() == 4000 - 330
+
+
+def test_absix_mapping_gives_true_positions(sample_run):
+    out, _ = sample_run
+    with h5py.File(SAMPLE / "subject_1" / "ground_truth_spikes.h5", "r") as truth:
+        true_xyz = truth["cells/CellXYZ"][()]
+    with h5py.File(out / "subject_1" / usp.METADATA_FILENAME, "r") as meta:
+        np.testing.assert_array_equal(meta["cells/position"][()], true_xyz)
+        with h5py.File(SAMPLE / "subject_1" / "TimeSeries.h5", "r") as series:
+            np.testing.assert_array_equal(meta["cells/cell_id"][()], series["absIX"][0].astype(int))
+
+
+def test_metadata_and_combined(sample_run):
+    out, _ = sample_run
+    with h5py.File(out / "subject_1" / usp.METADATA_FILENAME, "r") as meta:
+        for key in (
+            "num_timepoints",
+            "num_z_planes",
+            "total_spikes",
+            "sparsity_percent",
+            "trace_type",
+            "collisions",
+            "marker_pixels",
+            "model_source",
+            "inference_s",
+        ):
+            assert key in meta.attrs, key
+        assert meta.attrs["trace_type"] == "fluorescence"
+        for key in ("z_values", "train_timepoints", "test_timepoints", "is_train", "per_plane_sparsity_percent"):
+            assert key in meta, key
+        n = meta.attrs["num_cells"]
+        for key in ("cell_id", "position", "voxel_zxy", "noise_level", "model_noise_level", "spike_count", "valid"):
+            assert len(meta["cells"][key]) == n, key
+    with h5py.File(out / usp.COMBINED_FILENAME, "r") as combined:
+        assert set(combined) == {"subject_1", "subject_2", "subject_3"}
+        spikes = [coo(out, s)["attrs"]["total_spikes"] for s in combined]
+        assert combined.attrs["total_subjects"] == 3 and combined.attrs["total_spikes"] == sum(spikes)
+        assert combined.attrs["format"] == "COO_sparse"
+        assert combined.attrs["overall_sparsity_percent"] == pytest.approx(
+            100 * combined.attrs["total_spikes"] / combined.attrs["total_pixels"]
+        )
+
+
+def test_identical_outputs_whatever_workers_and_batch_size(sample_run, tmp_path):
+    out, _ = sample_run
+    other = tmp_path / "other"
+    run_cli(
+        "--input_dir",
+        SAMPLE,
+        "--output_dir",
+        other,
+        "--subjects",
+        "subject_1,subject_3",
+        "--workers",
+        2,
+        "--batch_size",
+        500,
+        "--no_plots",
+        *model_args(),
+    )
+    for subject in ("subject_1", "subject_3"):
+        a, b = coo(out, subject), coo(other, subject)
+        for key in ("spike_coords", "grid_shape", "timepoint_indices", "is_train"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
+    run_cli(
+        "--input_dir",
+        SAMPLE,
+        "--output_dir",
+        tmp_path,
+        "--subjects",
+        "subject_2",
+        "--no_plots",
+        "--spike_mode",
+        "discrete",
+        "--keep_edge_frames",
+        "--coordinates",
+        "registered",
+        "--no_z_markers",
+        "--cascade_threshold",
+        "0",
+        *model_args(),
+    )
+    grid = coo(tmp_path, "subject_2")
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(360))
+    assert grid["attrs"]["marker_pixels"] == 0 and grid["attrs"]["param_spike_mode"] == "discrete"
+    assert grid["attrs"]["param_cascade_threshold"] == "0"
+    coords = grid["spike_coords"]
+    # no spikes where CASCADE has no prediction (first/last 32 frames are kept but empty)
+    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 360 - 32
+    with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
+        registered = truth["cells/CellXYZ_norm"][()]
+    with h5py.File(tmp_path / "subject_2" / usp.METADATA_FILENAME, "r") as meta:
+        np.testing.assert_array_equal(meta["cells/position"][()], registered)
+        spike_count = meta["cells/spike_count"][()]
+    # discrete mode: a cell's binary spikes are the frames with inferred spikes
+    subject = usp.load_subject(SAMPLE / "subject_2")
+    model = usp.load_cascade_model("builtin")
+    rates = usp.predict_spike_rates(usp.compute_dff(subject.read_traces(), subject.frame_rate_hz), model, threshold=0)
+    np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))
