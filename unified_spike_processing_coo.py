@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -42,11 +44,10 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -627,6 +628,10 @@ MODEL_FILE_PATTERN = re.compile(r"Model_NoiseLevel_(\d+)_Ensemble_(\d+)\.h5$")
 CASCADE_LAYER_CLASSES = ("Conv1D", "Conv1D", "MaxPooling1D", "Conv1D", "MaxPooling1D", "Dense", "Flatten", "Dense")
 
 
+# The source of a builtin model that stands in for an unavailable one starts with this (see resolve_model).
+FALLBACK_SOURCE_PREFIX = "builtin (fallback: "
+
+
 @dataclass(frozen=True)
 class NetworkWeights:
     """Weights of one ensemble member, in Keras's layout (kernel: (width, in, out))."""
@@ -660,7 +665,7 @@ class NetworkWeights:
 
 @dataclass(frozen=True)
 class CascadeModel:
-    """A CASCADE model: its configuration and the weights of every ensemble member."""
+    """A CASCADE model: its configuration, the weights of every ensemble member and its provenance."""
 
     name: str
     folder: str
@@ -675,7 +680,9 @@ class CascadeModel:
     dense_expansion: int
     ensemble_size: int
     ensembles: dict  # noise level -> tuple of NetworkWeights
-    source: str = "model_dir"  # how it was found (see resolve_model)
+    source: str = "model_dir"  # model_dir, cache, downloaded, builtin or builtin (fallback: <reason>)
+    requested: str = ""  # what the user asked for: a model name, 'auto', 'builtin' or the --model_dir
+    digest: str = ""  # sha256 of config.yaml and the weight files, 16 hex digits: which weights made a file
 
     @property
     def window_offset(self) -> int:
@@ -696,44 +703,24 @@ class CascadeModel:
     def smoothing_frames(self) -> float:
         return self.smoothing_s * self.sampling_rate_hz
 
+    @property
+    def is_fallback(self) -> bool:
+        """True when the builtin model stands in for a model that could not be had."""
+        return self.source.startswith(FALLBACK_SOURCE_PREFIX)
+
     def provenance(self) -> dict:
         """What outputs record about the model, so a file says how it was made."""
         return {
             "cascade_model": self.name,
             "model_source": self.source,
+            "model_requested": self.requested,
             "model_folder": self.folder,
             "model_sampling_rate_hz": self.sampling_rate_hz,
             "model_smoothing_s": self.smoothing_s,
             "model_noise_levels": list(self.noise_levels),
             "model_ensemble_size": self.ensemble_size,
+            "model_digest": self.digest,
         }
-
-
-def _read_model_config(folder: Path) -> dict:
-    """config.yaml with the keys the engine needs, or a PipelineError naming the file."""
-    config_path = folder / "config.yaml"
-    if not config_path.is_file():
-        raise PipelineError(
-            f"CASCADE model folder {folder} has no config.yaml: point --model_dir at a folder as CASCADE distributes it"
-        )
-    try:
-        config = read_model_config(folder)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"cannot parse {config_path}: {exc}") from None
-    required = (
-        "sampling_rate",
-        "noise_levels",
-        "smoothing",
-        "windowsize",
-        "before_frac",
-        "filter_sizes",
-        "filter_numbers",
-        "dense_expansion",
-    )
-    missing = [key for key in required if key not in config]
-    if missing:
-        raise PipelineError(f"{config_path} lacks {', '.join(missing)}: not a CASCADE model config")
-    return config
 
 
 def _layer_config_list(model_config: dict) -> list:
@@ -824,197 +811,103 @@ def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
     return NetworkWeights(k1, b1, k2, b2, k3, b3, kd, bd, ko, bo, source_file=str(path))
 
 
-def load_cascade_model_folder(folder, source: str = "model_dir") -> CascadeModel:
-    """Load an official-layout CASCADE model folder (config.yaml + Model_NoiseLevel_*.h5)."""
-    folder = Path(folder)
+def _one_line(value) -> str:
+    return " ".join(str(value).split())
+
+
+def _read_model_config(path: Path) -> tuple:
+    """(config, noise levels, engine parameters) from config.yaml, or a PipelineError naming the file."""
+    if not path.is_file():
+        raise PipelineError(
+            f"CASCADE model folder {path.parent} has no config.yaml: point --model_dir at a folder as CASCADE distributes it"
+        )
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+        noise_levels = tuple(sorted(int(n) for n in config["noise_levels"]))
+        params = dict(
+            sampling_rate_hz=float(config["sampling_rate"]),
+            smoothing_s=float(config["smoothing"]),
+            causal_kernel=bool(config.get("causal_kernel", 0)),
+            window_size=int(config["windowsize"]),
+            before_frac=float(config["before_frac"]),
+            filter_sizes=tuple(int(v) for v in config["filter_sizes"]),
+            filter_numbers=tuple(int(v) for v in config["filter_numbers"]),
+            dense_expansion=int(config["dense_expansion"]),
+        )
+        if not noise_levels or not params["sampling_rate_hz"] > 0:
+            raise ValueError("no noise_levels, or sampling_rate is not positive")
+    except KeyError as exc:
+        raise PipelineError(f"{path} lacks {exc}: not a CASCADE model config") from None
+    except (OSError, yaml.YAMLError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{path} is not a valid CASCADE config ({_one_line(exc)}): re-download it") from None
+    return config, noise_levels, params
+
+
+def load_cascade_model_folder(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
+    """Load and check a CASCADE model folder (config.yaml + Model_NoiseLevel_<N>_Ensemble_<E>.h5).
+
+    This is the one validation of a model: a missing folder, config.yaml or weight file, a bad
+    config, a truncated file or another network is one PipelineError naming the file and the fix.
+    The digest (sha256 of config.yaml and the weight files) says which weights made an output.
+    """
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PipelineError(f"CASCADE model folder {folder} does not exist")
-    config = _read_model_config(folder)
-    members: dict = {}
+    config, noise_levels, params = _read_model_config(folder / "config.yaml")
+    files: dict = {}
     for path in sorted(folder.glob("*.h5")):
         match = MODEL_FILE_PATTERN.search(path.name)
-        if match:
-            members.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
-    noise_levels = tuple(sorted(int(n) for n in config["noise_levels"]))
-    absent = [n for n in noise_levels if n not in members]
+        if match and int(match.group(1)) in noise_levels:
+            files.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
+    absent = [n for n in noise_levels if n not in files]
     if absent:
         raise PipelineError(
-            f"CASCADE model folder {folder} has no Model_NoiseLevel_{absent[0]}_"
-            "Ensemble_*.h5 file although config.yaml lists that noise level: "
-            "the download is incomplete, fetch the model again"
+            f"CASCADE model folder {folder} has no Model_NoiseLevel_{absent[0]}_Ensemble_*.h5 file although "
+            "config.yaml lists that noise level: the download is incomplete, fetch the model again"
         )
-    ensembles = {
-        level: tuple(_read_network_weights(path, config) for _, path in sorted(members[level]))
-        for level in noise_levels
-    }
+    paths = {level: [path for _, path in sorted(files[level])] for level in noise_levels}
+    ensembles = {level: tuple(_read_network_weights(path, config) for path in paths[level]) for level in paths}
+    sha = hashlib.sha256()
+    for path in [folder / "config.yaml", *(path for level in paths for path in paths[level])]:
+        sha.update(path.name.encode() + b"\0" + path.read_bytes())
     return CascadeModel(
         name=str(config.get("model_name", folder.name)),
         folder=str(folder.resolve()),
-        sampling_rate_hz=float(config["sampling_rate"]),
         noise_levels=noise_levels,
-        smoothing_s=float(config["smoothing"]),
-        causal_kernel=bool(config.get("causal_kernel", 0)),
-        window_size=int(config["windowsize"]),
-        before_frac=float(config["before_frac"]),
-        filter_sizes=tuple(int(v) for v in config["filter_sizes"]),
-        filter_numbers=tuple(int(v) for v in config["filter_numbers"]),
-        dense_expansion=int(config["dense_expansion"]),
         ensemble_size=min(len(e) for e in ensembles.values()),
         ensembles=ensembles,
         source=source,
+        requested=requested,
+        digest=sha.hexdigest()[:16],
+        **params,
     )
 
 
-def load_cascade_model(
-    folder_or_name, *, cache_dir=None, strict: bool = False, frame_rate_hz: float | None = None
-) -> CascadeModel:
-    """Load a CASCADE model from a folder, or by name ('builtin' or an official model name).
-
-    Names are resolved as on the command line (see resolve_model): local cache, then download,
-    then the builtin model with a warning unless ``strict``.
-    """
-    candidate = Path(str(folder_or_name)).expanduser()
-    if candidate.is_dir():
-        return load_cascade_model_folder(candidate, source="model_dir")
-    choice = resolve_model(
-        str(folder_or_name),
-        None,
-        cache_dir=cache_dir,
-        builtin_dir=BUILTIN_MODEL_DIR,
-        strict=strict,
-        frame_rate_hz=frame_rate_hz,
-    )
-    return load_cascade_model_folder(choice.folder, source=choice.source)
-
-
 # =============================================================================================
-# Model resolution: --model_dir, cache, download, builtin fallback
+# Model resolution: --model_dir, builtin, auto, cache, download, builtin fallback
 # =============================================================================================
-# --------------------------------------------------------------------------- #
-# Constants
-# --------------------------------------------------------------------------- #
+#
+# resolve_model turns what the user asked for into one loaded (so checked) model:
+#   --model_dir DIR   that folder, or its only sub-folder (as CASCADE's zips unpack); unusable: an error
+#   'builtin'         the builtin model (models/builtin_<rate>Hz_smoothing<ms>ms) nearest the frame rate
+#   'auto'            the official Global_EXC model nearest the frame rate, cached or downloaded;
+#                     with --offline and not cached, the nearest builtin model
+#   an official name  <cache>/<name> (neuralib's cache by default), else downloaded into it
+#   anything else     an error naming the closest official names: a typo must not run silently
+# An official model that cannot be had is replaced by the builtin model with a WARNING and the model's
+# source says so; strict makes that an error. PROCESS_CACHE remembers models, choices and downloads,
+# so the subjects of a run share one model object and a failed download is tried once per process.
 
-#: CASCADE's index of official models (YAML: name -> {Link: <zip url>, Info: ...}),
-#: the same download link the official CASCADE code uses.
-OFFICIAL_MODEL_INDEX_URL = "https://drive.switch.ch/index.php/s/IJWlhwjDT3aw2ro/download"
-
-#: Default cache folder: neuralib's CASCADE cache (``<cache>/<model name>/``).
-DEFAULT_MODEL_CACHE_DIR = "~/.cache/neuralib/cascade"
-
-#: Special values of ``--cascade_model``.
-BUILTIN_MODEL_KEYWORD = "builtin"
-AUTO_MODEL_KEYWORD = "auto"
-
-#: Prefix of the model source when the builtin model replaces an unavailable one.
-FALLBACK_SOURCE_PREFIX = "builtin (fallback: "
-
-#: Default network timeout (seconds, per blocking socket operation).
-DEFAULT_DOWNLOAD_TIMEOUT_S = 60.0
-
-#: Refuse downloads / archives larger than this (official models are ~10-40 MB).
-MAX_DOWNLOAD_BYTES = 1 << 30
-
-#: A model whose sampling rate differs from the frame rate by more than this
-#: fraction is logged with a WARNING.
-RATE_MISMATCH_WARN_FRACTION = 0.05  # CASCADE resamples ground truth beyond 5%
-
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-_SWITCH_DRIVE_LINK = "https://drive.switch.ch/index.php/s/{}/download"
-
-# Official Global_EXC_* models of CASCADE's index (available_models.yaml, update of
-# May 22th 2025), as data: name -> share token of the download link.  Used when the
-# index cannot be fetched, and as the candidate list of ``--cascade_model auto``.
-_OFFICIAL_GLOBAL_EXC_TOKENS = (
-    ("Global_EXC_1Hz_smoothing500ms", "ZAc2kNO0aqSO3ja"),
-    ("Global_EXC_1Hz_smoothing1000ms", "cxwBirzdpe5OXVF"),
-    ("Global_EXC_2Hz_smoothing300ms", "NNuOpxkbLFVkk7p"),
-    ("Global_EXC_2Hz_smoothing500ms", "f44KVYMFC0KlJn3"),
-    ("Global_EXC_2Hz_smoothing1000ms", "o3cSQkOjTuyKzu2"),
-    ("Global_EXC_2.5Hz_smoothing400ms_high_noise", "lhhhLhaq8eioVA2"),
-    ("Global_EXC_3Hz_smoothing400ms", "ZTAtoekfVSRHTg0"),
-    ("Global_EXC_3Hz_smoothing400ms_high_noise", "YyqzYx4iZKjHLr6"),
-    ("Global_EXC_3Hz_smoothing400ms_causalkernel", "3M1JxkaVf1O2yhF"),
-    ("Global_EXC_4.25Hz_smoothing300ms", "nsjSB55BVZFhstp"),
-    ("Global_EXC_4.25Hz_smoothing300ms_high_noise", "dofZyF2srp5It59"),
-    ("Global_EXC_4.25Hz_smoothing300ms_causalkernel", "j4D74cblkUCbXaw"),
-    ("Global_EXC_5Hz_smoothing200ms", "nCyQMLhjiHA8e86"),
-    ("Global_EXC_5Hz_smoothing200ms_causalkernel", "EIU1BjAL0u49Sbb"),
-    ("Global_EXC_6Hz_smoothing200ms", "pbkoP8F9SvwcDgG"),
-    ("Global_EXC_6Hz_smoothing200ms_causalkernel", "QajDzwNbdptJSfr"),
-    ("Global_EXC_7Hz_smoothing200ms", "9rCHQfoJhAQAFlQ"),
-    ("Global_EXC_7Hz_smoothing200ms_causalkernel", "hHytQ0fyrSUfJfr"),
-    ("Global_EXC_7.5Hz_smoothing200ms_high_noise", "v8tt0YErAkBvJxk"),
-    ("Global_EXC_7.5Hz_smoothing200ms", "2XKVdJ5UNF53AMD"),
-    ("Global_EXC_7.5Hz_smoothing200ms_causalkernel", "eIE80WOsjnOvRlc"),
-    ("Global_EXC_10Hz_smoothing50ms", "vU7bUlVmmcGQ4mM"),
-    ("Global_EXC_10Hz_smoothing50ms_causalkernel", "4Oe8LtpTzssy0XR"),
-    ("Global_EXC_10Hz_smoothing100ms", "gg7i2Vm239bflNG"),
-    ("Global_EXC_10Hz_smoothing100ms_causalkernel", "pRLWGjhsxe1YQrZ"),
-    ("Global_EXC_10Hz_smoothing200ms", "BPdwl5MbMJLzgEU"),
-    ("Global_EXC_10Hz_smoothing200ms_causalkernel", "lhTznT3n7LOVoxN"),
-    ("Global_EXC_12.5Hz_smoothing100ms", "lUSNtaFtd7HLIyq"),
-    ("Global_EXC_12.5Hz_smoothing100ms_causalkernel", "HjxH7F5bZNOg5YP"),
-    ("Global_EXC_12.5Hz_smoothing200ms", "e60Lc44sndZlRm8"),
-    ("Global_EXC_12.5Hz_smoothing200ms_causalkernel", "kT3IaGq8apVyR5t"),
-    ("Global_EXC_15Hz_smoothing50ms", "JjHmm5IxDsXzGQW"),
-    ("Global_EXC_15Hz_smoothing50ms_causalkernel", "ogdSZYy6J54KSfY"),
-    ("Global_EXC_15Hz_smoothing100ms_high_noise", "Yh3fcZ1eTWMj7Ap"),
-    ("Global_EXC_15Hz_smoothing100ms", "DH44cNbpxorMf0q"),
-    ("Global_EXC_15Hz_smoothing100ms_causalkernel", "VzBMJJaeSXmXzJ4"),
-    ("Global_EXC_15Hz_smoothing200ms", "kQVvbkLywUGxHnx"),
-    ("Global_EXC_15Hz_smoothing200ms_causalkernel", "bupyxSmuwGaX5rD"),
-    ("Global_EXC_17.5Hz_smoothing100ms", "vbl6PSDSGVfoJAq"),
-    ("Global_EXC_17.5Hz_smoothing100ms_causalkernel", "uKbnx2eWzEZr0fS"),
-    ("Global_EXC_17.5Hz_smoothing200ms", "PdTOGZT1Rnq6mJT"),
-    ("Global_EXC_17.5Hz_smoothing200ms_causalkernel", "9akSUCiwY1pbb6e"),
-    ("Global_EXC_20Hz_smoothing100ms", "tp5qkpnhHZNm3oU"),
-    ("Global_EXC_20Hz_smoothing100ms_causalkernel", "SNASw9Em8jJQVvr"),
-    ("Global_EXC_20Hz_smoothing200ms", "gy9zusH6oVQ7XjM"),
-    ("Global_EXC_20Hz_smoothing200ms_causalkernel", "NWRMK5HmnK4MU5m"),
-    ("Global_EXC_25Hz_smoothing100ms", "KJQCNESFPeduFAg"),
-    ("Global_EXC_25Hz_smoothing100ms_causalkernel", "Gk1tandtyveu6BX"),
-    ("Global_EXC_25Hz_smoothing50ms", "VF7Z1QbgKk4iWLv"),
-    ("Global_EXC_25Hz_smoothing50ms_causalkernel", "dsKn7xOAAbi4L7i"),
-    ("Global_EXC_30Hz_smoothing25ms", "qKf5Eqn9IOc7bFt"),
-    ("Global_EXC_30Hz_smoothing25ms_causalkernel", "8nvQ0zDRflshnEQ"),
-    ("Global_EXC_30Hz_smoothing50ms", "4wVuOV8YlOZprXU"),
-    ("Global_EXC_30Hz_smoothing50ms_high_noise", "7vBrmEWHR7T8t7z"),
-    ("Global_EXC_30Hz_smoothing50ms_causalkernel", "lR2zjb9VhWj8w3I"),
-    ("Global_EXC_30Hz_smoothing100ms", "zi6QBF6WZWkX3db"),
-    ("Global_EXC_30Hz_smoothing100ms_causalkernel", "09xIbfeEK6QUNF9"),
-    ("Global_EXC_30Hz_smoothing200ms", "Ax1kaxNFJgpbr5v"),
-    ("Global_EXC_30Hz_smoothing100ms_causalkernel_high_noise", "2dmjQaoOmrA7BRp"),
-    ("Global_EXC_30Hz_smoothing100ms_high_noise", "c1TwwUHt6DnYRdL"),
-    ("Global_EXC_30Hz_smoothing200ms_causalkernel_high_noise", "yRXTDicJaqWyiKe"),
-    ("Global_EXC_40Hz_smoothing25ms_causalkernel", "Y2SIf1bIZfQIyaM"),
-    ("Global_EXC_40Hz_smoothing25ms", "t9jUSqHWCZnsuoK"),
-    ("Global_EXC_40Hz_smoothing25ms_high_noise", "awBxRaORqEMq7sN"),
-    ("Global_EXC_40Hz_smoothing50ms", "47bIOU2N5UBpgia"),
-    ("Global_EXC_40Hz_smoothing50ms_high_noise", "pBjh5brKMiy9ffy"),
-    ("Global_EXC_40Hz_smoothing50ms_causalkernel", "DvYfBrUjPiGfUf1"),
-    ("Global_EXC_30Hz_smoothing50ms_asymmetric_window_1_frame", "d7KCX4R2RUGClEg"),
-    ("Global_EXC_30Hz_smoothing50ms_asymmetric_window_2_frames", "O7wmJreDtAN31N4"),
-    ("Global_EXC_30Hz_smoothing50ms_asymmetric_window_4_frames", "NBbQajQ05qPvPSd"),
-    ("Global_EXC_30Hz_smoothing50ms_asymmetric_window_6_frames", "bfla0Jk4czskWH4"),
-    ("Global_EXC_30Hz_smoothing50ms_asymmetric_window_8_frames", "vzb8fNMFTyDqjg8"),
-)
-
-#: Official ``Global_EXC_*`` model name -> zip download link (read-only mapping).
-OFFICIAL_GLOBAL_EXC_MODELS: Mapping[str, str] = types.MappingProxyType(
-    {name: _SWITCH_DRIVE_LINK.format(token) for name, token in _OFFICIAL_GLOBAL_EXC_TOKENS}
-)
-
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_RATE_RE = re.compile(r"(?:^|_)(\d+(?:\.\d+)?)Hz(?:_|$)")
-_SMOOTHING_RE = re.compile(r"(?:^|_)smoothing(\d+(?:\.\d+)?)ms(?:_|$)")
+DEFAULT_MODEL_CACHE_DIR = Path("~/.cache/neuralib/cascade")  # neuralib's: models are shared with it
+# The builtin family and official_models.yaml: beside this file, or in share/ when pip-installed.
+MODEL_SEARCH_DIRS = (REPO_DIR / "models", Path(sys.prefix) / "share" / "unified_spike_processing_coo" / "models")
+BUILTIN_MODEL_KEYWORD, AUTO_MODEL_KEYWORD = "builtin", "auto"
+RATE_MISMATCH_WARN_FRACTION = 0.05  # beyond 5 % CASCADE resamples its ground truth to the frame rate
+DOWNLOAD_TIMEOUT_S = 60.0  # per blocking socket operation
+MAX_DOWNLOAD_BYTES = 1 << 30  # official models are 10-40 MB; a far larger download is not one
+PROCESS_CACHE: dict = {}  # the one global mutable state: models, choices, downloads, TensorFlow, engine
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a cache sub-folder, never a path
 _GLOBAL_EXC_RE = re.compile(r"^Global_EXC_(\d+(?:\.\d+)?)Hz_smoothing(\d+(?:\.\d+)?)ms(.*)$")
-_IGNORED_ENTRIES = ("__MACOSX",)
-
-
-# --------------------------------------------------------------------------- #
-# Types
-# --------------------------------------------------------------------------- #
 
 
 class ModelResolutionError(PipelineError):
@@ -1025,689 +918,286 @@ class ModelDownloadError(ModelResolutionError):
     """Fetching, checking or installing a model download failed."""
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """The resolved CASCADE model.
-
-    ``source`` is one of ``'model_dir'``, ``'cache'``, ``'downloaded'``,
-    ``'builtin'`` or ``'builtin (fallback: <reason>)'``.  ``requested`` is what the
-    user asked for (``--model_dir`` path, model name, ``'auto'`` or ``'builtin'``).
-    ``sampling_rate_hz`` and ``smoothing_s`` come from the folder's config.yaml
-    (``nan`` if the config has no smoothing).
-    """
-
-    name: str
-    folder: Path
-    source: str
-    sampling_rate_hz: float
-    smoothing_s: float
-    requested: str = ""
-
-    @property
-    def is_fallback(self) -> bool:
-        return self.source.startswith(FALLBACK_SOURCE_PREFIX)
-
-    def as_attrs(self) -> dict:
-        """Attributes recorded in every output file (str / float values only)."""
-        return {
-            "model_name": self.name,
-            "model_source": self.source,
-            "model_folder": str(self.folder),
-            "model_sampling_rate_hz": float(self.sampling_rate_hz),
-            "model_smoothing_s": float(self.smoothing_s),
-            "model_requested": self.requested,
-        }
-
-
-# --------------------------------------------------------------------------- #
-# Names, index and automatic choice
-# --------------------------------------------------------------------------- #
-
-
-def default_model_cache_dir() -> Path:
-    """The default ``--model_cache`` (neuralib's cache), user home expanded."""
-    return Path(DEFAULT_MODEL_CACHE_DIR).expanduser()
+def rate_mismatch(model: CascadeModel, frame_rate_hz: float) -> float:
+    """How far the model's sampling rate is from the frame rate, as a fraction of the frame rate."""
+    return abs(model.sampling_rate_hz - frame_rate_hz) / frame_rate_hz
 
 
 def parse_model_sampling_rate_hz(name: str) -> float:
-    """Sampling rate from a model name, e.g. ``Global_EXC_2.5Hz_smoothing400ms_high_noise`` -> 2.5."""
-    match = _RATE_RE.search(str(name))
+    """Sampling rate in a model name, e.g. ``Global_EXC_2.5Hz_smoothing400ms_high_noise`` -> 2.5."""
+    match = re.search(r"(?:^|_)(\d+(?:\.\d+)?)Hz(?:_|$)", str(name))
     if match is None:
         raise ValueError(f"no sampling rate ('<rate>Hz') in CASCADE model name {name!r}")
     return float(match.group(1))
 
 
-def parse_model_smoothing_ms(name: str) -> float:
-    """Smoothing from a model name, e.g. ``Global_EXC_2Hz_smoothing500ms`` -> 500.0."""
-    match = _SMOOTHING_RE.search(str(name))
-    if match is None:
-        raise ValueError(f"no smoothing ('smoothing<ms>ms') in CASCADE model name {name!r}")
-    return float(match.group(1))
-
-
-def _variant_rank(suffix: str) -> int:
-    """0 plain, 1 ``_high_noise``, 2 ``_causalkernel``, 3 anything else."""
-    if suffix == "":
-        return 0
-    if suffix == "_high_noise":
-        return 1
-    if suffix == "_causalkernel":
-        return 2
-    return 3
-
-
 def choose_auto_model_name(frame_rate_hz: float, names: Iterable[str]) -> str:
-    """Official ``Global_EXC_*`` model best matching ``frame_rate_hz``.
+    """The official Global_EXC_<rate>Hz_smoothing<ms>ms model best matching the frame rate.
 
-    Rule (deterministic, independent of the order of ``names``):
-
-    1. only names ``Global_EXC_<rate>Hz_smoothing<ms>ms[<suffix>]`` are candidates;
-    2. nearest sampling rate, ``|rate - frame_rate_hz|`` (an exact tie between a
-       lower and a higher rate is decided by the next keys);
-    3. plain variant first, then ``_high_noise``, then ``_causalkernel``, then any
-       other suffix (e.g. ``_asymmetric_window_*``): symmetric kernels keep spike
-       timing unbiased;
-    4. smoothing nearest one frame interval (``1000 / frame_rate_hz`` ms; gives
-       500 ms at 2 Hz, the builtin's smoothing), ties to the smaller smoothing;
-    5. lower sampling rate, then the name.
-
-    E.g. 1.84 Hz -> ``Global_EXC_2Hz_smoothing500ms``, 2.56 Hz ->
-    ``Global_EXC_2.5Hz_smoothing400ms_high_noise`` (the only 2.5 Hz model),
-    7.4 Hz -> ``Global_EXC_7.5Hz_smoothing200ms``.
+    Keys, in order (so the order of ``names`` never matters): nearest sampling rate; plain variant,
+    then _high_noise, _causalkernel, any other (symmetric kernels keep spike timing unbiased);
+    smoothing nearest one frame interval (500 ms at 2 Hz, the builtin's), then the smaller one;
+    the lower rate; the name. 1.84 Hz -> Global_EXC_2Hz_smoothing500ms, 2.56 Hz ->
+    Global_EXC_2.5Hz_smoothing400ms_high_noise (the only 2.5 Hz model).
     """
     rate = float(frame_rate_hz)
     if not math.isfinite(rate) or rate <= 0:
         raise ValueError(f"frame rate must be a positive number of Hz, got {frame_rate_hz!r}")
-    target_smoothing_ms = 1000.0 / rate
-    best_key = None
-    best_name = None
-    for name in names:
-        match = _GLOBAL_EXC_RE.match(str(name))
-        if match is None:
-            continue
-        model_rate = float(match.group(1))
-        smoothing_ms = float(match.group(2))
-        key = (
-            round(abs(model_rate - rate), 9),
-            _variant_rank(match.group(3)),
-            round(abs(smoothing_ms - target_smoothing_ms), 9),
-            smoothing_ms,
-            model_rate,
-            str(name),
-        )
-        if best_key is None or key < best_key:
-            best_key, best_name = key, str(name)
-    if best_name is None:
+    matches = [match for match in map(_GLOBAL_EXC_RE.match, map(str, names)) if match]
+    if not matches:
         raise ValueError("no official Global_EXC_<rate>Hz_smoothing<ms>ms model among the candidates")
-    return best_name
+
+    def key(match) -> tuple:
+        model_rate, smoothing_ms = float(match[1]), float(match[2])
+        variant = {"": 0, "_high_noise": 1, "_causalkernel": 2}.get(match[3], 3)
+        return (round(abs(model_rate - rate), 9), variant, round(abs(smoothing_ms - 1000 / rate), 9), smoothing_ms)
+
+    return min(matches, key=lambda match: (*key(match), float(match[1]), match[0]))[0]
 
 
-def parse_model_index(text: str | bytes) -> dict:
-    """Parse CASCADE's ``available_models.yaml``: returns ``{name: link}``.
-
-    Entries without a string ``Link`` are skipped; anything that is not a YAML
-    mapping raises ``ValueError``.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"model index is not valid YAML: {_one_line(exc)}") from exc
-    if not isinstance(data, dict):
-        raise ValueError("model index is not a YAML mapping of model names")
-    links = {}
-    for name, entry in data.items():
-        if isinstance(entry, dict):
-            link = entry.get("Link")
-            if isinstance(link, str) and link.strip():
-                links[str(name)] = link.strip()
+def official_models(cache_dir=None) -> dict:
+    """Official CASCADE model name -> download link: models/official_models.yaml (CASCADE's index
+    as shipped), updated by neuralib's copy of the index in the cache where there is one."""
+    paths = [*(d / "official_models.yaml" for d in reversed(MODEL_SEARCH_DIRS))]
+    links: dict = {}
+    for path in [*paths, Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser() / "available_models.yaml"]:
+        try:
+            text = path.read_text(encoding="utf-8") if path.is_file() else "{}"
+            index = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # C: 7x faster
+            links.update((str(k), v["Link"]) for k, v in index.items() if isinstance(v, dict) and v.get("Link"))
+        except (OSError, ValueError, yaml.YAMLError, AttributeError) as exc:
+            log.warning("ignoring the unreadable CASCADE model index %s (%s)", path, _one_line(exc))
     return links
 
 
-def fetch_model_index(index_url: str = OFFICIAL_MODEL_INDEX_URL, timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S) -> dict:
-    """Download and parse CASCADE's model index (``{name: link}``)."""
-    request = urllib.request.Request(index_url, headers={"User-Agent": "unified-spike-processing"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        data = response.read(MAX_DOWNLOAD_BYTES)
-    return parse_model_index(data)
+def builtin_models() -> dict:
+    """The builtin family, {folder name: folder}, ordered by the sampling rate in the name."""
+    family: dict = {}
+    for base in reversed(MODEL_SEARCH_DIRS):  # the first search folder wins a name
+        family.update((f.name, f) for f in Path(base).glob("builtin_*Hz_smoothing*ms") if f.is_dir())
+    return dict(sorted(family.items(), key=lambda item: (parse_model_sampling_rate_hz(item[0]), item[0])))
 
 
-def lookup_model_link(
-    name: str,
-    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
-    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-    cache_dir: str | Path | None = None,
-) -> str:
-    """Download link of model ``name``.
-
-    Looked up, in order, in the index fetched from ``index_url`` (at run time, like
-    neuralib), in ``<cache_dir>/available_models.yaml`` (the copy neuralib keeps), and
-    in ``known_models`` (the embedded official table).  Raises
-    :class:`ModelDownloadError` if none knows the name.
-    """
-    problems = []
-    if index_url:
-        try:
-            links = fetch_model_index(index_url, timeout_s)
-        except (OSError, ValueError) as exc:
-            problems.append(f"index {index_url} unavailable ({_one_line(exc)})")
-            log.info("CASCADE model index %s unavailable: %s", index_url, _one_line(exc))
-        else:
-            if name in links:
-                return links[name]
-            problems.append(f"not in index {index_url}")
-    if cache_dir is not None:
-        local_index = Path(cache_dir).expanduser() / "available_models.yaml"
-        if local_index.is_file():
-            try:
-                links = parse_model_index(local_index.read_bytes())
-            except (OSError, ValueError) as exc:
-                problems.append(f"{local_index} unreadable ({_one_line(exc)})")
-            else:
-                if name in links:
-                    return links[name]
-                problems.append(f"not in {local_index}")
-    if known_models and name in known_models:
-        return known_models[name]
-    problems.append("not an embedded official Global_EXC model")
-    raise ModelDownloadError(f"no download link for CASCADE model '{name}': " + "; ".join(problems))
+def nearest_builtin_folder(frame_rate_hz: float | None = None) -> Path:
+    """The builtin model trained nearest the frame rate (2 Hz, the original default, when unknown)."""
+    rate = frame_rate_hz if frame_rate_hz is not None and math.isfinite(frame_rate_hz) else 2.0
+    family = builtin_models()
+    if not family:
+        raise PipelineError(f"no builtin_<rate>Hz_smoothing<ms>ms folder in {', '.join(map(str, MODEL_SEARCH_DIRS))}")
+    return family[min(family, key=lambda name: round(abs(parse_model_sampling_rate_hz(name) - rate), 9))]
 
 
-# --------------------------------------------------------------------------- #
-# Model folder checks
-# --------------------------------------------------------------------------- #
-
-
-def _one_line(value, limit: int = 400) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _hdf5_problem(path: Path) -> str | None:
-    """None if ``path`` looks like a whole HDF5 file, else what is wrong.
-
-    Checks the signature (at 0 or a user-block offset 512, 1024, ...) and that the
-    file is at least as long as the end-of-file address in the superblock (catches
-    truncated copies).
-    """
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return f"{path.name} is empty"
-        with open(path, "rb") as handle:
-            base = None
-            offset = 0
-            while offset + len(HDF5_SIGNATURE) <= size and offset <= (1 << 20):
-                handle.seek(offset)
-                if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-                    base = offset
-                    break
-                offset = 512 if offset == 0 else offset * 2
-            if base is None:
-                return f"{path.name} is not an HDF5 file"
-            handle.seek(base)
-            head = handle.read(96)
-    except OSError as exc:
-        return f"{path.name} unreadable ({_one_line(exc)})"
-    if len(head) < 12:
-        return f"{path.name} is truncated (superblock)"
-    version = head[8]
-    if version in (0, 1):
-        if len(head) < 14:
-            return f"{path.name} is truncated (superblock)"
-        size_of_offsets = head[13]
-        start = 24 if version == 0 else 28
-    elif version in (2, 3):
-        size_of_offsets = head[9]
-        start = 12
-    else:
-        return None  # unknown superblock version: signature check only
-    if size_of_offsets not in (2, 4, 8):
-        return None
-    end = start + 3 * size_of_offsets
-    if len(head) < end:
-        return f"{path.name} is truncated (superblock)"
-    base_address = int.from_bytes(head[start : start + size_of_offsets], "little")
-    eof_start = start + 2 * size_of_offsets
-    eof_address = int.from_bytes(head[eof_start:end], "little")
-    undefined = (1 << (8 * size_of_offsets)) - 1
-    if eof_address == undefined or base_address == undefined:
-        return None
-    if size < base_address + eof_address:
-        return f"{path.name} is truncated ({size} of {base_address + eof_address} bytes)"
-    return None
-
-
-def read_model_config(folder: str | Path) -> dict:
-    """The parsed ``config.yaml`` of a model folder (raises OSError / ValueError)."""
-    config_path = Path(folder) / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8", errors="replace"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{config_path} is not valid YAML ({_one_line(exc)})") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} is not a YAML mapping")
-    return config
-
-
-def model_folder_problem(folder: str | Path) -> str | None:
-    """None if ``folder`` is a complete CASCADE model folder, else a short reason.
-
-    Complete: ``config.yaml`` parses, has a positive ``sampling_rate`` and a
-    non-empty list of integer ``noise_levels``, there is at least one
-    ``Model_NoiseLevel_<N>_Ensemble_<E>.h5`` for every listed noise level, and every
-    ``Model_*.h5`` is a non-empty, untruncated HDF5 file.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "not a folder" if folder.exists() else "does not exist"
-    if not (folder / "config.yaml").is_file():
-        return "no config.yaml"
-    try:
-        config = read_model_config(folder)
-    except (OSError, ValueError) as exc:
-        return f"config.yaml unreadable ({_one_line(exc)})"
-    rate = config.get("sampling_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-        return "config.yaml has no positive sampling_rate"
-    levels = config.get("noise_levels")
-    if (
-        not isinstance(levels, list)
-        or not levels
-        or not all(isinstance(n, int) and not isinstance(n, bool) for n in levels)
-    ):
-        return "config.yaml has no list of integer noise_levels"
-    for level in levels:
-        if not any(folder.glob(f"Model_NoiseLevel_{level}_Ensemble_*.h5")):
-            return f"no Model_NoiseLevel_{level}_Ensemble_*.h5 file"
-    for h5_path in sorted(folder.glob("Model_*.h5")):
-        problem = _hdf5_problem(h5_path)
-        if problem:
-            return problem
-    return None
-
-
-def is_complete_model_folder(folder: str | Path) -> bool:
-    """True if ``folder`` is a complete CASCADE model folder (see :func:`model_folder_problem`)."""
-    return model_folder_problem(folder) is None
-
-
-def _visible_subfolders(folder: Path) -> list:
-    return sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_ENTRIES
-    )
-
-
-def find_model_folder(folder: str | Path) -> Path | None:
-    """``folder`` itself if complete, else its only sub-folder if that is complete, else None.
-
-    Accepts the layouts CASCADE zips unpack to (files at the top, or inside one
-    sub-folder).
-    """
-    folder = Path(folder)
-    if is_complete_model_folder(folder):
-        return folder
+def find_model_folder(folder) -> Path:
+    """``folder``, or its only sub-folder when it has no config.yaml (as CASCADE's zips unpack)."""
+    folder = Path(folder).expanduser()
     if folder.is_dir() and not (folder / "config.yaml").exists():
-        try:
-            subfolders = _visible_subfolders(folder)
-        except OSError:
-            return None
-        if len(subfolders) == 1 and is_complete_model_folder(subfolders[0]):
-            return subfolders[0]
-    return None
+        inner = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+        return inner[0] if len(inner) == 1 else folder
+    return folder  # the loader says what is wrong with it, if anything
 
 
-def _describe_problem(folder: Path) -> str:
-    problem = model_folder_problem(folder)
-    if problem is None:
-        return "complete"
-    if problem == "no config.yaml" and folder.is_dir():
-        try:
-            subfolders = _visible_subfolders(folder)
-        except OSError:
-            subfolders = []
-        if len(subfolders) == 1:
-            return f"{subfolders[0].name}/: {model_folder_problem(subfolders[0])}"
-    return problem
+def load_model_once(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
+    """load_cascade_model_folder once per process and folder (subjects and worker batches share it)."""
+    models = PROCESS_CACHE.setdefault("models", {})
+    key = str(Path(folder).expanduser().resolve())
+    if key not in models:
+        models[key] = load_cascade_model_folder(key)
+    return dataclasses.replace(models[key], source=source, requested=requested)
 
 
-def _check_model_name(name: str) -> str:
-    name = str(name).strip()
-    if not _MODEL_NAME_RE.match(name) or ".." in name:
-        raise ModelResolutionError(
-            f"invalid CASCADE model name {name!r}: use an official name such as "
-            f"'Global_EXC_2Hz_smoothing500ms', 'auto', 'builtin', or pass --model_dir DIR"
-        )
-    return name
-
-
-# --------------------------------------------------------------------------- #
-# Download and atomic installation
-# --------------------------------------------------------------------------- #
-
-
-def _remove_path(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+def _choose(folder: Path, source: str, requested: str, why: str = "") -> CascadeModel:
+    """The model in ``folder`` with its provenance; each choice is made and logged once per process."""
+    choices = PROCESS_CACHE.setdefault("choices", {})
+    key = (str(Path(folder).resolve()), source, requested)
+    if key not in choices:
+        model = choices[key] = load_model_once(folder, source, requested)
+        if model.is_fallback:
+            log.warning(
+                f"CASCADE model '{requested}' is unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): "
+                f"falling back to the builtin model {model.name} (--strict_model makes this an error)"
+            )
         else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.debug("could not remove %s: %s", path, exc)
+            log.info(
+                f"CASCADE model {model.name} (source: {source}{'; ' + why if why else ''}; "
+                f"{model.sampling_rate_hz:g} Hz, smoothing {model.smoothing_s:g} s; digest {model.digest}) from {model.folder}"
+            )
+    return choices[key]
 
 
-def _remove_stale_temporaries(cache_dir: Path, name: str, max_age_s: float = 86400.0) -> None:
-    """Remove temporaries of ``name`` left by killed runs (older than ``max_age_s``)."""
-    now = time.time()
-    for path in cache_dir.glob(f".{name}.*.tmp"):
-        try:
-            if now - path.lstat().st_mtime > max_age_s:
-                _remove_path(path)
-        except OSError:
-            pass
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
-def _download_to_file(url: str, dest: Path, timeout_s: float) -> int:
+def _download_zip(url: str, dest: Path, timeout_s: float) -> None:
+    """Fetch ``url`` into ``dest``; refuse a short or oversized body, and anything but a safe zip."""
     request = urllib.request.Request(url, headers={"User-Agent": "unified-spike-processing"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
-        expected = response.headers.get("Content-Length")
-        written = 0
-        while True:
-            chunk = response.read(1 << 20)
-            if not chunk:
-                break
-            written += len(chunk)
-            if written > MAX_DOWNLOAD_BYTES:
-                raise ModelDownloadError(f"download from {url} exceeds {MAX_DOWNLOAD_BYTES} bytes")
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    if expected is not None and expected.strip().isdigit() and int(expected) != written:
-        raise ModelDownloadError(f"incomplete download from {url}: {written} of {int(expected)} bytes")
-    return written
-
-
-def _safe_extract(zip_path: Path, dest: Path) -> None:
-    with zipfile.ZipFile(zip_path) as archive:
-        members = archive.infolist()
-        total = 0
-        for info in members:
+        expected, written = response.headers.get("Content-Length"), 0
+        while (chunk := response.read(1 << 20)) and written <= MAX_DOWNLOAD_BYTES:
+            written += out.write(chunk)
+    if written > MAX_DOWNLOAD_BYTES or (expected or "").strip().isdigit() and int(expected) != written:
+        raise ModelDownloadError(f"incomplete or oversized download from {url}: {written} of {expected} bytes")
+    with zipfile.ZipFile(dest) as archive:
+        for info in archive.infolist():
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
             if not parts or info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
                 raise ModelDownloadError(f"unsafe path {info.filename!r} in model archive")
-            total += info.file_size
-        if total > 4 * MAX_DOWNLOAD_BYTES:
+        if sum(info.file_size for info in archive.infolist()) > 4 * MAX_DOWNLOAD_BYTES:
             raise ModelDownloadError("model archive too large when extracted")
-        bad = archive.testzip()
-        if bad is not None:
+        if (bad := archive.testzip()) is not None:
             raise ModelDownloadError(f"corrupt member {bad!r} in model archive")
-        archive.extractall(dest)
+        archive.extractall(dest.parent / "unzipped")
 
 
-def _install_folder(source: Path, target: Path) -> Path:
-    """Atomically move the complete model folder ``source`` to ``target``.
+def _install_folder(folder: Path, target: Path) -> Path:
+    """Move the checked model ``folder`` to ``target`` with os.replace, atomically.
 
-    An incomplete ``target`` is moved aside and removed; a complete ``target``
-    (another process won the race, e.g. a SLURM array job sharing the cache) is
-    kept and ``source`` discarded.  Returns the installed model folder.
+    A complete ``target`` that another process (a SLURM array task sharing the cache) installed
+    meanwhile wins and ``folder`` is dropped; an incomplete one is moved aside and removed.
     """
-    last_error: OSError | None = None
     for _attempt in range(3):
-        existing = find_model_folder(target) if target.exists() else None
-        if existing is not None:
-            log.info("CASCADE model %s was installed concurrently; using it", target)
-            return existing
-        if target.exists() or target.is_symlink():
-            aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.stale.tmp")
+        if target.exists():
             try:
-                os.replace(target, aside)
-            except FileNotFoundError:
-                pass
-            else:
-                log.warning("moved incomplete CASCADE model folder %s aside and removed it", target)
-                _remove_path(aside)
-        try:
-            os.replace(source, target)
-        except OSError as exc:
-            last_error = exc
-            continue  # target re-appeared meanwhile: re-check it
-        return target
-    existing = find_model_folder(target)
-    if existing is not None:
-        return existing
-    raise ModelDownloadError(f"could not install model folder into {target} ({_one_line(last_error)})")
+                return Path(load_model_once(find_model_folder(target)).folder)
+            except PipelineError:
+                aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(target, aside)
+                    log.warning(f"moved the incomplete CASCADE model folder {target} aside and removed it")
+                    _remove(aside)
+        with contextlib.suppress(OSError):  # fails when another process installed it meanwhile
+            os.replace(folder, target)
+            return target
+    raise ModelDownloadError(f"could not install the CASCADE model into {target}")
 
 
-def download_model(
-    name: str,
-    cache_dir: str | Path,
-    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
-    link: str | None = None,
-) -> Path:
-    """Download model ``name`` into ``<cache_dir>/<name>`` and return its folder.
+def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download model ``name`` from ``link`` into ``<cache_dir>/<name>``; returns its folder.
 
-    The zip is written to a temporary file inside ``cache_dir``, checked (size
-    against Content-Length, zip structure and CRCs, no unsafe paths), extracted into
-    a temporary folder inside ``cache_dir`` (files at the top level or inside one
-    sub-folder), validated with :func:`model_folder_problem`, and moved into place
-    with ``os.replace``: ``<cache_dir>/<name>`` is either absent, left as it was, or
-    a complete model.  Temporaries are named ``.<name>.<random>.tmp`` and removed.
-    Raises :class:`ModelDownloadError` (one line) on any failure.
+    The zip is fetched, checked, unpacked and loaded (so validated) inside a temporary folder
+    ``<cache_dir>/.<name>.<random>.tmp`` and then moved into place: whatever happens, the cache
+    entry is absent, as it was, or complete. Temporaries older than a day (killed runs) are removed.
     """
-    name = _check_model_name(name)
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / name
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelDownloadError(f"cannot create model cache {cache_dir} ({_one_line(exc)})") from exc
-    if link is None:
-        link = lookup_model_link(name, index_url, known_models, timeout_s, cache_dir)
-    _remove_stale_temporaries(cache_dir, name)
-    zip_path = None
-    extract_dir = None
-    try:
-        fd, zip_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip.tmp", dir=cache_dir)
-        os.close(fd)
-        zip_path = Path(zip_name)
-        log.info("downloading CASCADE model %s from %s", name, link)
-        size = _download_to_file(link, zip_path, timeout_s)
-        if not zipfile.is_zipfile(zip_path):
-            raise ModelDownloadError(f"download of '{name}' from {link} is not a zip archive ({size} bytes)")
-        extract_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".extract.tmp", dir=cache_dir))
-        _safe_extract(zip_path, extract_dir)
-        model_root = find_model_folder(extract_dir)
-        if model_root is None:
-            raise ModelDownloadError(
-                f"archive of '{name}' from {link} holds no complete CASCADE model ({_describe_problem(extract_dir)})"
-            )
-        if model_root != extract_dir:
-            # Move the sub-folder out so the folder that is renamed into place is fresh.
-            staged = cache_dir / f".{name}.{uuid.uuid4().hex}.stage.tmp"
-            os.replace(model_root, staged)
-            _remove_path(extract_dir)
-            extract_dir = staged
-        installed = _install_folder(extract_dir, target)
-        log.info("CASCADE model %s installed in %s", name, installed)
-        return installed
-    except ModelDownloadError:
-        raise
-    except Exception as exc:  # OSError/URLError, http.client.HTTPException, BadZipFile, ...
+        for stale in cache_dir.glob(f".{name}.*.tmp"):
+            if time.time() - stale.lstat().st_mtime > 86400:
+                _remove(stale)
+        log.info(f"downloading CASCADE model {name} from {link}")
+        with tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=cache_dir) as temporary:
+            _download_zip(link, Path(temporary) / "model.zip", timeout_s)
+            folder = find_model_folder(Path(temporary) / "unzipped")
+            load_cascade_model_folder(folder)
+            return _install_folder(folder, cache_dir / name)
+    except Exception as exc:  # URLError, HTTPException, BadZipFile, the checks' errors, ...
         raise ModelDownloadError(
             f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}"
-        ) from exc
-    finally:
-        if zip_path is not None:
-            _remove_path(zip_path)
-        if extract_dir is not None and extract_dir.exists():  # gone once moved into place
-            _remove_path(extract_dir)
+        ) from None
 
 
-# --------------------------------------------------------------------------- #
-# Resolution
-# --------------------------------------------------------------------------- #
+def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
+    """(folder, 'cache' or 'downloaded') for model ``name``, or (None, why it cannot be had).
+
+    Remembered per process: a download that failed is not tried again for the next subject.
+    """
+    fetched = PROCESS_CACHE.setdefault("fetched", {})
+    key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
+    if key not in fetched and target.exists():
+        try:
+            fetched[key] = Path(load_model_once(find_model_folder(target)).folder), "cache"
+        except PipelineError as exc:
+            problem = f"cache entry {target} is incomplete ({exc}); "
+            log.warning(f"{problem}it will be replaced by a fresh download")
+    if key not in fetched:
+        link = official_models(cache_dir).get(name)
+        if offline or link is None:
+            why = "--offline forbids downloads" if offline else "it is not an official CASCADE model"
+            fetched[key] = None, f"{problem}'{name}' is not in the cache {cache_dir} and {why}"
+        else:
+            try:
+                fetched[key] = download_model(name, link, cache_dir), "downloaded"
+            except ModelDownloadError as exc:
+                fetched[key] = None, f"{problem}{exc}"
+    return fetched[key]
 
 
-def _choice_from_folder(folder: Path, source: str, requested: str, name: str | None = None) -> ModelChoice:
-    config = read_model_config(folder)
-    smoothing = config.get("smoothing")
-    smoothing_s = (
-        float(smoothing) if isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) else float("nan")
-    )
-    return ModelChoice(
-        name=name or folder.name,
-        folder=folder.resolve(),
-        source=source,
-        sampling_rate_hz=float(config["sampling_rate"]),
-        smoothing_s=smoothing_s,
-        requested=requested,
-    )
-
-
-def _builtin_choice(builtin_dir: str | Path, source: str, requested: str) -> ModelChoice:
-    builtin_dir = Path(builtin_dir).expanduser()
-    folder = find_model_folder(builtin_dir)
-    if folder is None:
-        raise ModelResolutionError(
-            f"builtin CASCADE model folder {builtin_dir} is unusable ({_describe_problem(builtin_dir)}); "
-            f"restore it from the repository (models/) or pass --model_dir DIR"
-        )
-    return _choice_from_folder(folder, source, requested)
-
-
-def _log_choice(choice: ModelChoice, frame_rate_hz: float | None) -> None:
-    emit = log.warning if choice.is_fallback else log.info
-    emit(
-        "CASCADE model: %s (source: %s; folder: %s; sampling rate %g Hz; smoothing %g s)",
-        choice.name,
-        choice.source,
-        choice.folder,
-        choice.sampling_rate_hz,
-        choice.smoothing_s,
-    )
-    if frame_rate_hz is not None and math.isfinite(float(frame_rate_hz)) and float(frame_rate_hz) > 0:
-        mismatch = abs(choice.sampling_rate_hz - float(frame_rate_hz)) / float(frame_rate_hz)
-        if mismatch > RATE_MISMATCH_WARN_FRACTION:
-            log.warning(
-                "CASCADE model %s is trained for %g Hz but the frame rate is %g Hz (%.0f%% off)",
-                choice.name,
-                choice.sampling_rate_hz,
-                float(frame_rate_hz),
-                100 * mismatch,
-            )
+def _builtin(frame_rate_hz: float | None, source: str, requested: str, why: str = "") -> CascadeModel:
+    try:
+        return _choose(nearest_builtin_folder(frame_rate_hz), source, requested, why)
+    except PipelineError as exc:
+        raise ModelResolutionError(f"builtin CASCADE model: {exc}; restore models/ or pass --model_dir DIR") from None
 
 
 def resolve_model(
-    cascade_model: str | None,
-    model_dir: str | Path | None,
-    cache_dir: str | Path | None,
-    builtin_dir: str | Path,
-    strict: bool = False,
+    requested: str = "builtin",
+    *,
+    model_dir=None,
+    cache_dir=None,
     frame_rate_hz: float | None = None,
-    index_url: str | None = OFFICIAL_MODEL_INDEX_URL,
-    allow_download: bool = True,
-    timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
-    known_models: Mapping[str, str] | None = OFFICIAL_GLOBAL_EXC_MODELS,
-) -> ModelChoice:
-    """Resolve the CASCADE model to use (see the module docstring for the order).
+    strict: bool = False,
+    offline: bool = False,
+) -> CascadeModel:
+    """The CASCADE model for ``requested`` (a name, 'auto' or 'builtin'; ``model_dir`` wins), loaded.
 
-    ``cascade_model``: a model name, ``'auto'``, ``'builtin'`` or None (= builtin).
-    ``model_dir`` wins over ``cascade_model``.  ``cache_dir`` None means
-    :func:`default_model_cache_dir`.  ``frame_rate_hz`` is needed for ``'auto'``
-    and is used to warn about a model/frame-rate mismatch.  ``known_models`` is the
-    embedded table of official links (also the candidates of ``'auto'``, so the auto
-    choice never depends on the network).  ``strict`` turns the builtin fallback into
-    a :class:`ModelResolutionError`; an invalid ``model_dir`` or an unusable builtin
-    model is always an error.
+    ``frame_rate_hz`` (the subject's) picks the 'builtin' and 'auto' models; comparing it with the
+    model's rate is the caller's (rate_mismatch). ``strict``: an official model that cannot be had is
+    an error instead of the builtin fallback. ``offline``: never download. Order: see above.
     """
-    if model_dir is not None and str(model_dir) != "":
-        folder_arg = Path(model_dir).expanduser()
-        if cascade_model not in (None, ""):
-            log.info("--model_dir %s takes precedence over --cascade_model %s", folder_arg, cascade_model)
-        folder = find_model_folder(folder_arg)
-        if folder is None:
-            raise ModelResolutionError(
-                f"--model_dir {folder_arg} is not a CASCADE model folder ({_describe_problem(folder_arg)}); "
-                f"pass a folder holding config.yaml and Model_NoiseLevel_<N>_Ensemble_<E>.h5 files"
-            )
-        choice = _choice_from_folder(folder, "model_dir", str(model_dir))
-        _log_choice(choice, frame_rate_hz)
-        return choice
-
-    requested = (cascade_model or "").strip()
-    if requested == "" or requested.lower() == BUILTIN_MODEL_KEYWORD:
-        choice = _builtin_choice(builtin_dir, "builtin", requested or BUILTIN_MODEL_KEYWORD)
-        _log_choice(choice, frame_rate_hz)
-        return choice
-
-    if requested.lower() == AUTO_MODEL_KEYWORD:
-        if frame_rate_hz is None:
-            raise ModelResolutionError(
-                "--cascade_model auto needs the subject's frame rate; pass --cascade_model NAME or --model_dir DIR"
-            )
-        candidates = list(known_models or OFFICIAL_GLOBAL_EXC_MODELS)
+    if model_dir not in (None, ""):
         try:
-            name = choose_auto_model_name(frame_rate_hz, candidates)
+            return _choose(find_model_folder(model_dir), "model_dir", str(model_dir))
+        except PipelineError as exc:
+            raise ModelResolutionError(f"--model_dir {model_dir} is not a usable CASCADE model: {exc}") from None
+    name = str(requested or BUILTIN_MODEL_KEYWORD).strip()
+    if name.lower() == BUILTIN_MODEL_KEYWORD:
+        return _builtin(frame_rate_hz, "builtin", name)
+    cache = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser()
+    is_auto = name.lower() == AUTO_MODEL_KEYWORD
+    if is_auto:
+        if frame_rate_hz is None or not math.isfinite(frame_rate_hz) or frame_rate_hz <= 0:
+            raise ModelResolutionError("--cascade_model auto needs the subject's frame rate; pass a model name")
+        try:
+            name = choose_auto_model_name(frame_rate_hz, official_models(cache))
         except ValueError as exc:
-            raise ModelResolutionError(
-                f"--cascade_model auto: {_one_line(exc)}; pass --cascade_model NAME or --model_dir DIR"
-            ) from exc
-        log.info("--cascade_model auto: frame rate %g Hz -> %s", float(frame_rate_hz), name)
-    else:
-        name = _check_model_name(requested)
-
-    cache = Path(cache_dir).expanduser() if cache_dir not in (None, "") else default_model_cache_dir()
-    target = cache / name
-    folder = find_model_folder(target) if target.exists() else None
+            raise ModelResolutionError(f"--cascade_model auto: {exc}; pass a model name or --model_dir DIR") from None
+    elif not _MODEL_NAME_RE.match(name) or ".." in name:
+        raise ModelResolutionError(f"invalid CASCADE model name {name!r}: use an official name, 'auto' or 'builtin'")
+    elif not (cache / name).exists() and name not in (links := official_models(cache)):
+        close = " or ".join(difflib.get_close_matches(name, links, n=3))
+        raise ModelResolutionError(
+            f"unknown CASCADE model '{name}' (not official, not in the cache {cache}); "
+            + (f"did you mean {close}? " if close else "")
+            + "Official names are in models/official_models.yaml; or use 'auto', 'builtin' or --model_dir DIR"
+        )
+    folder, found = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
-        choice = _choice_from_folder(folder, "cache", requested, name=name)
-        _log_choice(choice, frame_rate_hz)
-        return choice
-
-    incomplete = ""
-    if target.exists():
-        incomplete = f"cache entry {target} is incomplete ({_describe_problem(target)})"
-        log.warning("%s; it will be replaced by a fresh download", incomplete)
-
-    if allow_download:
-        try:
-            folder = download_model(name, cache, index_url=index_url, timeout_s=timeout_s, known_models=known_models)
-        except ModelDownloadError as exc:
-            reason = _one_line(exc)
-        else:
-            choice = _choice_from_folder(folder, "downloaded", requested, name=name)
-            _log_choice(choice, frame_rate_hz)
-            return choice
-    else:
-        reason = f"'{name}' is not in the cache {cache} and downloads are disabled"
-    if incomplete:
-        reason = f"{incomplete}; {reason}"
-
+        return _choose(folder, found, str(requested))
+    if is_auto and offline:  # by design, not a fallback: the best model this machine has
+        return _builtin(frame_rate_hz, "builtin", str(requested), why=f"'auto' chose {name}, but {found}")
     if strict:
         raise ModelResolutionError(
-            f"--strict_model: CASCADE model '{name}' is unavailable: {reason}. Fix: on a machine with "
-            f"internet run once without --strict_model (or unzip the model's download) and copy the "
-            f"model folder to {target}, or pass --model_dir DIR"
+            f"--strict_model: CASCADE model '{name}' is unavailable: {found}. Fix: run once where the internet "
+            f"can be reached (without --offline), or unzip the model's download into {cache / name} (copy that "
+            "folder to machines without internet), or pass --model_dir DIR"
         )
-    log.warning(
-        "CASCADE model '%s' unavailable (%s); falling back to the builtin model %s "
-        "(use --strict_model to make this an error)",
-        name,
-        reason,
-        builtin_dir,
-    )
-    try:
-        choice = _builtin_choice(builtin_dir, f"{FALLBACK_SOURCE_PREFIX}{reason})", requested)
-    except ModelResolutionError as exc:
-        raise ModelResolutionError(f"CASCADE model '{name}' is unavailable ({reason}) and {exc}") from exc
-    _log_choice(choice, frame_rate_hz)
-    return choice
+    return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{found})", str(requested))
+
+
+def load_cascade_model(
+    folder_or_name, *, cache_dir=None, strict: bool = False, frame_rate_hz: float | None = None
+) -> CascadeModel:
+    """A CASCADE model from a folder (read afresh), or by name as on the command line (resolve_model)."""
+    if Path(str(folder_or_name)).expanduser().is_dir():
+        return load_cascade_model_folder(find_model_folder(folder_or_name), "model_dir", str(folder_or_name))
+    return resolve_model(str(folder_or_name), cache_dir=cache_dir, strict=strict, frame_rate_hz=frame_rate_hz)
+
+
+# Old name the driver still uses, until it calls resolve_model per subject: then delete it.
+OFFICIAL_GLOBAL_EXC_MODELS: tuple = ()
 
 
 # =============================================================================================
@@ -1743,9 +1233,6 @@ def assign_model_noise_levels(noise_levels: np.ndarray, model_levels: Sequence[i
     return levels[index].astype(int)
 
 
-_ENGINE_CACHE: dict = {}  # per-process cache: TensorFlow, the traced engine, loaded models
-
-
 def _tensorflow():
     """TensorFlow, imported once per process and quietly (~3 s, ~700 MB: only workers need it).
 
@@ -1753,8 +1240,8 @@ def _tensorflow():
     without a GPU) goes to file descriptor 2 before its log settings apply, so descriptor 2 is
     pointed at /dev/null while it starts; what it found is logged once in our own words.
     """
-    if "tensorflow" in _ENGINE_CACHE:
-        return _ENGINE_CACHE["tensorflow"]
+    if "tensorflow" in PROCESS_CACHE:
+        return PROCESS_CACHE["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -1768,7 +1255,7 @@ def _tensorflow():
         os.close(saved_stderr)
         os.close(devnull)
     log.info("TensorFlow %s on %s", tf.__version__, f"{len(gpus)} GPU(s)" if gpus else "the CPU (no GPU found)")
-    _ENGINE_CACHE["tensorflow"] = tf
+    PROCESS_CACHE["tensorflow"] = tf
     return tf
 
 
@@ -1823,9 +1310,9 @@ class ConvolutionalCascade:
 
 
 def _engine() -> ConvolutionalCascade:
-    if "engine" not in _ENGINE_CACHE:
-        _ENGINE_CACHE["engine"] = ConvolutionalCascade()
-    return _ENGINE_CACHE["engine"]
+    if "engine" not in PROCESS_CACHE:
+        PROCESS_CACHE["engine"] = ConvolutionalCascade()
+    return PROCESS_CACHE["engine"]
 
 
 def _nan_window_mask(nan_frames: np.ndarray, window_size: int, num_windows: int) -> np.ndarray:
