@@ -247,8 +247,10 @@ class PipelineConfig:
         return self.grid_shape[1]
 
     def output_params(self) -> dict:
-        """The parameters that change the outputs (the fingerprint's share of the config)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["outputs"]}
+        """The parameters that change the outputs, as JSON values (the fingerprint's share)."""
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["outputs"]}
+        params["cascade_threshold"] = str(self.cascade_threshold)  # False (none) must differ from 0
+        return json.loads(json.dumps(params))
 
     def as_attrs(self) -> dict:
         """Every parameter as HDF5 attributes param_<name> (converted by h5_attr_value)."""
@@ -1194,10 +1196,6 @@ def load_cascade_model(
     if Path(str(folder_or_name)).expanduser().is_dir():
         return load_cascade_model_folder(find_model_folder(folder_or_name), "model_dir", str(folder_or_name))
     return resolve_model(str(folder_or_name), cache_dir=cache_dir, strict=strict, frame_rate_hz=frame_rate_hz)
-
-
-# Old name the driver still uses, until it calls resolve_model per subject: then delete it.
-OFFICIAL_GLOBAL_EXC_MODELS: tuple = ()
 
 
 # =============================================================================================
@@ -2156,7 +2154,7 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
     plane_entries = np.zeros(grid.num_z_planes, dtype=np.int64)
     per_timepoint = np.zeros(grid.num_timepoints, dtype=np.int64)
     with h5py.File(path, "w") as h5:
-        options = dict(chunks=(COO_CHUNK_ROWS, 4), compression="gzip", compression_opts=4, shuffle=True)
+        options = dict(chunks=(COO_CHUNK_ROWS, 1), compression="gzip", compression_opts=4, shuffle=True)
         coords_out = h5.create_dataset("spike_coords", (0, 4), np.int32, maxshape=(None, 4), **options)
         written = 0
         for coords, block_counts in blocks:
@@ -2170,7 +2168,7 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
         h5.create_dataset(
             "spike_values",
             data=np.ones(written, np.uint8),
-            chunks=(COO_CHUNK_ROWS,) if written else None,
+            chunks=(min(COO_CHUNK_ROWS, written),) if written else None,
             compression="gzip" if written else None,
             shuffle=bool(written),
         )
@@ -2505,9 +2503,7 @@ def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: Cas
     for path in subject.source_files:
         stat = os.stat(path)
         inputs[Path(path).name] = [stat.st_size, stat.st_mtime_ns]
-    params = {key: h5_attr_value(value) for key, value in config.output_params().items()}
-    params["cascade_threshold"] = str(config.cascade_threshold)
-    return {"inputs": inputs, "params": params, "model": model.digest, "software_version": __version__}
+    return {"inputs": inputs, "params": config.output_params(), "model": model.digest, "software_version": __version__}
 
 
 def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
@@ -3104,8 +3100,7 @@ def combine_outputs(config: PipelineConfig, run: RunContext) -> dict:
     """combined_metadata.h5 over the subject folders whose outputs match this run's parameters;
     the others are named in a WARNING and in the file's `excluded` attribute."""
     output_dir = Path(config.output_dir)
-    wanted = {key: h5_attr_value(value) for key, value in config.output_params().items()}
-    wanted["cascade_threshold"] = str(config.cascade_threshold)
+    wanted = config.output_params()
     included, excluded = [], {}
     folders = sorted(
         (p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),

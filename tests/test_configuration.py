@@ -1,6 +1,5 @@
 """The command line: help, bad arguments, model options."""
 
-
 from conftest import SAMPLE_DIR, run_cli
 
 SAMPLE = SAMPLE_DIR

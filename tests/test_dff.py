@@ -1,6 +1,5 @@
 """dF/F: the trace-type decision and the sliding-percentile baseline."""
 
-
 import numpy as np
 import pytest
 from conftest import SAMPLE_DIR

@@ -1,6 +1,5 @@
 """Gridding: voxels, unique sorted COO coordinates, collisions, dropped frames."""
 
-
 import numpy as np
 from conftest import SAMPLE_DIR
 

@@ -193,9 +193,7 @@ def cache(tmp_path):
 @pytest.fixture
 def served_model(tmp_path, server, models_dir):
     """MODEL zipped (files at the top level), and the official table pointing to it."""
-    server.routes["/m.zip"] = zip_model(
-        make_model(tmp_path / "src" / MODEL, marker="served"), tmp_path / "m.zip"
-    )
+    server.routes["/m.zip"] = zip_model(make_model(tmp_path / "src" / MODEL, marker="served"), tmp_path / "m.zip")
     set_official(models_dir, {MODEL: server.url("/m.zip")})
     return server
 
@@ -230,11 +228,7 @@ def test_official_models_reads_table_and_cache_index(models_dir, cache, caplog):
     assert official_models(cache) == {"A_2Hz_smoothing500ms": "http://h/a", "B": "http://h/b"}
     # neuralib's newer copy of the index in the cache adds names and wins
     (cache / "available_models.yaml").write_text(index_yaml({"B": "http://new/b", "D": "http://h/d"}))
-    assert official_models(cache) == {
-        "A_2Hz_smoothing500ms": "http://h/a",
-        "B": "http://new/b",
-        "D": "http://h/d",
-    }
+    assert official_models(cache) == {"A_2Hz_smoothing500ms": "http://h/a", "B": "http://new/b", "D": "http://h/d"}
     # an index that is not a mapping is ignored with a warning
     (cache / "available_models.yaml").write_text("- just\n- a list\n")
     with caplog.at_level(logging.WARNING):
@@ -341,9 +335,7 @@ def test_truncated_latest_format_file_is_caught(tmp_path):
         load_cascade_model_folder(folder)
 
 
-@pytest.mark.skipif(
-    not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model"
-)
+@pytest.mark.skipif(not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model")
 def test_official_model_folder_loads():
     model = load_cascade_model_folder(SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms")
     assert model.ensemble_size == 5 and len(model.digest) == 16
@@ -491,9 +483,7 @@ def test_builtin_family_listing_and_search_order(family, tmp_path, monkeypatch):
     # a second search folder (the pip-installed share/) adds models; the first folder wins a name
     share = tmp_path / "share_models"
     make_model(share / "builtin_2Hz_smoothing500ms", name="shadowed")
-    make_model(
-        share / "builtin_5Hz_smoothing200ms", name="builtin_5Hz_smoothing200ms", rate=5.0, smoothing=0.2
-    )
+    make_model(share / "builtin_5Hz_smoothing200ms", name="builtin_5Hz_smoothing200ms", rate=5.0, smoothing=0.2)
     monkeypatch.setattr(usp, "MODEL_SEARCH_DIRS", (family, share))
     assert usp.builtin_models()["builtin_2Hz_smoothing500ms"] == family / "builtin_2Hz_smoothing500ms"
     assert resolve_model("builtin", frame_rate_hz=4.8).name == "builtin_5Hz_smoothing200ms"
@@ -776,8 +766,7 @@ def test_auto_offline_uses_the_nearest_builtin(family, cache, caplog):
     assert (model.name, model.source, model.requested) == ("builtin_2.4Hz_smoothing500ms", "builtin", "auto")
     assert not model.is_fallback and warnings_in(caplog) == []  # by design, not a fallback
     assert any(
-        "'auto' chose Global_EXC_2.5Hz" in r.getMessage() and "--offline" in r.getMessage()
-        for r in caplog.records
+        "'auto' chose Global_EXC_2.5Hz" in r.getMessage() and "--offline" in r.getMessage() for r in caplog.records
     )
     # cached, the official model is used offline too
     make_model(cache / AUTO_NAMES[2], name=AUTO_NAMES[2], rate=7.5)

@@ -1,6 +1,5 @@
 """The files of a run on sample_data: schema, contents, split, markers, combined metadata."""
 
-
 import h5py
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Spikes from rates: seeded sampling, thresholds, and recovery of true spikes."""
 
-
 import h5py
 import numpy as np
 from conftest import SAMPLE_DIR
