@@ -3117,7 +3117,8 @@ def combine_outputs(config: PipelineConfig, run: RunContext) -> dict:
             "combined_metadata.h5 leaves out %s", "; ".join(f"{name} ({why})" for name, why in excluded.items())
         )
     with run.lock("combined_metadata", wait_s=300):
-        return write_combined_metadata(output_dir, included, excluded)
+        totals = write_combined_metadata(output_dir, included, excluded)
+    return dict(totals, subjects=[folder.name for folder in included])
 
 
 def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
