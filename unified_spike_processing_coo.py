@@ -70,14 +70,17 @@ class PipelineError(Exception):
 # =============================================================================================
 # 1. Configuration of a run
 # =============================================================================================
-# Every parameter is declared once, here: its default, its --help text, its argument group and
-# whether it changes the outputs (those make up the fingerprint that decides whether a finished
-# subject can be skipped on a rerun). The command line is built from these declarations.
+# Every parameter is declared once, here: default, --help text, argument group, and which stage's
+# outputs it changes ('cascade': spikes and everything after; 'grid': only the grid, split and
+# plots). Those make up the fingerprint that decides whether a finished subject is skipped on a
+# rerun, and whether CASCADE's saved results can be re-gridded. The command line is built from it.
+
+IO, RUN, MODEL, TRACES, GRID = "input and output", "running", "CASCADE model", "traces", "spikes and grid"
 
 
-def option(default, help: str, group: str, *, outputs: bool = False, flag: str | None = None, **argparse_kwargs):
+def option(default, help: str, group: str, affects: str | None = None, flag: str | None = None, **argparse_kwargs):
     """A configuration field with its command-line declaration (see build_parser)."""
-    metadata = {"help": help, "group": group, "outputs": outputs, "flag": flag, "kwargs": argparse_kwargs}
+    metadata = {"help": help, "group": group, "affects": affects, "flag": flag, "kwargs": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -103,138 +106,85 @@ def _shard_arg(text: str) -> tuple:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Every parameter of a run; those marked outputs=True are recorded in each output file."""
+    """Every parameter of a run (each recorded as param_<name> in every output file)."""
 
-    # input and output
-    input_dir: str = option(None, "folder of subject_<n> folders", "input and output", required=True)
-    output_dir: str = option(
-        None, "where <subject>/ outputs and combined_metadata.h5 go", "input and output", required=True
-    )
-    subjects: tuple = option((), "only these subjects (comma list)", "input and output", type=_comma_list)
-    skip: tuple = option((), "skip these subjects (comma list)", "input and output", type=_comma_list)
+    input_dir: str = option(None, "folder of subject_<n> folders", IO, required=True)
+    output_dir: str = option(None, "where <subject>/ outputs and combined_metadata.h5 go", IO, required=True)
+    subjects: tuple = option((), "only these subjects (comma list)", IO, type=_comma_list)
+    skip: tuple = option((), "skip these subjects (comma list)", IO, type=_comma_list)
     coordinates: str = option(
-        "raw",
-        "cell positions: CellXYZ (raw) or CellXYZ_norm (registered Z-Brain frame, shared across fish)",
-        "input and output",
-        outputs=True,
+        "raw", "cell positions: CellXYZ (raw) or CellXYZ_norm (registered, shared across fish)", IO, "grid",
         choices=("raw", "registered"),
-    )
-    plots: bool = option(True, "skip the PDF of plots", "input and output", outputs=True, flag="--no_plots")
-    num_neurons: int = option(10, "cells shown in the PDF's trace pages", "input and output", outputs=True, type=int)
-    log_file: str | None = option(
-        None, "log here (default: <output_dir>/processing.log, or processing_shard<K>of<N>.log)", "input and output"
-    )
-    verbose: bool = option(False, "debug logging, tracebacks on errors", "input and output", flag="-v/--verbose")
-
-    # running: none of these change the outputs
-    workers: int = option(1, "worker processes for CASCADE inference", "running", type=int)
+    )  # fmt: skip
+    plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
+    num_neurons: int = option(10, "cells shown in the PDF's trace pages", IO, "cascade", type=int)
+    log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
+    verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
+    workers: int = option(1, "worker processes for CASCADE inference", RUN, type=int)
     batch_size: int = option(
-        30000, "cells per batch sent to a worker (memory per worker does not grow with it)", "running", type=int
+        30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN, type=int
     )
-    overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", "running")
+    overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", RUN)
     shard: tuple | None = option(
-        None,
-        "process the K-th of N parts of the subject list (default inside a SLURM array: from SLURM_ARRAY_TASK_*)",
-        "running",
-        type=_shard_arg,
-        metavar="K/N",
-    )
-    combine_only: bool = option(
-        False, "only build combined_metadata.h5 and the summary from the outputs present", "running"
-    )
-
-    # CASCADE model
+        None, "process the K-th of N parts of the subjects (default in a SLURM array: from SLURM_ARRAY_TASK_*)", RUN,
+        type=_shard_arg, metavar="K/N",
+    )  # fmt: skip
+    combine_only: bool = option(False, "only build combined_metadata.h5 and the summary from the outputs present", RUN)
     cascade_model: str = option(
-        "Global_EXC_2Hz_smoothing500ms",
-        "official model name, 'auto' (per subject, nearest sampling rate) or 'builtin' (nearest builtin model)",
-        "CASCADE model",
-        outputs=True,
-    )
-    model_dir: str | None = option(None, "a CASCADE model folder (overrides --cascade_model)", "CASCADE model")
+        "Global_EXC_2Hz_smoothing500ms", "official model name, 'auto' (nearest sampling rate per subject) or "
+        "'builtin' (nearest builtin model per subject)", MODEL, "cascade",
+    )  # fmt: skip
+    model_dir: str | None = option(None, "a CASCADE model folder (overrides --cascade_model)", MODEL)
     model_cache: str | None = option(
-        None,
-        "where official models are cached/downloaded (default: neuralib's ~/.cache/neuralib/cascade)",
-        "CASCADE model",
+        None, "official models' cache (default: neuralib's ~/.cache/neuralib/cascade)", MODEL
     )
     strict_model: bool = option(
-        False, "error instead of falling back to the builtin model when the named one is unavailable", "CASCADE model"
+        False, "error instead of falling back to a builtin model when the named one is unavailable", MODEL
     )
-    offline: bool = option(False, "never download: use --model_dir, the cache or the builtin models", "CASCADE model")
+    offline: bool = option(False, "never download: use --model_dir, the cache or the builtin models", MODEL)
     cascade_threshold: object = option(
-        1,
-        "CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none",
-        "CASCADE model",
-        outputs=True,
+        1, "CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none", MODEL, "cascade",
         type=_threshold_arg,
-    )
+    )  # fmt: skip
     max_rate_mismatch: float = option(
-        0.5,
-        "refuse a subject whose frame rate is this fraction away from the model's (warn above 0.05)",
-        "CASCADE model",
-        type=float,
+        0.5, "refuse a frame rate this fraction away from the model's (warn above 0.05)", MODEL, type=float
     )
-
-    # traces
     trace_type: str = option(
-        "auto",
-        "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject",
-        "traces",
-        outputs=True,
+        "auto", "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject", TRACES, "cascade",
         choices=("auto", "fluorescence", "dff"),
-    )
-    baseline_percentile: float = option(8.0, "F0 percentile for dF/F", "traces", outputs=True, type=float)
-    baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", "traces", outputs=True, type=float)
-
-    # spikes and grid
+    )  # fmt: skip
+    baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade", type=float)
+    baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade", type=float)
     spike_mode: str = option(
-        "sample",
-        "sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= --spike_threshold",
-        "spikes and grid",
-        outputs=True,
-        choices=("sample", "discrete", "threshold"),
-    )
-    spike_threshold: float = option(
-        0.5, "rate threshold (spikes/frame) for --spike_mode threshold", "spikes and grid", outputs=True, type=float
-    )
-    seed: int = option(42, "seed of spike sampling and the train/test split", "spikes and grid", outputs=True, type=int)
-    keep_edge_frames: bool = option(
-        False,
-        "keep the frames at both ends where CASCADE's window gives no prediction",
-        "spikes and grid",
-        outputs=True,
-    )
+        "sample", "sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= "
+        "--spike_threshold", GRID, "cascade", choices=("sample", "discrete", "threshold"),
+    )  # fmt: skip
+    spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade", type=float)
+    seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade", type=int)
+    keep_edge_frames: bool = option(False, "keep the frames at both ends that CASCADE cannot predict", GRID, "grid")
     grid_shape: tuple = option(
-        (256, 128),
-        "grid height (x) and width (y) in pixels",
-        "spikes and grid",
-        outputs=True,
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
+        (256, 128), "grid height (x) and width (y) in pixels", GRID, "grid", type=int, nargs=2, metavar=("H", "W")
     )
     z_markers: bool = option(
-        True,
-        "do not add the z-plane marker pixels (rows 0-1, last z+2 columns)",
-        "spikes and grid",
-        outputs=True,
-        flag="--no_z_markers",
+        True, "no z-plane marker pixels (rows 0-1, last z+2 columns)", GRID, "grid", flag="--no_z_markers"
     )
-    split_block: int = option(330, "frames per train/test block", "spikes and grid", outputs=True, type=int)
-    split_ratio: float = option(0.95, "fraction of blocks for training", "spikes and grid", outputs=True, type=float)
+    split_block: int = option(330, "frames per train/test block", GRID, "grid", type=int)
+    split_ratio: float = option(0.95, "fraction of blocks for training", GRID, "grid", type=float)
 
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
-        problems = []
-        if self.workers < 1 or self.batch_size < 1:
-            problems.append("--workers and --batch_size must be at least 1")
-        if not 0 < self.split_ratio <= 1 or self.split_block < 1:
-            problems.append("--split_ratio must be in (0, 1] and --split_block at least 1")
-        if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
-            problems.append("--grid_shape needs positive H and W")
-        if self.num_neurons < 0 or self.max_rate_mismatch < 0 or self.baseline_window_s <= 0:
-            problems.append("--num_neurons, --max_rate_mismatch must be >= 0 and --baseline_window_s > 0")
-        if not 0 <= self.baseline_percentile <= 100:
-            problems.append("--baseline_percentile must be in [0, 100]")
+        problems = [
+            message
+            for bad, message in (
+                (self.workers < 1 or self.batch_size < 1, "--workers and --batch_size must be at least 1"),
+                (not 0 < self.split_ratio <= 1 or self.split_block < 1, "--split_ratio in (0, 1], --split_block >= 1"),
+                (len(self.grid_shape) != 2 or min(self.grid_shape) < 1, "--grid_shape needs positive H and W"),
+                (self.num_neurons < 0 or self.max_rate_mismatch < 0, "--num_neurons, --max_rate_mismatch >= 0"),
+                (not 0 <= self.baseline_percentile <= 100, "--baseline_percentile must be in [0, 100]"),
+                (self.baseline_window_s <= 0, "--baseline_window_s must be positive"),
+            )
+            if bad
+        ]
         if problems:
             raise PipelineError("; ".join(problems))
 
@@ -246,15 +196,19 @@ class PipelineConfig:
     def grid_width(self) -> int:
         return self.grid_shape[1]
 
-    def output_params(self) -> dict:
-        """The parameters that change the outputs, as JSON values (the fingerprint's share)."""
-        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["outputs"]}
-        params["cascade_threshold"] = str(self.cascade_threshold)  # False (none) must differ from 0
+    def output_params(self, stage: str | None = None) -> dict:
+        """The parameters that change the outputs (of one stage: 'cascade' or 'grid'), as JSON values."""
+        params = {
+            f.name: str(getattr(self, f.name)) if f.name == "cascade_threshold" else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["affects"] and stage in (None, f.metadata["affects"])
+        }  # str(): a False threshold (none) must differ from 0
         return json.loads(json.dumps(params))
 
     def as_attrs(self) -> dict:
-        """Every parameter as HDF5 attributes param_<name> (converted by h5_attr_value)."""
-        return {f"param_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every parameter as HDF5 attributes param_<name>."""
+        attrs = {f"param_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dict(attrs, param_cascade_threshold=str(self.cascade_threshold).replace("False", "none"))
 
 
 def h5_attr_value(value):
