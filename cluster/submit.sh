@@ -4,8 +4,8 @@
 #
 #   cluster/submit.sh --input_dir IN --output_dir OUT [pipeline args, e.g. --strict_model --batch_size 6000]
 #
-# SPIKE_GRIDS_SHARDS=N      number of array tasks (default: one per subject folder or --subjects entry, at most
-#                           SPIKE_GRIDS_MAX_SHARDS, default 50; extra shards just find nothing to do)
+# SPIKE_GRIDS_SHARDS=N      number of array tasks (default: one per subject folder or --subjects entry,
+#                           at most SPIKE_GRIDS_MAX_SHARDS, default 50; extra shards find nothing to do)
 # SPIKE_GRIDS_SBATCH_ARGS   extra sbatch options for the array, e.g. "--partition=long --mem=128G"
 #                           (SBATCH_ACCOUNT, SBATCH_PARTITION, ... apply to both jobs, as usual)
 # Job output goes to OUT/slurm_logs/, the pipeline's logs to OUT/processing_shard<K>of<N>.log.
@@ -15,12 +15,19 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SPIKE_GRIDS_REPO=${SPIKE_GRIDS_REPO:-$(dirname "$here")}  # the jobs run this checkout
 
 input_dir="" output_dir="" only="" prev=""
-for arg in "$@"; do
-    case "$prev" in --input_dir) input_dir=$arg ;; --output_dir) output_dir=$arg ;; --subjects) only=$arg ;; esac
-    case "$arg" in --input_dir=*) input_dir=${arg#*=} ;; --output_dir=*) output_dir=${arg#*=} ;;
-        --subjects=*) only=${arg#*=} ;; esac
-    case "$arg" in --shard | --shard=* | --combine_only)
-        echo "submit.sh chooses the shards itself; drop $arg" >&2; exit 2 ;; esac
+for arg in "$@"; do  # the few arguments submit.sh needs; all of them go to the pipeline
+    case "$prev" in
+        --input_dir) input_dir=$arg ;;
+        --output_dir) output_dir=$arg ;;
+        --subjects) only=$arg ;;
+    esac
+    case "$arg" in
+        --input_dir=*) input_dir=${arg#*=} ;;
+        --output_dir=*) output_dir=${arg#*=} ;;
+        --subjects=*) only=${arg#*=} ;;
+        --shard | --shard=* | --combine_only)
+            echo "submit.sh makes the shards and the combine job itself: drop $arg" >&2; exit 2 ;;
+    esac
     prev=$arg
 done
 [ -d "$input_dir" ] && [ -n "$output_dir" ] || {
@@ -30,7 +37,8 @@ shopt -s nullglob
 folders=("$input_dir"/subject_*/ "$input_dir"/Subjects/subject_*/)
 IFS=, read -ra listed <<<"$only"
 subjects=${#folders[@]}; [ -z "$only" ] || subjects=${#listed[@]}
-shards=${SPIKE_GRIDS_SHARDS:-$(( subjects < ${SPIKE_GRIDS_MAX_SHARDS:-50} ? subjects : ${SPIKE_GRIDS_MAX_SHARDS:-50} ))}
+cap=${SPIKE_GRIDS_MAX_SHARDS:-50}
+shards=${SPIKE_GRIDS_SHARDS:-$(( subjects < cap ? subjects : cap ))}
 [ "$shards" -ge 1 ] || { echo "no subject_* folders in $input_dir (or $input_dir/Subjects)" >&2; exit 2; }
 
 mkdir -p "$output_dir/slurm_logs"
@@ -41,5 +49,6 @@ array=${array%%;*}
 combine=$(sbatch --parsable --dependency="afterok:$array" --output="$output_dir/slurm_logs/%x_%j.out" \
     "$here/spike_grids_combine.sbatch" "$@")
 combine=${combine%%;*}
-echo "array job $array ($shards shards of $subjects subjects), combine job $combine (after the array succeeds)"
+echo "array job $array ($shards shards of $subjects subjects)," \
+    "combine job $combine (after the array succeeds)"
 echo "watch: squeue -j $array,$combine   logs: $output_dir/slurm_logs/ and $output_dir/processing_shard*.log"
