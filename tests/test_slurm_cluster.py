@@ -151,9 +151,7 @@ def test_array_of_shards_then_combine(slurm, plain_run, tmp_path):
     inp, out = copy_sample_data(tmp_path), tmp_path / "out"
     args = ["--input_dir", inp, "--output_dir", out, *PIPELINE_ARGS]
     # submitted from a folder that is not the checkout: the script must still find the pipeline
-    array = sbatch(
-        *SMALL_JOB, "--array=1-3", f"--output={tmp_path}/%x_%A_%a.out", ARRAY_SCRIPT, *args, cwd=tmp_path
-    )
+    array = sbatch(*SMALL_JOB, "--array=1-3", f"--output={tmp_path}/%x_%A_%a.out", ARRAY_SCRIPT, *args, cwd=tmp_path)
     combine = sbatch(
         *SMALL_JOB, f"--dependency=afterok:{array}", f"--output={tmp_path}/%x_%j.out", COMBINE_SCRIPT, *args,
         cwd=tmp_path,
@@ -176,15 +174,7 @@ def test_submit_one_liner_failure_and_resubmit(slurm, plain_run, tmp_path):
     broken.write_bytes(intact[: len(intact) // 2])  # truncated: subject_2 fails, its shard exits 1
 
     # relative paths, as a user types them: jobs start in the submission folder
-    command = [
-        "bash",
-        str(CLUSTER_DIR / "submit.sh"),
-        "--input_dir",
-        "in",
-        "--output_dir",
-        "out",
-        *PIPELINE_ARGS,
-    ]
+    command = ["bash", str(CLUSTER_DIR / "submit.sh"), "--input_dir", "in", "--output_dir", "out", *PIPELINE_ARGS]
     env = job_env(SPIKE_GRIDS_SBATCH_ARGS=" ".join(SMALL_JOB))
 
     def submit() -> tuple[str, str, dict]:
