@@ -31,6 +31,7 @@ import dataclasses
 import difflib
 import errno
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -51,6 +52,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import h5py
 import numpy as np
 import yaml
 
@@ -254,8 +256,6 @@ class TraceFile:
 
     def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Traces of cells [start, stop) as stored, as (cells, T) float32."""
-        import h5py
-
         stop = self.num_cells if stop is None else min(stop, self.num_cells)
         traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
         try:
@@ -271,8 +271,6 @@ class TraceFile:
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Traces of a few chosen cells (ascending rows), e.g. a sample for a decision."""
-        import h5py
-
         with h5py.File(self.path, "r") as h5:
             data = h5[self.dataset]
             traces = data[:, rows].T if self.cells_on_columns else data[rows]
@@ -351,7 +349,6 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
 
 def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
-    import h5py
     import scipy.io
 
     if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5 (after a 512-byte text header)
@@ -380,8 +377,6 @@ def _mat_struct_fields(path: Path) -> dict:
 def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tuple = ()) -> tuple:
     """The TraceFile of ``path[dataset]`` (shape checked, traces not read), the file's attributes and
     the small datasets named in ``extra`` that are present (Chen files hold other large ones)."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as h5:
             if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
@@ -728,8 +723,6 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
 
 
 def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
-    import h5py
-
     try:
         with h5py.File(path, "r") as h5:
             raw_config = h5.attrs.get("model_config")
@@ -1777,6 +1770,8 @@ class BatchResult:
     nan_frames: np.ndarray  # (B,) int32 frames without a value (NaN or infinite)
     infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
+    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
+    rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
     plot_rows: np.ndarray
     plot_dff: np.ndarray
     plot_rates: np.ndarray
@@ -1798,12 +1793,25 @@ def infer_spikes(traces: np.ndarray, cell_ids: np.ndarray, model: CascadeModel, 
     return dff, rates, spikes, report
 
 
+def quantise_rates(rates: np.ndarray) -> tuple:
+    """Rates (spikes/frame) as uint8 steps of a per-cell scale (its maximum / 254); 255 = no
+    prediction (NaN). Lossy by design (0.4 % of the cell's peak): for analysis and plots, not for
+    re-sampling spikes, which always come from the exact rates."""
+    with np.errstate(all="ignore"):
+        peak = np.nan_to_num(np.nanmax(np.where(np.isnan(rates), -np.inf, rates), axis=1), neginf=0.0)
+        scale = np.where(peak > 0, peak / 254.0, 1.0).astype(np.float32)
+        quantised = np.clip(np.round(np.maximum(rates, 0) / scale[:, None]), 0, 254)
+    return np.where(np.isnan(rates), 255, quantised).astype(np.uint8), scale
+
+
 def process_batch(task: BatchTask) -> BatchResult:
     """One batch, a chunk of cells at a time; only compact results leave the worker."""
     started = time.perf_counter()
     model = load_model_once(task.model_folder, task.model_source)
     num_frames = task.trace_file.num_frames
-    parts: dict = {key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "plot")}
+    parts: dict = {
+        key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "plot", "q", "scale")
+    }
     rate_sum_fixed = np.zeros(num_frames, dtype=np.int64)
     for start in range(task.start, task.stop, CELLS_PER_CHUNK):
         stop = min(start + CELLS_PER_CHUNK, task.stop)
@@ -1819,6 +1827,9 @@ def process_batch(task: BatchTask) -> BatchResult:
         parts["noise"].append(report["noise_level"])
         parts["level"].append(report["model_noise_level"])
         rate_sum_fixed += np.round(np.nan_to_num(rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
+        quantised, scale = quantise_rates(rates)
+        parts["q"].append(quantised)
+        parts["scale"].append(scale)
         local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < stop)] - start
         parts["plot"].append((dff[local].astype(np.float32), rates[local].astype(np.float32), spikes[local]))
     frames = np.concatenate(parts["frames"])
@@ -1834,6 +1845,8 @@ def process_batch(task: BatchTask) -> BatchResult:
         nan_frames=np.concatenate(parts["nan"]),
         infinite_values=np.concatenate(parts["inf"]),
         rate_sum_fixed=rate_sum_fixed,
+        rates_uint8=np.concatenate(parts["q"]),
+        rate_scale=np.concatenate(parts["scale"]),
         plot_rows=task.plot_rows,
         plot_dff=plot_dff,
         plot_rates=plot_rates,
@@ -1927,8 +1940,6 @@ class WorkerPool:
         self.workers = workers
         self.threads_per_worker = max(1, available_cpus() // workers)
         self._executor = None
-        if workers == 1:
-            configure_tensorflow_threads(available_cpus())
 
     def _start(self):
         import concurrent.futures
@@ -1958,6 +1969,7 @@ class WorkerPool:
     def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
         """Results of every task in order; at most workers + 1 tasks in flight."""
         if self.workers == 1:
+            configure_tensorflow_threads(available_cpus())  # here, not before: a rerun may need no TensorFlow
             results = []
             for task in tasks:
                 results.append(process_batch(task))
@@ -2062,6 +2074,7 @@ def rss_gb() -> float:
 COO_FILENAME = "preaugmented_grids_coo.h5"
 METADATA_FILENAME = "metadata.h5"
 COMBINED_FILENAME = "combined_metadata.h5"
+CASCADE_FILENAME = "cascade_results.h5"  # what CASCADE produced, saved once for re-gridding
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
 TEMPORARY_MARKER = ".tmp-"
@@ -2080,6 +2093,20 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(
         f".{final.name}{TEMPORARY_MARKER}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     )
+
+
+@contextlib.contextmanager
+def new_h5_file(path: Path):
+    """A new HDF5 file, built in memory and written to ``path`` in one go when the block ends.
+
+    HDF5 left holding a file whose writes fail (a full disk, a quota) prints errors at every
+    garbage collection and can crash the interpreter at exit; built in memory, a write error is
+    an ordinary OSError from Python's own write, and nothing of HDF5 stays open."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        yield h5
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def _set_attrs(h5, attrs: dict) -> None:
@@ -2101,13 +2128,11 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
     timepoint_offsets (T+1,) int64 (entries of timepoint t are rows offsets[t]:offsets[t+1]),
     grid_shape, timepoint_indices (original frame of each t), is_train.
     """
-    import h5py
-
     grid = plan.grid
     counts = CooCounts()
     plane_entries = np.zeros(grid.num_z_planes, dtype=np.int64)
     per_timepoint = np.zeros(grid.num_timepoints, dtype=np.int64)
-    with h5py.File(path, "w") as h5:
+    with new_h5_file(path) as h5:
         options = dict(chunks=(COO_CHUNK_ROWS, 1), compression="gzip", compression_opts=4, shuffle=True)
         coords_out = h5.create_dataset("spike_coords", (0, 4), np.int32, maxshape=(None, 4), **options)
         written = 0
@@ -2145,10 +2170,66 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     }
 
 
-def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
-    import h5py
+PER_CELL_RESULTS = ("spike_count", "noise_level", "model_noise_level", "nan_frames", "infinite_values", "rate_scale")
+PLOT_RESULTS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")
 
-    with h5py.File(path, "w") as h5:
+
+def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> None:
+    """cascade_results.h5: a subject's spikes per cell (CSR: cell i's frames are
+    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), its rates quantised to uint8 (rates_uint8 *
+    rate_scale[cell] spikes/frame, 255 = no prediction), per-cell summaries and the fingerprint of
+    what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
+    num_cells = sum(len(batch.spike_count) for batch in spikes.batches)
+    options = dict(compression="gzip", compression_opts=4, shuffle=True)
+    with new_h5_file(path) as h5:
+        frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **options)
+        rate_chunks = (min(256, num_cells), spikes.num_frames)
+        rates_out = h5.create_dataset(
+            "rates_uint8", (num_cells, spikes.num_frames), np.uint8, chunks=rate_chunks, **options
+        )
+        offsets = [np.zeros(1, np.int64)]
+        for batch in spikes.batches:
+            order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
+            frames_out.resize(frames_out.shape[0] + len(order), axis=0)
+            frames_out[frames_out.shape[0] - len(order) :] = batch.spike_frames[order]
+            per_cell = np.bincount(batch.spike_cells - batch.start, minlength=len(batch.spike_count))
+            offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
+            rates_out[batch.start : batch.start + len(batch.spike_count)] = batch.rates_uint8
+        _write_dataset(h5, "cell_offsets", np.concatenate(offsets))
+        _write_dataset(h5, "rate_sum_fixed", sum(batch.rate_sum_fixed for batch in spikes.batches))
+        for key in PER_CELL_RESULTS + PLOT_RESULTS:
+            _write_dataset(h5, key, spikes.cells(key))
+        _set_attrs(h5, attrs)
+
+
+def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
+    """(SubjectSpikes, trace type) from a cascade_results.h5 made with the same inputs, dF/F and
+    CASCADE settings and model as ``fingerprint`` says; None if absent, unreadable or different."""
+    attrs = read_attrs(path)
+    if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
+        return None
+    with h5py.File(path, "r") as h5:
+        offsets, frames = h5["cell_offsets"][()], h5["spike_frames"][()]
+        cells = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+        order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
+        arrays = {key: h5[key][()] for key in PER_CELL_RESULTS + PLOT_RESULTS}
+        no_rates = np.zeros((0, int(attrs["num_original_frames"])), np.uint8)  # not needed to re-grid
+        batch = BatchResult(0, frames[order], cells[order], rate_sum_fixed=h5["rate_sum_fixed"][()],
+                            rates_uint8=no_rates, seconds=0.0, **arrays)  # fmt: skip
+    return SubjectSpikes([batch], no_rates.shape[1]), (str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
+
+
+def cascade_attrs(attrs: dict) -> dict:
+    """What cascade_results.h5 records: how its results were made (not the grid's parameters)."""
+    keep = ("subject", "num_cells", "num_original_frames", "frame_rate_hz", "trace_type", "trace_type_reason",
+            "source_files", "software_version", "created_utc", "run_id")  # fmt: skip
+    model = {key: value for key, value in attrs.items() if key.startswith("model_") or key == "cascade_model"}
+    cascade_fp = cascade_fingerprint(attrs["fingerprint"])
+    return {**{key: attrs[key] for key in keep}, **model, "cascade_fingerprint": cascade_fp}
+
+
+def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
+    with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
         for key, value in datasets.items():
             _write_dataset(h5, key, value)
@@ -2159,8 +2240,6 @@ def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) ->
 
 def read_attrs(path: Path) -> dict | None:
     """A file's HDF5 attributes, or None when it is absent or unreadable."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as h5:
             return {key: h5.attrs[key] for key in h5.attrs}
@@ -2171,13 +2250,11 @@ def read_attrs(path: Path) -> dict | None:
 def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict) -> dict:
     """combined_metadata.h5: one group per subject (a copy of its metadata.h5), totals, and the
     subject folders left out with the reason (attribute `excluded`)."""
-    import h5py
-
     totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
     final = output_dir / COMBINED_FILENAME
     temporary = temporary_path(final)
     try:
-        with h5py.File(temporary, "w") as combined:
+        with new_h5_file(temporary) as combined:
             for subject_dir in subject_dirs:
                 with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
                     source.copy(source["/"], combined, name=subject_dir.name)
@@ -2210,8 +2287,6 @@ def remove_quietly(path: Path) -> None:
 
 def load_coo_grid(path) -> dict:
     """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes."""
-    import h5py
-
     with h5py.File(path, "r") as h5:
         result = {key: h5[key][()] for key in h5}
         result["attrs"] = dict(h5.attrs)
@@ -2419,16 +2494,17 @@ class SubjectSummary:
         )
 
 
+def config_model(config: PipelineConfig, frame_rate_hz: float | None) -> CascadeModel:
+    """The CASCADE model the command line asks for, for a subject recorded at ``frame_rate_hz``."""
+    return resolve_model(
+        config.cascade_model, model_dir=config.model_dir, cache_dir=config.model_cache,
+        frame_rate_hz=frame_rate_hz, strict=config.strict_model, offline=config.offline,
+    )  # fmt: skip
+
+
 def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
     """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
-    model = resolve_model(
-        config.cascade_model,
-        model_dir=config.model_dir,
-        cache_dir=config.model_cache,
-        frame_rate_hz=subject.frame_rate_hz,
-        strict=config.strict_model,
-        offline=config.offline,
-    )
+    model = config_model(config, subject.frame_rate_hz)
     if model.is_fallback:
         subject.warnings.append(f"model fallback: {model.source}")
     mismatch = rate_mismatch(model, subject.frame_rate_hz)
@@ -2457,7 +2533,18 @@ def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: Cas
     for path in subject.source_files:
         stat = os.stat(path)
         inputs[Path(path).name] = [stat.st_size, stat.st_mtime_ns]
-    return {"inputs": inputs, "params": config.output_params(), "model": model.digest, "software_version": __version__}
+    return {
+        "inputs": inputs,
+        "params": config.output_params(),
+        "cascade_params": config.output_params("cascade"),
+        "model": model.digest,
+        "software_version": __version__,
+    }
+
+
+def cascade_fingerprint(fingerprint: dict) -> dict:
+    """The part of a subject's fingerprint that CASCADE's results depend on (not the grid's)."""
+    return {key: fingerprint[key] for key in ("inputs", "cascade_params", "model", "software_version")}
 
 
 def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
@@ -2600,36 +2687,41 @@ def population_rate_hz(spikes: SubjectSpikes, subject: SubjectData) -> np.ndarra
 
 
 def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> SubjectSummary:
-    """COO grid, PDF and metadata of one subject, each written to a temporary and renamed into place
-    (metadata last: it marks the set complete); a failure removes this subject's temporaries."""
+    """CASCADE's results (unless re-used), COO grid, PDF and metadata of one subject, each written to
+    a temporary and renamed into place, metadata last: it marks the set complete. A failure removes
+    this subject's temporaries and leaves its earlier files as they were."""
     timings = attrs["timings"]
-    finals = [out_dir / COO_FILENAME, out_dir / pdf_filename(subject.name), out_dir / METADATA_FILENAME]
-    temporaries = [temporary_path(path) for path in finals]
+    names = (CASCADE_FILENAME, COO_FILENAME, pdf_filename(subject.name), METADATA_FILENAME)
+    finals = {name: out_dir / name for name in names}
+    temporaries = {name: temporary_path(path) for name, path in finals.items()}
     try:
         started = time.perf_counter()
-        counts, plane_entries = write_coo_file(temporaries[0], coo_blocks(spikes, plan, config.z_markers), plan, attrs)
+        if attrs["cascade_results"] == "computed":
+            write_cascade_results(temporaries[CASCADE_FILENAME], spikes, cascade_attrs(attrs))
+        blocks = coo_blocks(spikes, plan, config.z_markers)
+        counts, plane_entries = write_coo_file(temporaries[COO_FILENAME], blocks, plan, attrs)
         timings["grid_and_write_s"] = time.perf_counter() - started
-        attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid), coo_file_bytes=temporaries[0].stat().st_size)
+        attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid))
+        attrs["coo_file_bytes"] = temporaries[COO_FILENAME].stat().st_size
         if config.plots:
             started = time.perf_counter()
-            lines = summary_page_lines(subject, model, attrs)
-            plot_subject_pdf(temporaries[1], plot_data(subject, spikes, plan, model, config, lines))
+            page = plot_data(subject, spikes, plan, model, config, summary_page_lines(subject, model, attrs))
+            plot_subject_pdf(temporaries[names[2]], page)
             timings["plots_s"] = time.perf_counter() - started
         timings["total_s"] = time.perf_counter() - run.subject_started
-        write_metadata_file(
-            temporaries[2], {**attrs, **timings}, *metadata_arrays(subject, spikes, plan, plane_entries)
-        )
+        arrays = metadata_arrays(subject, spikes, plan, plane_entries)
+        write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, *arrays)
         with run.signals_held():  # the renames below happen all together or not at all
-            remove_quietly(finals[2])
-            for temporary, final in zip(temporaries, finals):
-                if temporary.exists():
-                    os.replace(temporary, final)
-                elif final != finals[2]:
-                    remove_quietly(final)  # e.g. an old PDF after --no_plots: not from this run
+            remove_quietly(finals[METADATA_FILENAME])
+            for name in names:
+                if temporaries[name].exists():
+                    os.replace(temporaries[name], finals[name])
+                elif name == names[2]:
+                    remove_quietly(finals[name])  # an old PDF after --no_plots: not from this run
     except OSError as exc:
         raise WriteFailed(f"cannot write to {out_dir}: {describe_os_error(exc, out_dir)}") from None
     finally:
-        for temporary in temporaries:
+        for temporary in temporaries.values():
             remove_quietly(temporary)
     return SubjectSummary.from_metadata(dict(attrs, **timings), up_to_date=False)
 
@@ -2743,24 +2835,26 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     if reason is None:
         log.info("%s: outputs up to date (same inputs, parameters, model and software): skipped", subject.name)
         return SubjectSummary.from_metadata(read_attrs(out_dir / METADATA_FILENAME))
-    log.info("%s: computing (%s)", subject.name, reason)
-    trace_type = decide_subject_trace_type(subject, config)
-    log.info("%s: traces treated as %s (%s)", subject.name, *trace_type)
+    log.info(f"{subject.name}: computing ({reason})")
     load_s = time.perf_counter() - started
-    spikes = infer_subject(subject, model, trace_type[0], config, pool)
+    reused = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
+    if reused is not None:
+        spikes, trace_type = reused
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+    else:
+        trace_type = decide_subject_trace_type(subject, config)
+        log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
+        spikes = infer_subject(subject, model, trace_type[0], config, pool)
     inference_s = time.perf_counter() - started - load_s
-    log.info(
-        "%s: CASCADE in %.1f s (%.0f neuron-frames/s); RSS %.2f GB with workers",
-        subject.name,
-        inference_s,
-        subject.num_cells * subject.num_frames / max(inference_s, 1e-9),
-        rss_gb(),
-    )
+    if reused is None:
+        rate = subject.num_cells * subject.num_frames / max(inference_s, 1e-9)
+        log.info(f"{subject.name}: CASCADE in {inference_s:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
     check_inferred_traces(subject, spikes)
     plan = plan_grid(subject.positions, spikes.valid, subject.num_frames, model, config)
     attrs = subject_attrs(subject, model, config, trace_type, fingerprint, run, plan)
     attrs.update(num_valid_cells=int(spikes.valid.sum()), warnings="; ".join(subject.warnings))
     attrs["timings"] = {"load_s": load_s, "inference_s": inference_s}
+    attrs["cascade_results"] = "re-used" if reused is not None else "computed"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = write_subject(out_dir, subject, spikes, plan, model, config, attrs, run)
     log.info(
@@ -2956,8 +3050,6 @@ def resolve_shard(shard: tuple | None, environ=os.environ) -> tuple | None:
 
 def subject_size(folder: Path) -> int:
     """cells x frames of a subject (0 when it cannot be read: it will fail with its own error)."""
-    import h5py
-
     for name, dataset in (("TimeSeries.h5", "CellResp"), ("traces.h5", "traces")):
         with contextlib.suppress(Exception), h5py.File(folder / name, "r") as h5:
             return int(np.prod(h5[dataset].shape))
@@ -3114,6 +3206,8 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
         subjects = find_subjects(config.input_dir, config.subjects, config.skip)
         if not subjects:
             raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+        if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
+            config_model(config, None)  # a missing or misspelt model stops the run here (exit 2)
         mine = select_shard(subjects, shard)
         log.info(
             "unified_spike_processing_coo %s: %d of %d subjects%s from %s -> %s (%d workers, batches of up to %d cells)",

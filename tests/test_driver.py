@@ -329,7 +329,7 @@ def test_progress_lines_when_not_on_a_terminal(monkeypatch, caplog):
 
 
 def test_help_shows_true_defaults():
-    text = run_cli("--help").stdout
+    text = " ".join(run_cli("--help").stdout.split())
     assert "(default: True)" not in text and "(default: None)" not in text
     assert "(default: 256 128)" in text and "(default: 30000)" in text and "--shard K/N" in text
     assert "130" in text and "143" in text

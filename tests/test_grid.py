@@ -29,17 +29,22 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
         zeros = np.zeros(stop - start, np.int32)
         batches.append(
             usp.BatchResult(
-                start,
-                frames.astype(np.int32),
-                (cells + start).astype(np.int32),
-                spikes[start:stop].sum(1),
-                zeros,
-                zeros,
-                zeros,
-                zeros,
-                np.zeros(num_frames, np.int64),
-                *([np.zeros(0)] * 4),
-                0.0,
+                start=start,
+                spike_frames=frames.astype(np.int32),
+                spike_cells=(cells + start).astype(np.int32),
+                spike_count=spikes[start:stop].sum(1),
+                noise_level=zeros,
+                model_noise_level=zeros,
+                nan_frames=zeros,
+                infinite_values=zeros,
+                rate_sum_fixed=np.zeros(num_frames, np.int64),
+                rates_uint8=np.zeros((stop - start, num_frames), np.uint8),
+                rate_scale=zeros.astype(np.float32),
+                plot_rows=zeros[:0],
+                plot_dff=np.zeros((0, num_frames)),
+                plot_rates=np.zeros((0, num_frames)),
+                plot_spikes=np.zeros((0, num_frames), bool),
+                seconds=0.0,
             )
         )
     return spikes, usp.SubjectSpikes(batches, num_frames)

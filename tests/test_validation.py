@@ -57,4 +57,6 @@ def test_bad_subjects_fail_alone_and_keep_earlier_outputs(tmp_path):
     assert (out / "subject_1" / usp.COO_FILENAME).is_file()
     assert not list(out.rglob(".*tmp*")), "no temporary files left behind"
     with h5py.File(out / usp.COMBINED_FILENAME, "r") as combined:
-        assert set(combined) == {"subject_1", "subject_2", "subject_8"}
+        # subject_2's earlier outputs stay, but its input changed since: not mixed into the combined file
+        assert set(combined) == {"subject_1", "subject_8"}
+        assert "subject_2" in combined.attrs["excluded"]
