@@ -264,15 +264,47 @@ def stage_segments(run: Run) -> list:
     return segments
 
 
+def sub_segments(run: Run) -> list:
+    """Approximate parts of each stage that has no log line of its own: the timings that follow
+    the last marked stage's timing in the metadata (grid_s, write_s after inference_s today) are
+    laid end to end from the start of the stage after it, the remainder is "rest" (metadata, PDF).
+    Named "<stage> ~ <part>"; they assume nothing runs between the timed parts (concatenating the
+    batches' results, a fraction of a second, does)."""
+    timings = {s["subject"]: s["timings"] for s in run.subjects}
+    marked = {f"{name.replace(' ', '_')}_s" for name, _ in STAGE_MARKERS}
+    last_stage = STAGE_MARKERS[-1][0]
+    parts = []
+    for name, t0, t1, subject in run.segments:
+        keys = list(timings.get(subject, {}))
+        marked_at = [i for i, key in enumerate(keys) if key in marked]
+        if name != last_stage or not marked_at:
+            continue
+        start, before = t0, len(parts)
+        for key in keys[marked_at[-1] + 1 :]:
+            if key == "total_s":
+                continue
+            end = min(t1, start + timings[subject][key])
+            parts.append((f"{name} ~ {key.removesuffix('_s')}", start, end, subject))
+            start = end
+        if len(parts) > before and t1 - start > 0.05:
+            parts.append((f"{name} ~ rest", start, t1, subject))
+    return parts
+
+
 def segment_rss(run: Run, t0: float, t1: float) -> dict:
     inside = [s for s in run.samples if t0 <= s.t <= t1]
     before = [s for s in run.samples if s.t <= t0]
     start = before[-1] if before else (inside[0] if inside else None)
     if not inside:
-        return {"samples": 0, "start": start.total if start else None}
+        return {
+            "samples": 0,
+            "start": start.total if start else None,
+            "main_start": start.main if start else None,
+        }
     return {
         "samples": len(inside),
         "start": start.total,
+        "main_start": start.main,
         "peak": max(s.total for s in inside),
         "main": max(s.main for s in inside),
         "worker": max((max(s.workers.values()) for s in inside if s.workers), default=None),
@@ -315,6 +347,10 @@ def summarize(run: Run) -> dict:
         "stages": [
             {"stage": name, "subject": subject, "t0": t0, "t1": t1, **segment_rss(run, t0, t1)}
             for name, t0, t1, subject in run.segments
+        ],
+        "sub_stages": [
+            {"stage": name, "subject": subject, "t0": t0, "t1": t1, **segment_rss(run, t0, t1)}
+            for name, t0, t1, subject in sub_segments(run)
         ],
     }
 
@@ -419,20 +455,31 @@ def report(results: list, context: dict) -> list:
         "",
         "## RSS per stage (GB; stages from the pipeline's log lines, see STAGE_MARKERS)",
         "",
-        "`start`: tree RSS when the stage began; `peak`: highest tree RSS during it; `main`: the pipeline "
-        "process alone; `worker`: the largest single pool worker; `samples`: RSS samples in the stage.",
+        "`start`: tree RSS when the stage began; `peak`: highest tree RSS during it; `main start`, `main`: "
+        "the same for the pipeline process alone; `worker`: the largest single pool worker; `samples`: RSS "
+        "samples in the stage.",
         "",
-        "| run | stage | subject | from s | to s | seconds | start | peak | main | worker | samples |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | stage | subject | from s | to s | seconds | start | peak | main start | main | worker | samples |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        subs = r["sub_stages"]
         for s in r["stages"]:
-            peak = s.get("peak")
-            lines.append(
-                f"| {r['name']} | {s['stage']} | {s['subject'] or ''} | {s['t0']:.1f} | {s['t1']:.1f} "
-                f"| {s['t1'] - s['t0']:.1f} | {_gb(s.get('start'))} | {_gb(peak)} | {_gb(s.get('main'))} "
-                f"| {_gb(s.get('worker'))} | {s['samples']} |"
-            )
+            rows = [s] + [
+                p for p in subs if p["stage"].startswith(s["stage"] + " ~") and p["subject"] == s["subject"]
+            ]
+            for row in rows:
+                lines.append(
+                    f"| {r['name']} | {row['stage']} | {row['subject'] or ''} | {row['t0']:.1f} | {row['t1']:.1f} "
+                    f"| {row['t1'] - row['t0']:.1f} | {_gb(row.get('start'))} | {_gb(row.get('peak'))} "
+                    f"| {_gb(row.get('main_start'))} | {_gb(row.get('main'))} | {_gb(row.get('worker'))} "
+                    f"| {row['samples']} |"
+                )
+    lines += [
+        "",
+        "Rows `after inference ~ grid`, `~ write`, `~ rest` are approximate: the metadata's grid_s and "
+        "write_s laid end to end from the end of inference (no log line marks them).",
+    ]
 
     lines += ["", "## Memory to plan", ""]
     pooled = [r for r in results if r["workers"] > 1 and r["peak_worker_gb"]]
