@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -434,7 +435,7 @@ def report(results: list, context: dict) -> list:
             f"| {r['output_bytes'] / 1e6:.1f} | {r['dense_gb']:.2f} | {r['identical']} |"
         )
     lines += ["", "Commands:", ""]
-    lines += [f"* {r['name']}: `{' '.join(r['command_display'])}`" for r in results]
+    lines += [f"* {r['name']}: `{shlex.join(r['command_display'])}`" for r in results]
 
     lines += [
         "",
