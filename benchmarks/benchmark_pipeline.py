@@ -610,7 +610,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "input": str(input_dir),
         "input_desc": describe_input(input_dir, subjects),
-        "benchmark_command": " ".join(
+        "benchmark_command": shlex.join(
             ["python", "benchmarks/benchmark_pipeline.py", *(argv or sys.argv[1:])]
         ),
         "interval": args.interval,
