@@ -134,8 +134,12 @@ def _sample_in(parts, n, plane_z, rng):
     return (np.concatenate(xs)[:n], np.concatenate(ys)[:n], np.concatenate(ks)[:n])
 
 
-def make_anatomy(spec: SubjectSpec, rng: np.random.Generator):
+def make_anatomy(spec: SubjectSpec, rng: np.random.Generator, plane_range: tuple = (14.0, 128.0)):
     """Cell positions for one fish.
+
+    The imaged planes span atlas z ``plane_range`` (each end shifted by up to +-3 per fish). With
+    the default, the deepest plane can fall below the brain and hold only invalid (skin) cells;
+    benchmarks/make_whole_fish.py passes a shallower range so that every plane has valid cells.
 
     Returns a dict with CellXYZ, CellXYZ_norm (numcell_full x 3), IX_inval_anat (1-based, sorted),
     absIX (1-based, sorted) and per-cell plane index (0-based) of the cells in absIX order.
@@ -147,8 +151,8 @@ def make_anatomy(spec: SubjectSpec, rng: np.random.Generator):
     n_valid = numcell_full - n_invalid  # anatomically valid; n_cells of them are in absIX
 
     # Imaged planes: evenly spaced through the brain in atlas z, with a fish-specific offset.
-    z_top = 14.0 + rng.uniform(-3.0, 3.0)
-    z_bot = 128.0 + rng.uniform(-3.0, 3.0)
+    z_top = plane_range[0] + rng.uniform(-3.0, 3.0)
+    z_bot = plane_range[1] + rng.uniform(-3.0, 3.0)
     plane_z = np.linspace(z_top, z_bot, Z)
 
     xv, yv, kv = _sample_in(_BRAIN_PARTS, n_valid, plane_z, rng)
