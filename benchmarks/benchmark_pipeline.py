@@ -139,9 +139,9 @@ def _worker_role(process: psutil.Process, cache: dict) -> str:
             cmdline = " ".join(process.cmdline())
         except psutil.Error:
             cmdline = ""
-        is_worker = (
-            "spawn_main" in cmdline or "multiprocessing-fork" in cmdline
-        ) and "resource_tracker" not in (cmdline)
+        is_worker = ("spawn_main" in cmdline or "multiprocessing-fork" in cmdline) and "resource_tracker" not in (
+            cmdline
+        )
         cache[process.pid] = "worker" if is_worker else "helper"
     return cache[process.pid]
 
@@ -297,11 +297,7 @@ def segment_rss(run: Run, t0: float, t1: float) -> dict:
     before = [s for s in run.samples if s.t <= t0]
     start = before[-1] if before else (inside[0] if inside else None)
     if not inside:
-        return {
-            "samples": 0,
-            "start": start.total if start else None,
-            "main_start": start.main if start else None,
-        }
+        return {"samples": 0, "start": start.total if start else None, "main_start": start.main if start else None}
     return {
         "samples": len(inside),
         "start": start.total,
@@ -313,16 +309,6 @@ def segment_rss(run: Run, t0: float, t1: float) -> dict:
     }
 
 
-<<<<<<< HEAD
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=20000)
-    parser.add_argument("--frames", type=int, default=2000)
-    parser.add_argument("--planes", type=int, default=29)
-    parser.add_argument("--frame_rate_hz", type=float, default=2.0)
-    parser.add_argument("--data_dir", default="/tmp/spike_benchmark_data")
-    parser.add_argument("--out_dir", default="/tmp/spike_benchmark_out")
-=======
 def summarize(run: Run) -> dict:
     cells = sum(s["num_cells"] for s in run.subjects)
     frames = max((s["num_frames"] for s in run.subjects), default=0)
@@ -447,11 +433,7 @@ def report(results: list, context: dict) -> list:
     lines += ["", "Commands:", ""]
     lines += [f"* {r['name']}: `{shlex.join(r['command_display'])}`" for r in results]
 
-    lines += [
-        "",
-        "## Stage times (the subjects' metadata.h5 `timings`, seconds)",
-        "",
-    ]
+    lines += ["", "## Stage times (the subjects' metadata.h5 `timings`, seconds)", ""]
     keys = list(dict.fromkeys(k for r in results for t in r["timings"].values() for k in t))
     lines += ["| run | subject | " + " | ".join(keys) + " | wall |", "|---" * (len(keys) + 3) + "|"]
     for r in results:
@@ -476,9 +458,7 @@ def report(results: list, context: dict) -> list:
     for r in results:
         subs = r["sub_stages"]
         for s in r["stages"]:
-            rows = [s] + [
-                p for p in subs if p["stage"].startswith(s["stage"] + " ~") and p["subject"] == s["subject"]
-            ]
+            rows = [s] + [p for p in subs if p["stage"].startswith(s["stage"] + " ~") and p["subject"] == s["subject"]]
             for row in rows:
                 lines.append(
                     f"| {r['name']} | {row['stage']} | {row['subject'] or ''} | {row['t0']:.1f} | {row['t1']:.1f} "
@@ -497,8 +477,7 @@ def report(results: list, context: dict) -> list:
     for r in results:
         if r["workers"] > 1 and r["peak_worker_gb"]:
             after = max(
-                (s.get("main") or 0 for s in r["stages"] if s["stage"] not in ("inference", "startup")),
-                default=0,
+                (s.get("main") or 0 for s in r["stages"] if s["stage"] not in ("inference", "startup")), default=0
             )
             lines.append(
                 f"* {r['name']}: main process peak {r['peak_main_gb']:.2f} GB (outside inference "
@@ -581,9 +560,7 @@ def parse_runs(args) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_dir", help="folder of subject_<n> folders (default: a generated subject)")
     parser.add_argument("--subjects", help="comma list passed to the pipeline's --subjects")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="one run per value")
@@ -592,24 +569,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", help="instead of --workers: comma list of workers:batch_size:HxW")
     parser.add_argument("--extra", default="", help="more pipeline arguments, e.g. '--no_plots'")
     parser.add_argument("--pipeline", default=str(PIPELINE), help="the pipeline script to run")
->>>>>>> fishbench
-    parser.add_argument(
-        "--out_dir", default="/tmp/spike_benchmark_out", help="runs write into <out_dir>/<run>"
-    )
-<<<<<<< HEAD
-    args = parser.parse_args()
-    data = make_data(
-        Path(args.data_dir) / f"{args.cells}x{args.frames}", args.cells, args.frames, args.planes, args.frame_rate_hz
-=======
+    parser.add_argument("--out_dir", default="/tmp/spike_benchmark_out", help="runs write into <out_dir>/<run>")
     parser.add_argument("--interval", type=float, default=0.2, help="RSS sampling interval, s")
     parser.add_argument("--markdown", help="write the report here as markdown")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--rss_csv", action="store_true", help="write <out_dir>/<run>/rss.csv")
     parser.add_argument("--label", default="", help="title of the report, e.g. '1/10 fish, current code'")
-    parser.add_argument(
-        "--extra_log", action="append", default=[], help="another log file to tail for stages"
->>>>>>> fishbench
-    )
+    parser.add_argument("--extra_log", action="append", default=[], help="another log file to tail for stages")
     gen = parser.add_argument_group("generated input (without --input_dir)")
     gen.add_argument("--cells", type=int, default=20000)
     gen.add_argument("--frames", type=int, default=2000)
@@ -627,9 +593,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "input": str(input_dir),
         "input_desc": describe_input(input_dir, subjects),
-        "benchmark_command": shlex.join(
-            ["python", "benchmarks/benchmark_pipeline.py", *(argv or sys.argv[1:])]
-        ),
+        "benchmark_command": shlex.join(["python", "benchmarks/benchmark_pipeline.py", *(argv or sys.argv[1:])]),
         "interval": args.interval,
     }
     m = context["machine"]
@@ -673,9 +637,7 @@ def main(argv=None) -> int:
                     stage = next((n for n, t0, t1, _ in run.segments if t0 <= s.t <= t1), "")
                     workers_sum = sum(s.workers.values()) / GB
                     top = max(s.workers.values(), default=0) / GB
-                    fh.write(
-                        f"{s.t:.2f},{s.total / GB:.3f},{s.main / GB:.3f},{workers_sum:.3f},{top:.3f},{stage}\n"
-                    )
+                    fh.write(f"{s.t:.2f},{s.total / GB:.3f},{s.main / GB:.3f},{workers_sum:.3f},{top:.3f},{stage}\n")
         print(
             f"[{name}] wall {result['wall_s']:.1f} s, peak RSS {result['peak_total_gb']:.2f} GB (main "
             f"{result['peak_main_gb']:.2f}, worker {_fmt(result['peak_worker_gb'])}), "
@@ -690,9 +652,7 @@ def main(argv=None) -> int:
         Path(args.markdown).write_text("\n".join(lines) + "\n")
         print(f"wrote {args.markdown}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"context": context, "results": results}, indent=1, default=str)
-        )
+        Path(args.json).write_text(json.dumps({"context": context, "results": results}, indent=1, default=str))
     return 0
 
 
