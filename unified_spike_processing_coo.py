@@ -499,7 +499,7 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
 
 
 # =============================================================================================
-# dF/F: deciding what the traces are, and a vectorised sliding-percentile baseline
+# 3. dF/F: deciding what the traces are, and a vectorised sliding-percentile baseline
 # =============================================================================================
 
 
@@ -565,7 +565,7 @@ def compute_dff(
 
 
 # =============================================================================================
-# CASCADE models: loading an official model folder into plain arrays
+# 4. CASCADE models: loading a model folder into plain arrays
 # =============================================================================================
 #
 # A CASCADE model folder holds ``config.yaml`` and one Keras HDF5 file per noise level and
@@ -833,7 +833,7 @@ def load_cascade_model_folder(folder, source: str = "model_dir", requested: str 
 
 
 # =============================================================================================
-# Model resolution: --model_dir, builtin, auto, cache, download, builtin fallback
+# 4b. Model resolution: --model_dir, builtin, auto, cache, download, builtin fallback
 # =============================================================================================
 #
 # resolve_model turns what the user asked for into one loaded (so checked) model:
@@ -1146,7 +1146,7 @@ def load_cascade_model(
 
 
 # =============================================================================================
-# Inference: noise levels, the fully-convolutional CASCADE engine, thresholds
+# 5. Inference: noise levels, the fully-convolutional CASCADE engine, thresholds
 # =============================================================================================
 
 
@@ -1378,7 +1378,7 @@ def predict_spike_rates(
 
 
 # =============================================================================================
-# Discrete spikes: deterministic greedy placement of smoothed unit spikes
+# 6. Spikes: discrete spikes (deterministic greedy placement of smoothed unit spikes)
 # =============================================================================================
 
 
@@ -1475,7 +1475,7 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
 
 
 # =============================================================================================
-# Spike binarisation: rates -> binary spikes, reproducible whatever the batching
+# 6b. Spikes: rates -> binary spikes, reproducible whatever the batching
 # =============================================================================================
 
 

@@ -333,3 +333,28 @@ def test_help_shows_true_defaults():
     assert "(default: True)" not in text and "(default: None)" not in text
     assert "(default: 256 128)" in text and "(default: 30000)" in text and "--shard K/N" in text
     assert "130" in text and "143" in text
+
+
+# --- CASCADE's results saved once: re-gridding without CASCADE (issue 9) -----------------------
+
+
+def test_grid_parameters_regrid_saved_cascade_results_equal_to_a_full_run(tmp_path):
+    data, out, full = copy_sample(tmp_path, ("subject_2",)), tmp_path / "out", tmp_path / "full"
+    run_cli("--input_dir", data, "--output_dir", out, "--no_plots", *OFFLINE_BUILTIN)
+    changed = ("--grid_shape", 128, 64, "--no_z_markers", "--keep_edge_frames", "--split_block", 100)
+    regrid = run_cli("--input_dir", data, "--output_dir", out, "--no_plots", *changed, *OFFLINE_BUILTIN)
+    assert "re-gridding CASCADE's saved results" in regrid.stderr and "CASCADE in" not in regrid.stderr
+    run_cli("--input_dir", data, "--output_dir", full, "--no_plots", *changed, *OFFLINE_BUILTIN)
+    same_grids(out, full, "subject_2")
+    with h5py.File(out / "subject_2" / usp.CASCADE_FILENAME) as saved:
+        offsets, frames = saved["cell_offsets"][()], saved["spike_frames"][()]
+        rates, scale = saved["rates_uint8"][()], saved["rate_scale"][()]
+    with h5py.File(full / "subject_2" / usp.METADATA_FILENAME) as meta:
+        np.testing.assert_array_equal(np.diff(offsets), meta["cells/spike_count"][()])
+    assert rates.dtype == np.uint8 and rates.shape[0] == len(offsets) - 1 and np.all(scale > 0)
+    assert np.all(frames[offsets[0] : offsets[1]][:-1] <= frames[offsets[0] : offsets[1]][1:])
+    # a CASCADE parameter (the threshold) must run CASCADE again
+    rerun = run_cli(
+        "--input_dir", data, "--output_dir", out, "--no_plots", *changed, "--cascade_threshold", 0, *OFFLINE_BUILTIN
+    )
+    assert "CASCADE in" in rerun.stderr and "re-gridding" not in rerun.stderr
