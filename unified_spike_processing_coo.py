@@ -2316,12 +2316,25 @@ def load_coo_window(path, start: int, stop: int) -> CooWindow:
     return CooWindow(coords, shape, offsets, start, stop)
 
 
-def load_coo_window_dense(path, start: int, stop: int) -> np.ndarray:
+def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Timepoints [start, stop) as a dense (stop - start, Z, H, W) uint8 block of ones and zeros
-    (load_coo_window's entries placed on a grid; (stop - start)*Z*H*W bytes)."""
+    (load_coo_window's entries placed on a grid; (stop - start)*Z*H*W bytes).
+
+    ``out``: a C-contiguous uint8 array of that shape to fill (zeroed first) and return instead of
+    a new one; reusing one buffer for window after window spares the kernel allocating and zeroing
+    fresh pages each time (and its occasional stalls doing so).
+    """
     with _opened_coo_file(path) as h5:
         shape, columns, _, _, _ = _read_window(h5, start, stop)
-    dense = np.zeros(shape, dtype=np.uint8)
+    if out is None:
+        dense = np.zeros(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(
+            f"out must be a writeable C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}"
+        )
+    else:
+        dense = out
+        dense.fill(0)
     flat = np.multiply(columns[0], shape[1], dtype=np.int64)  # row-major linear index, by Horner's rule
     for column, size in zip(columns[1:], shape[2:]):
         flat += column

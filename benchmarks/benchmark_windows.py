@@ -5,10 +5,10 @@ Generates (once, kept in the temp folder) a synthetic preaugmented_grids_coo.h5 
 whole Chen fish (90k cells x 4k frames: 62.5 M active voxels in a (3900, 29, 256, 128) grid;
 uniformly random voxels, the worst case for compression) with the pipeline's own writer
 (write_coo_file: the same chunking, compression and timepoint_offsets), a block of timepoints at a
-time so memory stays bounded (~0.3 GB). Then reads --windows random windows of --length
+time so memory stays bounded (0.45 GB peak). Then reads --windows random windows of --length
 timepoints, each through a fresh file handle, and prints the wall and CPU time of reading and
-densifying them, the same through h5py's ordinary slicing plus coo_to_dense_grid, and the file's
-size per entry (the target: at most 4 bytes per active voxel, reads at most 50 ms).
+densifying them, the same through h5py's ordinary slicing plus coo_to_dense_grid (and, with
+--v1_0, through a copy without timepoint_offsets, as version 1.0 wrote), and the file's size per entry (the target: at most 4 bytes per active voxel, reads at most 50 ms).
 
     python benchmarks/benchmark_windows.py [--chunk_rows 65536] [--windows 20] [--length 100]
 
@@ -19,6 +19,7 @@ machine (the load average is printed); CPU times much less.
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,6 +80,18 @@ def h5py_window_dense(path: Path, start: int, stop: int) -> np.ndarray:
     return usp.coo_to_dense_grid(coords, shape)
 
 
+def v1_0_copy(path: Path) -> Path:
+    """A copy of the file as version 1.0 wrote it: no timepoint_offsets (made once)."""
+    copy = path.with_name(path.stem + "_v1.0.h5")
+    if not copy.is_file():
+        temporary = usp.temporary_path(copy)
+        shutil.copyfile(path, temporary)
+        with h5py.File(temporary, "r+") as h5:
+            del h5["timepoint_offsets"]
+        os.replace(temporary, copy)
+    return copy
+
+
 def timed(function, path: Path, windows: list) -> tuple:
     """Wall and CPU milliseconds of function(path, start, stop) for each window."""
     wall, cpu = [], []
@@ -100,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "usp_benchmark_windows")
     parser.add_argument("--skip_h5py", action="store_true", help="do not time h5py's ordinary slicing")
+    parser.add_argument("--v1_0", action="store_true", help="also time a copy without timepoint_offsets (a 1.0 file)")
     args = parser.parse_args()
 
     usp.COO_CHUNK_ROWS = args.chunk_rows
@@ -129,10 +143,16 @@ def main() -> None:
         ("load_coo_window (coords)", usp.load_coo_window),
         ("load_coo_window_dense (read + densify)", usp.load_coo_window_dense),
     ]
+    buffer = np.zeros((length, *shape[1:]), np.uint8)
+    cases.append(
+        ("load_coo_window_dense(..., out=one buffer)", lambda *window: usp.load_coo_window_dense(*window, out=buffer))
+    )
     if not args.skip_h5py:
         cases.append(("h5py slicing + coo_to_dense_grid", h5py_window_dense))
+    if args.v1_0:
+        cases.append(("1.0 file (bisection): load_coo_window_dense", usp.load_coo_window_dense))
     for label, function in cases:
-        wall, cpu = timed(function, path, windows)
+        wall, cpu = timed(function, v1_0_copy(path) if label.startswith("1.0") else path, windows)
         print(f"  {label:<44} {np.median(wall):>10.1f} {wall.max():>11.1f} {np.median(cpu):>12.1f} {cpu.max():>11.1f}")
     entries_per_window = entries * length / shape[0]
     print(

@@ -125,6 +125,29 @@ def test_dense_window_equals_coo_to_dense_grid(coo_file):
     np.testing.assert_array_equal(usp.load_coo_window_dense(path, 0, shape[0]), full)
 
 
+def test_dense_window_into_a_reused_buffer(tmp_path, monkeypatch):
+    coords = random_coords(SHAPE, 0.05, seed=12)
+    path = write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch)
+    buffer = np.ones((10, *SHAPE[1:]), np.uint8)  # stale contents must not survive
+    for start in (0, 15, 30, 50):
+        dense = usp.load_coo_window_dense(path, start, start + 10, out=buffer)
+        assert dense is buffer
+        np.testing.assert_array_equal(buffer, usp.load_coo_window_dense(path, start, start + 10))
+    wrong = [
+        np.zeros((9, *SHAPE[1:]), np.uint8),
+        np.zeros((10, *SHAPE[1:]), np.int32),
+        np.zeros((10, *SHAPE[1:])[::-1], np.uint8).T,
+        np.zeros((10, *SHAPE[1:]), np.uint8)[:, :, ::-1],
+    ]
+    readonly = np.zeros((10, *SHAPE[1:]), np.uint8)
+    readonly.flags.writeable = False
+    for out in [*wrong, readonly]:
+        with pytest.raises(
+            ValueError, match=r"out must be a writeable C-contiguous uint8 array of shape \(10, 3, 20, 12\)"
+        ):
+            usp.load_coo_window_dense(path, 0, 10, out=out)
+
+
 def test_values_wider_than_a_byte(tmp_path, monkeypatch):
     """Grids beyond 256 timepoints, rows or columns: the fast path reads two and three low bytes."""
     shape = (300, 2, 300, 70_000)
