@@ -48,6 +48,7 @@ import time
 import urllib.request
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -2291,6 +2292,185 @@ def load_coo_grid(path) -> dict:
         result = {key: h5[key][()] for key in h5}
         result["attrs"] = dict(h5.attrs)
     return result
+
+
+# --- Readers of windows of timepoints ---------------------------------------------------------
+# Entries are sorted by t, so timepoints [start, stop) are rows offsets[start]:offsets[stop] of
+# spike_coords and a window decompresses only the row chunks those rows lie in (a 100-timepoint
+# window of a whole fish: ~1.6 M of 62.5 M entries). The t column is not read: the offsets give it.
+# Fast path, for spike_coords as write_coo_file stores it ((R, 1) chunks of little-endian int32,
+# shuffle then deflate): the shuffle filter stores byte i of every value of a chunk together, so a
+# column whose values fit in k bytes (z, x and y of a grid of at most 256 planes, rows and columns
+# fit in one) is the first k*R bytes of its inflated chunk. Inflating only those, rather than
+# letting HDF5 inflate and unshuffle all four bytes of all four columns, is what makes a window
+# read ~4x faster. Any other layout (or a chunk HDF5 stored unfiltered) is read by h5py as usual.
+# Files written before timepoint_offsets existed (1.0) are searched by bisection on the t column
+# instead: about 2*log2(E/R) chunk reads (tens of ms), so old outputs stay readable without
+# rerunning the pipeline; their window's t column is read and checked against the window.
+
+
+@dataclass(frozen=True)
+class CooWindow:
+    """Timepoints [start, stop) of a COO grid file, as load_coo_window returns them.
+
+    coords   (n, 4) int32 [t - start, z, x, y]: sorted (row-major), unique, so t counts from the window's start
+    shape    (stop - start, Z, H, W): the shape of the window's grid, which coords index into
+    offsets  (stop - start + 1,) int64: the rows of window timepoint i are coords[offsets[i]:offsets[i + 1]]
+    start, stop: the window in the file's timepoints
+    """
+
+    coords: np.ndarray
+    shape: tuple
+    offsets: np.ndarray
+    start: int
+    stop: int
+
+    def to_dense(self) -> np.ndarray:
+        """The dense (stop - start, Z, H, W) uint8 block (as load_coo_window_dense reads it)."""
+        return coo_to_dense_grid(self.coords, self.shape)
+
+
+def load_coo_window(path, start: int, stop: int) -> CooWindow:
+    """The entries of timepoints [start, stop) of a preaugmented_grids_coo.h5, t relative to start.
+
+    ``path`` is the file or an open h5py.File (to read many windows of one file, e.g. in a
+    PyTorch Dataset). Reads only the rows of the window. 0 <= start <= stop <= T, else ValueError
+    (TypeError when not integers); start == stop gives an empty window.
+    """
+    with _opened_coo_file(path) as h5:
+        shape, columns, offsets, start, stop = _read_window(h5, start, stop)
+    coords = np.empty((len(columns[0]), 4), dtype=np.int32)
+    for j, column in enumerate(columns):
+        coords[:, j] = column
+    return CooWindow(coords, shape, offsets, start, stop)
+
+
+def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Timepoints [start, stop) as a dense (stop - start, Z, H, W) uint8 block of ones and zeros
+    (load_coo_window's entries placed on a grid; (stop - start)*Z*H*W bytes).
+
+    ``out``: a C-contiguous uint8 array of that shape to fill (zeroed first) and return instead of
+    a new one; reusing one buffer for window after window spares the kernel allocating and zeroing
+    fresh pages each time (and its occasional stalls doing so).
+    """
+    with _opened_coo_file(path) as h5:
+        shape, columns, _, _, _ = _read_window(h5, start, stop)
+    if out is None:
+        dense = np.zeros(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(
+            f"out must be a writeable C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}"
+        )
+    else:
+        dense = out
+        dense.fill(0)
+    flat = np.multiply(columns[0], shape[1], dtype=np.int64)  # row-major linear index, by Horner's rule
+    for column, size in zip(columns[1:], shape[2:]):
+        flat += column
+        flat *= size
+    flat += columns[3]
+    dense.reshape(-1)[flat] = 1
+    return dense
+
+
+@contextlib.contextmanager
+def _opened_coo_file(path):
+    import h5py
+
+    if isinstance(path, h5py.Group):
+        yield path
+    else:
+        with h5py.File(path, "r") as h5:
+            yield h5
+
+
+def _read_window(h5, start, stop) -> tuple:
+    """(window shape, [t - start, z, x, y] columns, window offsets, start, stop) of a window."""
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer timepoint, got {value!r}")
+    start, stop = int(start), int(stop)
+    grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
+    num_timepoints, coords = grid_shape[0], h5["spike_coords"]
+    if not 0 <= start <= stop <= num_timepoints:
+        raise ValueError(
+            f"timepoint window [{start}, {stop}) is outside {h5.filename}: it has {num_timepoints} "
+            f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
+        )
+    shape = (stop - start, *grid_shape[1:])
+    if "timepoint_offsets" in h5:
+        offsets = _window_offsets(h5, start, stop, num_timepoints, len(coords))
+        first, last = int(offsets[0]), int(offsets[-1])
+        t = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(offsets))
+    else:  # written before 1.1: bisect the t column
+        first = _first_row_from(coords, start, 0)
+        last = _first_row_from(coords, stop, first)
+        t = _read_column(coords, first, last, 0, num_timepoints - 1) - np.int32(start)
+        offsets = first + np.searchsorted(t, np.arange(stop - start + 1), side="left")
+        if len(t) and (t[0] < 0 or t[-1] >= stop - start):
+            raise ValueError(f"spike_coords of {h5.filename} is not sorted by t: rerun the pipeline")
+    columns = [t, *(_read_column(coords, first, last, j, grid_shape[j] - 1) for j in (1, 2, 3))]
+    return shape, columns, offsets - first, start, stop
+
+
+def _window_offsets(h5, start: int, stop: int, num_timepoints: int, num_entries: int) -> np.ndarray:
+    dataset = h5["timepoint_offsets"]
+    offsets = dataset[start : stop + 1].astype(np.int64) if dataset.shape == (num_timepoints + 1,) else None
+    if offsets is None or offsets[0] < 0 or offsets[-1] > num_entries or np.any(np.diff(offsets) < 0):
+        raise ValueError(
+            f"timepoint_offsets of {h5.filename} do not match its {num_timepoints} timepoints and "
+            f"{num_entries} entries: the file is damaged, rerun the pipeline for this subject"
+        )
+    return offsets
+
+
+def _first_row_from(coords, timepoint: int, low: int) -> int:
+    """The first row at or after ``low`` whose t is at least ``timepoint`` (rows sorted by t)."""
+    high = coords.shape[0]
+    while low < high:
+        middle = (low + high) // 2
+        if coords[middle, 0] < timepoint:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _read_column(coords, first: int, last: int, column: int, max_value: int) -> np.ndarray:
+    """spike_coords[first:last, column], values in [0, max_value]: uint8 when they fit, else int32."""
+    if last <= first:
+        return np.zeros(0, dtype=np.uint8 if max_value < 256 else np.int32)
+    rows = _shuffled_deflate_chunk_rows(coords)
+    if rows is None:
+        return coords[first:last, column]
+    num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # low bytes that hold the values
+    wanted = num_bytes * rows
+    chunks = []
+    for chunk in range(first // rows, (last - 1) // rows + 1):
+        filter_mask, stored = coords.id.read_direct_chunk((chunk * rows, column))
+        chunks.append(zlib.decompressobj().decompress(stored, wanted) if filter_mask == 0 else b"")
+        if len(chunks[-1]) != wanted:  # stored unfiltered, or damaged: let HDF5 decode (or report) it
+            return coords[first:last, column]
+    planes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), num_bytes, rows)
+    planes = planes.transpose(1, 0, 2).reshape(num_bytes, -1)[:, first % rows : first % rows + last - first]
+    if num_bytes == 1:
+        return planes[0]
+    values = planes[0].astype(np.int32)
+    for byte in range(1, num_bytes):
+        values |= planes[byte].astype(np.int32) << (8 * byte)
+    return values
+
+
+def _shuffled_deflate_chunk_rows(coords) -> int | None:
+    """R when ``coords`` is stored as write_coo_file stores it: (R, 1) chunks of little-endian
+    int32, the shuffle filter then deflate and nothing else; None otherwise."""
+    import h5py
+
+    if coords.chunks is None or coords.chunks[1] != 1 or coords.dtype != np.dtype("<i4"):
+        return None
+    plist = coords.id.get_create_plist()
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    return coords.chunks[0] if filters == [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE] else None
 
 
 # =============================================================================================
