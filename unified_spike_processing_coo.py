@@ -57,7 +57,7 @@ import h5py
 import numpy as np
 import yaml
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("spike_grids")
 
