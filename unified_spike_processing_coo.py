@@ -271,13 +271,14 @@ class TraceFile:
         return traces
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Traces of a few chosen cells (ascending rows), e.g. a sample for a decision."""
-        with h5py.File(self.path, "r") as h5:
-            data = h5[self.dataset]
-            traces = data[:, rows].T if self.cells_on_columns else data[rows]
-        traces = np.asarray(traces, dtype=np.float32)
-        traces[np.isinf(traces)] = np.nan
-        return traces
+        """Traces of chosen cells (ascending rows), e.g. a sample for a decision. Read a block of
+        cells at a time: scattered single columns would decompress each chunk once per column."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for first in np.unique(rows // TRACE_READ_CELLS) * TRACE_READ_CELLS:
+            wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
+            parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
 
 
 def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
@@ -2779,7 +2780,9 @@ def infer_subject(subject, model, trace_type: str, config: PipelineConfig, pool:
         seed=config.seed,
     )
     plot_rows = plot_cells(subject, config)
-    batch_cells = min(config.batch_size, -(-subject.num_cells // pool.workers))  # every worker busy
+    # a multiple of --workers batches of equal size, none above --batch_size: every worker stays busy
+    num_batches = pool.workers * math.ceil(math.ceil(subject.num_cells / config.batch_size) / pool.workers)
+    batch_cells = math.ceil(subject.num_cells / num_batches)
     starts = range(0, subject.num_cells, batch_cells)
     tasks = (
         BatchTask(
