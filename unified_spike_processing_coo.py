@@ -1892,6 +1892,14 @@ class SubjectSpikes:
             frames.append(batch.spike_frames[lo:hi])
         return np.concatenate(cells), np.concatenate(frames)
 
+    def spikes_per_cell(self, first: int, stop: int, num_cells: int) -> np.ndarray:
+        """(cells,) spikes of each cell in frames [first, stop), without gathering the events."""
+        counts = np.zeros(num_cells, dtype=np.int64)
+        for batch in self.batches:
+            lo, hi = np.searchsorted(batch.spike_frames, [first, stop])
+            counts += np.bincount(batch.spike_cells[lo:hi], minlength=num_cells)
+        return counts
+
     def events_of_cells(self, rows: np.ndarray) -> tuple:
         """(cells, frames) of every spike of the given cells."""
         cells, frames = [], []
@@ -2836,8 +2844,7 @@ def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, sum
     rank = np.full(subject.num_cells, -1)
     rank[order] = np.arange(len(order))
     raster_cells, raster_frames = spikes.events_of_cells(order)
-    kept_cells, _ = spikes.events_in_frames(plan.kept_frames[0], plan.kept_frames[-1] + 1)
-    cell_spikes_kept = np.bincount(kept_cells, minlength=subject.num_cells)
+    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
     test_mask = np.zeros(subject.num_frames, bool)
     test_mask[plan.kept_frames[plan.is_train == 0]] = True
     rows, dff, rates, binary = spikes.plot_traces()
