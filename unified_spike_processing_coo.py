@@ -3006,58 +3006,50 @@ def subject_attrs(subject, model, config, trace_type: tuple, fingerprint: dict, 
     }
 
 
+def cascade_stage(subject, model, fingerprint: dict, out_dir: Path, config, pool) -> tuple:
+    """(SubjectSpikes, trace type, how): CASCADE's saved results when only grid parameters changed,
+    else dF/F -> CASCADE -> spikes over the worker pool."""
+    saved = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
+    if saved is not None:
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+        return (*saved, "re-used")
+    trace_type = decide_subject_trace_type(subject, config)
+    log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
+    started = time.perf_counter()
+    spikes = infer_subject(subject, model, trace_type[0], config, pool)
+    rate = subject.num_cells * subject.num_frames / max(time.perf_counter() - started, 1e-9)
+    log.info(f"{subject.name}: CASCADE in {time.perf_counter() - started:.1f} s ({rate:.0f} neuron-frames/s); "
+             f"RSS {rss_gb():.2f} GB")  # fmt: skip
+    return spikes, trace_type, "computed"
+
+
 def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
-    """One subject: load -> model -> (up to date? skip) -> infer -> grid -> write -> plot."""
+    """One subject: load -> model -> skip if up to date -> CASCADE (or its saved results) -> check
+    -> grid -> write and plot."""
     run.subject_started = started = time.perf_counter()
     subject = load_subject(folder, config.coordinates)
-    log.info(
-        "%s: %d cells x %d frames at %.3g Hz (%s layout)",
-        subject.name,
-        subject.num_cells,
-        subject.num_frames,
-        subject.frame_rate_hz,
-        subject.layout,
-    )
+    log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
+             f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
     model = choose_model(subject, config)
     fingerprint = subject_fingerprint(subject, config, model)
     out_dir = Path(config.output_dir) / subject.name
     reason = "--overwrite" if config.overwrite else outputs_out_of_date(out_dir, fingerprint, config.plots)
     if reason is None:
-        log.info("%s: outputs up to date (same inputs, parameters, model and software): skipped", subject.name)
+        log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
         return SubjectSummary.from_metadata(read_attrs(out_dir / METADATA_FILENAME))
     log.info(f"{subject.name}: computing ({reason})")
     load_s = time.perf_counter() - started
-    reused = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
-    if reused is not None:
-        spikes, trace_type = reused
-        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
-    else:
-        trace_type = decide_subject_trace_type(subject, config)
-        log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
-        spikes = infer_subject(subject, model, trace_type[0], config, pool)
-    inference_s = time.perf_counter() - started - load_s
-    if reused is None:
-        rate = subject.num_cells * subject.num_frames / max(inference_s, 1e-9)
-        log.info(f"{subject.name}: CASCADE in {inference_s:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
+    spikes, trace_type, cascade_results = cascade_stage(subject, model, fingerprint, out_dir, config, pool)
+    timings = {"load_s": load_s, "inference_s": time.perf_counter() - started - load_s}
     check_inferred_traces(subject, spikes)
     plan = plan_grid(subject.positions, spikes.valid, subject.num_frames, model, config)
     attrs = subject_attrs(subject, model, config, trace_type, fingerprint, run, plan)
-    attrs.update(num_valid_cells=int(spikes.valid.sum()), warnings="; ".join(subject.warnings))
-    attrs["timings"] = {"load_s": load_s, "inference_s": inference_s}
-    attrs["cascade_results"] = "re-used" if reused is not None else "computed"
+    attrs.update(num_valid_cells=int(spikes.valid.sum()), timings=timings, cascade_results=cascade_results)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = write_subject(out_dir, subject, spikes, plan, model, config, attrs, run)
-    log.info(
-        "%s: %d active voxels (%d spike, %d marker) in a %s grid, written to %s in %.1f s; RSS %.2f GB",
-        subject.name,
-        summary.total_spikes,
-        summary.spike_pixels,
-        summary.marker_pixels,
-        "x".join(map(str, plan.grid.shape)),
-        out_dir,
-        summary.seconds,
-        rss_gb(),
-    )
+    log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
+             f"{summary.marker_pixels} marker) in a {'x'.join(map(str, plan.grid.shape))} grid, written to "
+             f"{out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
     return summary
 
 
