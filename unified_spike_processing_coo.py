@@ -1950,6 +1950,7 @@ class WorkerPool:
         self.workers = workers
         self.threads_per_worker = max(1, available_cpus() // workers)
         self._executor = None
+        self.used = False  # a warmed-up pool that ran nothing is killed, not waited for
 
     def _start(self):
         import concurrent.futures
@@ -1963,6 +1964,13 @@ class WorkerPool:
                 initargs=(self.threads_per_worker, logging.getLogger().level),
             )
         return self._executor
+
+    def warm_up(self) -> None:
+        """Start the workers now (each imports TensorFlow, ~3 s) while the parent loads a subject."""
+        if self.workers > 1:
+            executor = self._start()
+            for _ in range(self.workers):
+                executor.submit(os.getpid)
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
@@ -1978,6 +1986,7 @@ class WorkerPool:
 
     def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
         """Results of every task in order; at most workers + 1 tasks in flight."""
+        self.used = True
         if self.workers == 1:
             configure_tensorflow_threads(available_cpus())  # here, not before: a rerun may need no TensorFlow
             results = []
@@ -3272,6 +3281,8 @@ def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> Run
     """Each subject under its lock; one bad subject never stops the others, a full disk does."""
     outcome = RunOutcome()
     pool = WorkerPool(config.workers)
+    if subjects:
+        pool.warm_up()
     remaining = [folder.name for folder in subjects]
     try:
         for folder in subjects:
@@ -3320,7 +3331,7 @@ def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> Run
         raise
     finally:
         if pool is not None:
-            pool.close()
+            pool.close(kill=not pool.used)
     return outcome
 
 
