@@ -813,7 +813,8 @@ def compute_dff(
     traces = np.asarray(fluorescence, dtype=np.float32)
     filled = traces
     if np.isnan(traces).any():
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: reported, left out
             filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
         filled = np.nan_to_num(filled)
     baseline = sliding_percentile(filled, window_frames, percentile)
@@ -2058,17 +2059,15 @@ def process_batch(task: BatchTask) -> BatchResult:
     started = time.perf_counter()
     model = load_model_once(task.model_folder, task.model_source)
     num_frames = task.trace_file.num_frames
-    parts: dict = {
-        key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "min", "max", "plot")
-    }
+    parts: dict = {key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "plot")}
     rate_sum_fixed = np.zeros(num_frames, dtype=np.int64)
     for start in range(task.start, task.stop, CELLS_PER_CHUNK):
         stop = min(start + CELLS_PER_CHUNK, task.stop)
         traces = task.trace_file.read_raw(start, stop)
         parts["inf"].append(mark_infinite_as_missing(traces))
         parts["nan"].append(np.isnan(traces).sum(axis=1).astype(np.int32))
-        parts["min"].append(np.fmin.reduce(traces, axis=1))  # fmin/fmax skip NaN, quietly
-        parts["max"].append(np.fmax.reduce(traces, axis=1))
+        parts.setdefault("min", []).append(np.fmin.reduce(traces, axis=1))  # fmin/fmax skip NaN, quietly
+        parts.setdefault("max", []).append(np.fmax.reduce(traces, axis=1))
         ids = task.cell_ids[start - task.start : stop - task.start]
         dff, rates, spikes, report = infer_spikes(traces, ids, model, task.settings)
         frames, cells = np.nonzero(spikes.T)  # sorted by frame, then cell
@@ -2852,8 +2851,8 @@ def check_split(subject: SubjectData, plan: GridPlan, config: PipelineConfig) ->
         return
     blocks = max(2, round(1 / (1 - config.split_ratio))) if config.split_ratio < 1 else 20
     subject.warn(
-        f"the train/test split leaves {train} of {total} timepoints for training ({max(1, total // config.split_block)} "
-        f"block(s) of --split_block {config.split_block}, at least one of them test): --split_block "
+        f"the train/test split leaves {train} of {total} timepoints for training ({max(1, total // config.split_block)}"
+        f" block(s) of --split_block {config.split_block}, at least one of them test): --split_block "
         f"{max(1, total // blocks)} would train on about {1 - 1 / blocks:.0%}"
     )
 
