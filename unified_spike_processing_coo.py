@@ -47,6 +47,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -231,12 +232,19 @@ def h5_attr_value(value):
 
 
 # =============================================================================================
-# 2. Loading subjects: Chen et al. 2018 layout and a generic traces.h5
+# 2. Loading subjects: Chen et al. 2018 layout and a generic traces.h5, and their validation
 # =============================================================================================
 # Loading reads everything but the traces: those stay in their HDF5 file and are read a block of
 # cells at a time (by the workers, during inference), so no process ever holds a whole fish.
+# Every field is validated as it is read (type, shape, range, meaning): a value that cannot be
+# right is refused with one PipelineError naming the file, the field, what was found and what
+# was expected; a value that is doubtful but usable is recorded with SubjectData.warn. Doubts that
+# only the traces reveal are checked after inference (check_inferred_traces). The rules are the
+# table "Doubtful inputs" in README.md.
 
 TRACE_READ_CELLS = 4096  # cells per read: a few tens of MB for a 4,000-frame recording
+FRAME_RATE_RANGE_HZ = (0.01, 1000.0)  # outside: not a volume rate in Hz (a period, ms, a typo)
+SHARED_POSITION_FRACTION = 0.01  # more cells than this sharing one x, y, z is a doubt
 
 
 @dataclass(frozen=True)
@@ -259,15 +267,11 @@ class TraceFile:
         """Traces of cells [start, stop) as stored, as (cells, T) float32."""
         stop = self.num_cells if stop is None else min(stop, self.num_cells)
         traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
-        try:
-            with h5py.File(self.path, "r") as h5:
-                data = h5[self.dataset]
-                for first in range(start, stop, TRACE_READ_CELLS):
-                    last = min(first + TRACE_READ_CELLS, stop)
-                    block = data[:, first:last].T if self.cells_on_columns else data[first:last]
-                    traces[first - start : last - start] = block
-        except OSError as exc:
-            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc})") from None
+        with self._open() as data:
+            for first in range(start, stop, TRACE_READ_CELLS):
+                last = min(first + TRACE_READ_CELLS, stop)
+                block = data[:, first:last].T if self.cells_on_columns else data[first:last]
+                traces[first - start : last - start] = block
         return traces
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -279,6 +283,14 @@ class TraceFile:
             wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
             parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+    @contextlib.contextmanager
+    def _open(self):
+        try:
+            with h5py.File(self.path, "r") as h5:
+                yield h5[self.dataset]
+        except OSError as exc:  # e.g. a damaged compressed chunk
+            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
 
 
 def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
@@ -326,7 +338,8 @@ def _natural_key(name: str):
 
 
 def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ()) -> list:
-    """Subject folders ``subject_<n>`` under input_dir or input_dir/Subjects, natural order."""
+    """Subject folders ``subject_<n>`` under input_dir or input_dir/Subjects, natural order (a file
+    of that name is listed too: load_subject refuses it in plain words rather than skip it unseen)."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise PipelineError(f"input folder {input_dir} does not exist")
@@ -335,7 +348,7 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     for root in roots:
         if root.is_dir():
             for child in root.iterdir():
-                if child.is_dir() and re.fullmatch(r"subject_\d+", child.name):
+                if re.fullmatch(r"subject_\d+", child.name):
                     folders.setdefault(child.name, child)
     names = sorted(folders, key=_natural_key)
     unknown = [name for name in only if name not in folders]
@@ -349,18 +362,144 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     return [folders[name] for name in names]
 
 
+# --- validation helpers: each refuses in plain words or returns the checked value --------------
+
+
+def _as_text(value) -> str | None:
+    """The text a field or attribute holds (str, bytes, arrays of them), or None if not text."""
+    items = [value] if isinstance(value, (str, bytes)) else np.asarray(value).ravel()
+    if isinstance(value, (str, bytes)) or np.asarray(value).dtype.kind in "SUO":
+        if len(items) and all(isinstance(item, (str, bytes)) for item in items):
+            return ", ".join(item.decode(errors="replace") if isinstance(item, bytes) else item for item in items)
+    return None
+
+
+def _describe(array: np.ndarray) -> str:
+    """What a field holds, in words, for messages."""
+    text = _as_text(array)
+    if text is not None:
+        return f"the text {text[:40]!r}"
+    if array.dtype.kind == "c":
+        return f"complex numbers ({array.dtype})"
+    if array.dtype.kind not in "biuf":
+        return f"{array.dtype} data of shape {array.shape} (a struct, cell or empty value?)"
+    shown = ", ".join(f"{v:g}" for v in array.ravel()[:4]) + (", ..." if array.size > 4 else "")
+    return f"{array.size} values ({shown})" if array.size != 1 else f"{array.item():g}"
+
+
+def _numbers(value, where: str, expected: str) -> np.ndarray:
+    """``value`` as float64, or a PipelineError '<where> holds <what was found>, expected <expected>'."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise PipelineError(f"{where} holds {_describe(array)}, expected {expected}")
+    return array.astype(np.float64)
+
+
+def _whole_numbers(value, where: str) -> np.ndarray:
+    """1-based MATLAB indices (absIX, IX_inval_anat) as int64: whole numbers or a PipelineError."""
+    numbers = _numbers(value, where, "1-based cell indices (whole numbers)").ravel()
+    bad = ~np.isfinite(numbers) | (numbers != np.round(numbers))
+    if bad.any():
+        raise PipelineError(
+            f"{where} holds {int(bad.sum())} value(s) that are not whole numbers (e.g. {numbers[bad][0]:g}), "
+            "expected 1-based cell indices"
+        )
+    return numbers.astype(np.int64)
+
+
+def _frame_rate(value, where: str, doubts: list) -> float:
+    """One frame rate in Hz from a field or attribute as stored; a number stored as text is read (a doubt)."""
+    text = _as_text(value)
+    if text is not None:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise PipelineError(f"{where} is the text {text[:40]!r}, expected a frame rate in Hz (a number)") from None
+        doubts.append(f"{where} is stored as text ({text.strip()!r}), read as {value:g} Hz")
+    rates = np.unique(_numbers(value, where, "a frame rate in Hz (a number)"))
+    if rates.size != 1:
+        raise PipelineError(
+            f"{where} {'holds ' + _describe(rates) if rates.size else 'is empty'}, expected one frame rate in Hz"
+        )
+    rate, (low, high) = float(rates[0]), FRAME_RATE_RANGE_HZ
+    if not low <= rate <= high:
+        raise PipelineError(
+            f"{where} is {rate:g} Hz, expected a volume rate between {low:g} and {high:g} Hz (frames per second)"
+        )
+    return rate
+
+
+def _check_file(path: Path, kind: str, needed: str) -> None:
+    """Refuse a path that is not a readable, non-empty file of its kind ('an HDF5' or 'a MATLAB')."""
+    if path.is_dir():
+        raise PipelineError(f"{path} is a folder, expected {kind} file")
+    if not path.is_file():
+        raise PipelineError(f"{path} is {'a broken link' if path.is_symlink() else 'missing'} ({needed})")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM)
+        raise PipelineError(f"cannot open {path}: {exc.strerror}" + (" (check its permissions)" * denied)) from None
+    if not head:
+        raise PipelineError(f"{path} is empty (0 bytes), expected {kind} file")
+    if kind == "an HDF5" and not h5py.is_hdf5(path):
+        raise PipelineError(f"{path} is not an HDF5 file (it starts with {head!r})")
+
+
+def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
+    """Cells' [x, y, z] of the traces: finite and not all at one x, y; a flat axis or many shared
+    positions are doubts."""
+    bad = ~np.isfinite(positions).all(axis=1)
+    if bad.any():
+        raise PipelineError(
+            f"{where}: {int(bad.sum())} of {len(positions)} cells have NaN or infinite positions "
+            f"(first: trace {int(np.flatnonzero(bad)[0])}), expected finite coordinates"
+        )
+    if len(positions) < 2:
+        return
+    flat = [axis for axis in (0, 1) if np.ptp(positions[:, axis]) == 0]
+    if len(flat) == 2:
+        raise PipelineError(
+            f"{where}: all {len(positions)} cells are at one x, y position ({positions[0, 0]:g}, {positions[0, 1]:g}): "
+            "every cell would fall in one voxel per plane, expected positions spread over the brain"
+        )
+    if flat:
+        doubts.append(
+            f"{where}: every cell has the same {'xy'[flat[0]]} ({positions[0, flat[0]]:g}): the grid is one line"
+        )
+    shared = len(positions) - len(np.unique(positions, axis=0))
+    if shared > SHARED_POSITION_FRACTION * len(positions):
+        doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
+
+
+# --- reading the files ---------------------------------------------------------------------------
+
+
+def _v73_field(dataset):
+    """A MATLAB v7.3 struct field: matrices transposed back, char arrays as text, [] as empty."""
+    if dataset.attrs.get("MATLAB_empty", 0):
+        return np.empty(0)
+    value = np.asarray(dataset[()]).T  # MATLAB stores matrices transposed in HDF5
+    if _as_text(dataset.attrs.get("MATLAB_class", b"")) == "char":
+        return "".join(map(chr, value.ravel()))
+    return value
+
+
 def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
     import scipy.io
 
+    expected = "expected a struct with fields CellXYZ, fpsec, ..."
     if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5 (after a 512-byte text header)
         try:
             with h5py.File(path, "r") as h5:
                 if "data" not in h5:
-                    raise PipelineError(f"{path} has no struct 'data'")
+                    raise PipelineError(f"{path} has no struct 'data' (found {', '.join(h5) or 'nothing'})")
+                if not isinstance(h5["data"], h5py.Group):
+                    raise PipelineError(f"{path}: variable 'data' is an array, not a struct: {expected}")
                 group = h5["data"]
-                # MATLAB stores matrices transposed in HDF5: undo it
-                return {key: np.asarray(group[key][()]).T for key in group if isinstance(group[key], h5py.Dataset)}
+                return {key: _v73_field(group[key]) for key in group if isinstance(group[key], h5py.Dataset)}
         except PipelineError:
             raise
         except Exception as exc:
@@ -368,76 +507,122 @@ def _mat_struct_fields(path: Path) -> dict:
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
     except Exception as exc:
-        raise PipelineError(f"cannot read {path} ({exc}); is it a complete MATLAB file?") from None
+        raise PipelineError(f"cannot read {path} ({exc}): expected a complete MATLAB .mat file") from None
     if "data" not in mat:
         found = ", ".join(k for k in mat if not k.startswith("__"))
-        raise PipelineError(f"{path} has no struct 'data' (found {found})")
+        raise PipelineError(f"{path} has no struct 'data' (found {found or 'nothing'})")
     data = mat["data"]
+    if not hasattr(data, "_fieldnames"):
+        raise PipelineError(f"{path}: variable 'data' holds {_describe(np.asarray(data))}, {expected}")
     return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
 
 
-def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tuple = ()) -> tuple:
-    """The TraceFile of ``path[dataset]`` (shape checked, traces not read), the file's attributes and
-    the small datasets named in ``extra`` that are present (Chen files hold other large ones)."""
+def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tuple = (), attrs: tuple = ()) -> tuple:
+    """The TraceFile of ``path[dataset]`` (shape and type checked, traces not read), the file
+    attributes named in ``attrs`` and the small datasets named in ``extra`` that are present."""
+
     try:
-        with h5py.File(path, "r") as h5:
-            if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
-                raise PipelineError(f"{path} has no dataset '{dataset}'")
-            data = h5[dataset]
-            expected = "(T, N)" if cells_on_columns else "(N, T)"
-            if data.ndim != 2:
-                raise PipelineError(f"{path}: {dataset} has shape {data.shape}, expected {expected}")
-            if data.dtype.kind not in "fiu":
-                raise PipelineError(
-                    f"{path}: {dataset} holds {data.dtype} values, expected real numbers (fluorescence or dF/F)"
-                )
-            frames, cells = data.shape if cells_on_columns else data.shape[::-1]
-            attrs = {key: h5.attrs[key] for key in h5.attrs}
-            other = {key: np.asarray(h5[key][()]) for key in extra if isinstance(h5.get(key), h5py.Dataset)}
-    except PipelineError:
-        raise
+        h5 = h5py.File(path, "r")
     except Exception as exc:
-        raise PipelineError(f"cannot read {path} ({exc}); the file is corrupt or truncated") from None
-    return TraceFile(str(path), dataset, cells_on_columns, int(cells), int(frames)), attrs, other
+        raise PipelineError(f"cannot open {path} ({exc}): the file is corrupt or truncated") from None
+    with h5:
+        if dataset not in h5:
+            raise PipelineError(f"{path} has no dataset '{dataset}' (found {', '.join(h5) or 'nothing'})")
+        if not isinstance(h5[dataset], h5py.Dataset):
+            raise PipelineError(f"{path}: {dataset} is a group, expected a dataset")
+        data = h5[dataset]
+        expected = "(T, N): frames x cells" if cells_on_columns else "(N, T): cells x frames"
+        if data.ndim != 2:
+            raise PipelineError(f"{path}: {dataset} has shape {data.shape}, expected {expected}")
+        if data.dtype.kind not in "fiu":
+            raise PipelineError(
+                f"{path}: {dataset} holds {data.dtype} values, expected real numbers (fluorescence or dF/F)"
+            )
+        frames, cells = data.shape if cells_on_columns else data.shape[::-1]
+        for key in extra:
+            if key in h5 and not isinstance(h5[key], h5py.Dataset):
+                raise PipelineError(f"{path}: {key} is a group, expected a dataset")
+        found, other = {}, {}
+        for key in (*attrs, *extra):  # only what is asked for: other contents may be unreadable, no matter
+            try:
+                if key in attrs and key in h5.attrs:
+                    found[key] = h5.attrs[key]
+                elif key in extra and key in h5:
+                    other[key] = np.asarray(h5[key][()])
+            except Exception as exc:
+                raise PipelineError(f"{path}: cannot read {'attribute ' * (key in attrs)}{key} ({exc})") from None
+    return TraceFile(str(path), dataset, cells_on_columns, int(cells), int(frames)), found, other
+
+
+def _chen_cell_ids(abs_ix, fields: dict, trace_file: TraceFile, num_rows: int, paths: tuple, doubts: list):
+    """Each trace's 1-based row in CellXYZ: absIX (whole numbers, in range, each cell once) or,
+    without absIX, the cells not listed in IX_inval_anat."""
+    series_path, anatomy_path = paths
+    num_cells, num_frames = trace_file.num_cells, trace_file.num_frames
+    invalid = None
+    if "IX_inval_anat" in fields:  # only needed without absIX: unreadable, it is then ignored
+        with contextlib.suppress(PipelineError) if abs_ix is not None else contextlib.nullcontext():
+            invalid = _whole_numbers(fields["IX_inval_anat"], f"{anatomy_path}: data.IX_inval_anat")
+    if abs_ix is None:
+        cell_ids = np.setdiff1d(np.arange(1, num_rows + 1), invalid if invalid is not None else [])
+        if len(cell_ids) != num_cells:
+            raise PipelineError(
+                f"{series_path} has no absIX and CellResp's {num_cells} cells do not match the {len(cell_ids)} "
+                f"valid cells of {anatomy_path}" + (" (is CellResp transposed?)" if len(cell_ids) == num_frames else "")
+            )
+        return cell_ids
+    where = f"{series_path}: absIX"
+    if np.ndim(abs_ix) > 2 or (np.ndim(abs_ix) == 2 and min(np.shape(abs_ix)) > 1):
+        raise PipelineError(f"{where} has shape {np.shape(abs_ix)}, expected (1, N): one cell index per trace")
+    cell_ids = _whole_numbers(abs_ix, where)
+    if len(cell_ids) != num_cells:
+        transposed = f" (CellResp is {num_frames} x {num_cells}: is it transposed? expected frames x cells)"
+        raise PipelineError(
+            f"{where} lists {len(cell_ids)} cells but CellResp has {num_cells}"
+            + (transposed if len(cell_ids) == num_frames else "")
+        )
+    low, high = int(cell_ids.min(initial=1)), int(cell_ids.max(initial=1))
+    if low < 1 or high > num_rows:
+        zero_based = " (it looks 0-based: add 1)" if low == 0 and high < num_rows else ""
+        raise PipelineError(
+            f"{where} holds indices {low}..{high}, expected 1-based rows of data.CellXYZ (1..{num_rows}){zero_based}"
+        )
+    unique, counts = np.unique(cell_ids, return_counts=True)
+    if len(unique) < len(cell_ids):
+        raise PipelineError(
+            f"{where} lists {int((counts > 1).sum())} cell(s) more than once (cell {unique[counts.argmax()]} "
+            f"{counts.max()} times), expected each trace to be a different cell"
+        )
+    if invalid is not None and np.isin(cell_ids, invalid).any():
+        doubts.append(
+            f"{where}: {int(np.isin(cell_ids, invalid).sum())} traces are cells that data.IX_inval_anat marks "
+            "anatomically invalid (Chen's absIX leaves them out)"
+        )
+    return cell_ids
 
 
 def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
-    for path in (series_path, anatomy_path):
-        if not path.is_file():
-            raise PipelineError(f"{path} is missing (Chen 2018 layout needs TimeSeries.h5 and data_full.mat)")
+    for path, kind in ((series_path, "an HDF5"), (anatomy_path, "a MATLAB")):
+        _check_file(path, kind, "the Chen 2018 layout needs TimeSeries.h5 and data_full.mat")
     trace_file, _, datasets = _open_trace_file(series_path, "CellResp", True, extra=("absIX",))
-    abs_ix = datasets["absIX"].ravel() if "absIX" in datasets else None
     fields = _mat_struct_fields(anatomy_path)
     key = "CellXYZ_norm" if coordinates == "registered" else "CellXYZ"
-    if key not in fields:
-        raise PipelineError(f"{anatomy_path}: struct data has no {key}")
-    cell_xyz = np.asarray(fields[key], dtype=np.float64)
+    for name, meaning in ((key, "cell positions"), ("fpsec", "frame rate")):
+        if name not in fields:
+            raise PipelineError(f"{anatomy_path}: struct data has no {name} ({meaning})")
+    where = f"{anatomy_path}: data.{key}"
+    cell_xyz = _numbers(fields[key], where, "numbers (cells x 3 positions)")
     if cell_xyz.ndim != 2 or 3 not in cell_xyz.shape:
-        raise PipelineError(f"{anatomy_path}: {key} has shape {cell_xyz.shape}, expected (cells, 3)")
-    if cell_xyz.shape[1] != 3:
-        cell_xyz = cell_xyz.T
-    if "fpsec" not in fields:
-        raise PipelineError(f"{anatomy_path}: struct data has no fpsec (frame rate)")
-    frame_rate_hz = float(np.asarray(fields["fpsec"]).ravel()[0])
-    num_cells = trace_file.num_cells
-    if abs_ix is not None:
-        # absIX is 1-based into CellXYZ (MATLAB); forgetting the -1 shifts every cell by one row
-        cell_ids = abs_ix.astype(np.int64)
-        if len(cell_ids) != num_cells:
-            raise PipelineError(f"{series_path}: absIX lists {len(cell_ids)} cells but CellResp has {num_cells}")
-    else:
-        invalid = set(np.asarray(fields.get("IX_inval_anat", []), dtype=np.int64).ravel().tolist())
-        cell_ids = np.array([i for i in range(1, len(cell_xyz) + 1) if i not in invalid], dtype=np.int64)
-        if len(cell_ids) != num_cells:
-            raise PipelineError(
-                f"{series_path} has no absIX and CellResp's {num_cells} cells do not match "
-                f"the {len(cell_ids)} valid cells of {anatomy_path}"
-            )
-    if cell_ids.min(initial=1) < 1 or cell_ids.max(initial=1) > len(cell_xyz):
-        raise PipelineError(f"{series_path}: absIX points outside CellXYZ (1..{len(cell_xyz)})")
-    return SubjectData(
+        raise PipelineError(f"{where} has shape {cell_xyz.shape}, expected (cells, 3)")
+    cell_xyz = cell_xyz if cell_xyz.shape[1] == 3 else cell_xyz.T
+    doubts: list = []
+    frame_rate_hz = _frame_rate(fields["fpsec"], f"{anatomy_path}: data.fpsec", doubts)
+    abs_ix = datasets.get("absIX")
+    cell_ids = _chen_cell_ids(abs_ix, fields, trace_file, len(cell_xyz), (series_path, anatomy_path), doubts)
+    _check_positions(cell_xyz[cell_ids - 1], where, doubts)
+    subject = SubjectData(
         name=folder.name,
         folder=str(folder),
         trace_file=trace_file,
@@ -447,56 +632,79 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
         layout="chen2018",
         source_files=(str(series_path), str(anatomy_path)),
     )
+    for message in doubts:
+        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
+    return subject
 
 
 def load_generic_subject(folder: Path) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
     path = folder / "traces.h5"
-    trace_file, attrs, datasets = _open_trace_file(path, "traces", False, extra=("positions",))
-    if "positions" not in datasets or "frame_rate_hz" not in attrs:
-        missing = [k for k in ("positions",) if k not in datasets] + (
-            ["attribute frame_rate_hz"] if "frame_rate_hz" not in attrs else []
-        )
-        raise PipelineError(f"{path} lacks {', '.join(missing)}")
-    positions = np.asarray(datasets["positions"], dtype=np.float64)
+    _check_file(path, "an HDF5", "the generic layout needs traces.h5")
+    trace_file, attrs, datasets = _open_trace_file(
+        path, "traces", False, extra=("positions",), attrs=("frame_rate_hz", "trace_type")
+    )
+    for name, found in (("positions", datasets), ("attribute frame_rate_hz", attrs)):
+        if name.split()[-1] not in found:
+            raise PipelineError(f"{path} lacks {name}")
+    positions = _numbers(datasets["positions"], f"{path}: positions", "numbers (cells x 3 positions)")
     if positions.shape != (trace_file.num_cells, 3):
         raise PipelineError(
             f"{path}: traces {(trace_file.num_cells, trace_file.num_frames)} and positions {positions.shape} "
             "must be (N, T) and (N, 3)"
         )
-    hint = attrs.get("trace_type")
-    hint = hint.decode() if isinstance(hint, bytes) else (str(hint) if hint is not None else None)
-    return SubjectData(
+    doubts: list = []
+    frame_rate_hz = _frame_rate(attrs["frame_rate_hz"], f"{path}: attribute frame_rate_hz", doubts)
+    hint = (_as_text(attrs["trace_type"]) or "?").strip().lower() if "trace_type" in attrs else None
+    if hint not in (None, "dff", "fluorescence"):
+        doubts.append(
+            f"{path}: attribute trace_type is {_describe(np.asarray(attrs['trace_type']))}, expected 'dff' or "
+            "'fluorescence': ignored (the type is decided from the data, or set --trace_type)"
+        )
+        hint = None
+    _check_positions(positions, f"{path}: positions", doubts)
+    subject = SubjectData(
         name=folder.name,
         folder=str(folder),
         trace_file=trace_file,
         positions=positions,
-        frame_rate_hz=float(np.asarray(attrs["frame_rate_hz"]).ravel()[0]),
+        frame_rate_hz=frame_rate_hz,
         cell_ids=np.arange(trace_file.num_cells, dtype=np.int64),
         layout="generic",
         trace_type_hint=hint,
         source_files=(str(path),),
     )
+    for message in doubts:
+        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
+    return subject
 
 
 def load_subject(folder, coordinates: str = "raw") -> SubjectData:
-    """Open a subject folder in whichever supported layout it has and check what can be checked
-    without reading the traces (those are read a block at a time during inference)."""
+    """Open and validate a subject folder in whichever supported layout it has, without reading
+    the traces (those are read a block at a time during inference, and checked then)."""
     folder = Path(folder)
-    if (folder / "TimeSeries.h5").exists() or (folder / "data_full.mat").exists():
+    layouts = "TimeSeries.h5 + data_full.mat (Chen 2018) or traces.h5"
+    if not folder.is_dir():
+        raise PipelineError(
+            f"{folder} is {'a file' if folder.exists() else 'a broken link'}, expected a folder of {layouts}"
+        )
+    try:
+        present = {path.name for path in folder.iterdir()}
+    except OSError as exc:
+        raise PipelineError(f"cannot list {folder}: {exc.strerror} (check its permissions)") from None
+    if present & {"TimeSeries.h5", "data_full.mat"}:
         subject = load_chen2018_subject(folder, coordinates)
-    elif (folder / "traces.h5").exists():
+        if "traces.h5" in present:
+            subject.warn("the folder holds both layouts: TimeSeries.h5 + data_full.mat used, traces.h5 ignored")
+    elif "traces.h5" in present:
         if coordinates == "registered":
             raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
         subject = load_generic_subject(folder)
     else:
-        raise PipelineError(f"{folder} has neither TimeSeries.h5 + data_full.mat (Chen 2018) nor traces.h5")
+        found = ", ".join(sorted(present)[:5]) or "nothing"
+        raise PipelineError(f"{folder} has neither {layouts} (found: {found})")
     if subject.num_cells == 0 or subject.num_frames == 0:
         raise PipelineError(f"{folder}: empty recording ({subject.num_cells} cells x {subject.num_frames} frames)")
-    if not (math.isfinite(subject.frame_rate_hz) and subject.frame_rate_hz > 0):
-        raise PipelineError(f"{folder}: invalid frame rate {subject.frame_rate_hz!r} Hz")
-    if not np.isfinite(subject.positions).all():
-        raise PipelineError(f"{folder}: cell positions contain NaN or infinite values")
     return subject
 
 
@@ -514,7 +722,9 @@ def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: in
     if hint in ("fluorescence", "dff"):
         return hint, f"file attribute trace_type={hint}"
     sample = traces[np.linspace(0, len(traces) - 1, min(len(traces), max_cells)).astype(int)]
-    with np.errstate(all="ignore"):
+    sample = sample[np.fmax.reduce(sample, axis=1) > np.fmin.reduce(sample, axis=1)]  # flat cells say nothing
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN or flat: 'dff', then refused
         baseline = np.nanpercentile(sample, 8, axis=1)
         noise = np.nanmedian(np.abs(np.diff(sample, axis=1)), axis=1)
         ratio = np.nanmedian(baseline / np.maximum(noise, 1e-12))
@@ -557,7 +767,8 @@ def compute_dff(
     traces = np.asarray(fluorescence, dtype=np.float32)
     filled = traces
     if np.isnan(traces).any():
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: reported, left out
             filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
         filled = np.nan_to_num(filled)
     baseline = sliding_percentile(filled, window_frames, percentile)
@@ -1779,6 +1990,8 @@ class BatchResult:
     plot_rates: np.ndarray
     plot_spikes: np.ndarray
     seconds: float
+    min_value: np.ndarray = None  # (B,) float32 smallest trace value (NaN: none), for validation
+    max_value: np.ndarray = None  # (B,) float32 largest (equal to min_value: a constant trace)
 
 
 def infer_spikes(traces: np.ndarray, cell_ids: np.ndarray, model: CascadeModel, settings: InferenceSettings):
@@ -1820,6 +2033,8 @@ def process_batch(task: BatchTask) -> BatchResult:
         traces = task.trace_file.read_raw(start, stop)
         parts["inf"].append(mark_infinite_as_missing(traces))
         parts["nan"].append(np.isnan(traces).sum(axis=1).astype(np.int32))
+        parts.setdefault("min", []).append(np.fmin.reduce(traces, axis=1))  # fmin/fmax skip NaN, quietly
+        parts.setdefault("max", []).append(np.fmax.reduce(traces, axis=1))
         ids = task.cell_ids[start - task.start : stop - task.start]
         dff, rates, spikes, report = infer_spikes(traces, ids, model, task.settings)
         frames, cells = np.nonzero(spikes.T)  # sorted by frame, then cell
@@ -1846,6 +2061,8 @@ def process_batch(task: BatchTask) -> BatchResult:
         model_noise_level=np.concatenate(parts["level"]),
         nan_frames=np.concatenate(parts["nan"]),
         infinite_values=np.concatenate(parts["inf"]),
+        min_value=np.concatenate(parts["min"]),
+        max_value=np.concatenate(parts["max"]),
         rate_sum_fixed=rate_sum_fixed,
         rates_uint8=np.concatenate(parts["q"]),
         rate_scale=np.concatenate(parts["scale"]),
@@ -2393,8 +2610,6 @@ def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None
 
 @contextlib.contextmanager
 def _opened_coo_file(path):
-    import h5py
-
     if isinstance(path, h5py.Group):
         yield path
     else:
@@ -2482,8 +2697,6 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
 def _shuffled_deflate_chunk_rows(coords) -> int | None:
     """R when ``coords`` is stored as write_coo_file stores it: (R, 1) chunks of little-endian
     int32, the shuffle filter then deflate and nothing else; None otherwise."""
-    import h5py
-
     if coords.chunks is None or coords.chunks[1] != 1 or coords.dtype != np.dtype("<i4"):
         return None
     plist = coords.id.get_create_plist()
@@ -2717,9 +2930,11 @@ def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
             f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
             f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)"
         )
-    if subject.num_frames < model.window_size + 1:
+    if subject.num_frames < 2 * model.window_size:  # fewer predicted frames than edge frames dropped
         raise PipelineError(
-            f"{subject.num_frames} frames are fewer than CASCADE's window of {model.window_size} frames"
+            f"{subject.trace_file.path}: {subject.trace_file.dataset} has {subject.num_frames} frames, of which "
+            f"CASCADE's {model.window_size}-frame window predicts {max(0, subject.num_frames - model.window_size)}: "
+            f"expected at least {2 * model.window_size} frames"
         )
     return model
 
@@ -2828,11 +3043,18 @@ def plot_cells(subject: SubjectData, config: PipelineConfig) -> np.ndarray:
     return np.sort(rng.choice(subject.num_cells, size=min(config.num_neurons, subject.num_cells), replace=False))
 
 
-def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes) -> None:
+IMPLAUSIBLE_NOISE_LEVEL = 100  # CASCADE's models span noise levels 1-9: a median of 100 is not dF/F
+
+
+def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_type: str = "") -> None:
     """Doubts that only the traces reveal (read by the workers): refuse or record a warning."""
-    valid = spikes.valid
+    valid, path = spikes.valid, f"{subject.trace_file.path}: {subject.trace_file.dataset}"
     if not valid.any():
-        raise PipelineError(f"{subject.trace_file.path}: every trace value is NaN")
+        raise PipelineError(f"{path}: every trace value is NaN")
+    low, high = spikes.cells("min_value"), spikes.cells("max_value")
+    constant = valid & (low == high)
+    if constant[valid].all():
+        raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
     infinite = int(spikes.cells("infinite_values").sum())
     if infinite:
         subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
@@ -2841,6 +3063,38 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes) -> None:
     partial = int(((spikes.cells("nan_frames") > 0) & valid).sum())
     if partial:
         subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
+    varying = valid & ~constant
+    if constant.any():
+        subject.warn(
+            f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
+        )
+    bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
+    below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
+    if below > 0.01 * varying.sum():
+        subject.warn(
+            f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
+            f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
+        )
+    level = float(np.nanmedian(spikes.cells("noise_level")[varying]))
+    if level > IMPLAUSIBLE_NOISE_LEVEL:
+        subject.warn(
+            f"median CASCADE noise level {level:.0f} is far above the models' (1-9): traces treated as "
+            f"{label or trace_type} do not look like {label or trace_type} (set --trace_type)"
+        )
+
+
+def check_split(subject: SubjectData, plan: GridPlan, config: PipelineConfig) -> None:
+    """The original's block split is kept (the same T gives the same split), but a split that leaves
+    less than half of the timepoints (or less than --split_ratio) for training is a doubt."""
+    total, train = len(plan.is_train), int(plan.is_train.sum())
+    if train >= total * min(0.5, config.split_ratio):
+        return
+    blocks = max(2, round(1 / (1 - config.split_ratio))) if config.split_ratio < 1 else 20
+    subject.warn(
+        f"the train/test split leaves {train} of {total} timepoints for training ({max(1, total // config.split_block)}"
+        f" block(s) of --split_block {config.split_block}, at least one of them test): --split_block "
+        f"{max(1, total // blocks)} would train on about {1 - 1 / blocks:.0%}"
+    )
 
 
 def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, summary_lines) -> PlotData:
@@ -3050,8 +3304,9 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     load_s = time.perf_counter() - started
     spikes, trace_type, cascade_results = cascade_stage(subject, model, fingerprint, out_dir, config, pool)
     timings = {"load_s": load_s, "inference_s": time.perf_counter() - started - load_s}
-    check_inferred_traces(subject, spikes)
+    check_inferred_traces(subject, spikes, trace_type[0])
     plan = plan_grid(subject.positions, spikes.valid, subject.num_frames, model, config)
+    check_split(subject, plan, config)
     attrs = subject_attrs(subject, model, config, trace_type, fingerprint, run, plan)
     attrs.update(num_valid_cells=int(spikes.valid.sum()), timings=timings, cascade_results=cascade_results)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """Loading subjects (Chen 2018, generic, MATLAB v5/v7.3) and finding them."""
 
+import errno
+import re
 import shutil
 
 import h5py
@@ -59,8 +61,106 @@ def test_load_errors_name_the_problem(tmp_path):
 def test_subject_discovery_natural_order(tmp_path):
     for name in ("subject_10", "subject_2", "subject_1", "notes"):
         (tmp_path / "Subjects" / name).mkdir(parents=True)
+    (tmp_path / "Subjects" / "subject_3").write_text("a file where a folder is expected: listed, then refused")
     found = usp.find_subjects(tmp_path)
-    assert [p.name for p in found] == ["subject_1", "subject_2", "subject_10"]
-    assert [p.name for p in usp.find_subjects(tmp_path, skip=("subject_2",))] == ["subject_1", "subject_10"]
+    assert [p.name for p in found] == ["subject_1", "subject_2", "subject_3", "subject_10"]
+    with pytest.raises(usp.PipelineError, match="subject_3 is a file, expected a folder"):
+        usp.load_subject(found[2])
+    assert [p.name for p in usp.find_subjects(tmp_path, skip=("subject_2", "subject_3"))] == ["subject_1", "subject_10"]
     with pytest.raises(usp.PipelineError, match="subject_7"):
         usp.find_subjects(tmp_path, only=("subject_7",))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (2.0, 2.0),
+        (np.array([[2.5]]), 2.5),
+        (np.array([1.97, 1.97, 1.97]), 1.97),
+        (np.uint8(3), 3.0),
+        ("2", 2.0),  # text that is a number: read, with a warning
+        (b" 1.97 ", 1.97),
+        (np.array(["2.56"]), 2.56),
+        ("fast", "is the text 'fast', expected a frame rate in Hz"),
+        (np.zeros(0), "is empty, expected one frame rate"),
+        (np.array([2.0, 2.5, 3.0]), "holds 3 values (2, 2.5, 3), expected one frame rate"),
+        (-1.0, "is -1 Hz, expected a volume rate between 0.01 and 1000 Hz"),
+        (0.0, "is 0 Hz"),
+        (np.nan, "is nan Hz"),
+        (np.inf, "is inf Hz"),
+        (2000.0, "is 2000 Hz"),
+        (0.005, "is 0.005 Hz"),
+        (2 + 1j, "holds complex numbers"),
+        (True, "expected a frame rate in Hz (a number)"),
+        (np.array(None, dtype=object), "(a struct, cell or empty value?)"),
+    ],
+)
+def test_frame_rate_rules(value, expected):
+    doubts = []
+    if isinstance(expected, float):
+        assert usp._frame_rate(value, "data_full.mat: data.fpsec", doubts) == pytest.approx(expected)
+        assert len(doubts) == isinstance(value, (str, bytes, np.ndarray)) * (np.asarray(value).dtype.kind in "SU")
+    else:
+        with pytest.raises(usp.PipelineError, match="^data_full.mat: data.fpsec .*" + re.escape(expected)):
+            usp._frame_rate(value, "data_full.mat: data.fpsec", doubts)
+
+
+def _write_v73(path, fields):
+    """data_full.mat as MATLAB v7.3 writes it: HDF5 after a 512-byte header, matrices transposed,
+    char arrays as uint16 codes, [] as an empty marker."""
+    with h5py.File(path, "w", userblock_size=512) as h5:
+        group = h5.create_group("data")
+        for key, value in fields.items():
+            if isinstance(value, str):
+                group[key] = np.array([[ord(c)] for c in value], np.uint16)
+                group[key].attrs["MATLAB_class"] = np.bytes_(b"char")
+            elif np.size(value) == 0:
+                group[key] = np.zeros(2, np.uint64)
+                group[key].attrs["MATLAB_empty"] = np.uint8(1)
+            else:
+                group[key] = np.atleast_2d(np.asarray(value, dtype=float)).T
+    with open(path, "r+b") as handle:
+        handle.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: test HDF5 schema 1.00 .")
+
+
+def test_v73_char_and_empty_fields(tmp_path):
+    import scipy.io
+
+    folder = tmp_path / "subject_1"
+    shutil.copytree(SAMPLE / "subject_1", folder)
+    data = scipy.io.loadmat(folder / "data_full.mat", squeeze_me=True, struct_as_record=False)["data"]
+    fields = {"CellXYZ": data.CellXYZ, "IX_inval_anat": [], "fpsec": "1.97"}
+    _write_v73(folder / "data_full.mat", fields)
+    subject = usp.load_subject(folder)  # char '1.97' is text, not the codes 49, 46, 57, 55
+    assert subject.frame_rate_hz == pytest.approx(1.97)
+    assert subject.warnings == ["data_full.mat: data.fpsec is stored as text ('1.97'), read as 1.97 Hz"]
+    _write_v73(folder / "data_full.mat", {**fields, "fpsec": []})
+    with pytest.raises(usp.PipelineError, match="data.fpsec is empty"):
+        usp.load_subject(folder)
+
+
+def test_generic_trace_type_attribute(tmp_path):
+    folder = tmp_path / "subject_1"
+    folder.mkdir()
+    for value, hint, doubt in (("DFF", "dff", False), (b"fluorescence", "fluorescence", False), ("F", None, True)):
+        with h5py.File(folder / "traces.h5", "w") as h5:
+            h5["traces"] = np.random.default_rng(0).normal(0, 0.05, (5, 200)).astype(np.float32)
+            h5["positions"] = np.arange(15, dtype=float).reshape(5, 3)
+            h5.attrs.update(frame_rate_hz=2.0, trace_type=value)
+        subject = usp.load_subject(folder)
+        assert subject.trace_type_hint == hint and bool(subject.warnings) == doubt
+
+
+def test_permission_denied_in_plain_words(tmp_path, monkeypatch):
+    """chmod 000 cannot be tested as root (root reads anything): the refusal of an unreadable file."""
+    folder = tmp_path / "subject_1"
+    shutil.copytree(SAMPLE / "subject_1", folder)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(usp, "open", denied, raising=False)
+    with pytest.raises(
+        usp.PipelineError, match=r"cannot open .*TimeSeries.h5: Permission denied \(check its permissions\)"
+    ):
+        usp.load_subject(folder)
