@@ -3143,29 +3143,13 @@ def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config,
     """CASCADE's results (unless re-used), COO grid, PDF and metadata of one subject, each written to
     a temporary and renamed into place, metadata last: it marks the set complete. A failure removes
     this subject's temporaries and leaves its earlier files as they were."""
-    timings = attrs["timings"]
     names = (CASCADE_FILENAME, COO_FILENAME, pdf_filename(subject.name), METADATA_FILENAME)
     finals = {name: out_dir / name for name in names}
     temporaries = {name: temporary_path(path) for name, path in finals.items()}
     try:
-        started = time.perf_counter()
-        if attrs["cascade_results"] == "computed":
-            write_cascade_results(temporaries[CASCADE_FILENAME], spikes, cascade_attrs(attrs))
-        blocks = coo_blocks(spikes, plan, config.z_markers)
-        counts, plane_entries = write_coo_file(temporaries[COO_FILENAME], blocks, plan, attrs)
-        timings["grid_and_write_s"] = time.perf_counter() - started
-        attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid))
-        attrs["coo_file_bytes"] = temporaries[COO_FILENAME].stat().st_size
-        if config.plots:
-            started = time.perf_counter()
-            page = plot_data(subject, spikes, plan, model, config, summary_page_lines(subject, model, attrs))
-            plot_subject_pdf(temporaries[names[2]], page)
-            timings["plots_s"] = time.perf_counter() - started
-        timings["total_s"] = time.perf_counter() - run.subject_started
-        arrays = metadata_arrays(subject, spikes, plan, plane_entries)
-        write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, *arrays)
-        with run.signals_held():  # the renames below happen all together or not at all
-            remove_quietly(finals[METADATA_FILENAME])
+        with run.signals_held():
+            write_subject_files(temporaries, subject, spikes, plan, model, config, attrs, run)
+            remove_quietly(finals[METADATA_FILENAME])  # the renames happen all together or not at all
             for name in names:
                 if temporaries[name].exists():
                     os.replace(temporaries[name], finals[name])
@@ -3176,7 +3160,27 @@ def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config,
     finally:
         for temporary in temporaries.values():
             remove_quietly(temporary)
-    return SubjectSummary.from_metadata(dict(attrs, **timings), up_to_date=False)
+    return SubjectSummary.from_metadata(dict(attrs, **attrs["timings"]), up_to_date=False)
+
+
+def write_subject_files(temporaries: dict, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> None:
+    """The subject's files under their temporary names (the stages after CASCADE, timed)."""
+    timings, started = attrs["timings"], time.perf_counter()
+    if attrs["cascade_results"] == "computed":
+        write_cascade_results(temporaries[CASCADE_FILENAME], spikes, cascade_attrs(attrs))
+    blocks = run.safe_points(coo_blocks(spikes, plan, config.z_markers))
+    counts, plane_entries = write_coo_file(temporaries[COO_FILENAME], blocks, plan, attrs)
+    timings["grid_and_write_s"] = time.perf_counter() - started
+    attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid))
+    attrs["coo_file_bytes"] = temporaries[COO_FILENAME].stat().st_size
+    if config.plots:
+        started = time.perf_counter()
+        page = plot_data(subject, spikes, plan, model, config, summary_page_lines(subject, model, attrs))
+        plot_subject_pdf(temporaries[pdf_filename(subject.name)], page)
+        timings["plots_s"] = time.perf_counter() - started
+    timings["total_s"] = time.perf_counter() - run.subject_started
+    arrays = metadata_arrays(subject, spikes, plan, plane_entries)
+    write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, *arrays)
 
 
 def describe_os_error(exc: OSError, folder: Path) -> str:
@@ -3366,7 +3370,8 @@ class RunContext:
 
     @contextlib.contextmanager
     def signals_held(self):
-        """Delay SIGTERM/SIGINT until the block is done (a subject's files renamed together)."""
+        """Delay SIGTERM/SIGINT to the end of the block or its next safe point (see safe_points):
+        an exception raised inside HDF5's or matplotlib's callbacks could be taken for a write error."""
         self._holding_signals = True
         try:
             yield
@@ -3374,6 +3379,13 @@ class RunContext:
             self._holding_signals = False
             if self._pending_signal is not None:
                 raise Interrupted(self._pending_signal)
+
+    def safe_points(self, items: Iterable) -> Iterator:
+        """The items, stopping between two of them if a held signal is pending (long writes)."""
+        for item in items:
+            if self._pending_signal is not None:
+                raise Interrupted(self._pending_signal)
+            yield item
 
     # locks -----------------------------------------------------------------------------------
     def acquire(self, name: str) -> str | None:
