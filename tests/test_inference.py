@@ -1,6 +1,7 @@
 """CASCADE inference: the fast engine against CASCADE's own outputs and against Keras itself."""
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -137,10 +138,44 @@ def test_nan_windows_edges_and_chunking(official_model):
     assert np.isnan(usp.predict_spike_rates(dff[:, :50], official_model)).all()
 
 
+@pytest.mark.parametrize("num_frames", [301, 300])  # odd and even: the engine pads odd lengths by a frame
+def test_rates_do_not_depend_on_chunking_bit_for_bit(official_model, num_frames):
+    """A row's rates are the same bits whichever rows share its chunk and however many there are."""
+    rng = np.random.default_rng(7)
+    dff = rng.normal(0, 1, (40, num_frames)) * rng.uniform(0.05, 0.21, (40, 1))  # levels 2..7
+    dff += (rng.random(dff.shape) < 0.02) * rng.uniform(0.2, 1.5, dff.shape)
+    dff[5, 100:110] = np.nan
+    dff[11] = np.nan
+    levels = usp.predict_spike_rates(dff, official_model, return_noise=True)[1]["model_noise_level"]
+    assert len(np.unique(levels)) >= 4
+    whole = usp.predict_spike_rates(dff, official_model, threshold=False)
+    for rows in (1, 2, 3, 7, 16):
+        chunked = usp.predict_spike_rates(dff, official_model, threshold=False, max_chunk_frames=rows * num_frames)
+        np.testing.assert_array_equal(chunked, whole)  # NaNs in the same places, every other bit equal
+    # a row alone, and the same rows in another order, give the same bits too
+    np.testing.assert_array_equal(usp.predict_spike_rates(dff[17:18], official_model, threshold=False), whole[17:18])
+    order = rng.permutation(len(dff))
+    np.testing.assert_array_equal(usp.predict_spike_rates(dff[order], official_model, threshold=False), whole[order])
+
+
+def test_tensorflow_start_names_its_device(caplog):
+    """_tensorflow() enables GPU memory growth (none here) and logs the device it runs on."""
+    saved = usp.PROCESS_CACHE.pop("tensorflow", None)
+    try:
+        with caplog.at_level("INFO", logger=usp.log.name):
+            tf = usp._tensorflow()
+        assert f"process {os.getpid()} runs on" in caplog.text
+        if not tf.config.list_physical_devices("GPU"):
+            assert "the CPU" in caplog.text
+    finally:
+        if saved is not None:
+            usp.PROCESS_CACHE["tensorflow"] = saved
+
+
 # --- the fast engine equals Keras's own windowed predict on a model Keras saved -------------------
 
 
-def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed=0):
+def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed=0, filter_sizes=(31, 19, 5)):
     """A model folder in CASCADE's layout written by Keras itself (random weights, optimizer)."""
     import yaml
 
@@ -151,10 +186,10 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
     for level in noise_levels:
         for member in range(ensemble_size):
             inputs = keras.Input(shape=(64, 1))
-            h = keras.layers.Conv1D(30, 31, activation="relu")(inputs)
-            h = keras.layers.Conv1D(40, 19, activation="relu")(h)
+            h = keras.layers.Conv1D(30, filter_sizes[0], activation="relu")(inputs)
+            h = keras.layers.Conv1D(40, filter_sizes[1], activation="relu")(h)
             h = keras.layers.MaxPooling1D(2)(h)
-            h = keras.layers.Conv1D(50, 5, activation="relu")(h)
+            h = keras.layers.Conv1D(50, filter_sizes[2], activation="relu")(h)
             h = keras.layers.MaxPooling1D(2)(h)
             h = keras.layers.Dense(30, activation="relu")(h)
             h = keras.layers.Flatten()(h)
@@ -177,7 +212,7 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
         causal_kernel=0,
         windowsize=64,
         before_frac=0.5,
-        filter_sizes=[31, 19, 5],
+        filter_sizes=list(filter_sizes),
         filter_numbers=[30, 40, 50],
         dense_expansion=30,
         ensemble_size=ensemble_size,
@@ -186,9 +221,11 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
     return models
 
 
-def test_engine_equals_keras_windowed_predict(tmp_path):
+# (30, 18, 5): even widths, where the engine's polyphase conv 2 needs extra padding frames
+@pytest.mark.parametrize("filter_sizes", [(31, 19, 5), (30, 18, 5)])
+def test_engine_equals_keras_windowed_predict(tmp_path, filter_sizes):
     folder = tmp_path / "keras_model"
-    keras_models = _save_keras_cascade_model(folder)
+    keras_models = _save_keras_cascade_model(folder, filter_sizes=filter_sizes)
     with h5py.File(folder / "Model_NoiseLevel_1_Ensemble_0.h5", "r") as h5:
         assert "model_config" in h5.attrs and json.loads(h5.attrs["model_config"])
     model = usp.load_cascade_model(folder)
