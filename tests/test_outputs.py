@@ -221,3 +221,15 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
     model = usp.load_cascade_model("builtin")
     rates = usp.predict_spike_rates(usp.compute_dff(subject.read_traces(), subject.frame_rate_hz), model, threshold=0)
     np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))
+
+
+def test_quantised_rates_keep_nan_and_stay_within_a_step():
+    rates = np.array([[0.0, 0.1, 0.5, np.nan, 0.25], [0.0, 0.0, 0.0, 0.0, np.nan], [-0.1, 2.0, 1.0, 0.0, 0.0]])
+    quantised, scale = usp.quantise_rates(rates)
+    assert quantised.dtype == np.uint8 and quantised[0, 3] == 255 and quantised[1, 4] == 255
+    back = quantised * scale[:, None]
+    finite = ~np.isnan(rates)
+    assert np.all(
+        np.abs(back[finite] - np.maximum(rates, 0)[finite]) <= scale.repeat(5).reshape(3, 5)[finite] / 2 + 1e-7
+    )
+    assert quantised[2].max() == 254 and quantised[1, :4].max() == 0
