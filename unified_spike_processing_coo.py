@@ -2203,6 +2203,7 @@ class WorkerPool:
         self.threads_per_worker = max(1, available_cpus() // workers)
         self._executor = None
         self.used = False  # a warmed-up pool that ran nothing is killed, not waited for
+        self._processes: dict = {}
 
     def _start(self):
         import concurrent.futures
@@ -2226,7 +2227,7 @@ class WorkerPool:
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
-        executor, self._executor = self._executor, None
+        executor, self._executor, self._processes = self._executor, None, {}
         if executor is None:
             return
         processes = list((getattr(executor, "_processes", None) or {}).values())
@@ -2256,6 +2257,7 @@ class WorkerPool:
             for task in itertools.chain(tasks, [None]):
                 if task is not None:
                     pending.append((task, executor.submit(process_batch, task)))
+                    self._processes.update(getattr(executor, "_processes", None) or {})  # to tell how one died
                 while pending and (len(pending) > self.workers or task is None):
                     done_task, future = pending.popleft()
                     results.append(future.result())
@@ -2271,8 +2273,7 @@ class WorkerPool:
         return results
 
     def _death_cause(self) -> str:
-        processes = (getattr(self._executor, "_processes", None) or {}).values()
-        codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+        codes = [p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)]
         if not codes:
             return "exit status unknown"
         code = codes[0]
