@@ -259,23 +259,10 @@ def make_fish(args) -> Path:
         truth.close()
     os.replace(series_tmp, subject_dir / "TimeSeries.h5")
 
-    data = {
-        "CellXYZ": anat["CellXYZ"],
-        "CellXYZ_norm": anat["CellXYZ_norm"],
-        "IX_inval_anat": anat["IX_inval_anat"][:, None],
-        "fpsec": float(spec.fpsec),
-        "numcell_full": float(anat["numcell_full"]),
-        "numcell": float(N),
-        "numplane": float(spec.n_planes),
-        "periods": float(T),
-        "timeBlockStartIx": np.array([[1.0]]),
-        "FishName": f"synthetic_whole_fish_{spec.subject}",
-        "Description": "Synthetic whole fish in the Chen et al. 2018 layout (benchmarks/make_whole_fish.py)",
-    }
-    mat_path = subject_dir / "data_full.mat"
-    scipy.io.savemat(mat_path, {"data": data}, do_compression=True, oned_as="column")
-    with open(mat_path, "r+b") as fh:  # fixed header text: no creation time in the file
-        fh.write(_MAT_HEADER)
+    msd.write_data_full(
+        subject_dir / "data_full.mat", anat, spec, N, T, f"synthetic_whole_fish_{spec.subject}",
+        "Synthetic whole fish in the Chen et al. 2018 layout (benchmarks/make_whole_fish.py)", _MAT_HEADER,
+    )  # fmt: skip
 
     elapsed = time.perf_counter() - started
     size = sum(p.stat().st_size for p in subject_dir.iterdir() if p.is_file())

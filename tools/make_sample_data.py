@@ -361,6 +361,30 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: tools/make_sample_data.py".ljust(116)
+
+
+def write_data_full(mat_path, anat: dict, spec, num_cells: int, num_frames: int, fish_name: str, description: str,
+                    header: bytes) -> None:  # fmt: skip
+    """data_full.mat (MATLAB v5) with Chen's struct `data`, byte-identical from run to run: savemat
+    stamps the creation time into the 116-byte text header, which is overwritten with ``header``."""
+    data = {
+        "CellXYZ": anat["CellXYZ"],
+        "CellXYZ_norm": anat["CellXYZ_norm"],
+        "IX_inval_anat": anat["IX_inval_anat"][:, None],
+        "fpsec": float(spec.fpsec),
+        "numcell_full": float(anat["numcell_full"]),
+        "numcell": float(num_cells),
+        "numplane": float(spec.n_planes),
+        "periods": float(num_frames),
+        "timeBlockStartIx": np.array([[1.0]]),
+        "FishName": fish_name,
+        "Description": description,
+    }
+    scipy.io.savemat(mat_path, {"data": data}, do_compression=True, oned_as="column")
+    with open(mat_path, "r+b") as fh:
+        fh.write(header)
+
+
 _DFF_QUANTUM = 1.0 / 1024.0  # dff_true is stored rounded to this (keeps the file small)
 _GZ = dict(compression="gzip", compression_opts=9, shuffle=True, track_times=False)
 
@@ -376,25 +400,10 @@ def write_subject(out_dir: str, sub: dict) -> str:
         f.create_dataset("CellResp", data=sub["CellResp"], chunks=(T, min(N, 100)), **_GZ)
         f.create_dataset("absIX", data=anat["absIX"][None, :], **_GZ)
 
-    data = {
-        "CellXYZ": anat["CellXYZ"],
-        "CellXYZ_norm": anat["CellXYZ_norm"],
-        "IX_inval_anat": anat["IX_inval_anat"][:, None],
-        "fpsec": float(spec.fpsec),
-        "numcell_full": float(anat["numcell_full"]),
-        "numcell": float(N),
-        "numplane": float(spec.n_planes),
-        "periods": float(T),
-        "timeBlockStartIx": np.array([[1.0]]),
-        "FishName": f"synthetic_subject_{spec.subject}",
-        "Description": "Synthetic sample in the Chen et al. 2018 layout (tools/make_sample_data.py)",
-    }
-    mat_path = os.path.join(d, "data_full.mat")
-    scipy.io.savemat(mat_path, {"data": data}, do_compression=True, oned_as="column")
-    # savemat stamps the creation time into the 116-byte text header; make it fixed so that the
-    # file is byte-identical from run to run.
-    with open(mat_path, "r+b") as fh:
-        fh.write(_MAT_HEADER)
+    write_data_full(
+        os.path.join(d, "data_full.mat"), anat, spec, N, T, f"synthetic_subject_{spec.subject}",
+        "Synthetic sample in the Chen et al. 2018 layout (tools/make_sample_data.py)", _MAT_HEADER,
+    )  # fmt: skip
 
     tr = sub["truth"]
     with h5py.File(os.path.join(d, "ground_truth_spikes.h5"), "w") as f:
