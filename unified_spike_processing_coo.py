@@ -2385,6 +2385,12 @@ def new_h5_file(path: Path):
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         yield h5
+    write_file(path, buffer)
+
+
+def write_file(path: Path, buffer: io.BytesIO) -> None:
+    """A file built in memory, written with one Python write: a full disk or a quota is then an
+    ordinary OSError, and no library (HDF5, zlib in matplotlib's PDF) is left half-way in a stream."""
     with open(path, "wb") as handle:
         handle.write(buffer.getbuffer())
 
@@ -2792,11 +2798,13 @@ def plot_subject_pdf(path: Path, plot: PlotData) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
 
-    with PdfPages(path) as pdf:
+    buffer = io.BytesIO()  # rendered in memory: a full disk is then one clean OSError (see write_file)
+    with PdfPages(buffer) as pdf:
         for page in (_page_summary, _page_traces, _page_spikes, _page_raster, _page_planes, _page_noise):
             for fig in page(plt, plot):
                 pdf.savefig(fig)
                 plt.close(fig)
+    write_file(path, buffer)
 
 
 def _page_summary(plt, plot: PlotData):
