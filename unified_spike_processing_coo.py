@@ -1885,10 +1885,12 @@ def build_coo(
     timepoint = frame_to_timepoint[spike_frames]
     keep = timepoint >= 0
     cell_flat = _linear_index(grid.cell_voxels, grid.shape[1:])
-    spike_linear = np.unique(timepoint[keep] * grid.voxels_per_timepoint + cell_flat[spike_cells[keep]])
+    spike_linear = _sorted_unique(timepoint[keep] * grid.voxels_per_timepoint + cell_flat[spike_cells[keep]])
     marker_linear = _linear_index(z_marker_coords(grid, timepoints), grid.shape) if z_markers else np.zeros(0, np.int64)
     all_linear = _union_of_sorted(spike_linear, marker_linear)
-    coords = np.stack(np.unravel_index(all_linear, grid.shape), axis=1).astype(np.int32)
+    coords = np.empty((len(all_linear), 4), dtype=np.int32)
+    for column, values in enumerate(np.unravel_index(all_linear, grid.shape)):
+        coords[:, column] = values
     spikes_in_grid = int(keep.sum())
     counts = CooCounts(
         spike_pixels=len(spike_linear),
@@ -1898,6 +1900,12 @@ def build_coo(
         collisions=spikes_in_grid - len(spike_linear),
     )
     return coords, counts
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting: 10x faster here than NumPy 2's hash-based unique on millions of ints."""
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
 
 
 def _union_of_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -2849,7 +2857,7 @@ def _page_raster(plt, plot: PlotData):
     fig, (raster_ax, rate_ax) = plt.subplots(
         2, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
-    raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6)
+    raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
     raster_ax.set_ylabel("cell (sorted by z-plane)")
     raster_ax.set_title(f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
@@ -2889,6 +2897,7 @@ def _page_planes(plt, plot: PlotData):
             vmin=0,
             vmax=vmax,
             linewidths=0,
+            rasterized=True,  # 90k vector dots make a slow, heavy PDF
         )
         ax.set_xlim(-1, grid.width)
         ax.set_ylim(grid.height, -1)
