@@ -1446,12 +1446,11 @@ class ConvolutionalCascade:
     sample, pooling 2 is max(h[s], h[s+2]) and the output dense reads every 4th sample.
     Tensors are (B, 1, T, C) so that oneDNN fuses each convolution with its bias and ReLU. Conv 2
     runs polyphase: (T, C) reshaped (free) to (T/2, 2C) holds frames 2i and 2i+1 side by side, and
-    one conv with a (ceil(K/2), 2C, 2C') kernel gives both output phases (wider, better-vectorised
-    channel blocks: ~7 % faster end to end). One ``tf.function`` (traced once) runs one member on a
-    chunk; weights are arguments, converted once per model. Members are summed in float64 in NumPy,
-    in member order (summed inside one graph, the last bit changed with the chunk's shape, and all
-    members' activations were alive at once: twice the memory). Every row's arithmetic is
-    independent of the other rows of its chunk (tests/test_inference.py checks chunkings bit for bit).
+    one conv with a (K//2 + 1, 2C, 2C') kernel gives both output phases (wider channel blocks
+    vectorise better). One ``tf.function`` call per member and chunk; weights are arguments,
+    converted once per model; members are summed in float64 in NumPy (an in-graph sum changed the
+    last bit with the chunk's shape and kept all members' activations alive). A row's arithmetic
+    never depends on the other rows of its chunk (tests/test_inference.py checks it bit for bit).
     """
 
     def __init__(self):

@@ -144,6 +144,8 @@ def worker(args) -> None:
     dff = np.load(args.data)
     result["rss_baseline_mb"] = peak_rss_mb()  # after imports and the input load
 
+    if args.start_at:  # --profile's split: workers start together, after their imports
+        time.sleep(max(0.0, args.start_at - time.time()))
     result["load_before"] = os.getloadavg()[0]
     cpu_start = cpu_seconds()
     if args.method == "fast":
@@ -188,6 +190,7 @@ def worker(args) -> None:
     else:
         raise SystemExit(f"unknown method {args.method!r}")
     result["cpu_s"] = cpu_seconds() - cpu_start
+    result["end_time"] = time.time()
     result["load_after"] = os.getloadavg()[0]
     result["rss_peak_mb"] = peak_rss_mb()
     result["rss_increase_mb"] = result["rss_peak_mb"] - result["rss_baseline_mb"]
@@ -317,9 +320,10 @@ def profile_stages(usp, model, dff: np.ndarray, max_chunk_frames: int) -> dict:
 
 
 def run_profile(args, model_dir: Path, say) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    configure_threads(args.intra_threads, 1)
     import unified_spike_processing_coo as usp
+
+    usp.configure_tensorflow_threads(args.intra_threads)  # quiet import; inter-op 1 as in the workers
+    usp._tensorflow().get_logger().setLevel("ERROR")  # each layer cut is its own tf.function
 
     model = usp.load_cascade_model(model_dir)
     rng = np.random.default_rng(args.seed)
@@ -334,7 +338,9 @@ def run_profile(args, model_dir: Path, say) -> None:
     for name, wall, cpu in layers:
         say(f"  {name:34s} {wall * 1e3:8.1f} ms wall {cpu * 1e3:8.1f} ms CPU ({100 * cpu / total_cpu:4.1f} % of CPU)")
     engine, tf = usp._engine(), usp._tensorflow()
-    chunk = tf.constant(np.pad(dff[:rows].astype(np.float32), ((0, 0), (0, (args.frames - 30) % 2))))
+    chunk = tf.constant(
+        np.pad(dff[:rows].astype(np.float32), ((0, 0), (0, (args.frames - model.filter_sizes[0] + 1) % 2)))
+    )
     weights = engine._constants(model.ensembles[model.noise_levels[0]], model.dense_expansion)[0]
     whole = _timed(lambda: engine._forward(chunk, *weights).numpy(), args.repeats)
     say(f"  {'all layers in one call':34s} {whole[0] * 1e3:8.1f} ms wall {whole[1] * 1e3:8.1f} ms CPU")
@@ -356,16 +362,14 @@ def run_profile(args, model_dir: Path, say) -> None:
 def profile_split(args, model_dir: Path, say) -> None:
     """Same work, same 2 cores: 1 process x 2 TensorFlow threads against 2 processes x 1 thread.
 
-    Each configuration runs fast workers (cold: model load and tracing included, as in the
-    pipeline's worker pool) on all rows, split in equal halves for 2 processes; wall time is
-    until the last process ends. The two configurations alternate, repeats times.
+    Each configuration runs fast workers on all rows, split in equal halves for 2 processes. The
+    workers import TensorFlow first and then start together (--start_at), so the time (until the
+    last one ends) is the pool's steady state: model load and tracing included, process start not.
+    The two configurations alternate, repeats times.
     """
-    import unified_spike_processing_coo as usp
-
     rng = np.random.default_rng(args.seed)
     dff = rng.normal(0, 1, (args.neurons, args.frames)) * rng.uniform(0.005, 0.06, (args.neurons, 1))
     dff += (rng.random(dff.shape) < 0.01) * rng.uniform(0.2, 1.5, dff.shape)
-    del usp
     results = {"1 process x 2 threads": [], "2 processes x 1 thread": []}
     with tempfile.TemporaryDirectory(prefix="bench_split_") as tmp:
         workdir = Path(tmp)
@@ -378,12 +382,13 @@ def profile_split(args, model_dir: Path, say) -> None:
                 parts[name].append(path)
         for _ in range(args.repeats):
             for name, threads in (("1 process x 2 threads", 2), ("2 processes x 1 thread", 1)):
-                start = time.perf_counter()
+                start = time.time() + 15  # after every worker's imports
                 procs = [
                     subprocess.Popen(
                         [sys.executable, str(Path(__file__).resolve()), "--method", "fast", "--data", str(path)]
                         + ["--output", str(path.with_suffix(".out.npy")), "--result", str(path.with_suffix(".json"))]
-                        + ["--model", str(model_dir), "--intra_threads", str(threads), "--inter_threads", "1"],
+                        + ["--model", str(model_dir), "--intra_threads", str(threads), "--inter_threads", "1"]
+                        + ["--start_at", str(start)],
                         cwd=REPO_ROOT,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -392,9 +397,10 @@ def profile_split(args, model_dir: Path, say) -> None:
                 ]
                 if any(proc.wait() for proc in procs):
                     raise RuntimeError(f"a split worker failed ({name})")
-                results[name].append(time.perf_counter() - start)
+                ends = [json.loads(path.with_suffix(".json").read_text())["end_time"] for path in parts[name]]
+                results[name].append(max(ends) - start)
     say(
-        f"process/thread split, {args.neurons} x {args.frames}, cold workers (process start to end), {args.repeats} alternating repeats:"
+        f"process/thread split, {args.neurons} x {args.frames}, workers started together, {args.repeats} alternating repeats:"
     )
     for name, walls in results.items():
         say(f"  {name}: median {np.median(walls):.2f} s wall (all: {', '.join(f'{w:.2f}' for w in walls)})")
@@ -531,6 +537,7 @@ def main(argv=None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     parser.add_argument("--max_chunk_frames", type=int, default=1 << 19, help=argparse.SUPPRESS)
+    parser.add_argument("--start_at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.method:
         worker(args)
