@@ -2032,6 +2032,8 @@ class BatchResult:
     model_noise_level: np.ndarray  # (B,) the model noise level each cell used
     nan_frames: np.ndarray  # (B,) int32 frames without a value (NaN or infinite)
     infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
+    min_value: np.ndarray  # (B,) float32 smallest trace value (NaN: none), for validation
+    max_value: np.ndarray  # (B,) float32 largest (equal to min_value: a constant trace)
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
     rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
     rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
@@ -2040,8 +2042,6 @@ class BatchResult:
     plot_rates: np.ndarray
     plot_spikes: np.ndarray
     seconds: float
-    min_value: np.ndarray = None  # (B,) float32 smallest trace value (NaN: none), for validation
-    max_value: np.ndarray = None  # (B,) float32 largest (equal to min_value: a constant trace)
 
 
 def infer_spikes(traces: np.ndarray, cell_ids: np.ndarray, model: CascadeModel, settings: InferenceSettings):
@@ -2463,7 +2463,8 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     }
 
 
-PER_CELL_RESULTS = ("spike_count", "noise_level", "model_noise_level", "nan_frames", "infinite_values", "rate_scale")
+PER_CELL_RESULTS = ("spike_count", "noise_level", "model_noise_level", "nan_frames", "infinite_values", "rate_scale",
+                    "min_value", "max_value")  # fmt: skip
 PLOT_RESULTS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")
 
 

@@ -37,6 +37,8 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
                 model_noise_level=zeros,
                 nan_frames=zeros,
                 infinite_values=zeros,
+                min_value=zeros.astype(np.float32),
+                max_value=zeros.astype(np.float32),
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
                 rates_uint8=np.zeros((stop - start, num_frames), np.uint8),
                 rate_scale=zeros.astype(np.float32),
