@@ -2503,6 +2503,8 @@ def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
     with h5py.File(path, "r") as h5:
+        if any(key not in h5 for key in ("cell_offsets", "spike_frames", "rate_sum_fixed") + PER_CELL_RESULTS):
+            return None  # made by an earlier development version: compute afresh
         offsets, frames = h5["cell_offsets"][()], h5["spike_frames"][()]
         cells = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
         order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
