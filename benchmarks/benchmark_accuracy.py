@@ -93,8 +93,8 @@ FOLDS = [
 VARIANTS = {
     "all": [],
     "exc": ["--cell_types", "excitatory"],
-    "exc_syn": ["--cell_types", "excitatory", "--synthetic_fraction", "0.3"],
-    "all_syn": ["--synthetic_fraction", "0.3"],
+    "exc_syn": ["--cell_types", "excitatory", "--synthetic_fraction", "1"],
+    "all_syn": ["--synthetic_fraction", "1"],
 }
 
 
@@ -237,7 +237,7 @@ def run(args) -> dict:
     if args.threads:
         usp.configure_tensorflow_threads(args.threads)
     sets = parse_model_sets(args.model_set or [DEFAULT_MODEL], usp, args.members)
-    first_model = sets[0].model(0 if "{k}" in sets[0].pattern else 0)[0]
+    first_model = sets[0].model(args.folds[0] if args.folds else 0)[0]
     frame_rate_hz = float(first_model.sampling_rate_hz)
     smoothing_s = float(first_model.smoothing_s)
     window = int(first_model.window_size)
@@ -254,6 +254,8 @@ def run(args) -> dict:
         ] += 1
     scored_recs = []
     for rec in recordings:
+        if args.folds is not None and fold_of(rec.dataset) not in args.folds:
+            continue
         why = usable_at_rate(rec, frame_rate_hz, 2 * window)
         if why is not None:
             reason = why.split(",")[0] if "below" in why else f"shorter than {2 * window} frames"
@@ -376,22 +378,33 @@ def format_tables(result: dict, noise_levels) -> str:
                 + " | ".join(f"{median(s[n]):.3f}" for n in names)
                 + f" | {oasis:.3f} | {median(s['dF/F derivative']):.3f} | {median(s[main]) - oasis:+.3f} |"
             )
+        # Every dataset weighted equally: median over datasets of the per-dataset medians.
+        per_ds = [scores[level][d] for d in scores[level] if d not in SCOPES]
+        by_method = {m: median([median(s[m]) for s in per_ds]) for m in names + [best_variant[level]]}
+        by_method["dF/F derivative"] = median([median(s["dF/F derivative"]) for s in per_ds])
+        lines.append(
+            f"| median of {len(per_ds)} dataset medians | {level:g} | {len(per_ds)} datasets | "
+            + " | ".join(f"{by_method[n]:.3f}" for n in names)
+            + f" | {by_method[best_variant[level]]:.3f} | {by_method['dF/F derivative']:.3f} | "
+            f"{by_method[main] - by_method[best_variant[level]]:+.3f} |"
+        )
     lines += [
         "",
         "OASIS variant chosen per noise level (best median over all held-out recordings): "
         + ", ".join(f"{lv:g}: {v[6:]}" for lv, v in best_variant.items()),
         "",
-        f"Per dataset ({main}):",
+        "Per dataset:",
         "",
-        "| dataset | noise level | n | " + main + " | OASIS (best variant) | dF/F derivative |",
-        "|---|---|---|---|---|---|",
+        "| dataset | noise level | n | " + " | ".join(names) + " | OASIS (best variant) | dF/F derivative |",
+        "|---|---|---|" + "---|" * (len(names) + 2),
     ]
     for level in best_variant:
         for dataset in sorted(d for d in scores[level] if d not in SCOPES):
             s = scores[level][dataset]
             lines.append(
-                f"| {dataset} | {level:g} | {len(s[main])} | {median(s[main]):.3f} | "
-                f"{median(s[best_variant[level]]):.3f} | {median(s['dF/F derivative']):.3f} |"
+                f"| {dataset} | {level:g} | {len(s[main])} | "
+                + " | ".join(f"{median(s[n]):.3f}" for n in names)
+                + f" | {median(s[best_variant[level]]):.3f} | {median(s['dF/F derivative']):.3f} |"
             )
     lines += [
         "",
@@ -479,6 +492,7 @@ def parse_args(argv=None):
         "or ../shared/cascade/Ground_truth)",
     )
     p.add_argument("--datasets", nargs="*", default=None, help="only these DSxx folder names")
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="only the datasets of these folds")
     p.add_argument("--noise_levels", type=float, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--seed", type=int, default=0, help="seed of the added noise")
     p.add_argument("--threads", type=int, default=1, help="TensorFlow threads")

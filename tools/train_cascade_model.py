@@ -178,6 +178,7 @@ def synthetic_traces(
     level_range: tuple[float, float],
     rng: np.random.Generator,
     max_rounds: int = 20,
+    param_ranges: dict | None = None,
 ):
     """Synthetic dF/F and targets whose measured noise level lies in ``level_range``.
 
@@ -192,7 +193,7 @@ def synthetic_traces(
         n_draw = max(16, int(1.3 * (n_cells - n_have)))
         spikes = sc.simulate_spike_trains(n_draw, n_frames, frame_rate_hz, rng)
         level = rng.uniform(*level_range, size=n_draw)
-        dff = sc.simulate_dff(spikes, frame_rate_hz, level, rng, noise_mode="total")
+        dff = sc.simulate_dff(spikes, frame_rate_hz, level, rng, noise_mode="total", **(param_ranges or {}))
         measured = sc.cascade_noise_level(dff, frame_rate_hz)
         ok = np.abs(measured - level) <= 0.05 * level + 0.02
         dffs.append(dff[ok])
@@ -469,6 +470,15 @@ def parse_args(argv=None):
         help="fraction of recordings held out for validation / model selection",
     )
     p.add_argument(
+        "--synthetic_decay_s",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="with --synthetic_fraction: decay time range of the synthetic indicators (default: the "
+        "generator's 0.4-2.5 s)",
+    )
+    p.add_argument(
         "--init_from",
         default=None,
         help="start each model from the same-named model file of this folder (fine-tuning a "
@@ -542,6 +552,7 @@ def main(argv=None) -> int:
             "model's noise range; recordings already noisier are skipped",
             "replicates_per_recording": args.gt_replicates,
             "synthetic_fraction": args.synthetic_fraction,
+            "synthetic_decay_s": args.synthetic_decay_s or "generator default (0.4-2.5 s)",
         }
         if args.synthetic_fraction > 0:
             datasets = datasets + ["synthetic (tools/synthetic_calcium.py)"]
