@@ -476,7 +476,7 @@ def parse_args(argv=None):
         default=None,
         metavar=("MIN", "MAX"),
         help="with --synthetic_fraction: decay time range of the synthetic indicators (default: the "
-        "generator's 0.4-2.5 s)",
+        "generator's 0.4-2.5 s); rise times are then drawn below half the fastest decay",
     )
     p.add_argument(
         "--init_from",
