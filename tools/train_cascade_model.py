@@ -662,8 +662,22 @@ def main(argv=None) -> int:
                 if args.synthetic_fraction > 0:
                     n_syn_frames = args.synthetic_fraction * sum(d.size for d in train[0])
                     n_syn = max(1, int(round(n_syn_frames / n_frames)))
+                    ranges = None
+                    if args.synthetic_decay_s:
+                        # Rise times stay below half the fastest decay (the kernel needs decay > rise).
+                        low = args.synthetic_decay_s[0]
+                        ranges = {
+                            "decay_range_s": tuple(args.synthetic_decay_s),
+                            "rise_range_s": (min(0.02, low / 4), min(0.2, low / 2)),
+                        }
                     syn = synthetic_traces(
-                        n_syn, n_frames, args.sampling_rate, args.smoothing, level_range, rng
+                        n_syn,
+                        n_frames,
+                        args.sampling_rate,
+                        args.smoothing,
+                        level_range,
+                        rng,
+                        param_ranges=ranges,
                     )
                     train = (train[0] + syn[0], train[1] + syn[1])
             log(
