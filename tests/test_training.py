@@ -280,3 +280,31 @@ def test_sequence_windowed_round_trip():
     copy_windowed_to_sequence(win, seq2)
     x = np.random.default_rng(0).normal(size=(1, 100, 1)).astype(np.float32)
     np.testing.assert_allclose(seq(x).numpy(), seq2(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# The shipped builtin family (models/builtin_<rate>Hz_smoothing500ms)
+# --------------------------------------------------------------------------
+
+BUILTIN_DIRS = sorted((REPO_DIR / "models").glob("builtin_*Hz_smoothing500ms"))
+
+
+def test_builtin_family_covers_1p8_to_2p6_hz():
+    """Every frame rate from 1.8 to 2.6 Hz has a builtin model within 5 % (|model - rate| / rate)."""
+    rates = [yaml.safe_load((d / "config.yaml").read_text())["sampling_rate"] for d in BUILTIN_DIRS]
+    assert 2.0 in rates
+    for frame_rate in np.linspace(1.8, 2.6, 161):
+        assert min(abs(r - frame_rate) / frame_rate for r in rates) <= 0.05 + 1e-9, frame_rate
+
+
+@pytest.mark.parametrize("folder", BUILTIN_DIRS, ids=lambda p: p.name)
+def test_builtin_folder(folder):
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert folder.name == f"builtin_{config['sampling_rate']:g}Hz_smoothing500ms"
+    assert config["smoothing"] == 0.5 and config["noise_levels"] == list(range(1, 10))
+    assert config["training_finished"] == "Yes" and config["training_command"].startswith("python tools/")
+    expected = {
+        f"Model_NoiseLevel_{n}_Ensemble_{e}.h5" for n in range(1, 10) for e in range(config["ensemble_size"])
+    }
+    assert expected <= {p.name for p in folder.iterdir()}
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 5e6  # a few MB at most
