@@ -95,6 +95,15 @@ VARIANTS = {
     "exc": ["--cell_types", "excitatory"],
     "exc_syn": ["--cell_types", "excitatory", "--synthetic_fraction", "1"],
     "all_syn": ["--synthetic_fraction", "1"],
+    "exc_fastsyn": [
+        "--cell_types",
+        "excitatory",
+        "--synthetic_fraction",
+        "1",
+        "--synthetic_decay_s",
+        "0.15",
+        "2.5",
+    ],
 }
 
 
@@ -448,10 +457,12 @@ def format_tables(result: dict, noise_levels) -> str:
 # --------------------------------------------------------------------------
 
 
-def fold_commands(variant: str, fold_dir: str, train_args: str, ground_truth_dir: str) -> list:
+def fold_commands(variant: str, fold_dir: str, train_args: str, ground_truth_dir: str, folds=None) -> list:
     """Training commands (argument lists) of the fold models of one variant."""
     commands = []
     for k, prefixes in enumerate(FOLDS):
+        if folds is not None and k not in folds:
+            continue
         present = sorted(d for d in os.listdir(ground_truth_dir) if d.startswith(tuple(prefixes)))
         commands.append(
             [sys.executable, os.path.join("tools", "train_cascade_model.py")]
@@ -465,7 +476,9 @@ def fold_commands(variant: str, fold_dir: str, train_args: str, ground_truth_dir
 
 def train_folds(args) -> int:
     for variant in args.train_folds:
-        for command in fold_commands(variant, args.fold_dir, args.train_args, args.ground_truth_dir):
+        for command in fold_commands(
+            variant, args.fold_dir, args.train_args, args.ground_truth_dir, args.folds
+        ):
             print("+ " + shlex.join(command), flush=True)
             rc = subprocess.call(command, cwd=REPO_ROOT)
             if rc:
