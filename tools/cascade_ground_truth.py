@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,7 +229,9 @@ def add_noise_to_level(
     white; the added variance is the difference. Returns ``None`` when the trace
     is already noisier than the target (CASCADE's training skips those too).
     """
-    own_level = float(cascade_noise_level(dff, frame_rate_hz))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN traces: handled just below
+        own_level = float(cascade_noise_level(dff, frame_rate_hz))
     if not np.isfinite(own_level) or own_level > target_noise_level:
         return None
     sigma_own = noise_sigma_for_level(own_level, frame_rate_hz)
