@@ -178,6 +178,7 @@ def synthetic_traces(
     level_range: tuple[float, float],
     rng: np.random.Generator,
     max_rounds: int = 20,
+    param_ranges: dict | None = None,
 ):
     """Synthetic dF/F and targets whose measured noise level lies in ``level_range``.
 
@@ -192,7 +193,7 @@ def synthetic_traces(
         n_draw = max(16, int(1.3 * (n_cells - n_have)))
         spikes = sc.simulate_spike_trains(n_draw, n_frames, frame_rate_hz, rng)
         level = rng.uniform(*level_range, size=n_draw)
-        dff = sc.simulate_dff(spikes, frame_rate_hz, level, rng, noise_mode="total")
+        dff = sc.simulate_dff(spikes, frame_rate_hz, level, rng, noise_mode="total", **(param_ranges or {}))
         measured = sc.cascade_noise_level(dff, frame_rate_hz)
         ok = np.abs(measured - level) <= 0.05 * level + 0.02
         dffs.append(dff[ok])
@@ -284,11 +285,27 @@ def cut_segments(dffs, targets, rng: np.random.Generator):
 # --------------------------------------------------------------------------
 
 
-def train_one(tf, keras, train, val, args, seed: int, log):
-    """Train one ensemble member; returns (windowed model, metrics dict)."""
+def copy_windowed_to_sequence(win_model, seq_model):
+    """Inverse of copy_sequence_to_windowed: start training from a saved model."""
+    conv_a, conv_b, conv_c, dense_a, dense_b = [layer for layer in win_model.layers if layer.get_weights()]
+    seq_model.get_layer("c1").set_weights(conv_a.get_weights())
+    seq_model.get_layer("c2").set_weights(conv_b.get_weights())
+    seq_model.get_layer("c3").set_weights(conv_c.get_weights())
+    k, b = dense_a.get_weights()
+    seq_model.get_layer("d1").set_weights([k[None], b])
+    k, b = dense_b.get_weights()
+    seq_model.get_layer("d2").set_weights([k.reshape(2, DENSE_EXPANSION, 1), b])
+
+
+def train_one(tf, keras, train, val, args, seed: int, log, init: str | None = None):
+    """Train one ensemble member; returns (windowed model, metrics dict).
+
+    ``init``: a saved windowed model (.h5) to start from instead of random weights."""
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     seq = build_sequence_model(tf, keras)
+    if init:
+        copy_windowed_to_sequence(keras.models.load_model(init, compile=False), seq)
     seq.compile(optimizer=keras.optimizers.Adam(learning_rate=args.learning_rate), loss="mean_squared_error")
     x_val, y_val, w_val = cut_segments(*val, np.random.default_rng(seed + 1))
 
@@ -394,6 +411,14 @@ def parse_args(argv=None):
         default=list(range(1, 10)),
         help="CASCADE noise levels to train a model for",
     )
+    p.add_argument(
+        "--level_grid",
+        type=int,
+        nargs="+",
+        default=None,
+        help="noise levels of the full model whose ranges apply (default: --noise_levels); lets "
+        "held-out runs train only some levels with the shipped models' noise ranges",
+    )
     p.add_argument("--ensemble_size", type=int, default=2, help="models per noise level")
     p.add_argument("--epochs", type=int, default=8, help="passes over the training traces per model")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate")
@@ -410,12 +435,41 @@ def parse_args(argv=None):
         help="train on CASCADE CAttached_*.mat ground truth in this folder (DSxx subfolders)",
     )
     gt.add_argument("--ground_truth_datasets", nargs="*", default=None, help="restrict to these DSxx folder names")
+    gt.add_argument("--exclude_datasets", nargs="*", default=None, help="leave these DSxx folders out (held-out folds)")
+    gt.add_argument(
+        "--cell_types",
+        choices=["all", "excitatory"],
+        default="all",
+        help="'excitatory': only CASCADE's excitatory datasets (as its Global_EXC models)",
+    )
     gt.add_argument("--gt_replicates", type=int, default=5, help="independent noise draws per recording and model")
+    gt.add_argument(
+        "--synthetic_fraction",
+        type=float,
+        default=0.0,
+        help="with ground truth: add synthetic traces (tools/synthetic_calcium.py) amounting to this "
+        "fraction of the ground-truth training frames",
+    )
     gt.add_argument(
         "--gt_val_fraction",
         type=float,
         default=0.1,
         help="fraction of recordings held out for validation / model selection",
+    )
+    p.add_argument(
+        "--synthetic_decay_s",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="with --synthetic_fraction: decay time range of the synthetic indicators (default: the "
+        "generator's 0.4-2.5 s); rise times are then drawn below half the fastest decay",
+    )
+    p.add_argument(
+        "--init_from",
+        default=None,
+        help="start each model from the same-named model file of this folder (fine-tuning a "
+        "neighbouring frame rate) instead of random weights",
     )
     p.add_argument("--overwrite", action="store_true", help="retrain models that already exist")
     return p.parse_args(argv)
@@ -433,30 +487,57 @@ def main(argv=None) -> int:
 
     model_name = args.model_name or os.path.basename(os.path.normpath(args.out))
     levels = sorted(set(args.noise_levels))
+    grid = sorted(set(args.level_grid or []) | set(levels))
 
     resampled, val_resampled = None, None
     if args.ground_truth_dir:
-        from tools.cascade_ground_truth import load_ground_truth, resample_recording
+        from tools.cascade_ground_truth import is_excitatory, load_ground_truth, resample_recording, usable_at_rate
 
-        recs = load_ground_truth(args.ground_truth_dir, args.ground_truth_datasets)
+        skipped = []
+        recs = load_ground_truth(args.ground_truth_dir, args.ground_truth_datasets, skipped)
+        recs = [r for r in recs if r.dataset not in set(args.exclude_datasets or [])]
+        if args.cell_types == "excitatory":
+            recs = [r for r in recs if is_excitatory(r.dataset)]
+        skip_counts: dict = {}
+        for s in skipped:
+            skip_counts[s.reason] = skip_counts.get(s.reason, 0) + 1
+        usable = []
+        for r in recs:
+            why = usable_at_rate(r, args.sampling_rate, WINDOW_FRAMES)
+            if why is None:
+                usable.append(r)
+            else:
+                key = why.split(",")[0] if "below" in why else "shorter than one 64-frame window"
+                skip_counts[key] = skip_counts.get(key, 0) + 1
+        recs = usable
         if not recs:
-            sys.exit(f"no CAttached_*.mat recordings found in {args.ground_truth_dir}")
+            sys.exit(f"no usable CAttached*.mat recordings found in {args.ground_truth_dir}")
         resampled = [resample_recording(r, args.sampling_rate) for r in recs]
         order = np.random.default_rng(args.seed).permutation(len(resampled))
         n_val = max(1, int(round(args.gt_val_fraction * len(resampled)))) if len(resampled) > 1 else 0
         val_resampled = [resampled[i] for i in order[:n_val]] or resampled
         resampled = [resampled[i] for i in order[n_val:]] or resampled
+        n_gt_frames = sum(d.size for d, _ in resampled)
+        log(f"{len(recs)} recordings ({n_gt_frames} frames at {args.sampling_rate:g} Hz) for training")
         datasets = sorted({r.dataset for r in recs})
         data_description = {
             "source": "CASCADE ground truth",
             "ground_truth_dir": os.path.abspath(args.ground_truth_dir),
+            "cell_types": args.cell_types,
+            "excluded_datasets": sorted(args.exclude_datasets or []),
             "n_recordings": len(recs),
             "n_validation_recordings": n_val,
+            "n_training_frames": int(n_gt_frames),
+            "recordings_left_out": skip_counts,
             "resampling": "mean of the original frames in each 1/sampling_rate bin; spikes counted per bin",
             "noise": "white Gaussian noise added to reach a total noise level drawn uniformly in each "
             "model's noise range; recordings already noisier are skipped",
             "replicates_per_recording": args.gt_replicates,
+            "synthetic_fraction": args.synthetic_fraction,
+            "synthetic_decay_s": args.synthetic_decay_s or "generator default (0.4-2.5 s)",
         }
+        if args.synthetic_fraction > 0:
+            datasets = datasets + ["synthetic (tools/synthetic_calcium.py)"]
     else:
         datasets = ["synthetic (tools/synthetic_calcium.py)"]
         data_description = {
@@ -496,10 +577,11 @@ def main(argv=None) -> int:
         "training_command": "python "
         + " ".join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO_ROOT)] + argv),
         "training_seed": args.seed,
+        "training_initialised_from": args.init_from,
         "training_code_version": code_version(),
         "training_software": software_versions(tf, keras),
         "training_data": data_description,
-        "training_noise_level_ranges": {int(n): [round(v, 3) for v in noise_level_range(n, levels)] for n in levels},
+        "training_noise_level_ranges": {int(n): [round(v, 3) for v in noise_level_range(n, grid)] for n in levels},
         "training_method": "fully-convolutional equivalent of the windowed network on segments of "
         f"{WINDOW_FRAMES - 1 + OUTPUTS_PER_SEGMENT} frames, {SEGMENTS_PER_BATCH} segments "
         "(= batch_size windows) per step, Adam with learning-rate decay over the "
@@ -522,7 +604,7 @@ def main(argv=None) -> int:
     n_frames = int(round(args.duration_s * args.sampling_rate))
     unreachable_levels: set[int] = set()
     for level in levels:
-        level_range = noise_level_range(level, levels)
+        level_range = noise_level_range(level, grid)
         for member in range(args.ensemble_size):
             name = f"Model_NoiseLevel_{level}_Ensemble_{member}.h5"
             path = os.path.join(args.out, name)
@@ -548,11 +630,29 @@ def main(argv=None) -> int:
                     log(f"{name}: no ground truth reaches noise level range {level_range}, skipped")
                     unreachable_levels.add(level)
                     continue
+                if args.synthetic_fraction > 0:
+                    n_syn_frames = args.synthetic_fraction * sum(d.size for d in train[0])
+                    n_syn = max(1, int(round(n_syn_frames / n_frames)))
+                    ranges = None
+                    if args.synthetic_decay_s:
+                        # Rise times stay below half the fastest decay (the kernel needs decay > rise).
+                        low = args.synthetic_decay_s[0]
+                        ranges = {
+                            "decay_range_s": tuple(args.synthetic_decay_s),
+                            "rise_range_s": (min(0.02, low / 4), min(0.2, low / 2)),
+                        }
+                    syn = synthetic_traces(
+                        n_syn, n_frames, args.sampling_rate, args.smoothing, level_range, rng, param_ranges=ranges
+                    )
+                    train = (train[0] + syn[0], train[1] + syn[1])
             log(
                 f"{name}: noise levels {level_range[0]:.2f}-{level_range[1]:.2f}, "
                 f"{len(train[0])} training traces, data ready in {time.time() - t0:.1f} s"
             )
-            model, metrics = train_one(tf, keras, train, val, args, seed, log)
+            init = os.path.join(args.init_from, name) if args.init_from else None
+            if init and not os.path.exists(init):
+                sys.exit(f"--init_from: {init} not found")
+            model, metrics = train_one(tf, keras, train, val, args, seed, log, init=init)
             tmp = path[:-3] + ".tmp.h5"
             with warnings.catch_warnings():
                 # HDF5 is deliberate: it is CASCADE's format, not Keras' preferred one.
