@@ -13,7 +13,9 @@ regressing the number of spikes in frame t smoothed with a Gaussian of
 Training data come either from the synthetic generator in
 ``tools/synthetic_calcium.py`` (default) or from CASCADE ground-truth
 recordings (``--ground_truth_dir``), resampled to ``--sampling_rate`` with noise
-added to reach each noise level.
+added to reach each noise level, optionally mixed with synthetic traces
+(``--synthetic_fraction``) and started from another model's weights
+(``--init_from``).
 
 For speed the network is trained in an equivalent fully-convolutional form
 (stride-1 pooling and dilated later layers compute the windowed network's
@@ -23,9 +25,17 @@ model, checked to give the same output, and saved.
 
 Examples::
 
-    # the shipped builtin model
-    python tools/train_cascade_model.py --out models/builtin_2Hz_smoothing500ms \\
-        --sampling_rate 2 --smoothing 0.5 --noise_levels 1 2 3 4 5 6 7 8 9 --ensemble_size 2
+    # the shipped builtin models (RATE = 1.85, 2, 2.2, 2.4, 2.6; see benchmarks/RESULTS_accuracy.md)
+    python tools/train_cascade_model.py --out models/builtin_RATEHz_smoothing500ms \\
+        --sampling_rate RATE --smoothing 0.5 --noise_levels 1 2 3 4 5 6 7 8 9 --ensemble_size 2 \\
+        --ground_truth_dir ../shared/cascade/Ground_truth --cell_types excitatory \\
+        --synthetic_fraction 1 --init_from models/init/synthetic_2Hz_smoothing500ms \\
+        --learning_rate 3e-4 --epochs 4 --gt_replicates 4 --seed 2021 --threads 1
+
+    # synthetic data only (how models/init/synthetic_2Hz_smoothing500ms was made)
+    python tools/train_cascade_model.py --out synthetic_2Hz_smoothing500ms --sampling_rate 2 \\
+        --smoothing 0.5 --noise_levels 1 2 3 4 5 6 7 8 9 --ensemble_size 2 --epochs 10 \\
+        --n_cells 1200 --n_val_cells 200 --duration_s 900 --seed 2021 --threads 2
 
     # a model for your own frame rate, from CASCADE ground truth
     python tools/train_cascade_model.py --out my_model --sampling_rate 15 --smoothing 0.1 \\
