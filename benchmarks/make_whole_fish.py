@@ -158,20 +158,7 @@ def block_fluorescence(spec, plane: np.ndarray, counts: np.ndarray, fish: dict, 
     params.exposure_offset = plane / Z
     dff = sc.simulate_dff(counts, fps, 0.0, rng, params=params, fine_rate_hz=fine_rate_hz, drift=False)
 
-    f0 = np.exp(rng.uniform(np.log(50.0), np.log(600.0), n))
-    duration = T / fps
-    tt = (np.arange(T)[None, :] + plane[:, None] / Z) / fps
-    bleach = rng.uniform(0.0, 0.10, n)
-    tau_bleach = rng.uniform(0.5, 2.0, n) * duration
-    drift = 1.0 - bleach[:, None] * (1.0 - np.exp(-tt / tau_bleach[:, None])) / (
-        1.0 - np.exp(-duration / tau_bleach[:, None])
-    )
-    for _ in range(3):
-        period = rng.uniform(60.0, 300.0, n)
-        phase = rng.uniform(0.0, 2 * np.pi, n)
-        a = rng.uniform(0.0, 0.015, n)
-        drift *= 1.0 + a[:, None] * np.sin(2 * np.pi * tt / period[:, None] + phase[:, None])
-    del tt
+    f0, _, drift = msd.fluorescence_drift(rng, n, T, fps, plane, Z)
 
     u = (np.log(f0) - np.log(50.0)) / (np.log(600.0) - np.log(50.0))
     nl_target = np.clip((6.2 - 4.4 * u) * np.exp(rng.normal(0.0, 0.15, n)), 1.6, 6.6)

@@ -295,19 +295,7 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
     dff_true = dff_true.astype(np.float64)
 
     # Raw fluorescence: baseline F0 (a.u.), bleaching and slow drift.
-    f0 = np.exp(rng.uniform(np.log(50.0), np.log(600.0), N))
-    duration = T / fps
-    tt = (np.arange(T)[None, :] + plane[:, None] / Z) / fps
-    bleach = rng.uniform(0.0, 0.10, N)  # fractional loss over the recording
-    tau_bleach = rng.uniform(0.5, 2.0, N) * duration
-    drift = 1.0 - bleach[:, None] * (1.0 - np.exp(-tt / tau_bleach[:, None])) / (
-        1.0 - np.exp(-duration / tau_bleach[:, None])
-    )
-    for _ in range(3):
-        period = rng.uniform(60.0, 300.0, N)
-        phase = rng.uniform(0.0, 2 * np.pi, N)
-        a = rng.uniform(0.0, 0.015, N)
-        drift *= 1.0 + a[:, None] * np.sin(2 * np.pi * tt / period[:, None] + phase[:, None])
+    f0, bleach, drift = fluorescence_drift(rng, N, T, fps, plane, Z)
     baseline = f0[:, None] * drift
 
     # Noise: a target CASCADE noise level per cell (dimmer cells noisier), split into shot-like
@@ -361,6 +349,25 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: tools/make_sample_data.py".ljust(116)
+
+
+def fluorescence_drift(rng, num_cells: int, num_frames: int, fps: float, plane: np.ndarray, num_planes: int) -> tuple:
+    """Baseline F0 per cell (a.u., log-uniform 50-600), bleached fraction and the slow drift (T,) per cell: bleaching
+    (up to 10 % over the recording) and three slow sinusoids, sampled at each plane's own time."""
+    f0 = np.exp(rng.uniform(np.log(50.0), np.log(600.0), num_cells))
+    duration = num_frames / fps
+    tt = (np.arange(num_frames)[None, :] + plane[:, None] / num_planes) / fps
+    bleach = rng.uniform(0.0, 0.10, num_cells)  # fractional loss over the recording
+    tau_bleach = rng.uniform(0.5, 2.0, num_cells) * duration
+    drift = 1.0 - bleach[:, None] * (1.0 - np.exp(-tt / tau_bleach[:, None])) / (
+        1.0 - np.exp(-duration / tau_bleach[:, None])
+    )
+    for _ in range(3):
+        period = rng.uniform(60.0, 300.0, num_cells)
+        phase = rng.uniform(0.0, 2 * np.pi, num_cells)
+        a = rng.uniform(0.0, 0.015, num_cells)
+        drift *= 1.0 + a[:, None] * np.sin(2 * np.pi * tt / period[:, None] + phase[:, None])
+    return f0, bleach, drift
 
 
 def write_data_full(mat_path, anat: dict, spec, num_cells: int, num_frames: int, fish_name: str, description: str,
