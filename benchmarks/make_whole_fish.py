@@ -115,17 +115,7 @@ def block_spike_counts(spec, x_atlas: np.ndarray, fish: dict, rng: np.random.Gen
     counts = np.zeros((n, T), dtype=np.int64)
     kinds = (
         (msd.SPARSE, dict(mean_rate_range_hz=(0.02, 0.5), bursty_fraction=0.0, rate_modulation_range=(0.0, 1.0))),
-        (
-            msd.BURSTY,
-            dict(
-                mean_rate_range_hz=(0.08, 0.4),
-                bursty_fraction=1.0,
-                burst_spike_fraction_range=(0.7, 0.95),
-                mean_burst_size_range=(2.5, 6.0),
-                burst_duration_range_s=(0.2, 1.0),
-                rate_modulation_range=(0.3, 1.0),
-            ),
-        ),
+        (msd.BURSTY, msd.BURSTY_TRAINS),
         (msd.POPULATION, dict(mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0)),
     )
     for kind, kwargs in kinds:

@@ -238,18 +238,7 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
         rows.size, T, fps, rng, mean_rate_range_hz=(0.02, 0.5), bursty_fraction=0.0, rate_modulation_range=(0.0, 1.0)
     )
     rows = np.flatnonzero(cls == BURSTY)
-    counts[rows] = sc.simulate_spike_trains(
-        rows.size,
-        T,
-        fps,
-        rng,
-        mean_rate_range_hz=(0.08, 0.4),
-        bursty_fraction=1.0,
-        burst_spike_fraction_range=(0.7, 0.95),
-        mean_burst_size_range=(2.5, 6.0),
-        burst_duration_range_s=(0.2, 1.0),
-        rate_modulation_range=(0.3, 1.0),
-    )
+    counts[rows] = sc.simulate_spike_trains(rows.size, T, fps, rng, **BURSTY_TRAINS)
     rows = np.flatnonzero(cls == POPULATION)
     counts[rows] = sc.simulate_spike_trains(rows.size, T, fps, rng, mean_rate_range_hz=(0.01, 0.1), bursty_fraction=0.0)
 
@@ -349,6 +338,17 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: tools/make_sample_data.py".ljust(116)
+
+
+# Spike trains of the bursty class (shared with benchmarks/make_whole_fish.py).
+BURSTY_TRAINS = dict(
+    mean_rate_range_hz=(0.08, 0.4),
+    bursty_fraction=1.0,
+    burst_spike_fraction_range=(0.7, 0.95),
+    mean_burst_size_range=(2.5, 6.0),
+    burst_duration_range_s=(0.2, 1.0),
+    rate_modulation_range=(0.3, 1.0),
+)
 
 
 def fluorescence_drift(rng, num_cells: int, num_frames: int, fps: float, plane: np.ndarray, num_planes: int) -> tuple:
