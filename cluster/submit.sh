@@ -2,7 +2,7 @@
 # Submit the whole pipeline to SLURM in one line: an array over shards of the subject list, then the
 # combine step, which starts only when every shard succeeded. Prints both job ids.
 #
-#   cluster/submit.sh --input_dir IN --output_dir OUT [pipeline args, e.g. --strict_model --batch_size 6000]
+#   cluster/submit.sh --input_dir IN --output_dir OUT [pipeline args, e.g. --strict_model]
 #
 # SPIKE_GRIDS_SHARDS=N      number of array tasks (default: one per subject folder or --subjects entry,
 #                           at most SPIKE_GRIDS_MAX_SHARDS, default 50; extra shards find nothing to do)
