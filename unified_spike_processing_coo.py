@@ -2288,7 +2288,11 @@ class WorkerPool:
         return results
 
     def _death_cause(self) -> str:
-        codes = [p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)]
+        deadline = time.monotonic() + 2.0  # the dead worker may not be reaped yet: poll its exit code
+        while not (codes := [p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)]):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if not codes:
             return "exit status unknown"
         code = codes[0]
