@@ -3009,17 +3009,23 @@ def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
 def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: CascadeModel) -> dict:
     """What made a subject's outputs: input files (size, modification time), the parameters that
     change outputs, the model's identity (digest of its weights and config) and the software."""
-    inputs = {}
-    for path in subject.source_files:
-        stat = os.stat(path)
-        inputs[Path(path).name] = [stat.st_size, stat.st_mtime_ns]
     return {
-        "inputs": inputs,
+        "inputs": input_signature(subject.source_files),
         "params": config.output_params(),
         "cascade_params": config.output_params("cascade"),
         "model": model.digest,
         "software_version": __version__,
     }
+
+
+def input_signature(paths) -> dict:
+    """{file name: [size, modification time in ns]} of the input files that exist."""
+    return {Path(p).name: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if os.path.exists(p)}
+
+
+def changed_params(old: dict, params: dict) -> list:
+    """The parameters whose value differs from those recorded in fingerprint ``old``."""
+    return [key for key in params if old.get("params", {}).get(key) != params[key]]
 
 
 def cascade_fingerprint(fingerprint: dict) -> dict:
@@ -3051,8 +3057,7 @@ def fingerprint_difference(old: dict, new: dict) -> str | None:
             if old.get("inputs", {}).get(k) != new["inputs"].get(k)
         )
         return f"input files changed ({', '.join(changed)})"
-    changed = [k for k in new["params"] if old.get("params", {}).get(k) != new["params"][k]]
-    if changed:
+    if changed := changed_params(old, new["params"]):
         return "parameters changed (" + ", ".join(f"--{k}" for k in changed) + ")"
     if old.get("model") != new["model"]:
         return "CASCADE model changed"
@@ -3703,18 +3708,14 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
         fingerprint = json.loads(metadata["fingerprint"])
     except (KeyError, ValueError):
         return "made by an older version without a fingerprint"
-    changed = [k for k in wanted if fingerprint.get("params", {}).get(k) != wanted[k]]
-    if changed:
+    if changed := changed_params(fingerprint, wanted):
         return "other parameters: " + ", ".join(f"--{k}" for k in changed)
     if fingerprint.get("software_version") != __version__:
         return f"made by version {fingerprint.get('software_version')}"
-    sources = [str(s) for s in np.atleast_1d(metadata.get("source_files", []))]
-    for source in (s for part in sources for s in part.split(",") if s):
-        stat = os.stat(source) if os.path.exists(source) else None
-        recorded = fingerprint["inputs"].get(Path(source).name)
-        if stat is None or recorded != [stat.st_size, stat.st_mtime_ns]:
-            return f"input {Path(source).name} changed or missing since"
-    return None
+    sources = [s for part in np.atleast_1d(metadata.get("source_files", [])) for s in str(part).split(",") if s]
+    now = input_signature(sources)
+    changed = [Path(s).name for s in sources if now.get(Path(s).name) != fingerprint["inputs"].get(Path(s).name)]
+    return f"input {', '.join(changed)} changed or missing since" if changed else None
 
 
 def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunContext | None = None) -> int:
