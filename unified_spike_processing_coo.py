@@ -71,6 +71,14 @@ class PipelineError(Exception):
     """An error with a one-line, user-facing explanation (which file, what to do)."""
 
 
+def remove_quietly(path: Path) -> None:
+    """Remove a file or a folder if it is there (temporaries, leftovers of a killed run)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # =============================================================================================
 # 1. Configuration of a run
 # =============================================================================================
@@ -1186,13 +1194,6 @@ def _choose(folder: Path, source: str, requested: str, why: str = "") -> Cascade
     return choices[key]
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _download_zip(url: str, dest: Path, timeout_s: float) -> None:
     """Fetch ``url`` into ``dest``; refuse a short or oversized body, and anything but a safe zip."""
     request = urllib.request.Request(url, headers={"User-Agent": "unified-spike-processing"})
@@ -1229,7 +1230,7 @@ def _install_folder(folder: Path, target: Path) -> Path:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(target, aside)
                     log.warning(f"moved the incomplete CASCADE model folder {target} aside and removed it")
-                    _remove(aside)
+                    remove_quietly(aside)
         with contextlib.suppress(OSError):  # fails when another process installed it meanwhile
             os.replace(folder, target)
             return target
@@ -1248,7 +1249,7 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.glob(f".{name}.*.tmp"):
             if time.time() - stale.lstat().st_mtime > 86400:
-                _remove(stale)
+                remove_quietly(stale)
         log.info(f"downloading CASCADE model {name} from {link}")
         with tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=cache_dir) as temporary:
             _download_zip(link, Path(temporary) / "model.zip", timeout_s)
@@ -2578,11 +2579,6 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
     finally:
         remove_quietly(temporary)
     return totals
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 def load_coo_grid(path) -> dict:
