@@ -1392,28 +1392,38 @@ def assign_model_noise_levels(noise_levels: np.ndarray, model_levels: Sequence[i
     return levels[index].astype(int)
 
 
-def _tensorflow():
-    """TensorFlow, imported once per process and quietly (~3 s, ~700 MB: only workers need it).
-
-    TensorFlow's C++ start-up chatter (oneDNN notices, 'failed call to cuInit' on machines
-    without a GPU) goes to file descriptor 2 before its log settings apply, so descriptor 2 is
-    pointed at /dev/null while it starts; what it found is logged once in our own words. Every
-    GPU gets memory growth before first use, so that several workers can share one GPU.
-    """
-    if "tensorflow" in PROCESS_CACHE:
-        return PROCESS_CACHE["tensorflow"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: TensorFlow's C++ start-up chatter (oneDNN notices, 'failed
+    call to cuInit' without a GPU) is written there before its log settings apply."""
     sys.stderr.flush()
     saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
+        yield
     finally:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)
+
+
+def _import_tensorflow():
+    """``import tensorflow``, quietly (~3 s). Touches no device, so the process may still fork."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _stderr_silenced():
+        import tensorflow as tf
+    return tf
+
+
+def _tensorflow():
+    """TensorFlow, imported once per process (~700 MB: only workers need it), what it found logged
+    once in our own words. Every GPU gets memory growth before first use, so that several workers
+    can share one GPU."""
+    if "tensorflow" in PROCESS_CACHE:
+        return PROCESS_CACHE["tensorflow"]
+    tf = _import_tensorflow()
+    with _stderr_silenced():
+        gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -2206,40 +2216,52 @@ class WorkerDied(PipelineError):
     """A worker process died (killed by the OOM killer, a signal, or a crash) during a batch."""
 
 
+def _worker_context():
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__"])  # runs the TensorFlow import at the end of this file
+    return context
+
+
+def start_fork_server() -> None:
+    """Start the fork server's TensorFlow import now, in the background (see WorkerPool)."""
+    if _worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 class WorkerPool:
     """Worker processes for CASCADE (or the calling process when there is one worker).
 
     Built on concurrent.futures' ProcessPoolExecutor, which reports a worker that died instead
     of waiting for it forever (multiprocessing.Pool hangs); the pool is then rebuilt for the next
-    subject. Workers are started with 'spawn': TensorFlow is not fork-safe.
+    subject. The parent may hold threads and must not fork, and a fresh interpreter per worker
+    spends ~3 s importing TensorFlow; so where the OS allows, workers are forked by
+    multiprocessing's fork server, which imports this script, and with it TensorFlow (touching no
+    device), once: workers start in milliseconds. Elsewhere they are spawned.
     """
 
     def __init__(self, workers: int):
         self.workers = workers
         self.threads_per_worker = max(1, available_cpus() // workers)
         self._executor = None
-        self.used = False  # a warmed-up pool that ran nothing is killed, not waited for
         self._processes: dict = {}
 
     def _start(self):
         import concurrent.futures
-        import multiprocessing
 
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=_worker_context(),
                 initializer=_init_worker,
                 initargs=(self.threads_per_worker, logging.getLogger().level),
             )
         return self._executor
-
-    def warm_up(self) -> None:
-        """Start the workers now (each imports TensorFlow, ~3 s) while the parent loads a subject."""
-        if self.workers > 1:
-            executor = self._start()
-            for _ in range(self.workers):
-                executor.submit(os.getpid)
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
@@ -2255,7 +2277,6 @@ class WorkerPool:
 
     def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
         """Results of every task in order; at most workers + 1 tasks in flight."""
-        self.used = True
         if self.workers == 1:
             configure_tensorflow_threads(available_cpus())  # here, not before: a rerun may need no TensorFlow
             results = []
@@ -2800,13 +2821,19 @@ def _spans(mask: np.ndarray) -> list:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def plot_subject_pdf(path: Path, plot: PlotData) -> None:
-    """The original's pages (dF/F, rate, spikes for a few cells) plus a summary and population views."""
+def _import_matplotlib():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
+
+    return plt, PdfPages
+
+
+def plot_subject_pdf(path: Path, plot: PlotData) -> None:
+    """The original's pages (dF/F, rate, spikes for a few cells) plus a summary and population views."""
+    plt, PdfPages = _import_matplotlib()
 
     buffer = io.BytesIO()  # rendered in memory: a full disk is then one clean OSError (see write_file)
     with PdfPages(buffer) as pdf:
@@ -3616,8 +3643,6 @@ def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> Run
     """Each subject under its lock; one bad subject never stops the others, a full disk does."""
     outcome = RunOutcome()
     pool = WorkerPool(config.workers)
-    if subjects:
-        pool.warm_up()
     remaining = [folder.name for folder in subjects]
     try:
         for folder in subjects:
@@ -3666,7 +3691,7 @@ def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> Run
         raise
     finally:
         if pool is not None:
-            pool.close(kill=not pool.used)
+            pool.close()
     return outcome
 
 
@@ -3727,6 +3752,10 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
             ]
             log_summary(RunOutcome(done=summaries), totals)
             return 0
+        if config.workers > 1:  # the parent will mostly wait: start the workers' imports and its own now
+            start_fork_server()
+            if config.plots:
+                threading.Thread(target=_import_matplotlib).start()
         subjects = find_subjects(config.input_dir, config.subjects, config.skip)
         if not subjects:
             raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
@@ -3903,6 +3932,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
 
+
+if __name__ == "__mp_main__":  # multiprocessing's fork server, or a spawned worker: see WorkerPool
+    _import_tensorflow()
 
 if __name__ == "__main__":
     sys.exit(main())
