@@ -45,6 +45,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -567,6 +568,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, help="pipeline --batch_size (default: the pipeline's)")
     parser.add_argument("--grid_shape", type=int, nargs=2, metavar=("H", "W"), help="pipeline --grid_shape")
     parser.add_argument("--runs", help="instead of --workers: comma list of workers:batch_size:HxW")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run every setting this many times, alternating; report medians"
+    )
     parser.add_argument("--extra", default="", help="more pipeline arguments, e.g. '--no_plots'")
     parser.add_argument("--pipeline", default=str(PIPELINE), help="the pipeline script to run")
     parser.add_argument("--out_dir", default="/tmp/spike_benchmark_out", help="runs write into <out_dir>/<run>")
@@ -603,9 +607,11 @@ def main(argv=None) -> int:
         flush=True,
     )
 
-    results, first_by_grid = [], {}
-    for workers, batch, grid in parse_runs(args):
-        name = f"w{workers}" + (f"_b{batch}" if batch else "") + (f"_{grid}" if grid else "")
+    results, first_by_grid, walls = [], {}, {}
+    settings = [setting for _ in range(args.repeats) for setting in parse_runs(args)]  # alternating
+    for index, (workers, batch, grid) in enumerate(settings):
+        setting = f"w{workers}" + (f"_b{batch}" if batch else "") + (f"_{grid}" if grid else "")
+        name = setting + (f"_r{index // len(parse_runs(args)) + 1}" if args.repeats > 1 else "")
         out = Path(args.out_dir) / name
         pipeline_args = ["--input_dir", str(input_dir), "--output_dir", str(out), "--workers", str(workers)]
         pipeline_args += ["--cascade_model", "builtin", "--offline"]
@@ -630,6 +636,7 @@ def main(argv=None) -> int:
         first = first_by_grid.setdefault(grid, result)  # outputs compare only within one grid size
         result["identical"] = "yes" if result["digest"] == first["digest"] else "NO"
         results.append(result)
+        walls.setdefault(setting, []).append(result["wall_s"])
         if args.rss_csv:
             with open(out / "rss.csv", "w") as fh:
                 fh.write("t_s,total_gb,main_gb,workers_gb,max_worker_gb,stage\n")
@@ -647,6 +654,13 @@ def main(argv=None) -> int:
         )
 
     lines = report(results, context)
+    if args.repeats > 1:
+        lines += ["", f"## Wall time over {args.repeats} alternating repeats (s)", ""]
+        lines += ["| setting | median | runs |", "|---|---|---|"]
+        lines += [
+            f"| {setting} | {statistics.median(w):.2f} | {', '.join(f'{x:.2f}' for x in w)} |"
+            for setting, w in walls.items()
+        ]
     print("\n".join(lines))
     if args.markdown:
         Path(args.markdown).write_text("\n".join(lines) + "\n")
