@@ -356,9 +356,6 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     return [folders[name] for name in names if (not only or name in only) and name not in skip]
 
 
-# --- validation helpers: each refuses in plain words or returns the checked value --------------
-
-
 def _as_text(value) -> str | None:
     """The text a field or attribute holds (str, bytes, arrays of them), or None if not text."""
     items = [value] if isinstance(value, (str, bytes)) else np.asarray(value).ravel()
@@ -444,10 +441,8 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
         )
     flat = [axis for axis in (0, 1) if num_cells > 1 and np.ptp(positions[:, axis]) == 0]
     if len(flat) == 2:
-        x, y = positions[0, :2]
         raise PipelineError(
-            f"{where}: all {num_cells} cells are at one x, y position ({x:g}, {y:g}): every cell would fall in one "
-            "voxel per plane, expected positions spread over the brain"
+            f"{where}: all {num_cells} cells are at one x, y position ({positions[0, 0]:g}, {positions[0, 1]:g}): every cell would fall in one voxel per plane, expected positions spread over the brain"
         )
     if flat:
         doubts.append(
@@ -456,9 +451,6 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
     shared = num_cells - len(np.unique(positions, axis=0))
     if num_cells > 1 and shared > SHARED_POSITION_FRACTION * num_cells:
         doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
-
-
-# --- reading the files ---------------------------------------------------------------------------
 
 
 def _mat_struct_fields(path: Path) -> dict:
@@ -577,12 +569,6 @@ def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, 
     return cell_ids
 
 
-def _warned(subject: SubjectData, doubts: list) -> SubjectData:
-    for message in doubts:
-        subject.warn(message.replace(f"{subject.folder}{os.sep}", ""))  # the subject's name says where
-    return subject
-
-
 def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
@@ -611,16 +597,16 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     subject = SubjectData(
         folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources
     )
-    return _warned(subject, doubts)
+    for message in doubts:
+        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
+    return subject
 
 
 def load_generic_subject(folder: Path) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
     path = folder / "traces.h5"
     _check_file(path, "an HDF5", "the generic layout needs traces.h5")
-    trace_file, found = _open_trace_file(
-        path, "traces", False, extra=("positions",), attrs=("frame_rate_hz", "trace_type")
-    )
+    trace_file, found = _open_trace_file(path, "traces", False, ("positions",), ("frame_rate_hz", "trace_type"))
     for name in ("positions", "attribute frame_rate_hz"):
         if name.split()[-1] not in found:
             raise PipelineError(f"{path} lacks {name}")
@@ -641,7 +627,9 @@ def load_generic_subject(folder: Path) -> SubjectData:
     subject = SubjectData(
         folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),)
     )
-    return _warned(subject, doubts)
+    for message in doubts:
+        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
+    return subject
 
 
 def load_subject(folder, coordinates: str = "raw") -> SubjectData:
@@ -694,7 +682,9 @@ def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: in
     return "dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})"
 
 
-def sliding_percentile(traces: np.ndarray, window_frames: int, percentile: float, max_chunk_values: int = 1 << 26):
+def sliding_percentile(
+    traces: np.ndarray, window_frames: int, percentile: float, max_chunk_values: int = 1 << 26
+) -> np.ndarray:
     """Centred sliding percentile per row (edges repeat the end values), exactly as
     scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') but ~3x faster: np.partition
     over a strided window view, a block of rows at a time so memory stays bounded."""
@@ -709,7 +699,9 @@ def sliding_percentile(traces: np.ndarray, window_frames: int, percentile: float
     return out
 
 
-def compute_dff(fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0, percentile: float = 8.0):
+def compute_dff(
+    fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0, percentile: float = 8.0
+) -> np.ndarray:
     """dF/F = (F - F0) / F0, F0 the ``percentile`` over a centred ``window_s`` window (in frames at the
     subject's real rate). NaN frames are filled with the cell's median for the baseline only. A
     non-positive F0 (background-subtracted data) is floored at 1% of the cell's median F0 (or 1e-6)."""
