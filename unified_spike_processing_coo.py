@@ -242,13 +242,11 @@ def h5_attr_value(value):
 # =============================================================================================
 # 2. Loading subjects: Chen et al. 2018 layout and a generic traces.h5, and their validation
 # =============================================================================================
-# Loading reads everything but the traces: those stay in their HDF5 file and are read a block of
-# cells at a time (by the workers, during inference), so no process ever holds a whole fish.
-# Every field is validated as it is read (type, shape, range, meaning): a value that cannot be
-# right is refused with one PipelineError naming the file, the field, what was found and what
-# was expected; a value that is doubtful but usable is recorded with SubjectData.warn. Doubts that
-# only the traces reveal are checked after inference (check_inferred_traces). The rules are the
-# table "Doubtful inputs" in README.md.
+# Traces stay in their HDF5 file and are read a block of cells at a time (by the workers), so no
+# process ever holds a whole fish. Every other field is validated as it is read: a value that
+# cannot be right is refused with one PipelineError naming the file, the field, what was found and
+# what was expected; a doubtful but usable one is recorded with SubjectData.warn. Doubts only the
+# traces reveal are checked after inference. The rules are the table "Doubtful inputs" in README.md.
 
 TRACE_READ_CELLS = 4096  # cells per read: a few tens of MB for a 4,000-frame recording
 FRAME_RATE_RANGE_HZ = (0.01, 1000.0)  # outside: not a volume rate in Hz (a period, ms, a typo)
@@ -275,30 +273,25 @@ class TraceFile:
         """Traces of cells [start, stop) as stored, as (cells, T) float32."""
         stop = self.num_cells if stop is None else min(stop, self.num_cells)
         traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
-        with self._open() as data:
-            for first in range(start, stop, TRACE_READ_CELLS):
-                last = min(first + TRACE_READ_CELLS, stop)
-                block = data[:, first:last].T if self.cells_on_columns else data[first:last]
-                traces[first - start : last - start] = block
+        try:
+            with h5py.File(self.path, "r") as h5:
+                for first in range(start, stop, TRACE_READ_CELLS):
+                    last = min(first + TRACE_READ_CELLS, stop)
+                    block = h5[self.dataset][:, first:last].T if self.cells_on_columns else h5[self.dataset][first:last]
+                    traces[first - start : last - start] = block
+        except OSError as exc:  # e.g. a damaged compressed chunk
+            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
         return traces
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Traces of chosen cells (ascending rows), e.g. a sample for a decision. Read a block of
-        cells at a time: scattered single columns would decompress each chunk once per column."""
+        """Traces of chosen cells (ascending rows), read a block of cells at a time: scattered
+        single columns would decompress each chunk once per column."""
         rows = np.asarray(rows, dtype=np.int64)
         parts = []
         for first in np.unique(rows // TRACE_READ_CELLS) * TRACE_READ_CELLS:
             wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
             parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
-
-    @contextlib.contextmanager
-    def _open(self):
-        try:
-            with h5py.File(self.path, "r") as h5:
-                yield h5[self.dataset]
-        except OSError as exc:  # e.g. a damaged compressed chunk
-            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
 
 
 def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
@@ -351,41 +344,29 @@ def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ())
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise PipelineError(f"input folder {input_dir} does not exist")
-    roots = [input_dir, input_dir / "Subjects"]
     folders = {}
-    for root in roots:
-        if root.is_dir():
-            for child in root.iterdir():
-                if re.fullmatch(r"subject_\d+", child.name):
-                    folders.setdefault(child.name, child)
+    for root in (input_dir, input_dir / "Subjects"):
+        for child in root.iterdir() if root.is_dir() else ():
+            if re.fullmatch(r"subject_\d+", child.name):
+                folders.setdefault(child.name, child)
     names = sorted(folders, key=_natural_key)
-    unknown = [name for name in only if name not in folders]
-    if unknown:
-        raise PipelineError(
-            f"--subjects names {', '.join(unknown)}, not found under {input_dir} (found: {', '.join(names) or 'none'})"
-        )
-    if only:
-        names = [name for name in names if name in set(only)]
-    names = [name for name in names if name not in set(skip)]
-    return [folders[name] for name in names]
-
-
-# --- validation helpers: each refuses in plain words or returns the checked value --------------
+    if unknown := [name for name in only if name not in folders]:
+        found = ", ".join(names) or "none"
+        raise PipelineError(f"--subjects names {', '.join(unknown)}, not found under {input_dir} (found: {found})")
+    return [folders[name] for name in names if (not only or name in only) and name not in skip]
 
 
 def _as_text(value) -> str | None:
     """The text a field or attribute holds (str, bytes, arrays of them), or None if not text."""
     items = [value] if isinstance(value, (str, bytes)) else np.asarray(value).ravel()
-    if isinstance(value, (str, bytes)) or np.asarray(value).dtype.kind in "SUO":
-        if len(items) and all(isinstance(item, (str, bytes)) for item in items):
-            return ", ".join(item.decode(errors="replace") if isinstance(item, bytes) else item for item in items)
-    return None
+    if len(items) == 0 or not all(isinstance(item, (str, bytes)) for item in items):
+        return None
+    return ", ".join(item.decode(errors="replace") if isinstance(item, bytes) else item for item in items)
 
 
 def _describe(array: np.ndarray) -> str:
     """What a field holds, in words, for messages."""
-    text = _as_text(array)
-    if text is not None:
+    if (text := _as_text(array)) is not None:
         return f"the text {text[:40]!r}"
     if array.dtype.kind == "c":
         return f"complex numbers ({array.dtype})"
@@ -408,17 +389,14 @@ def _whole_numbers(value, where: str) -> np.ndarray:
     numbers = _numbers(value, where, "1-based cell indices (whole numbers)").ravel()
     bad = ~np.isfinite(numbers) | (numbers != np.round(numbers))
     if bad.any():
-        raise PipelineError(
-            f"{where} holds {int(bad.sum())} value(s) that are not whole numbers (e.g. {numbers[bad][0]:g}), "
-            "expected 1-based cell indices"
-        )
+        example = f"{int(bad.sum())} value(s) that are not whole numbers (e.g. {numbers[bad][0]:g})"
+        raise PipelineError(f"{where} holds {example}, expected 1-based cell indices")
     return numbers.astype(np.int64)
 
 
 def _frame_rate(value, where: str, doubts: list) -> float:
     """One frame rate in Hz from a field or attribute as stored; a number stored as text is read (a doubt)."""
-    text = _as_text(value)
-    if text is not None:
+    if (text := _as_text(value)) is not None:
         try:
             value = float(text.strip())
         except ValueError:
@@ -426,14 +404,12 @@ def _frame_rate(value, where: str, doubts: list) -> float:
         doubts.append(f"{where} is stored as text ({text.strip()!r}), read as {value:g} Hz")
     rates = np.unique(_numbers(value, where, "a frame rate in Hz (a number)"))
     if rates.size != 1:
-        raise PipelineError(
-            f"{where} {'holds ' + _describe(rates) if rates.size else 'is empty'}, expected one frame rate in Hz"
-        )
+        found = "holds " + _describe(rates) if rates.size else "is empty"
+        raise PipelineError(f"{where} {found}, expected one frame rate in Hz")
     rate, (low, high) = float(rates[0]), FRAME_RATE_RANGE_HZ
     if not low <= rate <= high:
-        raise PipelineError(
-            f"{where} is {rate:g} Hz, expected a volume rate between {low:g} and {high:g} Hz (frames per second)"
-        )
+        expected = f"a volume rate between {low:g} and {high:g} Hz (frames per second)"
+        raise PipelineError(f"{where} is {rate:g} Hz, expected {expected}")
     return rate
 
 
@@ -456,79 +432,68 @@ def _check_file(path: Path, kind: str, needed: str) -> None:
 
 
 def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
-    """Cells' [x, y, z] of the traces: finite and not all at one x, y; a flat axis or many shared
-    positions are doubts."""
-    bad = ~np.isfinite(positions).all(axis=1)
+    """Cells' [x, y, z]: finite and not all at one x, y; a flat axis or many shared positions are doubts."""
+    num_cells, bad = len(positions), ~np.isfinite(positions).all(axis=1)
     if bad.any():
+        first = f"first: trace {int(np.flatnonzero(bad)[0])}"
         raise PipelineError(
-            f"{where}: {int(bad.sum())} of {len(positions)} cells have NaN or infinite positions "
-            f"(first: trace {int(np.flatnonzero(bad)[0])}), expected finite coordinates"
+            f"{where}: {int(bad.sum())} of {num_cells} cells have NaN or infinite positions ({first}), expected finite coordinates"
         )
-    if len(positions) < 2:
-        return
-    flat = [axis for axis in (0, 1) if np.ptp(positions[:, axis]) == 0]
+    flat = [axis for axis in (0, 1) if num_cells > 1 and np.ptp(positions[:, axis]) == 0]
     if len(flat) == 2:
         raise PipelineError(
-            f"{where}: all {len(positions)} cells are at one x, y position ({positions[0, 0]:g}, {positions[0, 1]:g}): "
-            "every cell would fall in one voxel per plane, expected positions spread over the brain"
+            f"{where}: all {num_cells} cells are at one x, y position ({positions[0, 0]:g}, {positions[0, 1]:g}): every cell would fall in one voxel per plane, expected positions spread over the brain"
         )
     if flat:
         doubts.append(
             f"{where}: every cell has the same {'xy'[flat[0]]} ({positions[0, flat[0]]:g}): the grid is one line"
         )
-    shared = len(positions) - len(np.unique(positions, axis=0))
-    if shared > SHARED_POSITION_FRACTION * len(positions):
+    shared = num_cells - len(np.unique(positions, axis=0))
+    if num_cells > 1 and shared > SHARED_POSITION_FRACTION * num_cells:
         doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
 
 
-# --- reading the files ---------------------------------------------------------------------------
-
-
-def _v73_field(dataset):
-    """A MATLAB v7.3 struct field: matrices transposed back, char arrays as text, [] as empty."""
-    if dataset.attrs.get("MATLAB_empty", 0):
-        return np.empty(0)
-    value = np.asarray(dataset[()]).T  # MATLAB stores matrices transposed in HDF5
-    if _as_text(dataset.attrs.get("MATLAB_class", b"")) == "char":
-        return "".join(map(chr, value.ravel()))
-    return value
-
-
 def _mat_struct_fields(path: Path) -> dict:
-    """Fields of the struct ``data`` in data_full.mat, MATLAB v5 (scipy) or v7.3 (HDF5)."""
+    """Fields of the struct ``data`` in data_full.mat: MATLAB v5 (scipy) or v7.3 (HDF5 after a
+    512-byte text header; matrices stored transposed, char arrays as codes, [] as an empty marker)."""
     import scipy.io
 
     expected = "expected a struct with fields CellXYZ, fpsec, ..."
-    if h5py.is_hdf5(path):  # MATLAB v7.3 files are HDF5 (after a 512-byte text header)
+    if not h5py.is_hdf5(path):
         try:
-            with h5py.File(path, "r") as h5:
-                if "data" not in h5:
-                    raise PipelineError(f"{path} has no struct 'data' (found {', '.join(h5) or 'nothing'})")
-                if not isinstance(h5["data"], h5py.Group):
-                    raise PipelineError(f"{path}: variable 'data' is an array, not a struct: {expected}")
-                group = h5["data"]
-                return {key: _v73_field(group[key]) for key in group if isinstance(group[key], h5py.Dataset)}
-        except PipelineError:
-            raise
+            mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
         except Exception as exc:
-            raise PipelineError(f"cannot read {path} as MATLAB v7.3 ({exc})") from None
+            raise PipelineError(f"cannot read {path} ({exc}): expected a complete MATLAB .mat file") from None
+        if "data" not in mat:
+            found = ", ".join(k for k in mat if not k.startswith("__"))
+            raise PipelineError(f"{path} has no struct 'data' (found {found or 'nothing'})")
+        if not hasattr(data := mat["data"], "_fieldnames"):
+            raise PipelineError(f"{path}: variable 'data' holds {_describe(np.asarray(data))}, {expected}")
+        return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
+    fields = {}
     try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+        with h5py.File(path, "r") as h5:
+            if "data" not in h5:
+                raise PipelineError(f"{path} has no struct 'data' (found {', '.join(h5) or 'nothing'})")
+            if not isinstance(h5["data"], h5py.Group):
+                raise PipelineError(f"{path}: variable 'data' is an array, not a struct: {expected}")
+            for key, dataset in h5["data"].items():
+                if isinstance(dataset, h5py.Dataset) and dataset.attrs.get("MATLAB_empty", 0):
+                    fields[key] = np.empty(0)
+                elif isinstance(dataset, h5py.Dataset):
+                    fields[key] = np.asarray(dataset[()]).T
+                    if _as_text(dataset.attrs.get("MATLAB_class", b"")) == "char":
+                        fields[key] = "".join(map(chr, fields[key].ravel()))
+    except PipelineError:
+        raise
     except Exception as exc:
-        raise PipelineError(f"cannot read {path} ({exc}): expected a complete MATLAB .mat file") from None
-    if "data" not in mat:
-        found = ", ".join(k for k in mat if not k.startswith("__"))
-        raise PipelineError(f"{path} has no struct 'data' (found {found or 'nothing'})")
-    data = mat["data"]
-    if not hasattr(data, "_fieldnames"):
-        raise PipelineError(f"{path}: variable 'data' holds {_describe(np.asarray(data))}, {expected}")
-    return {name: np.asarray(getattr(data, name)) for name in data._fieldnames}
+        raise PipelineError(f"cannot read {path} as MATLAB v7.3 ({exc})") from None
+    return fields
 
 
 def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tuple = (), attrs: tuple = ()) -> tuple:
-    """The TraceFile of ``path[dataset]`` (shape and type checked, traces not read), the file
-    attributes named in ``attrs`` and the small datasets named in ``extra`` that are present."""
-
+    """The TraceFile of ``path[dataset]`` (shape and type checked, traces not read) and those of the
+    file attributes named in ``attrs`` and the small datasets named in ``extra`` that are present."""
     try:
         h5 = h5py.File(path, "r")
     except Exception as exc:
@@ -536,11 +501,10 @@ def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tu
     with h5:
         if dataset not in h5:
             raise PipelineError(f"{path} has no dataset '{dataset}' (found {', '.join(h5) or 'nothing'})")
-        if not isinstance(h5[dataset], h5py.Dataset):
+        if not isinstance(data := h5[dataset], h5py.Dataset):
             raise PipelineError(f"{path}: {dataset} is a group, expected a dataset")
-        data = h5[dataset]
-        expected = "(T, N): frames x cells" if cells_on_columns else "(N, T): cells x frames"
         if data.ndim != 2:
+            expected = "(T, N): frames x cells" if cells_on_columns else "(N, T): cells x frames"
             raise PipelineError(f"{path}: {dataset} has shape {data.shape}, expected {expected}")
         if data.dtype.kind not in "fiu":
             raise PipelineError(
@@ -550,33 +514,32 @@ def _open_trace_file(path: Path, dataset: str, cells_on_columns: bool, extra: tu
         for key in extra:
             if key in h5 and not isinstance(h5[key], h5py.Dataset):
                 raise PipelineError(f"{path}: {key} is a group, expected a dataset")
-        found, other = {}, {}
+        found = {}
         for key in (*attrs, *extra):  # only what is asked for: other contents may be unreadable, no matter
             try:
                 if key in attrs and key in h5.attrs:
                     found[key] = h5.attrs[key]
                 elif key in extra and key in h5:
-                    other[key] = np.asarray(h5[key][()])
+                    found[key] = np.asarray(h5[key][()])
             except Exception as exc:
                 raise PipelineError(f"{path}: cannot read {'attribute ' * (key in attrs)}{key} ({exc})") from None
-    return TraceFile(str(path), dataset, cells_on_columns, int(cells), int(frames)), found, other
+    return TraceFile(str(path), dataset, cells_on_columns, int(cells), int(frames)), found
 
 
-def _chen_cell_ids(abs_ix, fields: dict, trace_file: TraceFile, num_rows: int, paths: tuple, doubts: list):
+def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, paths: tuple, doubts: list):
     """Each trace's 1-based row in CellXYZ: absIX (whole numbers, in range, each cell once) or,
     without absIX, the cells not listed in IX_inval_anat."""
-    series_path, anatomy_path = paths
-    num_cells, num_frames = trace_file.num_cells, trace_file.num_frames
+    (series_path, anatomy_path), num_cells, num_frames = paths, trace_file.num_cells, trace_file.num_frames
     invalid = None
-    if "IX_inval_anat" in fields:  # only needed without absIX: unreadable, it is then ignored
+    if invalid_field is not None:  # only needed without absIX: unreadable, it is then ignored
         with contextlib.suppress(PipelineError) if abs_ix is not None else contextlib.nullcontext():
-            invalid = _whole_numbers(fields["IX_inval_anat"], f"{anatomy_path}: data.IX_inval_anat")
+            invalid = _whole_numbers(invalid_field, f"{anatomy_path}: data.IX_inval_anat")
     if abs_ix is None:
         cell_ids = np.setdiff1d(np.arange(1, num_rows + 1), invalid if invalid is not None else [])
         if len(cell_ids) != num_cells:
+            hint = " (is CellResp transposed?)" if len(cell_ids) == num_frames else ""
             raise PipelineError(
-                f"{series_path} has no absIX and CellResp's {num_cells} cells do not match the {len(cell_ids)} "
-                f"valid cells of {anatomy_path}" + (" (is CellResp transposed?)" if len(cell_ids) == num_frames else "")
+                f"{series_path} has no absIX and CellResp's {num_cells} cells do not match the {len(cell_ids)} valid cells of {anatomy_path}{hint}"
             )
         return cell_ids
     where = f"{series_path}: absIX"
@@ -584,10 +547,9 @@ def _chen_cell_ids(abs_ix, fields: dict, trace_file: TraceFile, num_rows: int, p
         raise PipelineError(f"{where} has shape {np.shape(abs_ix)}, expected (1, N): one cell index per trace")
     cell_ids = _whole_numbers(abs_ix, where)
     if len(cell_ids) != num_cells:
-        transposed = f" (CellResp is {num_frames} x {num_cells}: is it transposed? expected frames x cells)"
+        hint = f" (CellResp is {num_frames} x {num_cells}: is it transposed? expected frames x cells)"
         raise PipelineError(
-            f"{where} lists {len(cell_ids)} cells but CellResp has {num_cells}"
-            + (transposed if len(cell_ids) == num_frames else "")
+            f"{where} lists {len(cell_ids)} cells but CellResp has {num_cells}" + hint * (len(cell_ids) == num_frames)
         )
     low, high = int(cell_ids.min(initial=1)), int(cell_ids.max(initial=1))
     if low < 1 or high > num_rows:
@@ -598,13 +560,11 @@ def _chen_cell_ids(abs_ix, fields: dict, trace_file: TraceFile, num_rows: int, p
     unique, counts = np.unique(cell_ids, return_counts=True)
     if len(unique) < len(cell_ids):
         raise PipelineError(
-            f"{where} lists {int((counts > 1).sum())} cell(s) more than once (cell {unique[counts.argmax()]} "
-            f"{counts.max()} times), expected each trace to be a different cell"
+            f"{where} lists {int((counts > 1).sum())} cell(s) more than once (cell {unique[counts.argmax()]} {counts.max()} times), expected each trace to be a different cell"
         )
-    if invalid is not None and np.isin(cell_ids, invalid).any():
+    if invalid is not None and (listed := int(np.isin(cell_ids, invalid).sum())):
         doubts.append(
-            f"{where}: {int(np.isin(cell_ids, invalid).sum())} traces are cells that data.IX_inval_anat marks "
-            "anatomically invalid (Chen's absIX leaves them out)"
+            f"{where}: {listed} traces are cells that data.IX_inval_anat marks anatomically invalid (Chen's absIX leaves them out)"
         )
     return cell_ids
 
@@ -614,7 +574,7 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
     for path, kind in ((series_path, "an HDF5"), (anatomy_path, "a MATLAB")):
         _check_file(path, kind, "the Chen 2018 layout needs TimeSeries.h5 and data_full.mat")
-    trace_file, _, datasets = _open_trace_file(series_path, "CellResp", True, extra=("absIX",))
+    trace_file, datasets = _open_trace_file(series_path, "CellResp", True, extra=("absIX",))
     fields = _mat_struct_fields(anatomy_path)
     key = "CellXYZ_norm" if coordinates == "registered" else "CellXYZ"
     for name, meaning in ((key, "cell positions"), ("fpsec", "frame rate")):
@@ -627,18 +587,15 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     cell_xyz = cell_xyz if cell_xyz.shape[1] == 3 else cell_xyz.T
     doubts: list = []
     frame_rate_hz = _frame_rate(fields["fpsec"], f"{anatomy_path}: data.fpsec", doubts)
-    abs_ix = datasets.get("absIX")
-    cell_ids = _chen_cell_ids(abs_ix, fields, trace_file, len(cell_xyz), (series_path, anatomy_path), doubts)
-    _check_positions(cell_xyz[cell_ids - 1], where, doubts)
+    paths = (series_path, anatomy_path)
+    cell_ids = _chen_cell_ids(
+        datasets.get("absIX"), fields.get("IX_inval_anat"), trace_file, len(cell_xyz), paths, doubts
+    )
+    positions = cell_xyz[cell_ids - 1]
+    _check_positions(positions, where, doubts)
+    sources = (str(series_path), str(anatomy_path))
     subject = SubjectData(
-        name=folder.name,
-        folder=str(folder),
-        trace_file=trace_file,
-        positions=cell_xyz[cell_ids - 1],
-        frame_rate_hz=frame_rate_hz,
-        cell_ids=cell_ids,
-        layout="chen2018",
-        source_files=(str(series_path), str(anatomy_path)),
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources
     )
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
@@ -649,38 +606,26 @@ def load_generic_subject(folder: Path) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
     path = folder / "traces.h5"
     _check_file(path, "an HDF5", "the generic layout needs traces.h5")
-    trace_file, attrs, datasets = _open_trace_file(
-        path, "traces", False, extra=("positions",), attrs=("frame_rate_hz", "trace_type")
-    )
-    for name, found in (("positions", datasets), ("attribute frame_rate_hz", attrs)):
+    trace_file, found = _open_trace_file(path, "traces", False, ("positions",), ("frame_rate_hz", "trace_type"))
+    for name in ("positions", "attribute frame_rate_hz"):
         if name.split()[-1] not in found:
             raise PipelineError(f"{path} lacks {name}")
-    positions = _numbers(datasets["positions"], f"{path}: positions", "numbers (cells x 3 positions)")
+    positions = _numbers(found["positions"], f"{path}: positions", "numbers (cells x 3 positions)")
     if positions.shape != (trace_file.num_cells, 3):
-        raise PipelineError(
-            f"{path}: traces {(trace_file.num_cells, trace_file.num_frames)} and positions {positions.shape} "
-            "must be (N, T) and (N, 3)"
-        )
+        shapes = f"traces {(trace_file.num_cells, trace_file.num_frames)} and positions {positions.shape}"
+        raise PipelineError(f"{path}: {shapes} must be (N, T) and (N, 3)")
     doubts: list = []
-    frame_rate_hz = _frame_rate(attrs["frame_rate_hz"], f"{path}: attribute frame_rate_hz", doubts)
-    hint = (_as_text(attrs["trace_type"]) or "?").strip().lower() if "trace_type" in attrs else None
+    frame_rate_hz = _frame_rate(found["frame_rate_hz"], f"{path}: attribute frame_rate_hz", doubts)
+    hint = (_as_text(found["trace_type"]) or "?").strip().lower() if "trace_type" in found else None
     if hint not in (None, "dff", "fluorescence"):
         doubts.append(
-            f"{path}: attribute trace_type is {_describe(np.asarray(attrs['trace_type']))}, expected 'dff' or "
-            "'fluorescence': ignored (the type is decided from the data, or set --trace_type)"
+            f"{path}: attribute trace_type is {_describe(np.asarray(found['trace_type']))}, expected 'dff' or 'fluorescence': ignored (the type is decided from the data, or set --trace_type)"
         )
         hint = None
     _check_positions(positions, f"{path}: positions", doubts)
+    cell_ids = np.arange(trace_file.num_cells, dtype=np.int64)
     subject = SubjectData(
-        name=folder.name,
-        folder=str(folder),
-        trace_file=trace_file,
-        positions=positions,
-        frame_rate_hz=frame_rate_hz,
-        cell_ids=np.arange(trace_file.num_cells, dtype=np.int64),
-        layout="generic",
-        trace_type_hint=hint,
-        source_files=(str(path),),
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),)
     )
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
@@ -690,12 +635,10 @@ def load_generic_subject(folder: Path) -> SubjectData:
 def load_subject(folder, coordinates: str = "raw") -> SubjectData:
     """Open and validate a subject folder in whichever supported layout it has, without reading
     the traces (those are read a block at a time during inference, and checked then)."""
-    folder = Path(folder)
-    layouts = "TimeSeries.h5 + data_full.mat (Chen 2018) or traces.h5"
+    folder, layouts = Path(folder), "TimeSeries.h5 + data_full.mat (Chen 2018) or traces.h5"
     if not folder.is_dir():
-        raise PipelineError(
-            f"{folder} is {'a file' if folder.exists() else 'a broken link'}, expected a folder of {layouts}"
-        )
+        found = "a file" if folder.exists() else "a broken link"
+        raise PipelineError(f"{folder} is {found}, expected a folder of {layouts}")
     try:
         present = {path.name for path in folder.iterdir()}
     except OSError as exc:
@@ -704,13 +647,12 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
         subject = load_chen2018_subject(folder, coordinates)
         if "traces.h5" in present:
             subject.warn("the folder holds both layouts: TimeSeries.h5 + data_full.mat used, traces.h5 ignored")
+    elif "traces.h5" in present and coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     elif "traces.h5" in present:
-        if coordinates == "registered":
-            raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
         subject = load_generic_subject(folder)
     else:
-        found = ", ".join(sorted(present)[:5]) or "nothing"
-        raise PipelineError(f"{folder} has neither {layouts} (found: {found})")
+        raise PipelineError(f"{folder} has neither {layouts} (found: {', '.join(sorted(present)[:5]) or 'nothing'})")
     if subject.num_cells == 0 or subject.num_frames == 0:
         raise PipelineError(f"{folder}: empty recording ({subject.num_cells} cells x {subject.num_frames} frames)")
     return subject
@@ -722,11 +664,9 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
 
 
 def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: int = 2000) -> tuple:
-    """'fluorescence' or 'dff' from the data, with the reason (logged and recorded).
-
-    Raw fluorescence sits on a positive baseline far above its own fluctuations; dF/F hovers
-    around zero. We compare each cell's baseline (8th percentile) with its noise (MAD of diffs).
-    """
+    """'fluorescence' or 'dff' from the data, with the reason (logged and recorded). Raw fluorescence
+    sits on a positive baseline far above its own fluctuations; dF/F hovers around zero, so we compare
+    each cell's baseline (8th percentile) with its noise (MAD of diffs)."""
     if hint in ("fluorescence", "dff"):
         return hint, f"file attribute trace_type={hint}"
     sample = traces[np.linspace(0, len(traces) - 1, min(len(traces), max_cells)).astype(int)]
@@ -749,12 +689,10 @@ def sliding_percentile(
     scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') but ~3x faster: np.partition
     over a strided window view, a block of rows at a time so memory stays bounded."""
     window_frames = int(window_frames) | 1
-    half = window_frames // 2
-    rank = int(window_frames * percentile / 100.0)
-    num_rows, num_frames = traces.shape
-    out = np.empty((num_rows, num_frames), dtype=np.float32)
-    rows_per_block = max(1, max_chunk_values // max(1, num_frames * window_frames))
-    for start in range(0, num_rows, rows_per_block):
+    half, rank = window_frames // 2, int(window_frames * percentile / 100.0)
+    out = np.empty(traces.shape, dtype=np.float32)
+    rows_per_block = max(1, max_chunk_values // max(1, traces.shape[1] * window_frames))
+    for start in range(0, len(traces), rows_per_block):
         block = np.pad(traces[start : start + rows_per_block], ((0, 0), (half, half)), mode="edge")
         windows = np.lib.stride_tricks.sliding_window_view(block, window_frames, axis=1)
         out[start : start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
@@ -764,24 +702,17 @@ def sliding_percentile(
 def compute_dff(
     fluorescence: np.ndarray, frame_rate_hz: float, window_s: float = 30.0, percentile: float = 8.0
 ) -> np.ndarray:
-    """dF/F = (F - F0) / F0 with F0 the ``percentile`` over a centred ``window_s`` window.
-
-    The window is converted to frames with the subject's real frame rate (the original assumed
-    2 Hz and forgot to divide by F0). NaN frames are filled with the cell's median for the
-    baseline only. A non-positive F0 (background-subtracted data) would make dF/F meaningless:
-    it is floored at 1% of the cell's median F0 (or 1e-6).
-    """
+    """dF/F = (F - F0) / F0, F0 the ``percentile`` over a centred ``window_s`` window (in frames at the
+    subject's real rate). NaN frames are filled with the cell's median for the baseline only. A
+    non-positive F0 (background-subtracted data) is floored at 1% of the cell's median F0 (or 1e-6)."""
     window_frames = max(3, int(round(window_s * frame_rate_hz)) | 1)  # odd, centred
-    traces = np.asarray(fluorescence, dtype=np.float32)
-    filled = traces
+    traces = filled = np.asarray(fluorescence, dtype=np.float32)
     if np.isnan(traces).any():
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: reported, left out
-            filled = np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces)
-        filled = np.nan_to_num(filled)
+            filled = np.nan_to_num(np.where(np.isnan(traces), np.nanmedian(traces, axis=1, keepdims=True), traces))
     baseline = sliding_percentile(filled, window_frames, percentile)
-    floor = np.maximum(0.01 * np.abs(np.median(baseline, axis=1, keepdims=True)), 1e-6)
-    baseline = np.maximum(baseline, floor)
+    baseline = np.maximum(baseline, np.maximum(0.01 * np.abs(np.median(baseline, axis=1, keepdims=True)), 1e-6))
     return ((traces - baseline) / baseline).astype(np.float32)
 
 
