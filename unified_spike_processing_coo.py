@@ -838,19 +838,18 @@ class CascadeModel:
     requested: str = ""  # what the user asked for: a model name, 'auto', 'builtin' or the --model_dir
     digest: str = ""  # sha256 of config.yaml and the weight files, 16 hex digits: which weights made a file
 
+    # Frame t is predicted from dff[t - window_offset : t - window_offset + W] (CASCADE: int(b*W - 1));
+    # the first frames_before (int(b*W)) and last frames_after (int((1-b)*W)) frames get no prediction.
     @property
     def window_offset(self) -> int:
-        """Frame t is predicted from dff[t - offset : t - offset + W] (CASCADE: int(b*W - 1))."""
         return int(self.before_frac * self.window_size - 1)
 
     @property
     def frames_before(self) -> int:
-        """Leading frames that get no prediction (CASCADE pads int(before_frac*W))."""
         return int(self.before_frac * self.window_size)
 
     @property
     def frames_after(self) -> int:
-        """Frames at the end of a trace that get no prediction (int((1-before_frac)*W))."""
         return int((1 - self.before_frac) * self.window_size)
 
     @property
@@ -864,16 +863,7 @@ class CascadeModel:
 
     def provenance(self) -> dict:
         """What outputs record about the model, so a file says how it was made."""
-        fields = (
-            "source",
-            "requested",
-            "folder",
-            "sampling_rate_hz",
-            "smoothing_s",
-            "noise_levels",
-            "ensemble_size",
-            "digest",
-        )
+        fields = "source requested folder sampling_rate_hz smoothing_s noise_levels ensemble_size digest".split()
         record = {"cascade_model": self.name, **{f"model_{field}": getattr(self, field) for field in fields}}
         return {**record, "model_noise_levels": list(self.noise_levels)}
 
@@ -892,23 +882,19 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
     for i, conv in enumerate(layers[layer]["config"] for layer in (0, 1, 3)):
         expected = (int(config["filter_numbers"][i]), int(config["filter_sizes"][i]))
         found = (int(conv["filters"]), _as_int(conv["kernel_size"]))
-        kind = (conv.get("activation"), conv.get("padding", "valid"))
-        if (
-            found != expected
-            or kind != ("relu", "valid")
-            or _as_int(conv.get("strides", 1)) != 1
-            or _as_int(conv.get("dilation_rate", 1)) != 1
+        steps = (_as_int(conv.get("strides", 1)), _as_int(conv.get("dilation_rate", 1)))
+        if found != expected or (conv.get("activation"), conv.get("padding", "valid"), *steps) != (
+            "relu",
+            "valid",
+            1,
+            1,
         ):
             raise PipelineError(
-                f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, "
-                f"config.yaml says {expected} relu valid"
+                f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, config.yaml says {expected} relu valid"
             )
     for pool in (layers[2]["config"], layers[4]["config"]):
-        if (_as_int(pool.get("pool_size", 2)), _as_int(pool.get("strides", 2)), pool.get("padding", "valid")) != (
-            2,
-            2,
-            "valid",
-        ):
+        size_and_stride = (_as_int(pool.get("pool_size", 2)), _as_int(pool.get("strides", 2)))
+        if (*size_and_stride, pool.get("padding", "valid")) != (2, 2, "valid"):
             raise PipelineError(f"{path}: max-pooling layers must be size 2, stride 2, valid")
     hidden, output = layers[5]["config"], layers[7]["config"]
     if hidden.get("activation") != "relu" or int(hidden["units"]) != int(config["dense_expansion"]):
@@ -984,11 +970,10 @@ def _read_model_config(path: Path) -> tuple:
 
 
 def load_cascade_model_folder(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
-    """Load and check a CASCADE model folder (config.yaml + Model_NoiseLevel_<N>_Ensemble_<E>.h5).
+    """Load and check a CASCADE model folder: the one validation of a model.
 
-    This is the one validation of a model: a missing folder, config.yaml or weight file, a bad
-    config, a truncated file or another network is one PipelineError naming the file and the fix.
-    The digest (sha256 of config.yaml and the weight files) says which weights made an output.
+    A missing folder, config.yaml or weight file, a bad config, a truncated file or another network
+    is one PipelineError naming the file and the fix. The digest says which weights made an output.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -1066,8 +1051,7 @@ def choose_auto_model_name(frame_rate_hz: float, names: Iterable[str]) -> str:
     Keys, in order (so the order of ``names`` never matters): nearest sampling rate; plain variant,
     then _high_noise, _causalkernel, any other (symmetric kernels keep spike timing unbiased);
     smoothing nearest one frame interval (500 ms at 2 Hz, the builtin's), then the smaller one;
-    the lower rate; the name. 1.84 Hz -> Global_EXC_2Hz_smoothing500ms, 2.56 Hz ->
-    Global_EXC_2.5Hz_smoothing400ms_high_noise (the only 2.5 Hz model).
+    the lower rate; the name.
     """
     rate = float(frame_rate_hz)
     if not math.isfinite(rate) or rate <= 0:
@@ -1175,13 +1159,9 @@ def _download_zip(url: str, dest: Path, timeout_s: float) -> None:
 
 
 def _install_folder(folder: Path, target: Path) -> Path:
-    """Move the checked model ``folder`` to ``target`` atomically (os.replace).
-
-    A complete ``target`` that another process (a SLURM array task sharing the cache) installed
-    meanwhile wins and ``folder`` is dropped; an incomplete one is moved aside and removed.
-    """
+    """Move the checked model ``folder`` to ``target`` atomically; a complete ``target`` installed meanwhile wins."""
     for _attempt in range(3):
-        if target.exists():
+        if target.exists():  # another process (a SLURM array task sharing the cache) was faster
             try:
                 return Path(load_model_once(find_model_folder(target)).folder)
             except PipelineError:
@@ -1222,10 +1202,7 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
 
 
 def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
-    """(folder, 'cache' or 'downloaded') for model ``name``, or (None, why it cannot be had).
-
-    Remembered per process: a download that failed is not tried again for the next subject.
-    """
+    """(folder, 'cache' or 'downloaded'), or (None, why not); per process: a failed download is not retried."""
     fetched = PROCESS_CACHE.setdefault("fetched", {})
     key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
     if key not in fetched and target.exists():
@@ -1284,11 +1261,10 @@ def resolve_model(
     strict: bool = False,
     offline: bool = False,
 ) -> CascadeModel:
-    """The CASCADE model for ``requested`` (a name, 'auto' or 'builtin'; ``model_dir`` wins), loaded.
+    """The CASCADE model for ``requested`` (a name, 'auto' or 'builtin'; ``model_dir`` wins), loaded (see above).
 
-    ``frame_rate_hz`` (the subject's) picks the 'builtin' and 'auto' models; comparing it with the
-    model's rate is the caller's (rate_mismatch). ``strict``: an official model that cannot be had is
-    an error instead of the builtin fallback. ``offline``: never download. Order: see above.
+    ``frame_rate_hz`` (the subject's) picks the 'builtin' and 'auto' models; the caller compares it with
+    the model's rate (rate_mismatch). ``strict``: no builtin fallback. ``offline``: never download.
     """
     if model_dir not in (None, ""):
         try:
@@ -1298,12 +1274,12 @@ def resolve_model(
     name = str(requested or BUILTIN_MODEL_KEYWORD).strip()
     if name.lower() == BUILTIN_MODEL_KEYWORD:
         return _builtin(frame_rate_hz, "builtin", name)
-    cache = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser()
+    cache, is_auto = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser(), name.lower() == AUTO_MODEL_KEYWORD
     name = _official_name(name, cache, frame_rate_hz)
     folder, found = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
         return _choose(folder, found, str(requested))
-    if offline and str(requested).strip().lower() == AUTO_MODEL_KEYWORD:  # by design, not a fallback
+    if is_auto and offline:  # by design, not a fallback: the best model this machine has
         return _builtin(frame_rate_hz, "builtin", str(requested), why=f"'auto' chose {name}, but {found}")
     if strict:
         raise ModelResolutionError(
