@@ -726,11 +726,8 @@ def compute_dff(
 # depend on the Keras version. Layer names carry random suffixes: we go by layer order.
 
 MODEL_FILE_PATTERN = re.compile(r"Model_NoiseLevel_(\d+)_Ensemble_(\d+)\.h5$")
-
 # The layer stack CASCADE trains (cascade2p's define_model); anything else is rejected.
 CASCADE_LAYER_CLASSES = ("Conv1D", "Conv1D", "MaxPooling1D", "Conv1D", "MaxPooling1D", "Dense", "Flatten", "Dense")
-
-
 # The source of a builtin model that stands in for an unavailable one starts with this (see resolve_model).
 FALLBACK_SOURCE_PREFIX = "builtin (fallback: "
 
@@ -749,21 +746,6 @@ class NetworkWeights:
     dense_bias: np.ndarray
     output_kernel: np.ndarray  # (positions * dense_expansion, 1), flattened position-major
     output_bias: np.ndarray
-    source_file: str = ""
-
-    def as_tuple(self) -> tuple:
-        return (
-            self.conv1_kernel,
-            self.conv1_bias,
-            self.conv2_kernel,
-            self.conv2_bias,
-            self.conv3_kernel,
-            self.conv3_bias,
-            self.dense_kernel,
-            self.dense_bias,
-            self.output_kernel,
-            self.output_bias,
-        )
 
 
 @dataclass(frozen=True)
@@ -787,19 +769,18 @@ class CascadeModel:
     requested: str = ""  # what the user asked for: a model name, 'auto', 'builtin' or the --model_dir
     digest: str = ""  # sha256 of config.yaml and the weight files, 16 hex digits: which weights made a file
 
+    # Frame t is predicted from dff[t - window_offset : t - window_offset + W] (CASCADE: int(b*W - 1));
+    # the first frames_before (int(b*W)) and last frames_after (int((1-b)*W)) frames get no prediction.
     @property
     def window_offset(self) -> int:
-        """Frame t is predicted from dff[t - offset : t - offset + W] (CASCADE: int(b*W - 1))."""
         return int(self.before_frac * self.window_size - 1)
 
     @property
     def frames_before(self) -> int:
-        """Leading frames that get no prediction (CASCADE pads int(before_frac*W))."""
         return int(self.before_frac * self.window_size)
 
     @property
     def frames_after(self) -> int:
-        """Frames at the end of a trace that get no prediction (int((1-before_frac)*W))."""
         return int((1 - self.before_frac) * self.window_size)
 
     @property
@@ -813,24 +794,9 @@ class CascadeModel:
 
     def provenance(self) -> dict:
         """What outputs record about the model, so a file says how it was made."""
-        return {
-            "cascade_model": self.name,
-            "model_source": self.source,
-            "model_requested": self.requested,
-            "model_folder": self.folder,
-            "model_sampling_rate_hz": self.sampling_rate_hz,
-            "model_smoothing_s": self.smoothing_s,
-            "model_noise_levels": list(self.noise_levels),
-            "model_ensemble_size": self.ensemble_size,
-            "model_digest": self.digest,
-        }
-
-
-def _layer_config_list(model_config: dict) -> list:
-    """Layers of a saved Keras model (Sequential or functional, Keras 2 or 3), as dicts."""
-    config = model_config.get("config", {})
-    layers = config.get("layers", config) if isinstance(config, dict) else config
-    return [layer for layer in layers if layer.get("class_name") != "InputLayer"]
+        fields = "source requested folder sampling_rate_hz smoothing_s noise_levels ensemble_size digest".split()
+        record = {"cascade_model": self.name, **{f"model_{field}": getattr(self, field) for field in fields}}
+        return {**record, "model_noise_levels": list(self.noise_levels)}
 
 
 def _as_int(value) -> int:
@@ -844,60 +810,51 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
         raise PipelineError(
             f"{path}: layer stack {classes} is not CASCADE's {CASCADE_LAYER_CLASSES}; this engine cannot run it"
         )
-    convs = [layers[0]["config"], layers[1]["config"], layers[3]["config"]]
-    for i, conv in enumerate(convs):
+    for i, conv in enumerate(layers[layer]["config"] for layer in (0, 1, 3)):
         expected = (int(config["filter_numbers"][i]), int(config["filter_sizes"][i]))
         found = (int(conv["filters"]), _as_int(conv["kernel_size"]))
-        if (
-            found != expected
-            or conv.get("activation") != "relu"
-            or conv.get("padding", "valid") != "valid"
-            or _as_int(conv.get("strides", 1)) != 1
-            or _as_int(conv.get("dilation_rate", 1)) != 1
+        steps = (_as_int(conv.get("strides", 1)), _as_int(conv.get("dilation_rate", 1)))
+        if found != expected or (conv.get("activation"), conv.get("padding", "valid"), *steps) != (
+            "relu",
+            "valid",
+            1,
+            1,
         ):
             raise PipelineError(
-                f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, "
-                f"config.yaml says {expected} relu valid"
+                f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, config.yaml says {expected} relu valid"
             )
     for pool in (layers[2]["config"], layers[4]["config"]):
-        if (
-            _as_int(pool.get("pool_size", 2)) != 2
-            or _as_int(pool.get("strides", 2)) != 2
-            or pool.get("padding", "valid") != "valid"
-        ):
+        size_and_stride = (_as_int(pool.get("pool_size", 2)), _as_int(pool.get("strides", 2)))
+        if (*size_and_stride, pool.get("padding", "valid")) != (2, 2, "valid"):
             raise PipelineError(f"{path}: max-pooling layers must be size 2, stride 2, valid")
-    if layers[5]["config"].get("activation") != "relu" or int(layers[5]["config"]["units"]) != int(
-        config["dense_expansion"]
-    ):
+    hidden, output = layers[5]["config"], layers[7]["config"]
+    if hidden.get("activation") != "relu" or int(hidden["units"]) != int(config["dense_expansion"]):
         raise PipelineError(f"{path}: hidden dense layer is not relu x dense_expansion")
-    if layers[7]["config"].get("activation") != "linear" or int(layers[7]["config"]["units"]) != 1:
+    if output.get("activation") != "linear" or int(output["units"]) != 1:
         raise PipelineError(f"{path}: output layer must be a single linear unit")
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
+    """One ensemble member's weights, from a Keras HDF5 file checked to hold the CASCADE network."""
     try:
         with h5py.File(path, "r") as h5:
-            raw_config = h5.attrs.get("model_config")
-            if raw_config is None:
+            if (raw_config := h5.attrs.get("model_config")) is None:
                 raise PipelineError(f"{path} has no 'model_config' attribute: not a Keras model file saved by CASCADE")
-            if isinstance(raw_config, bytes):
-                raw_config = raw_config.decode()
-            layers = _layer_config_list(json.loads(raw_config))
-            _check_architecture(layers, config, path)
+            model_config = json.loads(_text(raw_config)).get("config", {})  # Sequential or functional, Keras 2 or 3
+            layers = model_config.get("layers", model_config) if isinstance(model_config, dict) else model_config
+            _check_architecture([layer for layer in layers if layer.get("class_name") != "InputLayer"], config, path)
             group = h5["model_weights"] if "model_weights" in h5 else h5
-            layer_names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]]
             arrays = []
-            for layer_name in layer_names:
-                layer_group = group[layer_name]
-                weight_names = [
-                    n.decode() if isinstance(n, bytes) else str(n) for n in layer_group.attrs.get("weight_names", [])
+            for layer in (group[_text(name)] for name in group.attrs["layer_names"]):
+                weights = [
+                    np.asarray(layer[_text(name)], dtype=np.float32) for name in layer.attrs.get("weight_names", [])
                 ]
-                if not weight_names:
-                    continue
-                weights = [np.asarray(layer_group[n], dtype=np.float32) for n in weight_names]
-                kernel = next(w for w in weights if w.ndim >= 2)
-                bias = next(w for w in weights if w.ndim == 1)
-                arrays.append((kernel, bias))
+                if weights:  # (kernel, bias)
+                    arrays += [next(w for w in weights if w.ndim >= 2), next(w for w in weights if w.ndim == 1)]
     except PipelineError:
         raise
     except (OSError, KeyError, StopIteration, ValueError) as exc:
@@ -906,10 +863,9 @@ def _read_network_weights(path: Path, config: dict) -> NetworkWeights:
             "the file is missing, truncated or not a Keras HDF5 model: "
             "re-download the model folder"
         ) from None
-    if len(arrays) != 5:
-        raise PipelineError(f"{path}: expected 5 weighted layers, found {len(arrays)}")
-    (k1, b1), (k2, b2), (k3, b3), (kd, bd), (ko, bo) = arrays
-    return NetworkWeights(k1, b1, k2, b2, k3, b3, kd, bd, ko, bo, source_file=str(path))
+    if len(arrays) != 10:
+        raise PipelineError(f"{path}: expected 5 weighted layers, found {len(arrays) // 2}")
+    return NetworkWeights(*arrays)
 
 
 def _one_line(value) -> str:
@@ -917,15 +873,15 @@ def _one_line(value) -> str:
 
 
 def _read_model_config(path: Path) -> tuple:
-    """(config, noise levels, engine parameters) from config.yaml, or a PipelineError naming the file."""
+    """(config, engine parameters) from config.yaml, or a PipelineError naming the file."""
     if not path.is_file():
         raise PipelineError(
             f"CASCADE model folder {path.parent} has no config.yaml: point --model_dir at a folder as CASCADE distributes it"
         )
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
-        noise_levels = tuple(sorted(int(n) for n in config["noise_levels"]))
         params = dict(
+            noise_levels=tuple(sorted(int(n) for n in config["noise_levels"])),
             sampling_rate_hz=float(config["sampling_rate"]),
             smoothing_s=float(config["smoothing"]),
             causal_kernel=bool(config.get("causal_kernel", 0)),
@@ -935,53 +891,42 @@ def _read_model_config(path: Path) -> tuple:
             filter_numbers=tuple(int(v) for v in config["filter_numbers"]),
             dense_expansion=int(config["dense_expansion"]),
         )
-        if not noise_levels or not params["sampling_rate_hz"] > 0:
+        if not params["noise_levels"] or not params["sampling_rate_hz"] > 0:
             raise ValueError("no noise_levels, or sampling_rate is not positive")
     except KeyError as exc:
         raise PipelineError(f"{path} lacks {exc}: not a CASCADE model config") from None
     except (OSError, yaml.YAMLError, TypeError, ValueError) as exc:
         raise PipelineError(f"{path} is not a valid CASCADE config ({_one_line(exc)}): re-download it") from None
-    return config, noise_levels, params
+    return config, params
 
 
 def load_cascade_model_folder(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
-    """Load and check a CASCADE model folder (config.yaml + Model_NoiseLevel_<N>_Ensemble_<E>.h5).
+    """Load and check a CASCADE model folder: the one validation of a model.
 
-    This is the one validation of a model: a missing folder, config.yaml or weight file, a bad
-    config, a truncated file or another network is one PipelineError naming the file and the fix.
-    The digest (sha256 of config.yaml and the weight files) says which weights made an output.
+    A missing folder, config.yaml or weight file, a bad config, a truncated file or another network
+    is one PipelineError naming the file and the fix. The digest says which weights made an output.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PipelineError(f"CASCADE model folder {folder} does not exist")
-    config, noise_levels, params = _read_model_config(folder / "config.yaml")
-    files: dict = {}
-    for path in sorted(folder.glob("*.h5")):
-        match = MODEL_FILE_PATTERN.search(path.name)
-        if match and int(match.group(1)) in noise_levels:
-            files.setdefault(int(match.group(1)), []).append((int(match.group(2)), path))
-    absent = [n for n in noise_levels if n not in files]
-    if absent:
+    config, params = _read_model_config(folder / "config.yaml")
+    found = sorted(
+        (int(m[1]), int(m[2]), path) for path in folder.glob("*.h5") if (m := MODEL_FILE_PATTERN.search(path.name))
+    )
+    paths = {level: [path for n, _, path in found if n == level] for level in params["noise_levels"]}
+    if absent := [level for level in paths if not paths[level]]:
         raise PipelineError(
             f"CASCADE model folder {folder} has no Model_NoiseLevel_{absent[0]}_Ensemble_*.h5 file although "
             "config.yaml lists that noise level: the download is incomplete, fetch the model again"
         )
-    paths = {level: [path for _, path in sorted(files[level])] for level in noise_levels}
     ensembles = {level: tuple(_read_network_weights(path, config) for path in paths[level]) for level in paths}
     sha = hashlib.sha256()
     for path in [folder / "config.yaml", *(path for level in paths for path in paths[level])]:
         sha.update(path.name.encode() + b"\0" + path.read_bytes())
-    return CascadeModel(
-        name=str(config.get("model_name", folder.name)),
-        folder=str(folder.resolve()),
-        noise_levels=noise_levels,
-        ensemble_size=min(len(e) for e in ensembles.values()),
-        ensembles=ensembles,
-        source=source,
-        requested=requested,
-        digest=sha.hexdigest()[:16],
-        **params,
-    )
+    provenance = dict(source=source, requested=requested, digest=sha.hexdigest()[:16])
+    size = min(len(members) for members in ensembles.values())
+    name = str(config.get("model_name", folder.name))
+    return CascadeModel(name, str(folder.resolve()), ensembles=ensembles, ensemble_size=size, **params, **provenance)
 
 
 # =============================================================================================
@@ -1026,8 +971,7 @@ def rate_mismatch(model: CascadeModel, frame_rate_hz: float) -> float:
 
 def parse_model_sampling_rate_hz(name: str) -> float:
     """Sampling rate in a model name, e.g. ``Global_EXC_2.5Hz_smoothing400ms_high_noise`` -> 2.5."""
-    match = re.search(r"(?:^|_)(\d+(?:\.\d+)?)Hz(?:_|$)", str(name))
-    if match is None:
+    if (match := re.search(r"(?:^|_)(\d+(?:\.\d+)?)Hz(?:_|$)", str(name))) is None:
         raise ValueError(f"no sampling rate ('<rate>Hz') in CASCADE model name {name!r}")
     return float(match.group(1))
 
@@ -1038,8 +982,7 @@ def choose_auto_model_name(frame_rate_hz: float, names: Iterable[str]) -> str:
     Keys, in order (so the order of ``names`` never matters): nearest sampling rate; plain variant,
     then _high_noise, _causalkernel, any other (symmetric kernels keep spike timing unbiased);
     smoothing nearest one frame interval (500 ms at 2 Hz, the builtin's), then the smaller one;
-    the lower rate; the name. 1.84 Hz -> Global_EXC_2Hz_smoothing500ms, 2.56 Hz ->
-    Global_EXC_2.5Hz_smoothing400ms_high_noise (the only 2.5 Hz model).
+    the lower rate; the name.
     """
     rate = float(frame_rate_hz)
     if not math.isfinite(rate) or rate <= 0:
@@ -1051,9 +994,10 @@ def choose_auto_model_name(frame_rate_hz: float, names: Iterable[str]) -> str:
     def key(match) -> tuple:
         model_rate, smoothing_ms = float(match[1]), float(match[2])
         variant = {"": 0, "_high_noise": 1, "_causalkernel": 2}.get(match[3], 3)
-        return (round(abs(model_rate - rate), 9), variant, round(abs(smoothing_ms - 1000 / rate), 9), smoothing_ms)
+        rate_gap, smoothing_gap = round(abs(model_rate - rate), 9), round(abs(smoothing_ms - 1000 / rate), 9)
+        return (rate_gap, variant, smoothing_gap, smoothing_ms, model_rate, match[0])
 
-    return min(matches, key=lambda match: (*key(match), float(match[1]), match[0]))[0]
+    return min(matches, key=key)[0]
 
 
 def official_models(cache_dir=None) -> dict:
@@ -1082,8 +1026,7 @@ def builtin_models() -> dict:
 def nearest_builtin_folder(frame_rate_hz: float | None = None) -> Path:
     """The builtin model trained nearest the frame rate (2 Hz, the original default, when unknown)."""
     rate = frame_rate_hz if frame_rate_hz is not None and math.isfinite(frame_rate_hz) else 2.0
-    family = builtin_models()
-    if not family:
+    if not (family := builtin_models()):
         raise PipelineError(f"no builtin_<rate>Hz_smoothing<ms>ms folder in {', '.join(map(str, MODEL_SEARCH_DIRS))}")
     return family[min(family, key=lambda name: round(abs(parse_model_sampling_rate_hz(name) - rate), 9))]
 
@@ -1147,13 +1090,9 @@ def _download_zip(url: str, dest: Path, timeout_s: float) -> None:
 
 
 def _install_folder(folder: Path, target: Path) -> Path:
-    """Move the checked model ``folder`` to ``target`` with os.replace, atomically.
-
-    A complete ``target`` that another process (a SLURM array task sharing the cache) installed
-    meanwhile wins and ``folder`` is dropped; an incomplete one is moved aside and removed.
-    """
+    """Move the checked model ``folder`` to ``target`` atomically; a complete ``target`` installed meanwhile wins."""
     for _attempt in range(3):
-        if target.exists():
+        if target.exists():  # another process (a SLURM array task sharing the cache) was faster
             try:
                 return Path(load_model_once(find_model_folder(target)).folder)
             except PipelineError:
@@ -1194,10 +1133,7 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
 
 
 def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
-    """(folder, 'cache' or 'downloaded') for model ``name``, or (None, why it cannot be had).
-
-    Remembered per process: a download that failed is not tried again for the next subject.
-    """
+    """(folder, 'cache' or 'downloaded'), or (None, why not); per process: a failed download is not retried."""
     fetched = PROCESS_CACHE.setdefault("fetched", {})
     key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
     if key not in fetched and target.exists():
@@ -1226,6 +1162,27 @@ def _builtin(frame_rate_hz: float | None, source: str, requested: str, why: str 
         raise ModelResolutionError(f"builtin CASCADE model: {exc}; restore models/ or pass --model_dir DIR") from None
 
 
+def _official_name(name: str, cache: Path, frame_rate_hz: float | None) -> str:
+    """The official (or cached) model name that ``name`` stands for ('auto': chosen by frame rate)."""
+    if name.lower() == AUTO_MODEL_KEYWORD:
+        if frame_rate_hz is None or not math.isfinite(frame_rate_hz) or frame_rate_hz <= 0:
+            raise ModelResolutionError("--cascade_model auto needs the subject's frame rate; pass a model name")
+        try:
+            return choose_auto_model_name(frame_rate_hz, official_models(cache))
+        except ValueError as exc:
+            raise ModelResolutionError(f"--cascade_model auto: {exc}; pass a model name or --model_dir DIR") from None
+    if not _MODEL_NAME_RE.match(name) or ".." in name:
+        raise ModelResolutionError(f"invalid CASCADE model name {name!r}: use an official name, 'auto' or 'builtin'")
+    if not (cache / name).exists() and name not in (links := official_models(cache)):
+        close = " or ".join(difflib.get_close_matches(name, links, n=3))
+        raise ModelResolutionError(
+            f"unknown CASCADE model '{name}' (not official, not in the cache {cache}); "
+            + (f"did you mean {close}? " if close else "")
+            + "Official names are in models/official_models.yaml; or use 'auto', 'builtin' or --model_dir DIR"
+        )
+    return name
+
+
 def resolve_model(
     requested: str = "builtin",
     *,
@@ -1235,11 +1192,10 @@ def resolve_model(
     strict: bool = False,
     offline: bool = False,
 ) -> CascadeModel:
-    """The CASCADE model for ``requested`` (a name, 'auto' or 'builtin'; ``model_dir`` wins), loaded.
+    """The CASCADE model for ``requested`` (a name, 'auto' or 'builtin'; ``model_dir`` wins), loaded (see above).
 
-    ``frame_rate_hz`` (the subject's) picks the 'builtin' and 'auto' models; comparing it with the
-    model's rate is the caller's (rate_mismatch). ``strict``: an official model that cannot be had is
-    an error instead of the builtin fallback. ``offline``: never download. Order: see above.
+    ``frame_rate_hz`` (the subject's) picks the 'builtin' and 'auto' models; the caller compares it with
+    the model's rate (rate_mismatch). ``strict``: no builtin fallback. ``offline``: never download.
     """
     if model_dir not in (None, ""):
         try:
@@ -1249,24 +1205,8 @@ def resolve_model(
     name = str(requested or BUILTIN_MODEL_KEYWORD).strip()
     if name.lower() == BUILTIN_MODEL_KEYWORD:
         return _builtin(frame_rate_hz, "builtin", name)
-    cache = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser()
-    is_auto = name.lower() == AUTO_MODEL_KEYWORD
-    if is_auto:
-        if frame_rate_hz is None or not math.isfinite(frame_rate_hz) or frame_rate_hz <= 0:
-            raise ModelResolutionError("--cascade_model auto needs the subject's frame rate; pass a model name")
-        try:
-            name = choose_auto_model_name(frame_rate_hz, official_models(cache))
-        except ValueError as exc:
-            raise ModelResolutionError(f"--cascade_model auto: {exc}; pass a model name or --model_dir DIR") from None
-    elif not _MODEL_NAME_RE.match(name) or ".." in name:
-        raise ModelResolutionError(f"invalid CASCADE model name {name!r}: use an official name, 'auto' or 'builtin'")
-    elif not (cache / name).exists() and name not in (links := official_models(cache)):
-        close = " or ".join(difflib.get_close_matches(name, links, n=3))
-        raise ModelResolutionError(
-            f"unknown CASCADE model '{name}' (not official, not in the cache {cache}); "
-            + (f"did you mean {close}? " if close else "")
-            + "Official names are in models/official_models.yaml; or use 'auto', 'builtin' or --model_dir DIR"
-        )
+    cache, is_auto = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser(), name.lower() == AUTO_MODEL_KEYWORD
+    name = _official_name(name, cache, frame_rate_hz)
     folder, found = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
         return _choose(folder, found, str(requested))
