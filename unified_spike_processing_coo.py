@@ -1803,7 +1803,8 @@ def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_ma
     z_values = np.unique(reference[:, 2])
     if z_markers and len(z_values) + 1 > width:
         raise PipelineError(
-            f"{len(z_values)} z-planes need a grid width of at least {len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)"
+            f"{len(z_values)} z-planes need a grid width of at least "
+            f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)"
         )
     voxels = np.zeros((len(positions), 3), dtype=np.int32)
     voxels[:, 0] = np.clip(np.searchsorted(z_values, positions[:, 2]), 0, len(z_values) - 1)
@@ -2367,7 +2368,7 @@ def _set_attrs(h5, attrs: dict) -> None:
         h5.attrs[key] = h5_attr_value(value)
 
 
-def _write_datasets(h5, datasets: dict) -> None:
+def _write_datasets(h5, **datasets) -> None:
     for name, data in datasets.items():
         data = np.asarray(data)
         h5.create_dataset(name, data=data, **(GZIP if data.size > 0 and data.ndim > 0 else {}))
@@ -2390,10 +2391,10 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
             per_timepoint += np.bincount(coords[:, 0], minlength=grid.num_timepoints)
         chunked = dict(chunks=(min(COO_CHUNK_ROWS, len(out)),), **GZIP) if len(out) else {}
         h5.create_dataset("spike_values", data=np.ones(len(out), np.uint8), **chunked)
-        _write_datasets(h5, {"timepoint_offsets": np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64)})
+        _write_datasets(h5, timepoint_offsets=np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
         h5.create_dataset("grid_shape", data=np.asarray(grid.shape, dtype=np.int32))
         _write_datasets(
-            h5, {"timepoint_indices": plan.kept_frames.astype(np.int32), "is_train": plan.is_train.astype(np.uint8)}
+            h5, timepoint_indices=plan.kept_frames.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
         )
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
@@ -2431,7 +2432,7 @@ def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> Non
             rates_out[batch.start : batch.start + len(batch.spike_count)] = batch.rates_uint8
         rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
         results = {key: spikes.cells(key) for key in PER_CELL_RESULTS + PLOT_RESULTS}
-        _write_datasets(h5, {"cell_offsets": np.concatenate(offsets), "rate_sum_fixed": rate_sum_fixed, **results})
+        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **results)
         _set_attrs(h5, attrs)
 
 
@@ -2465,8 +2466,8 @@ def cascade_attrs(attrs: dict) -> dict:
 def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
     with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
-        _write_datasets(h5, datasets)
-        _write_datasets(h5.create_group("cells"), cells)
+        _write_datasets(h5, **datasets)
+        _write_datasets(h5.create_group("cells"), **cells)
 
 
 def read_attrs(path: Path) -> dict | None:
@@ -2612,7 +2613,8 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
     filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # chunked whenever filtered
     if filters != [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE] or coords.chunks[1] != 1 or coords.dtype != "<i4":
         return coords[first:last, column]
-    rows, num_bytes = coords.chunks[0], max(1, (int(max_value).bit_length() + 7) // 8)  # low bytes holding values
+    rows = coords.chunks[0]
+    num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # the low bytes that hold the values
     chunks = []
     for chunk in range(first // rows, (last - 1) // rows + 1):
         filter_mask, stored = coords.id.read_direct_chunk((chunk * rows, column))
@@ -2621,7 +2623,9 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
             return coords[first:last, column]
     planes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), num_bytes, rows)
     planes = planes.transpose(1, 0, 2).reshape(num_bytes, -1)[:, first % rows : first % rows + last - first]
-    return planes[0] if num_bytes == 1 else sum(plane.astype(np.int32) << (8 * b) for b, plane in enumerate(planes))
+    if num_bytes == 1:
+        return planes[0]
+    return sum(plane.astype(np.int32) << (8 * byte) for byte, plane in enumerate(planes))
 
 
 # =============================================================================================
