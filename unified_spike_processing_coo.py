@@ -1665,36 +1665,10 @@ class GridSpec:
     def shape(self) -> tuple:
         return (self.num_timepoints, self.num_z_planes, self.height, self.width)
 
-    @property
-    def num_voxels(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
-    @property
-    def voxels_per_timepoint(self) -> int:
-        return self.num_z_planes * self.height * self.width
-
-
-def _scale_to_pixels(values: np.ndarray, size: int, low: float, high: float) -> np.ndarray:
-    """Min-max scale [low, high] to [0, size-1] and floor (the original's mapping), clipped."""
-    if high <= low:
-        return np.zeros(len(values), dtype=np.int32)
-    scaled = np.floor((values - low) / (high - low) * (size - 1))
-    return np.clip(scaled, 0, size - 1).astype(np.int32)
-
-
-def make_grid_spec(
-    positions: np.ndarray,
-    num_timepoints: int,
-    height: int,
-    width: int,
-    z_markers: bool = True,
-    valid: np.ndarray | None = None,
-) -> GridSpec:
-    """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value.
-
-    Scaling and planes come from the ``valid`` cells only (all cells by default); other cells
-    get the voxel of their clipped position (they carry no spikes).
-    """
+def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_markers=True, valid=None) -> GridSpec:
+    """x (column 1) -> [0, H-1], y (column 2) -> [0, W-1], one plane per distinct z value. Scaling and planes
+    come from the ``valid`` cells only (all by default); other cells get their clipped position's voxel (no spikes)."""
     valid = np.ones(len(positions), bool) if valid is None else np.asarray(valid, bool)
     reference = positions[valid]
     z_values = np.unique(reference[:, 2])
@@ -1703,33 +1677,24 @@ def make_grid_spec(
             f"{len(z_values)} z-planes need a grid width of at least "
             f"{len(z_values) + 1} for the z markers (--grid_shape or --no_z_markers)"
         )
-    low, high = reference.min(axis=0), reference.max(axis=0)
-    z_index = np.clip(np.searchsorted(z_values, positions[:, 2]), 0, len(z_values) - 1)
-    voxels = np.stack(
-        [
-            z_index.astype(np.int32),
-            _scale_to_pixels(positions[:, 0], height, low[0], high[0]),
-            _scale_to_pixels(positions[:, 1], width, low[1], high[1]),
-        ],
-        axis=1,
-    )
+    voxels = np.zeros((len(positions), 3), dtype=np.int32)
+    voxels[:, 0] = np.clip(np.searchsorted(z_values, positions[:, 2]), 0, len(z_values) - 1)
+    for axis, size in enumerate((height, width)):
+        low, high = reference[:, axis].min(), reference[:, axis].max()
+        if high > low:  # min-max scaled to [0, size-1] and floored (the original's mapping), clipped
+            scaled = np.floor((positions[:, axis] - low) / (high - low) * (size - 1))
+            voxels[:, axis + 1] = np.clip(scaled, 0, size - 1)
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
 
 
 def z_marker_coords(grid: GridSpec, timepoints: range | None = None) -> np.ndarray:
     """The original's 'preaugmented' z markers: rows 0-1, columns W-(z+2)..W-1 for every (t, z)."""
     timepoints = range(grid.num_timepoints) if timepoints is None else timepoints
-    per_plane = []
-    for z in range(grid.num_z_planes):
-        rows, cols = np.meshgrid(np.arange(2), np.arange(grid.width - (z + 2), grid.width), indexing="ij")
-        per_plane.append(np.stack([np.full(rows.size, z), rows.ravel(), cols.ravel()], axis=1))
-    plane_pixels = np.concatenate(per_plane).astype(np.int32)  # (P, 3) [z, x, y]
+    width = grid.width
+    pixels = [(z, x, y) for z in range(grid.num_z_planes) for x in (0, 1) for y in range(width - (z + 2), width)]
+    plane_pixels = np.array(pixels, dtype=np.int32).reshape(-1, 3)  # (P, 3) [z, x, y]
     t = np.repeat(np.asarray(timepoints, dtype=np.int32), len(plane_pixels))
     return np.column_stack([t, np.tile(plane_pixels, (len(timepoints), 1))])
-
-
-def _linear_index(coords: np.ndarray, shape: tuple) -> np.ndarray:
-    return np.ravel_multi_index(tuple(coords.T.astype(np.int64)), shape)
 
 
 @dataclass
@@ -1748,53 +1713,31 @@ class CooCounts:
         return self
 
 
-def build_coo(
-    spike_cells: np.ndarray,
-    spike_frames: np.ndarray,
-    grid: GridSpec,
-    frame_to_timepoint: np.ndarray,
-    z_markers: bool = True,
-    timepoints: range | None = None,
-) -> tuple:
-    """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts.
-
-    ``spike_frames`` are original frame numbers; frames mapped to -1 (dropped) are skipped.
-    Several cells in one voxel at one time give one active voxel (counted as collisions).
-    ``timepoints`` limits the z markers to a block of timepoints (all by default); the spikes
-    given must then fall in that block.
-    """
+def build_coo(spike_cells, spike_frames, grid: GridSpec, frame_to_timepoint, z_markers=True, timepoints=None) -> tuple:
+    """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts. ``spike_frames`` are
+    original frame numbers (those mapped to -1, dropped, are skipped); several cells in one voxel at one time give
+    one active voxel (counted as collisions). ``timepoints`` limits the z markers to a block of timepoints (all by
+    default); the spikes given must then fall in that block."""
     timepoint = frame_to_timepoint[spike_frames]
     keep = timepoint >= 0
-    cell_flat = _linear_index(grid.cell_voxels, grid.shape[1:])
-    spike_linear = _sorted_unique(timepoint[keep] * grid.voxels_per_timepoint + cell_flat[spike_cells[keep]])
-    marker_linear = _linear_index(z_marker_coords(grid, timepoints), grid.shape) if z_markers else np.zeros(0, np.int64)
-    all_linear = _union_of_sorted(spike_linear, marker_linear)
+    cell_linear = np.ravel_multi_index(tuple(grid.cell_voxels.T.astype(np.int64)), grid.shape[1:])
+    spike_linear = np.sort(timepoint[keep] * math.prod(grid.shape[1:]) + cell_linear[spike_cells[keep]])
+    # unique by sorting: 10x faster here than NumPy 2's hash-based np.unique on millions of ints
+    spike_linear = spike_linear[np.diff(spike_linear, prepend=-1) != 0]
+    marker_linear = np.zeros(0, np.int64)
+    if z_markers:
+        marker_linear = np.ravel_multi_index(tuple(z_marker_coords(grid, timepoints).T.astype(np.int64)), grid.shape)
+    # the sorted union in one pass (np.union1d would sort both again)
+    where = np.searchsorted(spike_linear, marker_linear)
+    present = where < len(spike_linear)
+    present[present] = spike_linear[where[present]] == marker_linear[present]
+    all_linear = np.insert(spike_linear, where[~present], marker_linear[~present])
     coords = np.empty((len(all_linear), 4), dtype=np.int32)
     for column, values in enumerate(np.unravel_index(all_linear, grid.shape)):
         coords[:, column] = values
-    spikes_in_grid = int(keep.sum())
-    counts = CooCounts(
-        spike_pixels=len(spike_linear),
-        marker_pixels=len(marker_linear),
-        marker_spike_overlap=len(spike_linear) + len(marker_linear) - len(all_linear),
-        spikes_in_grid=spikes_in_grid,
-        collisions=spikes_in_grid - len(spike_linear),
-    )
-    return coords, counts
-
-
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting: 10x faster here than NumPy 2's hash-based unique on millions of ints."""
-    values = np.sort(values)
-    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
-
-
-def _union_of_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union of two sorted unique arrays, in one pass (np.union1d would sort both again)."""
-    where = np.searchsorted(a, b)
-    present = where < len(a)
-    present[present] = a[where[present]] == b[present]
-    return np.insert(a, where[~present], b[~present])
+    num_spikes, num_markers, in_grid = len(spike_linear), len(marker_linear), int(keep.sum())
+    overlap = num_spikes + num_markers - len(all_linear)
+    return coords, CooCounts(num_spikes, num_markers, overlap, in_grid, in_grid - num_spikes)
 
 
 def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42) -> tuple:
@@ -1829,29 +1772,24 @@ def plan_grid(positions, valid, num_frames: int, model: CascadeModel, config: Pi
     kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
-    grid = make_grid_spec(
-        positions, len(kept_frames), config.grid_height, config.grid_width, config.z_markers, valid=valid
-    )
+    grid = make_grid_spec(positions, len(kept_frames), config.grid_height, config.grid_width, config.z_markers, valid)
     is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
     return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks)
 
 
 def coo_blocks(spikes: SubjectSpikes, plan: GridPlan, z_markers: bool) -> Iterator[tuple]:
     """build_coo over consecutive blocks of timepoints: yields (coords, counts) in sorted order."""
-    per_timepoint = spikes.frame_counts[plan.kept_frames]
-    bounds = [0]
-    budget = 0
-    for t, count in enumerate(per_timepoint):
+    bounds, budget = [0], 0
+    for t, count in enumerate(spikes.frame_counts[plan.kept_frames]):
         if budget + count > SPIKES_PER_GRID_BLOCK and t > bounds[-1]:
             bounds.append(t)
             budget = 0
         budget += count
     bounds.append(len(plan.kept_frames))
-    for t0, t1 in zip(bounds[:-1], bounds[1:]):
-        if t1 <= t0:
-            continue
-        cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
-        yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, z_markers, range(t0, t1))
+    for t0, t1 in itertools.pairwise(bounds):
+        if t1 > t0:
+            cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
+            yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, z_markers, range(t0, t1))
 
 
 def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
@@ -2250,10 +2188,12 @@ def rss_gb() -> float:
 # =============================================================================================
 # 9. Outputs: atomic writers for the COO grid, metadata and combined metadata; readers
 # =============================================================================================
-# Every file is written to a temporary name in its final folder and renamed into place, so a
-# crash, a kill or a full disk never leaves half a file under a final name. A subject's metadata
-# is its commit record: it is removed before and renamed last after the other files, so the
-# presence of metadata.h5 with a matching run id means the subject's set of files is complete.
+# Every file is built in memory, written with one Python write to a temporary name in its final
+# folder and renamed into place: a crash, a kill or a full disk never leaves half a file under a
+# final name, and a failed write is one plain OSError (HDF5 left holding a file whose writes fail
+# prints errors at every garbage collection and can crash the interpreter at exit). A subject's
+# metadata is its commit record: it is removed before and renamed last after the other files, so
+# the presence of metadata.h5 with a matching run id means the subject's set of files is complete.
 
 COO_FILENAME = "preaugmented_grids_coo.h5"
 METADATA_FILENAME = "metadata.h5"
@@ -2262,6 +2202,7 @@ CASCADE_FILENAME = "cascade_results.h5"  # what CASCADE produced, saved once for
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
 TEMPORARY_MARKER = ".tmp-"
+GZIP = dict(compression="gzip", compression_opts=4, shuffle=True)  # every compressed dataset
 
 
 class WriteFailed(PipelineError):
@@ -2274,18 +2215,13 @@ def pdf_filename(subject_name: str) -> str:
 
 def temporary_path(final: Path) -> Path:
     """A hidden sibling of ``final`` naming this host and process (to find leftovers of dead runs)."""
-    return final.with_name(
-        f".{final.name}{TEMPORARY_MARKER}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return final.with_name(f".{final.name}{TEMPORARY_MARKER}{owner}")
 
 
 @contextlib.contextmanager
 def new_h5_file(path: Path):
-    """A new HDF5 file, built in memory and written to ``path`` in one go when the block ends.
-
-    HDF5 left holding a file whose writes fail (a full disk, a quota) prints errors at every
-    garbage collection and can crash the interpreter at exit; built in memory, a write error is
-    an ordinary OSError from Python's own write, and nothing of HDF5 stays open."""
+    """A new HDF5 file, built in memory and written to ``path`` when the block ends (see above)."""
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         yield h5
@@ -2293,8 +2229,7 @@ def new_h5_file(path: Path):
 
 
 def write_file(path: Path, buffer: io.BytesIO) -> None:
-    """A file built in memory, written with one Python write: a full disk or a quota is then an
-    ordinary OSError, and no library (HDF5, zlib in matplotlib's PDF) is left half-way in a stream."""
+    """A file built in memory (HDF5, or a PDF and its zlib streams), written with one Python write."""
     with open(path, "wb") as handle:
         handle.write(buffer.getbuffer())
 
@@ -2304,60 +2239,43 @@ def _set_attrs(h5, attrs: dict) -> None:
         h5.attrs[key] = h5_attr_value(value)
 
 
-def _write_dataset(h5, name, data, compress: bool = True):
-    data = np.asarray(data)
-    if compress and data.size > 0 and data.ndim > 0:
-        return h5.create_dataset(name, data=data, compression="gzip", compression_opts=4, shuffle=True)
-    return h5.create_dataset(name, data=data)
+def _write_datasets(h5, **datasets) -> None:
+    for name, data in datasets.items():
+        data = np.asarray(data)
+        h5.create_dataset(name, data=data, **(GZIP if data.size > 0 and data.ndim > 0 else {}))
 
 
 def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict) -> tuple:
-    """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries).
-
-    Datasets: spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones,
-    timepoint_offsets (T+1,) int64 (entries of timepoint t are rows offsets[t]:offsets[t+1]),
-    grid_shape, timepoint_indices (original frame of each t), is_train.
-    """
-    grid = plan.grid
-    counts = CooCounts()
-    plane_entries = np.zeros(grid.num_z_planes, dtype=np.int64)
-    per_timepoint = np.zeros(grid.num_timepoints, dtype=np.int64)
+    """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries). Datasets:
+    spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
+    (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (original frame of
+    each t), is_train."""
+    grid, counts = plan.grid, CooCounts()
+    plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
     with new_h5_file(path) as h5:
-        options = dict(chunks=(COO_CHUNK_ROWS, 1), compression="gzip", compression_opts=4, shuffle=True)
-        coords_out = h5.create_dataset("spike_coords", (0, 4), np.int32, maxshape=(None, 4), **options)
-        written = 0
+        out = h5.create_dataset("spike_coords", (0, 4), "<i4", maxshape=(None, 4), chunks=(COO_CHUNK_ROWS, 1), **GZIP)
         for coords, block_counts in blocks:
             counts += block_counts
-            if len(coords):
-                coords_out.resize(written + len(coords), axis=0)
-                coords_out[written:] = coords
-                written += len(coords)
+            out.resize(len(out) + len(coords), axis=0)
+            out[len(out) - len(coords) :] = coords
             plane_entries += np.bincount(coords[:, 1], minlength=grid.num_z_planes)
             per_timepoint += np.bincount(coords[:, 0], minlength=grid.num_timepoints)
-        h5.create_dataset(
-            "spike_values",
-            data=np.ones(written, np.uint8),
-            chunks=(min(COO_CHUNK_ROWS, written),) if written else None,
-            compression="gzip" if written else None,
-            shuffle=bool(written),
+        chunked = dict(chunks=(min(COO_CHUNK_ROWS, len(out)),), **GZIP) if len(out) else {}
+        h5.create_dataset("spike_values", data=np.ones(len(out), np.uint8), **chunked)
+        _write_datasets(h5, timepoint_offsets=np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
+        h5.create_dataset("grid_shape", data=np.asarray(grid.shape, dtype=np.int32))
+        _write_datasets(
+            h5, timepoint_indices=plan.kept_frames.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
         )
-        _write_dataset(h5, "timepoint_offsets", np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
-        _write_dataset(h5, "grid_shape", np.asarray(grid.shape, dtype=np.int32), compress=False)
-        _write_dataset(h5, "timepoint_indices", plan.kept_frames.astype(np.int32))
-        _write_dataset(h5, "is_train", plan.is_train.astype(np.uint8))
-        _set_attrs(h5, {**attrs, **coo_attrs(counts, written, grid)})
+        _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
 
 
 def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
-    """The counts every COO and metadata file records (total_spikes counts every entry, markers
-    included, as the original defined it)."""
-    return {
-        "total_spikes": num_entries,
-        "total_pixels": grid.num_voxels,
-        "sparsity_percent": 100.0 * num_entries / max(grid.num_voxels, 1),
-        **dataclasses.asdict(counts),
-    }
+    """The counts every COO and metadata file records (total_spikes: every entry, markers included)."""
+    num_voxels = int(np.prod(grid.shape, dtype=np.int64))
+    totals = {"total_spikes": num_entries, "total_pixels": num_voxels}
+    return {**totals, "sparsity_percent": 100.0 * num_entries / max(num_voxels, 1), **dataclasses.asdict(counts)}
 
 
 PER_CELL_RESULTS = ("spike_count", "noise_level", "model_noise_level", "nan_frames", "infinite_values", "rate_scale",
@@ -2370,26 +2288,22 @@ def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> Non
     spike_frames[cell_offsets[i]:cell_offsets[i+1]]), its rates quantised to uint8 (rates_uint8 *
     rate_scale[cell] spikes/frame, 255 = no prediction), per-cell summaries and the fingerprint of
     what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
-    num_cells = sum(len(batch.spike_count) for batch in spikes.batches)
-    options = dict(compression="gzip", compression_opts=4, shuffle=True)
+    num_cells, num_frames = sum(len(batch.spike_count) for batch in spikes.batches), spikes.num_frames
     with new_h5_file(path) as h5:
-        frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **options)
-        rate_chunks = (min(256, num_cells), spikes.num_frames)
-        rates_out = h5.create_dataset(
-            "rates_uint8", (num_cells, spikes.num_frames), np.uint8, chunks=rate_chunks, **options
-        )
+        frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
+        rate_chunks = (min(256, num_cells), num_frames)
+        rates_out = h5.create_dataset("rates_uint8", (num_cells, num_frames), np.uint8, chunks=rate_chunks, **GZIP)
         offsets = [np.zeros(1, np.int64)]
         for batch in spikes.batches:
             order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
-            frames_out.resize(frames_out.shape[0] + len(order), axis=0)
-            frames_out[frames_out.shape[0] - len(order) :] = batch.spike_frames[order]
+            frames_out.resize(len(frames_out) + len(order), axis=0)
+            frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
             per_cell = np.bincount(batch.spike_cells - batch.start, minlength=len(batch.spike_count))
             offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
             rates_out[batch.start : batch.start + len(batch.spike_count)] = batch.rates_uint8
-        _write_dataset(h5, "cell_offsets", np.concatenate(offsets))
-        _write_dataset(h5, "rate_sum_fixed", sum(batch.rate_sum_fixed for batch in spikes.batches))
-        for key in PER_CELL_RESULTS + PLOT_RESULTS:
-            _write_dataset(h5, key, spikes.cells(key))
+        rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
+        results = {key: spikes.cells(key) for key in PER_CELL_RESULTS + PLOT_RESULTS}
+        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **results)
         _set_attrs(h5, attrs)
 
 
@@ -2403,12 +2317,11 @@ def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
         if any(key not in h5 for key in ("cell_offsets", "spike_frames", "rate_sum_fixed") + PER_CELL_RESULTS):
             return None  # made by an earlier development version: compute afresh
         offsets, frames = h5["cell_offsets"][()], h5["spike_frames"][()]
-        cells = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
-        order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
-        arrays = {key: h5[key][()] for key in PER_CELL_RESULTS + PLOT_RESULTS}
-        no_rates = np.zeros((0, int(attrs["num_original_frames"])), np.uint8)  # not needed to re-grid
-        batch = BatchResult(0, frames[order], cells[order], rate_sum_fixed=h5["rate_sum_fixed"][()],
-                            rates_uint8=no_rates, seconds=0.0, **arrays)  # fmt: skip
+        arrays = {key: h5[key][()] for key in ("rate_sum_fixed", *PER_CELL_RESULTS, *PLOT_RESULTS)}
+    cells = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+    order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
+    no_rates = np.zeros((0, int(attrs["num_original_frames"])), np.uint8)  # not needed to re-grid
+    batch = BatchResult(0, frames[order], cells[order], rates_uint8=no_rates, seconds=0.0, **arrays)
     return SubjectSpikes([batch], no_rates.shape[1]), (str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
 
 
@@ -2424,28 +2337,22 @@ def cascade_attrs(attrs: dict) -> dict:
 def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
     with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
-        for key, value in datasets.items():
-            _write_dataset(h5, key, value)
-        group = h5.create_group("cells")
-        for key, value in cells.items():
-            _write_dataset(group, key, value)
+        _write_datasets(h5, **datasets)
+        _write_datasets(h5.create_group("cells"), **cells)
 
 
 def read_attrs(path: Path) -> dict | None:
     """A file's HDF5 attributes, or None when it is absent or unreadable."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return {key: h5.attrs[key] for key in h5.attrs}
-    except (OSError, KeyError):
-        return None
+    with contextlib.suppress(OSError, KeyError), h5py.File(path, "r") as h5:
+        return {key: h5.attrs[key] for key in h5.attrs}
+    return None
 
 
 def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict) -> dict:
     """combined_metadata.h5: one group per subject (a copy of its metadata.h5), totals, and the
     subject folders left out with the reason (attribute `excluded`)."""
     totals = {"total_subjects": 0, "total_spikes": 0, "total_pixels": 0}
-    final = output_dir / COMBINED_FILENAME
-    temporary = temporary_path(final)
+    temporary = temporary_path(output_dir / COMBINED_FILENAME)
     try:
         with new_h5_file(temporary) as combined:
             for subject_dir in subject_dirs:
@@ -2454,20 +2361,10 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
                     totals["total_subjects"] += 1
                     totals["total_spikes"] += int(source.attrs["total_spikes"])
                     totals["total_pixels"] += int(source.attrs["total_pixels"])
-            totals["overall_sparsity_percent"] = (
-                100.0 * totals["total_spikes"] / totals["total_pixels"] if totals["total_pixels"] else 0.0
-            )
-            _set_attrs(combined, totals)
-            _set_attrs(
-                combined,
-                {
-                    "format": "COO_sparse",
-                    "software_version": __version__,
-                    "subjects": [p.name for p in subject_dirs],
-                    "excluded": excluded,
-                },
-            )
-        os.replace(temporary, final)
+            totals["overall_sparsity_percent"] = 100.0 * totals["total_spikes"] / max(totals["total_pixels"], 1)
+            info = dict(format="COO_sparse", software_version=__version__, subjects=[p.name for p in subject_dirs])
+            _set_attrs(combined, {**totals, **info, "excluded": excluded})
+        os.replace(temporary, output_dir / COMBINED_FILENAME)
     finally:
         remove_quietly(temporary)
     return totals
@@ -2476,40 +2373,27 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
 def load_coo_grid(path) -> dict:
     """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes."""
     with h5py.File(path, "r") as h5:
-        result = {key: h5[key][()] for key in h5}
-        result["attrs"] = dict(h5.attrs)
-    return result
+        return {**{key: h5[key][()] for key in h5}, "attrs": dict(h5.attrs)}
 
 
 # --- Readers of windows of timepoints ---------------------------------------------------------
-# Entries are sorted by t, so timepoints [start, stop) are rows offsets[start]:offsets[stop] of
-# spike_coords and a window decompresses only the row chunks those rows lie in (a 100-timepoint
-# window of a whole fish: ~1.6 M of 62.5 M entries). The t column is not read: the offsets give it.
-# Fast path, for spike_coords as write_coo_file stores it ((R, 1) chunks of little-endian int32,
-# shuffle then deflate): the shuffle filter stores byte i of every value of a chunk together, so a
-# column whose values fit in k bytes (z, x and y of a grid of at most 256 planes, rows and columns
-# fit in one) is the first k*R bytes of its inflated chunk. Inflating only those, rather than
-# letting HDF5 inflate and unshuffle all four bytes of all four columns, is what makes a window
-# read ~4x faster. Any other layout (or a chunk HDF5 stored unfiltered) is read by h5py as usual.
-# Files written before timepoint_offsets existed (1.0) are searched by bisection on the t column
-# instead: about 2*log2(E/R) chunk reads (tens of ms), so old outputs stay readable without
-# rerunning the pipeline; their window's t column is read and checked against the window.
+# Entries are sorted by t: timepoints [start, stop) are rows offsets[start]:offsets[stop] of
+# spike_coords, and a window inflates only the row chunks those rows lie in (the offsets give t).
+# Fast path, for the layout write_coo_file writes ((R, 1) chunks of little-endian int32, shuffle
+# then deflate): shuffling stores byte i of every value of a chunk together, so a column whose
+# values fit in k bytes is the first k*R bytes of its inflated chunk; inflating only those is ~4x
+# faster than letting HDF5 inflate and unshuffle it all. Other layouts are read by h5py. Files made
+# before timepoint_offsets existed (1.0) are bisected on their t column (~2*log2(E/R) chunk reads).
 
 
 @dataclass(frozen=True)
 class CooWindow:
-    """Timepoints [start, stop) of a COO grid file, as load_coo_window returns them.
+    """Timepoints [start, stop) of a COO grid file, as load_coo_window returns them."""
 
-    coords   (n, 4) int32 [t - start, z, x, y]: sorted (row-major), unique, so t counts from the window's start
-    shape    (stop - start, Z, H, W): the shape of the window's grid, which coords index into
-    offsets  (stop - start + 1,) int64: the rows of window timepoint i are coords[offsets[i]:offsets[i + 1]]
-    start, stop: the window in the file's timepoints
-    """
-
-    coords: np.ndarray
-    shape: tuple
-    offsets: np.ndarray
-    start: int
+    coords: np.ndarray  # (n, 4) int32 [t - start, z, x, y], sorted (row-major) and unique
+    shape: tuple  # (stop - start, Z, H, W): the window's grid, which coords index into
+    offsets: np.ndarray  # (stop - start + 1,) int64: window timepoint i is coords[offsets[i]:offsets[i + 1]]
+    start: int  # the window in the file's timepoints
     stop: int
 
     def to_dense(self) -> np.ndarray:
@@ -2518,95 +2402,69 @@ class CooWindow:
 
 
 def load_coo_window(path, start: int, stop: int) -> CooWindow:
-    """The entries of timepoints [start, stop) of a preaugmented_grids_coo.h5, t relative to start.
-
-    ``path`` is the file or an open h5py.File (to read many windows of one file, e.g. in a
-    PyTorch Dataset). Reads only the rows of the window. 0 <= start <= stop <= T, else ValueError
-    (TypeError when not integers); start == stop gives an empty window.
-    """
-    with _opened_coo_file(path) as h5:
-        shape, columns, offsets, start, stop = _read_window(h5, start, stop)
-    coords = np.empty((len(columns[0]), 4), dtype=np.int32)
-    for j, column in enumerate(columns):
-        coords[:, j] = column
-    return CooWindow(coords, shape, offsets, start, stop)
+    """The entries of timepoints [start, stop) of a preaugmented_grids_coo.h5, t relative to start. ``path`` is
+    the file or an open h5py.File (to read many windows of one file, e.g. in a PyTorch Dataset). Reads only the
+    rows of the window. 0 <= start <= stop <= T, else ValueError (TypeError when not integers)."""
+    shape, columns, offsets = _read_window(path, start, stop)
+    return CooWindow(np.column_stack(columns), shape, offsets, int(start), int(stop))
 
 
 def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
-    """Timepoints [start, stop) as a dense (stop - start, Z, H, W) uint8 block of ones and zeros
-    (load_coo_window's entries placed on a grid; (stop - start)*Z*H*W bytes).
-
-    ``out``: a C-contiguous uint8 array of that shape to fill (zeroed first) and return instead of
-    a new one; reusing one buffer for window after window spares the kernel allocating and zeroing
-    fresh pages each time (and its occasional stalls doing so).
-    """
-    with _opened_coo_file(path) as h5:
-        shape, columns, _, _, _ = _read_window(h5, start, stop)
+    """Timepoints [start, stop) as a dense (stop - start, Z, H, W) uint8 block of ones and zeros. ``out``: a
+    C-contiguous uint8 array of that shape to fill (zeroed first) and return; reusing one buffer for window after
+    window spares the kernel allocating and zeroing fresh pages each time (and its occasional stalls doing so)."""
+    shape, columns, _ = _read_window(path, start, stop)
     if out is None:
-        dense = np.zeros(shape, dtype=np.uint8)
+        out = np.zeros(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(
             f"out must be a writeable C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}"
         )
     else:
-        dense = out
-        dense.fill(0)
+        out.fill(0)
     flat = np.multiply(columns[0], shape[1], dtype=np.int64)  # row-major linear index, by Horner's rule
     for column, size in zip(columns[1:], shape[2:]):
         flat += column
         flat *= size
     flat += columns[3]
-    dense.reshape(-1)[flat] = 1
-    return dense
+    out.reshape(-1)[flat] = 1
+    return out
 
 
-@contextlib.contextmanager
-def _opened_coo_file(path):
-    if isinstance(path, h5py.Group):
-        yield path
-    else:
-        with h5py.File(path, "r") as h5:
-            yield h5
-
-
-def _read_window(h5, start, stop) -> tuple:
-    """(window shape, [t - start, z, x, y] columns, window offsets, start, stop) of a window."""
+def _read_window(path, start, stop) -> tuple:
+    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
     for name, value in (("start", start), ("stop", stop)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an integer timepoint, got {value!r}")
     start, stop = int(start), int(stop)
-    grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
-    num_timepoints, coords = grid_shape[0], h5["spike_coords"]
-    if not 0 <= start <= stop <= num_timepoints:
-        raise ValueError(
-            f"timepoint window [{start}, {stop}) is outside {h5.filename}: it has {num_timepoints} "
-            f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
-        )
-    shape = (stop - start, *grid_shape[1:])
-    if "timepoint_offsets" in h5:
-        offsets = _window_offsets(h5, start, stop, num_timepoints, len(coords))
-        first, last = int(offsets[0]), int(offsets[-1])
-        t = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(offsets))
-    else:  # written before 1.1: bisect the t column
-        first = _first_row_from(coords, start, 0)
-        last = _first_row_from(coords, stop, first)
-        t = _read_column(coords, first, last, 0, num_timepoints - 1) - np.int32(start)
-        offsets = first + np.searchsorted(t, np.arange(stop - start + 1), side="left")
-        if len(t) and (t[0] < 0 or t[-1] >= stop - start):
-            raise ValueError(f"spike_coords of {h5.filename} is not sorted by t: rerun the pipeline")
-    columns = [t, *(_read_column(coords, first, last, j, grid_shape[j] - 1) for j in (1, 2, 3))]
-    return shape, columns, offsets - first, start, stop
-
-
-def _window_offsets(h5, start: int, stop: int, num_timepoints: int, num_entries: int) -> np.ndarray:
-    dataset = h5["timepoint_offsets"]
-    offsets = dataset[start : stop + 1].astype(np.int64) if dataset.shape == (num_timepoints + 1,) else None
-    if offsets is None or offsets[0] < 0 or offsets[-1] > num_entries or np.any(np.diff(offsets) < 0):
-        raise ValueError(
-            f"timepoint_offsets of {h5.filename} do not match its {num_timepoints} timepoints and "
-            f"{num_entries} entries: the file is damaged, rerun the pipeline for this subject"
-        )
-    return offsets
+    with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
+        grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
+        num_timepoints, coords = grid_shape[0], h5["spike_coords"]
+        if not 0 <= start <= stop <= num_timepoints:
+            raise ValueError(
+                f"timepoint window [{start}, {stop}) is outside {h5.filename}: it has {num_timepoints} "
+                f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
+            )
+        if "timepoint_offsets" in h5:
+            stored = h5["timepoint_offsets"]
+            offsets = stored[start : stop + 1].astype(np.int64) if stored.shape == (num_timepoints + 1,) else None
+            if offsets is None or offsets[0] < 0 or offsets[-1] > len(coords) or np.any(np.diff(offsets) < 0):
+                raise ValueError(
+                    f"timepoint_offsets of {h5.filename} do not match its {num_timepoints} timepoints and "
+                    f"{len(coords)} entries: the file is damaged, rerun the pipeline for this subject"
+                )
+            first, last = int(offsets[0]), int(offsets[-1])
+            offsets -= first
+            t = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(offsets))
+        else:  # written before 1.1: bisect the t column, and check it
+            first = _first_row_from(coords, start, 0)
+            last = _first_row_from(coords, stop, first)
+            t = _read_column(coords, first, last, 0, num_timepoints - 1) - np.int32(start)
+            offsets = np.searchsorted(t, np.arange(stop - start + 1), side="left").astype(np.int64)
+            if len(t) and (t[0] < 0 or t[-1] >= stop - start):
+                raise ValueError(f"spike_coords of {h5.filename} is not sorted by t: rerun the pipeline")
+        columns = [t, *(_read_column(coords, first, last, j, grid_shape[j] - 1) for j in (1, 2, 3))]
+    return (stop - start, *grid_shape[1:]), columns, offsets
 
 
 def _first_row_from(coords, timepoint: int, low: int) -> int:
@@ -2614,10 +2472,7 @@ def _first_row_from(coords, timepoint: int, low: int) -> int:
     high = coords.shape[0]
     while low < high:
         middle = (low + high) // 2
-        if coords[middle, 0] < timepoint:
-            low = middle + 1
-        else:
-            high = middle
+        low, high = (middle + 1, high) if coords[middle, 0] < timepoint else (low, middle)
     return low
 
 
@@ -2625,35 +2480,23 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
     """spike_coords[first:last, column], values in [0, max_value]: uint8 when they fit, else int32."""
     if last <= first:
         return np.zeros(0, dtype=np.uint8 if max_value < 256 else np.int32)
-    rows = _shuffled_deflate_chunk_rows(coords)
-    if rows is None:
+    plist = coords.id.get_create_plist()
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # chunked whenever filtered
+    if filters != [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE] or coords.chunks[1] != 1 or coords.dtype != "<i4":
         return coords[first:last, column]
-    num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # low bytes that hold the values
-    wanted = num_bytes * rows
+    rows = coords.chunks[0]
+    num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # the low bytes that hold the values
     chunks = []
     for chunk in range(first // rows, (last - 1) // rows + 1):
         filter_mask, stored = coords.id.read_direct_chunk((chunk * rows, column))
-        chunks.append(zlib.decompressobj().decompress(stored, wanted) if filter_mask == 0 else b"")
-        if len(chunks[-1]) != wanted:  # stored unfiltered, or damaged: let HDF5 decode (or report) it
+        chunks.append(zlib.decompressobj().decompress(stored, num_bytes * rows) if filter_mask == 0 else b"")
+        if len(chunks[-1]) != num_bytes * rows:  # stored unfiltered, or damaged: HDF5 decodes (or reports) it
             return coords[first:last, column]
     planes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), num_bytes, rows)
     planes = planes.transpose(1, 0, 2).reshape(num_bytes, -1)[:, first % rows : first % rows + last - first]
     if num_bytes == 1:
         return planes[0]
-    values = planes[0].astype(np.int32)
-    for byte in range(1, num_bytes):
-        values |= planes[byte].astype(np.int32) << (8 * byte)
-    return values
-
-
-def _shuffled_deflate_chunk_rows(coords) -> int | None:
-    """R when ``coords`` is stored as write_coo_file stores it: (R, 1) chunks of little-endian
-    int32, the shuffle filter then deflate and nothing else; None otherwise."""
-    if coords.chunks is None or coords.chunks[1] != 1 or coords.dtype != np.dtype("<i4"):
-        return None
-    plist = coords.id.get_create_plist()
-    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-    return coords.chunks[0] if filters == [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE] else None
+    return sum(plane.astype(np.int32) << (8 * byte) for byte, plane in enumerate(planes))
 
 
 # =============================================================================================

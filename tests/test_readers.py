@@ -80,7 +80,9 @@ def test_pipeline_file_layout_and_offsets(tmp_path, monkeypatch):
     with h5py.File(path, "r") as h5:
         dataset = h5["spike_coords"]
         assert dataset.chunks == (64, 1) and dataset.dtype == np.dtype("<i4")
-        assert usp._shuffled_deflate_chunk_rows(dataset) == 64
+        plist = dataset.id.get_create_plist()  # the fast path's filters: shuffle, then deflate, nothing else
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+        assert filters == [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE]
         offsets = h5["timepoint_offsets"][()]
     assert offsets.dtype == np.int64 and offsets.shape == (SHAPE[0] + 1,)
     np.testing.assert_array_equal(offsets, np.searchsorted(coords[:, 0], np.arange(SHAPE[0] + 1)))
