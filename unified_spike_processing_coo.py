@@ -1857,25 +1857,11 @@ class BatchResult:
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
     rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
     rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
-    plot_rows: np.ndarray
+    plot_rows: np.ndarray  # the PDF's cells in this batch, and their dF/F, rates and spikes:
     plot_dff: np.ndarray
     plot_rates: np.ndarray
     plot_spikes: np.ndarray
     seconds: float
-
-
-def infer_spikes(traces: np.ndarray, cell_ids: np.ndarray, model: CascadeModel, settings: InferenceSettings):
-    """dF/F -> CASCADE rates -> binary spikes for a chunk of cells: (dff, rates, spikes, noise report)."""
-    dff = (
-        compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
-        if settings.is_fluorescence
-        else traces
-    )
-    rates, report = predict_spike_rates(dff, model, threshold=settings.cascade_threshold, return_noise=True)
-    spikes = binarize_spikes(
-        rates, cell_ids, settings.spike_mode, seed=settings.seed, spike_threshold=settings.spike_threshold, model=model
-    )
-    return dff, rates, spikes, report
 
 
 def quantise_rates(rates: np.ndarray) -> tuple:
@@ -1890,58 +1876,42 @@ def quantise_rates(rates: np.ndarray) -> tuple:
 
 
 def process_batch(task: BatchTask) -> BatchResult:
-    """One batch, a chunk of cells at a time; only compact results leave the worker."""
+    """One batch, a chunk of cells at a time (dF/F -> CASCADE rates -> binary spikes); only compact
+    results leave the worker."""
     started = time.perf_counter()
-    model = load_model_once(task.model_folder, task.model_source)
-    num_frames = task.trace_file.num_frames
-    parts: dict = {
-        key: [] for key in ("frames", "cells", "count", "noise", "level", "nan", "inf", "plot", "q", "scale")
-    }
-    rate_sum_fixed = np.zeros(num_frames, dtype=np.int64)
+    model, settings = load_model_once(task.model_folder, task.model_source), task.settings
+    rate_sum_fixed = np.zeros(task.trace_file.num_frames, dtype=np.int64)
+    chunks = []  # per chunk, BatchResult's fields by name
     for start in range(task.start, task.stop, CELLS_PER_CHUNK):
         stop = min(start + CELLS_PER_CHUNK, task.stop)
         traces = task.trace_file.read_raw(start, stop)
-        parts["inf"].append(mark_infinite_as_missing(traces))
-        parts["nan"].append(np.isnan(traces).sum(axis=1).astype(np.int32))
-        parts.setdefault("min", []).append(np.fmin.reduce(traces, axis=1))  # fmin/fmax skip NaN, quietly
-        parts.setdefault("max", []).append(np.fmax.reduce(traces, axis=1))
+        chunk = {"infinite_values": mark_infinite_as_missing(traces)}
+        chunk["nan_frames"] = np.isnan(traces).sum(axis=1).astype(np.int32)
+        chunk["min_value"] = np.fmin.reduce(traces, axis=1)  # fmin/fmax skip NaN, quietly
+        chunk["max_value"] = np.fmax.reduce(traces, axis=1)
+        dff = traces
+        if settings.is_fluorescence:
+            dff = compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
+        rates, report = predict_spike_rates(dff, model, threshold=settings.cascade_threshold, return_noise=True)
         ids = task.cell_ids[start - task.start : stop - task.start]
-        dff, rates, spikes, report = infer_spikes(traces, ids, model, task.settings)
+        spikes = binarize_spikes(
+            rates, ids, settings.spike_mode, seed=settings.seed, spike_threshold=settings.spike_threshold, model=model
+        )
         frames, cells = np.nonzero(spikes.T)  # sorted by frame, then cell
-        parts["frames"].append(frames.astype(np.int32))
-        parts["cells"].append((cells + start).astype(np.int32))
-        parts["count"].append(spikes.sum(axis=1).astype(np.int32))
-        parts["noise"].append(report["noise_level"])
-        parts["level"].append(report["model_noise_level"])
+        chunk.update(spike_frames=frames.astype(np.int32), spike_cells=(cells + start).astype(np.int32))
+        chunk["spike_count"] = spikes.sum(axis=1).astype(np.int32)
+        chunk["noise_level"], chunk["model_noise_level"] = report["noise_level"], report["model_noise_level"]
         rate_sum_fixed += np.round(np.nan_to_num(rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
-        quantised, scale = quantise_rates(rates)
-        parts["q"].append(quantised)
-        parts["scale"].append(scale)
+        chunk["rates_uint8"], chunk["rate_scale"] = quantise_rates(rates)
         local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < stop)] - start
-        parts["plot"].append((dff[local].astype(np.float32), rates[local].astype(np.float32), spikes[local]))
-    frames = np.concatenate(parts["frames"])
-    order = np.argsort(frames, kind="stable")  # chunks ascend in cell: (frame, cell) order overall
-    plot_dff, plot_rates, plot_spikes = (np.concatenate(p) for p in zip(*parts["plot"]))
-    return BatchResult(
-        start=task.start,
-        spike_frames=frames[order],
-        spike_cells=np.concatenate(parts["cells"])[order],
-        spike_count=np.concatenate(parts["count"]),
-        noise_level=np.concatenate(parts["noise"]),
-        model_noise_level=np.concatenate(parts["level"]),
-        nan_frames=np.concatenate(parts["nan"]),
-        infinite_values=np.concatenate(parts["inf"]),
-        min_value=np.concatenate(parts["min"]),
-        max_value=np.concatenate(parts["max"]),
-        rate_sum_fixed=rate_sum_fixed,
-        rates_uint8=np.concatenate(parts["q"]),
-        rate_scale=np.concatenate(parts["scale"]),
-        plot_rows=task.plot_rows,
-        plot_dff=plot_dff,
-        plot_rates=plot_rates,
-        plot_spikes=plot_spikes,
-        seconds=time.perf_counter() - started,
-    )
+        chunk.update(plot_dff=dff[local].astype(np.float32), plot_rates=rates[local].astype(np.float32))
+        chunk["plot_spikes"] = spikes[local]
+        chunks.append(chunk)
+    fields = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    order = np.argsort(fields["spike_frames"], kind="stable")  # chunks ascend in cell: (frame, cell) order overall
+    fields["spike_frames"], fields["spike_cells"] = fields["spike_frames"][order], fields["spike_cells"][order]
+    seconds = time.perf_counter() - started
+    return BatchResult(task.start, rate_sum_fixed=rate_sum_fixed, plot_rows=task.plot_rows, seconds=seconds, **fields)
 
 
 @dataclass
@@ -1970,46 +1940,35 @@ class SubjectSpikes:
         """(frames,) sum of CASCADE rates over cells (spikes/frame), identical whatever the batching."""
         return sum(b.rate_sum_fixed for b in self.batches) / RATE_SUM_SCALE
 
+    def _events(self, frame_span: tuple = (), rows: np.ndarray | None = None) -> Iterator[tuple]:
+        """Per batch, (cells, frames) of its spikes in frames [first, stop), or of the given cells (rows)."""
+        for batch in self.batches:
+            if rows is None:
+                mine = slice(*np.searchsorted(batch.spike_frames, frame_span))
+            else:
+                mine = np.isin(batch.spike_cells, rows)
+            yield batch.spike_cells[mine], batch.spike_frames[mine]
+
     def events_in_frames(self, first: int, stop: int) -> tuple:
         """(cells, frames) of every spike in frames [first, stop)."""
-        cells, frames = [], []
-        for batch in self.batches:
-            lo, hi = np.searchsorted(batch.spike_frames, [first, stop])
-            cells.append(batch.spike_cells[lo:hi])
-            frames.append(batch.spike_frames[lo:hi])
-        return np.concatenate(cells), np.concatenate(frames)
+        return tuple(np.concatenate(parts) for parts in zip(*self._events((first, stop))))
 
     def spikes_per_cell(self, first: int, stop: int, num_cells: int) -> np.ndarray:
         """(cells,) spikes of each cell in frames [first, stop), without gathering the events."""
-        counts = np.zeros(num_cells, dtype=np.int64)
-        for batch in self.batches:
-            lo, hi = np.searchsorted(batch.spike_frames, [first, stop])
-            counts += np.bincount(batch.spike_cells[lo:hi], minlength=num_cells)
-        return counts
+        return sum(np.bincount(cells, minlength=num_cells) for cells, _ in self._events((first, stop)))
 
     def events_of_cells(self, rows: np.ndarray) -> tuple:
         """(cells, frames) of every spike of the given cells."""
-        cells, frames = [], []
-        for batch in self.batches:
-            mine = np.isin(batch.spike_cells, rows)
-            cells.append(batch.spike_cells[mine])
-            frames.append(batch.spike_frames[mine])
-        return np.concatenate(cells), np.concatenate(frames)
+        return tuple(np.concatenate(parts) for parts in zip(*self._events(rows=rows)))
 
     def plot_traces(self) -> tuple:
         """(rows, dff, rates, spikes) of the cells shown in the PDF."""
-        return tuple(
-            np.concatenate([getattr(b, key) for b in self.batches])
-            for key in ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")
-        )
+        return tuple(self.cells(key) for key in ("plot_rows", "plot_dff", "plot_rates", "plot_spikes"))
 
 
 def available_cpus() -> int:
     """CPUs this process may use (respects SLURM/cgroup affinity where the OS reports it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _init_worker(num_threads: int, log_level: int) -> None:
@@ -2046,43 +2005,28 @@ def start_fork_server() -> None:
 class WorkerPool:
     """Worker processes for CASCADE (or the calling process when there is one worker).
 
-    Built on concurrent.futures' ProcessPoolExecutor, which reports a worker that died instead
-    of waiting for it forever (multiprocessing.Pool hangs); the pool is then rebuilt for the next
-    subject. The parent may hold threads and must not fork, and a fresh interpreter per worker
-    spends ~3 s importing TensorFlow; so where the OS allows, workers are forked by
-    multiprocessing's fork server, which imports this script, and with it TensorFlow (touching no
-    device), once: workers start in milliseconds. Elsewhere they are spawned.
-    """
+    Built on concurrent.futures' ProcessPoolExecutor, which reports a worker that died instead of
+    waiting for it forever (multiprocessing.Pool hangs); the pool is then rebuilt for the next subject.
+    The parent may hold threads and must not fork, and a fresh interpreter spends ~3 s importing
+    TensorFlow; so where the OS allows, workers are forked by multiprocessing's fork server, which
+    imports this script and TensorFlow (touching no device) once: workers start in milliseconds.
+    Elsewhere they are spawned."""
 
     def __init__(self, workers: int):
         self.workers = workers
         self.threads_per_worker = max(1, available_cpus() // workers)
         self._executor = None
-        self._processes: dict = {}
-
-    def _start(self):
-        import concurrent.futures
-
-        if self._executor is None:
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.workers,
-                mp_context=_worker_context(),
-                initializer=_init_worker,
-                initargs=(self.threads_per_worker, logging.getLogger().level),
-            )
-        return self._executor
+        self._processes: dict = {}  # kept to tell how a worker died once the executor forgets them
 
     def close(self, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
         executor, self._executor, self._processes = self._executor, None, {}
-        if executor is None:
-            return
-        processes = list((getattr(executor, "_processes", None) or {}).values())
         if kill:
-            for process in processes:
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
                 with contextlib.suppress(Exception):
                     process.kill()
-        executor.shutdown(wait=not kill, cancel_futures=True)
+        if executor is not None:
+            executor.shutdown(wait=not kill, cancel_futures=True)
 
     def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
         """Results of every task in order; at most workers + 1 tasks in flight."""
@@ -2094,16 +2038,19 @@ class WorkerPool:
                 progress.advance(task.stop - task.start)
             return results
         from collections import deque
-        from concurrent.futures.process import BrokenProcessPool
+        from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 
-        executor = self._start()
-        pending: deque = deque()
-        results = []
+        if self._executor is None:
+            initargs = (self.threads_per_worker, logging.getLogger().level)
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=_worker_context(), initializer=_init_worker, initargs=initargs
+            )
+        pending, results = deque(), []
         try:
             for task in itertools.chain(tasks, [None]):
                 if task is not None:
-                    pending.append((task, executor.submit(process_batch, task)))
-                    self._processes.update(getattr(executor, "_processes", None) or {})  # to tell how one died
+                    pending.append((task, self._executor.submit(process_batch, task)))
+                    self._processes.update(self._executor._processes or {})
                 while pending and (len(pending) > self.workers or task is None):
                     done_task, future = pending.popleft()
                     results.append(future.result())
@@ -2122,15 +2069,10 @@ class WorkerPool:
         deadline = time.monotonic() + 2.0  # the dead worker may not be reaped yet: poll its exit code
         while not (codes := [p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)]):
             if time.monotonic() > deadline:
-                break
+                return "exit status unknown"
             time.sleep(0.05)
-        if not codes:
-            return "exit status unknown"
-        code = codes[0]
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-code).name}"
-        return f"exit status {code}"
+        signal_names = {-number: number.name for number in signal.Signals}
+        return f"killed by {signal_names[codes[0]]}" if codes[0] in signal_names else f"exit status {codes[0]}"
 
 
 class Progress:
@@ -2138,8 +2080,8 @@ class Progress:
     at most one a minute: batches done, neuron-frames/s, time left and memory."""
 
     def __init__(self, subject: str, num_batches: int, num_cells: int, num_frames: int):
-        self.subject, self.num_batches, self.num_frames = subject, num_batches, num_frames
-        self.num_cells, self.done_batches, self.done_cells = num_cells, 0, 0
+        self.subject, self.num_batches, self.num_cells, self.num_frames = subject, num_batches, num_cells, num_frames
+        self.done_batches = self.done_cells = 0
         self.started = self.last_log = time.monotonic()
         self.bar = None
         if sys.stderr.isatty():
@@ -2150,22 +2092,16 @@ class Progress:
     def advance(self, cells: int) -> None:
         self.done_batches += 1
         self.done_cells += cells
+        now = time.monotonic()
         if self.bar is not None:
             self.bar.update()
-            return
-        now = time.monotonic()
-        if now - self.last_log >= PROGRESS_LOG_INTERVAL_S and self.done_batches < self.num_batches:
+        elif now - self.last_log >= PROGRESS_LOG_INTERVAL_S and self.done_batches < self.num_batches:
             self.last_log = now
             rate = self.done_cells * self.num_frames / max(now - self.started, 1e-9)
             left_s = (self.num_cells - self.done_cells) * self.num_frames / max(rate, 1e-9)
             log.info(
-                "%s: CASCADE %d/%d batches, %.0f neuron-frames/s, about %.0f min left, RSS %.2f GB",
-                self.subject,
-                self.done_batches,
-                self.num_batches,
-                rate,
-                left_s / 60,
-                rss_gb(),
+                f"{self.subject}: CASCADE {self.done_batches}/{self.num_batches} batches, {rate:.0f} "
+                f"neuron-frames/s, about {left_s / 60:.0f} min left, RSS {rss_gb():.2f} GB"
             )
 
     def close(self) -> None:
@@ -2548,7 +2484,6 @@ def _import_matplotlib():
 def plot_subject_pdf(path: Path, plot: PlotData) -> None:
     """The original's pages (dF/F, rate, spikes for a few cells) plus a summary and population views."""
     plt, PdfPages = _import_matplotlib()
-
     buffer = io.BytesIO()  # rendered in memory: a full disk is then one clean OSError (see write_file)
     with PdfPages(buffer) as pdf:
         for page in (_page_summary, _page_traces, _page_spikes, _page_raster, _page_planes, _page_noise):
@@ -2561,23 +2496,23 @@ def plot_subject_pdf(path: Path, plot: PlotData) -> None:
 def _page_summary(plt, plot: PlotData):
     fig = plt.figure(figsize=(11, 8.5))
     fig.text(0.05, 0.95, f"{plot.subject}", fontsize=16, va="top", weight="bold")
-    text = "\n".join(plot.summary_lines)
-    fig.text(0.05, 0.88, text, fontsize=9, va="top", family="monospace", wrap=True)
+    fig.text(0.05, 0.88, "\n".join(plot.summary_lines), fontsize=9, va="top", family="monospace", wrap=True)
     yield fig
 
 
 def _page_traces(plt, plot: PlotData):
     time_s = np.arange(plot.dff.shape[1]) / plot.frame_rate_hz
-    labels = [f"cell {int(c)}" for c in plot.cell_ids]
     for traces, title, unit in ((plot.dff, "dF/F", "dF/F"), (plot.rates, "CASCADE spike rate", "spikes/frame")):
         fig, ax = plt.subplots(figsize=(11, 8.5))
         spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
         spacing = spacing if spacing > 0 else 1.0
         for i, trace in enumerate(traces):
             ax.plot(time_s, trace + i * spacing, lw=0.7)
-        ax.set_yticks(np.arange(len(traces)) * spacing, labels)
-        ax.set_xlabel("time (s)")
-        ax.set_title(f"{plot.subject}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)")
+        ax.set_yticks(np.arange(len(traces)) * spacing, [f"cell {int(c)}" for c in plot.cell_ids])
+        ax.set(
+            xlabel="time (s)",
+            title=f"{plot.subject}: {title} of {len(traces)} cells (offset {spacing:.2g} {unit} per row)",
+        )
         fig.tight_layout()
         yield fig
 
@@ -2589,28 +2524,23 @@ def _page_spikes(plt, plot: PlotData):
         ax.vlines(time_s[np.flatnonzero(row)], i + 0.1, i + 0.9, lw=1.0)
     ax.set_yticks(np.arange(len(plot.cell_ids)) + 0.5, [f"cell {int(c)}" for c in plot.cell_ids])
     ax.set_xlim(time_s[0], time_s[-1] if len(time_s) > 1 else 1)
-    ax.set_xlabel("time (s)")
-    ax.set_title(f"{plot.subject}: binary spikes ({plot.spike_mode}) of the same cells")
+    ax.set(xlabel="time (s)", title=f"{plot.subject}: binary spikes ({plot.spike_mode}) of the same cells")
     fig.tight_layout()
     yield fig
 
 
 def _page_raster(plt, plot: PlotData):
     rate = plot.frame_rate_hz
-    fig, (raster_ax, rate_ax) = plt.subplots(
-        2, 1, figsize=(11, 8.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True, height_ratios=[3, 1])
     raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
-    raster_ax.set_ylabel("cell (sorted by z-plane)")
-    raster_ax.set_title(f"{plot.subject}: spikes of {plot.raster_size} random cells")
+    raster_ax.set(ylabel="cell (sorted by z-plane)", title=f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
     for start, stop in plot.test_spans_frames:
         rate_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.15, lw=0)
         raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
     for start, stop in plot.edge_spans_frames:
         rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
-    rate_ax.set_ylabel("mean rate (Hz/cell)")
-    rate_ax.set_xlabel("time (s); blue: test blocks, grey: frames without prediction")
+    rate_ax.set(ylabel="mean rate (Hz/cell)", xlabel="time (s); blue: test blocks, grey: frames without prediction")
     fig.tight_layout()
     yield fig
 
@@ -2619,35 +2549,21 @@ def _page_planes(plt, plot: PlotData):
     # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images)
     voxels, counts, grid = plot.cell_voxels, plot.cell_spike_counts, plot.grid
     columns = min(6, grid.num_z_planes)
-    rows = int(math.ceil(grid.num_z_planes / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(11, 8.5), squeeze=False)
+    fig, axes = plt.subplots(int(math.ceil(grid.num_z_planes / columns)), columns, figsize=(11, 8.5), squeeze=False)
     vmax = max(1.0, float(np.percentile(counts, 99))) if counts.size else 1.0
-    image = None
     for z, ax in enumerate(axes.ravel()):
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         if z >= grid.num_z_planes:
             ax.axis("off")
             continue
         in_plane = voxels[:, 0] == z
         order = np.argsort(counts[in_plane])  # active cells drawn on top
-        image = ax.scatter(
-            voxels[in_plane, 2][order],
-            voxels[in_plane, 1][order],
-            c=counts[in_plane][order],
-            s=4,
-            cmap="viridis",
-            vmin=0,
-            vmax=vmax,
-            linewidths=0,
-            rasterized=True,  # 90k vector dots make a slow, heavy PDF
-        )
-        ax.set_xlim(-1, grid.width)
-        ax.set_ylim(grid.height, -1)
-        ax.set_aspect("equal")
+        x, y, plane_counts = voxels[in_plane, 1][order], voxels[in_plane, 2][order], counts[in_plane][order]
+        # rasterized: 90k vector dots make a slow, heavy PDF
+        image = ax.scatter(y, x, c=plane_counts, s=4, cmap="viridis", vmin=0, vmax=vmax, linewidths=0, rasterized=True)
+        ax.set(xlim=(-1, grid.width), ylim=(grid.height, -1), aspect="equal")
         ax.set_title(f"plane {z} (z={grid.z_values[z]:g})", fontsize=8)
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
     fig.suptitle(f"{plot.subject}: spike counts per cell in each plane (x down, y across)")
     yield fig
 
