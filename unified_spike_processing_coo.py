@@ -3058,40 +3058,41 @@ class Interrupted(BaseException):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+
+
+class LockBusy(PipelineError):
+    """Another live run holds the lock."""
+
+    def __init__(self, name: str, holder: str):
+        super().__init__(f"{name} is locked by {holder}")
+        self.holder = holder
 
 
 class RunContext:
     """This run's identity (host, pid, start) and what it holds: lock files and deferred signals.
 
-    Locks are files created atomically (O_CREAT | O_EXCL works on NFS and Lustre, unlike fcntl
-    locks on many clusters) holding host, PID and start time; a heartbeat thread touches them so a
-    run on another host can tell a live lock from one left by a run that died.
-    """
+    Lock files are created atomically (O_CREAT | O_EXCL works on NFS and Lustre, unlike fcntl locks on
+    many clusters) and touched by a heartbeat thread: a run on any host tells a live lock from a dead run's."""
 
     def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.run_id = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
         self.lock_dir = output_dir / LOCK_DIRNAME
         self.held: set = set()
         self.subject_started = time.perf_counter()
-        self._pending_signal = None
-        self._holding_signals = False
+        self._pending_signal, self._holding_signals = None, False
         self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._touch_locks, daemon=True)
+        threading.Thread(target=self._touch_locks, daemon=True).start()
 
-    # signals ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self._holding_signals:
-            self._pending_signal = signum
-            return
-        raise Interrupted(signum)
+        if not self._holding_signals:
+            raise Interrupted(signum)
+        self._pending_signal = signum
 
     @contextlib.contextmanager
     def signals_held(self):
@@ -3112,47 +3113,33 @@ class RunContext:
                 raise Interrupted(self._pending_signal)
             yield item
 
-    # locks -----------------------------------------------------------------------------------
-    def acquire(self, name: str) -> str | None:
-        """Take the lock ``name``; None when taken, else who holds it."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        path = self.lock_dir / f"{name}.lock"
-        record = {"host": self.host, "pid": self.pid, "run_id": self.run_id, "started_utc": _utc_now()}
-        for _attempt in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(path)
-                if holder is not None:
-                    return holder
-                remove_quietly(path)  # stale: its run is dead
-                log.info("removed stale lock %s", path)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle)
-            self.held.add(path)
-            if not self._heartbeat.is_alive():
-                self._heartbeat.start()
-            return None
-        return "another run (lock contended)"
-
-    def release(self, name: str) -> None:
-        path = self.lock_dir / f"{name}.lock"
-        self.held.discard(path)
-        remove_quietly(path)
-
     @contextlib.contextmanager
     def lock(self, name: str, wait_s: float = 0.0):
         """Hold lock ``name`` for the block, waiting up to ``wait_s`` for another run to free it."""
-        deadline = time.monotonic() + wait_s
-        while (holder := self.acquire(name)) is not None:
-            if time.monotonic() > deadline:
-                raise LockBusy(f"{name} is locked by {holder}")
-            time.sleep(0.5)
+        path, deadline = self.lock_dir / f"{name}.lock", time.monotonic() + wait_s
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = _lock_holder(path)
+            if holder is None:
+                remove_quietly(path)  # stale: its run is dead
+                log.info("removed stale lock %s", path)
+            elif time.monotonic() >= deadline:
+                raise LockBusy(name, holder)
+            else:
+                time.sleep(0.5)
+        started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with os.fdopen(fd, "w") as handle:
+            json.dump(dict(host=self.host, pid=self.pid, run_id=self.run_id, started_utc=started_utc), handle)
+        self.held.add(path)
         try:
             yield
         finally:
-            self.release(name)
+            self.held.discard(path)
+            remove_quietly(path)
 
     def release_all(self) -> None:
         self._stop.set()
@@ -3167,62 +3154,43 @@ class RunContext:
                     os.utime(path)
 
 
-class LockBusy(PipelineError):
-    """Another live run holds the lock."""
+def _run_died(host, pid) -> bool:
+    """A run of this host whose process is gone (other hosts' runs are judged by their files' age)."""
+    import psutil
 
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return host == socket.gethostname() and not (isinstance(pid, int) and psutil.pid_exists(pid))
 
 
 def _lock_holder(path: Path) -> str | None:
     """Who holds a lock file, or None when the lock is stale (its run is dead)."""
     try:
-        record = json.loads(path.read_text())
-        age_s = time.time() - path.stat().st_mtime
+        record, age_s = json.loads(path.read_text()), time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         record, age_s = {}, 0.0  # being written right now, or unreadable: treat as live unless old
-    if record.get("host") == socket.gethostname() and not _pid_alive(record.get("pid")):
-        return None
-    if age_s > LOCK_STALE_S:
+    if _run_died(record.get("host"), record.get("pid")) or age_s > LOCK_STALE_S:
         return None
     return f"run {record.get('run_id', '?')} on {record.get('host', '?')} (PID {record.get('pid', '?')}, since {record.get('started_utc', '?')})"
 
 
-def _pid_alive(pid) -> bool:
-    import psutil
-
-    return isinstance(pid, int) and psutil.pid_exists(pid)
-
-
 def remove_stale_temporaries(output_dir: Path) -> None:
     """Temporaries of dead runs (this host: their process is gone; other hosts: a day old)."""
-    if not output_dir.is_dir():
-        return
     pattern = re.compile(rf"\.(.+){re.escape(TEMPORARY_MARKER)}(.+)-(\d+)-[0-9a-f]{{8}}$")
     for path in itertools.chain(output_dir.glob(".*"), output_dir.glob("*/.*")):
         match = pattern.match(path.name)
-        if not match:
-            continue
-        host, pid = match.group(2), int(match.group(3))
         with contextlib.suppress(OSError):
-            dead = (host == socket.gethostname() and not _pid_alive(pid)) or time.time() - path.stat().st_mtime > 86400
-            if dead:
+            if match and (_run_died(match[2], int(match[3])) or time.time() - path.stat().st_mtime > 86400):
                 path.unlink()
                 log.info("removed %s, left by a run that died", path)
 
 
 def resolve_shard(shard: tuple | None, environ=os.environ) -> tuple | None:
     """--shard K/N, else the SLURM array task's place in its array, else None (all subjects)."""
-    if shard is not None:
+    if shard is not None or "SLURM_ARRAY_TASK_ID" not in environ:
         return shard
-    if "SLURM_ARRAY_TASK_ID" not in environ:
-        return None
     try:
-        task = int(environ["SLURM_ARRAY_TASK_ID"])
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        task, first = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
         count = int(environ.get("SLURM_ARRAY_TASK_COUNT") or int(environ["SLURM_ARRAY_TASK_MAX"]) - first + 1)
     except (KeyError, ValueError) as exc:
         raise PipelineError(
@@ -3244,15 +3212,13 @@ def select_shard(subjects: list, shard: tuple | None) -> list:
     largest first, each to the lightest part so far (ties: lower part). Natural order within."""
     if shard is None:
         return subjects
-    k, n = shard
-    loads = [0] * n
-    parts: list = [[] for _ in range(n)]
-    sized = sorted(((subject_size(f), i, f) for i, f in enumerate(subjects)), key=lambda s: (-s[0], s[1]))
-    for size, index, folder in sized:
+    sizes = [subject_size(folder) for folder in subjects]
+    loads, parts = [0] * shard[1], [[] for _ in range(shard[1])]
+    for index in sorted(range(len(subjects)), key=lambda i: -sizes[i]):  # a stable sort: ties keep list order
         lightest = loads.index(min(loads))
-        loads[lightest] += max(size, 1)
-        parts[lightest].append((index, folder))
-    return [folder for _, folder in sorted(parts[k - 1], key=lambda item: item[0])]
+        loads[lightest] += max(sizes[index], 1)
+        parts[lightest].append(index)
+    return [subjects[index] for index in sorted(parts[shard[0] - 1])]
 
 
 @dataclass
@@ -3264,87 +3230,60 @@ class RunOutcome:
     not_processed: list = dataclasses.field(default_factory=list)  # names, after a stop
     locked: dict = dataclasses.field(default_factory=dict)  # name -> holder
 
-    @property
-    def exit_code(self) -> int:
-        return 1 if (self.failed or self.not_processed or self.locked) else 0
-
 
 def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> RunOutcome:
     """Each subject under its lock; one bad subject never stops the others, a full disk does."""
-    outcome = RunOutcome()
-    pool = WorkerPool(config.workers)
-    remaining = [folder.name for folder in subjects]
+    outcome, pool, index = RunOutcome(), WorkerPool(config.workers), 0
     try:
-        for folder in subjects:
-            holder = run.acquire(folder.name)
-            if holder is not None:
-                outcome.locked[folder.name] = holder
-                log.warning("%s: skipped, locked by %s", folder.name, holder)
-                remaining.remove(folder.name)
-                continue
+        for index, folder in enumerate(subjects):
+            name = folder.name
             try:
-                outcome.done.append(process_subject(folder, config, pool, run))
+                with run.lock(name):
+                    outcome.done.append(process_subject(folder, config, pool, run))
+            except LockBusy as busy:
+                outcome.locked[name] = busy.holder
+                log.warning("%s: skipped, locked by %s", name, busy.holder)
             except WriteFailed as exc:
-                outcome.failed[folder.name] = str(exc)
-                log.error("%s: %s; stopping: the remaining subjects were not processed", folder.name, exc)
-                remaining.remove(folder.name)
-                outcome.not_processed = remaining
+                outcome.failed[name] = str(exc)
+                log.error("%s: %s; stopping: the remaining subjects were not processed", name, exc)
+                outcome.not_processed = [later.name for later in subjects[index + 1 :]]
                 return outcome
             except PipelineError as exc:
-                outcome.failed[folder.name] = str(exc)
-                log.error("%s: %s", folder.name, exc)
+                outcome.failed[name] = str(exc)
+                log.error("%s: %s", name, exc)
             except MemoryError:
-                outcome.failed[folder.name] = "out of memory"
-                log.error("%s: out of memory; lower --workers or ask for more memory", folder.name)
+                outcome.failed[name] = "out of memory"
+                log.error("%s: out of memory; lower --workers or ask for more memory", name)
             except Exception as exc:  # our bug: one bad subject must not stop the others
-                outcome.failed[folder.name] = f"{type(exc).__name__}: {exc}"
+                outcome.failed[name] = f"{type(exc).__name__}: {exc}"
                 log.error(
-                    "%s: unexpected %s: %s (a bug: please report it; run with --verbose for the traceback)",
-                    folder.name,
-                    type(exc).__name__,
-                    exc,
+                    f"{name}: unexpected {outcome.failed[name]} (a bug: please report it; run with --verbose for the traceback)"
                 )
                 log.debug("traceback", exc_info=True)
-            finally:
-                run.release(folder.name)
-            remaining.remove(folder.name)
     except Interrupted as stop:
         pool.close(kill=True)
-        pool = None
-        finished = [s.subject for s in outcome.done]
-        log.error(
-            "interrupted by %s: finished %s; not finished: %s",
-            stop,
-            ", ".join(finished) or "none",
-            ", ".join(remaining) or "none",
-        )
+        finished = ", ".join(s.subject for s in outcome.done) or "none"
+        unfinished = ", ".join(later.name for later in subjects[index:]) or "none"
+        log.error(f"interrupted by {stop}: finished {finished}; not finished: {unfinished}")
         raise
     finally:
-        if pool is not None:
-            pool.close()
+        pool.close()
     return outcome
 
 
 def combine_outputs(config: PipelineConfig, run: RunContext) -> dict:
     """combined_metadata.h5 over the subject folders whose outputs match this run's parameters;
     the others are named in a WARNING and in the file's `excluded` attribute."""
-    output_dir = Path(config.output_dir)
-    wanted = config.output_params()
-    included, excluded = [], {}
+    output_dir, wanted = Path(config.output_dir), config.output_params()
     folders = sorted(
         (p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
         key=lambda p: _natural_key(p.name),
     )
-    for folder in folders:
-        reason = _combine_exclusion(folder, wanted)
-        if reason is None:
-            included.append(folder)
-        elif reason:
-            excluded[folder.name] = reason
+    reasons = {folder: _combine_exclusion(folder, wanted) for folder in folders}
+    included = [folder for folder, reason in reasons.items() if reason is None]
+    excluded = {folder.name: reason for folder, reason in reasons.items() if reason}
     if excluded:
-        log.warning(
-            "combined_metadata.h5 leaves out %s", "; ".join(f"{name} ({why})" for name, why in excluded.items())
-        )
+        log.warning("combined_metadata.h5 leaves out " + "; ".join(f"{name} ({why})" for name, why in excluded.items()))
     with run.lock("combined_metadata", wait_s=300):
         totals = write_combined_metadata(output_dir, included, excluded)
     return dict(totals, subjects=[folder.name for folder in included])
@@ -3377,38 +3316,30 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
         remove_stale_temporaries(output_dir)
         if config.combine_only:
             totals = combine_outputs(config, run)
-            summaries = [
-                SubjectSummary.from_metadata(read_attrs(output_dir / s / METADATA_FILENAME)) for s in totals["subjects"]
-            ]
-            log_summary(RunOutcome(done=summaries), totals)
-            return 0
-        if config.workers > 1:  # the parent will mostly wait: start the workers' imports and its own now
-            start_fork_server()
-            if config.plots:
-                threading.Thread(target=_import_matplotlib).start()
-        subjects = find_subjects(config.input_dir, config.subjects, config.skip)
-        if not subjects:
-            raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
-        if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
-            config_model(config, None)  # a missing or misspelt model stops the run here (exit 2)
-        mine = select_shard(subjects, shard)
-        log.info(
-            "unified_spike_processing_coo %s: %d of %d subjects%s from %s -> %s (%d workers, batches of up to %d cells)",
-            __version__,
-            len(mine),
-            len(subjects),
-            f" (shard {shard[0]}/{shard[1]})" if shard else "",
-            config.input_dir,
-            output_dir,
-            config.workers,
-            config.batch_size,
-        )
-        outcome = run_subjects(mine, config, run)
-        totals = {}
-        if shard is None and outcome.done and not outcome.not_processed:
-            totals = combine_outputs(config, run)
-        log_summary(outcome, totals)
-        return outcome.exit_code
+            metadata = [read_attrs(output_dir / name / METADATA_FILENAME) for name in totals["subjects"]]
+            outcome = RunOutcome(done=[SubjectSummary.from_metadata(attrs) for attrs in metadata])
+        else:
+            if config.workers > 1:  # the parent will mostly wait: start the workers' imports and its own now
+                start_fork_server()
+                if config.plots:
+                    threading.Thread(target=_import_matplotlib).start()
+            subjects = find_subjects(config.input_dir, config.subjects, config.skip)
+            if not subjects:
+                raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+            if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
+                config_model(config, None)  # a missing or misspelt model stops the run here (exit 2)
+            mine = select_shard(subjects, shard)
+            log.info(
+                f"unified_spike_processing_coo {__version__}: {len(mine)} of {len(subjects)} subjects"
+                + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+                + f" from {config.input_dir} -> {output_dir} ({config.workers} workers, batches of up to {config.batch_size} cells)"
+            )
+            outcome = run_subjects(mine, config, run)
+            combine = shard is None and outcome.done and not outcome.not_processed
+            totals = combine_outputs(config, run) if combine else {}
+        for line in summary_lines(outcome, totals):
+            log.info(line)
+        return 1 if (outcome.failed or outcome.not_processed or outcome.locked) else 0
     finally:
         run.release_all()
 
@@ -3422,9 +3353,8 @@ def _format_bytes(num_bytes: float) -> str:
 
 def summary_lines(outcome: RunOutcome, totals: dict) -> list:
     """The end-of-run summary, in the original's form but with honest memory figures."""
-    summaries = outcome.done
-    lines = ["", "=" * 72]
-    for model, source in dict.fromkeys((s.model, s.model_source) for s in summaries):
+    done, lines = outcome.done, ["", "=" * 72]
+    for model, source in dict.fromkeys((s.model, s.model_source) for s in done):
         if source.startswith(FALLBACK_SOURCE_PREFIX):
             lines.append(
                 f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
@@ -3432,50 +3362,41 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
         else:
             lines.append(f"CASCADE model: {model} ({source})")
     lines.append("Processed subjects:")
-    for s in summaries:
+    for s in done:
         coo_bytes = COO_BYTES_PER_ENTRY * s.total_spikes
         lines += [
-            f"{s.subject}: {s.total_spikes:,} active voxels of {s.total_pixels:,} "
-            f"({s.spike_pixels:,} spike pixels, {s.marker_pixels:,} z-marker pixels; model {s.model}, "
+            f"{s.subject}: {s.total_spikes:,} active voxels of {s.total_pixels:,} ({s.spike_pixels:,} spike pixels, "
+            f"{s.marker_pixels:,} z-marker pixels; model {s.model}, "
             + ("up to date, skipped)" if s.up_to_date else f"{s.seconds:.1f} s)"),
             f"  → Sparsity: {s.sparsity_percent:.4f}% of voxels active",
             f"  → Memory savings vs dense: ~{100.0 * (1 - coo_bytes / s.total_pixels):.2f}% in memory "
-            f"({_format_bytes(coo_bytes)} COO at {COO_BYTES_PER_ENTRY} B/entry vs "
-            f"{_format_bytes(s.total_pixels)} dense uint8), ~{100.0 * (1 - s.coo_file_bytes / s.total_pixels):.2f}% on disk "
-            f"({_format_bytes(s.coo_file_bytes)})",
+            f"({_format_bytes(coo_bytes)} COO at {COO_BYTES_PER_ENTRY} B/entry vs {_format_bytes(s.total_pixels)} "
+            f"dense uint8), ~{100.0 * (1 - s.coo_file_bytes / s.total_pixels):.2f}% on disk ({_format_bytes(s.coo_file_bytes)})",
         ]
         lines += [f"  ! WARNING: {w}" for w in s.warnings if not w.startswith("model fallback")]
     lines += [f"{name}: FAILED: {reason}" for name, reason in outcome.failed.items()]
     lines += [f"{name}: SKIPPED: locked by {holder}" for name, holder in outcome.locked.items()]
     lines += [f"{name}: NOT PROCESSED (the run stopped)" for name in outcome.not_processed]
-    total_spikes = sum(s.total_spikes for s in summaries)
-    total_pixels = sum(s.total_pixels for s in summaries)
-    coo_bytes = COO_BYTES_PER_ENTRY * total_spikes
-    file_bytes = sum(s.coo_file_bytes for s in summaries)
+    total_spikes, total_pixels = sum(s.total_spikes for s in done), sum(s.total_pixels for s in done)
+    coo_bytes, file_bytes = COO_BYTES_PER_ENTRY * total_spikes, sum(s.coo_file_bytes for s in done)
     lines += [
         "",
         "Summary:",
-        f"  Subjects: {len(summaries)} done ({sum(s.up_to_date for s in summaries)} already up to date), "
-        f"{len(outcome.failed)} failed",
-        f"  Total spikes (active voxels): {total_spikes:,} = {sum(s.spike_pixels for s in summaries):,} spike pixels "
-        f"+ {sum(s.marker_pixels for s in summaries):,} z-marker pixels (- overlaps)",
+        f"  Subjects: {len(done)} done ({sum(s.up_to_date for s in done)} already up to date), {len(outcome.failed)} failed",
+        f"  Total spikes (active voxels): {total_spikes:,} = {sum(s.spike_pixels for s in done):,} spike pixels "
+        f"+ {sum(s.marker_pixels for s in done):,} z-marker pixels (- overlaps)",
     ]
     if total_pixels:
         lines += [
             f"  Overall sparsity: {100.0 * total_spikes / total_pixels:.4f}% of voxels active",
-            f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory "
-            f"({_format_bytes(coo_bytes)} vs {_format_bytes(total_pixels)} dense), "
-            f"~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk ({_format_bytes(file_bytes)})",
+            f"  Memory savings: ~{100.0 * (1 - coo_bytes / total_pixels):.2f}% in memory ({_format_bytes(coo_bytes)} vs "
+            f"{_format_bytes(total_pixels)} dense), ~{100.0 * (1 - file_bytes / total_pixels):.2f}% on disk "
+            f"({_format_bytes(file_bytes)})",
         ]
     if totals:
         lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects")
     lines.append("=" * 72)
     return lines
-
-
-def log_summary(outcome: RunOutcome, totals: dict) -> None:
-    for line in summary_lines(outcome, totals):
-        log.info(line)
 
 
 # =============================================================================================
