@@ -1385,8 +1385,7 @@ def assign_model_noise_levels(noise_levels: np.ndarray, model_levels: Sequence[i
 
 @contextlib.contextmanager
 def _stderr_silenced():
-    """File descriptor 2 to /dev/null: TensorFlow's C++ start-up chatter (oneDNN notices, 'failed
-    call to cuInit' without a GPU) is written there before its log settings apply."""
+    """fd 2 to /dev/null: TensorFlow's C++ start-up chatter (oneDNN, cuInit) comes before its log settings apply."""
     sys.stderr.flush()
     saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
@@ -1437,15 +1436,14 @@ class ConvolutionalCascade:
     """CASCADE's network evaluated on whole traces at once, never building windows.
 
     CASCADE predicts frame t from dff[t-o : t-o+W] (o = window_offset) with conv, conv, maxpool(2), conv,
-    maxpool(2), per-position dense, flatten, dense. Sliding the window by one frame shifts every layer by
-    one sample, so a whole trace is one convolutional pass in which the stride-2 poolings become
-    dilations: pool 1 is max(h[s], h[s+1]), conv 3 reads every 2nd sample, pool 2 is max(h[s], h[s+2])
-    and the output dense reads every 4th. Tensors are (B, 1, T, C) so that oneDNN fuses each conv with its
-    bias and ReLU. Conv 2 runs polyphase: (T, C) reshaped (free) to (T/2, 2C) holds frames 2i and 2i+1
-    side by side, and one (K//2 + 1, 2C, 2C') kernel gives both output phases (wider channel blocks
-    vectorise better). Weights are ``tf.function`` arguments, converted once per model; members are summed
-    in float64 in NumPy (an in-graph sum changed the last bit with the chunk's shape). A row's arithmetic
-    never depends on the other rows of its chunk (tests/test_inference.py checks it bit for bit).
+    maxpool(2), per-position dense, flatten, dense. Sliding the window by one frame shifts every layer by one
+    sample, so a trace is one convolutional pass whose stride-2 poolings become dilations: pool 1 is
+    max(h[s], h[s+1]), conv 3 reads every 2nd sample, pool 2 is max(h[s], h[s+2]), the output every 4th.
+    Tensors are (B, 1, T, C) so that oneDNN fuses each conv with its bias and ReLU. Conv 2 runs polyphase:
+    (T, C) reshaped (free) to (T/2, 2C) puts frames 2i and 2i+1 side by side, and one (K//2 + 1, 2C, 2C')
+    kernel gives both output phases (wider channel blocks vectorise better). Members are summed in float64
+    in NumPy (an in-graph sum changed the last bit with the chunk's shape), so a row's arithmetic never
+    depends on the other rows of its chunk (tests/test_inference.py checks it bit for bit).
     """
 
     def __init__(self):
@@ -1583,9 +1581,7 @@ def predict_spike_rates(
     rates[:, : min(model.frames_before, num_frames)] = padding
     if model.frames_after > 0:
         rates[:, max(0, num_frames - model.frames_after) :] = padding
-    if return_noise:
-        return rates, {"noise_level": noise, "model_noise_level": model_noise}
-    return rates
+    return (rates, {"noise_level": noise, "model_noise_level": model_noise}) if return_noise else rates
 
 
 # =============================================================================================
@@ -1620,11 +1616,13 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     kernel /= kernel.sum()
-    support = maximum_filter1d((rates > 0.03 / sigma).view(np.uint8), max(1, round(4 * sigma)), 1, mode="constant")
+    supported = (rates > 0.03 / sigma).view(np.uint8)
+    support = maximum_filter1d(supported, size=max(1, round(4 * sigma)), axis=1, mode="constant")
     # Rows laid end to end with `radius` zeros between them, so no kernel reaches a neighbour.
     rate_flat = np.pad(rates, ((0, 0), (radius, radius))).ravel()
     edges = np.diff(np.pad(np.pad(support, ((0, 0), (radius, radius))).ravel().astype(np.int8), 1))
-    starts, lengths = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    starts = np.flatnonzero(edges == 1)
+    lengths = np.flatnonzero(edges == -1) - starts
     segment_sum = np.add.reduceat(rate_flat, starts) if len(starts) else np.zeros(0)
     budget = np.floor(segment_sum + 0.5)  # at most the spikes the segment's rate mass stands for
     placed = np.zeros(len(starts), dtype=np.int64)
