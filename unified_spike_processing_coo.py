@@ -3000,14 +3000,15 @@ def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
     if model.is_fallback:
         subject.warnings.append(f"model fallback: {model.source}")
     mismatch = rate_mismatch(model, subject.frame_rate_hz)
-    rates = f"frame rate {subject.frame_rate_hz:.3g} Hz", f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
+    rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
+    model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
     if mismatch > config.max_rate_mismatch:
         raise PipelineError(
-            f"{rates[0]} is {mismatch:.0%} away from {rates[1]}: pick a matching model "
+            f"{rate} is {mismatch:.0%} away from {model_rate}: pick a matching model "
             "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
         )
     if mismatch > RATE_MISMATCH_WARN_FRACTION:
-        subject.warn(f"{rates[0]} differs from {rates[1]} by {mismatch:.0%} (CASCADE's tolerance: 5%)")
+        subject.warn(f"{rate} differs from {model_rate} by {mismatch:.0%} (CASCADE's tolerance: 5%)")
     if subject.num_frames < 2 * model.window_size:  # fewer predicted frames than edge frames dropped
         raise PipelineError(
             f"{subject.trace_file.path}: {subject.trace_file.dataset} has {subject.num_frames} frames, of which "
