@@ -2520,20 +2520,11 @@ class SubjectSummary:
 
     @classmethod
     def from_metadata(cls, attrs: dict, up_to_date: bool = True) -> SubjectSummary:
-        warnings_text = str(attrs.get("warnings", ""))
-        return cls(
-            subject=str(attrs["subject"]),
-            total_spikes=int(attrs["total_spikes"]),
-            spike_pixels=int(attrs["spike_pixels"]),
-            marker_pixels=int(attrs["marker_pixels"]),
-            total_pixels=int(attrs["total_pixels"]),
-            coo_file_bytes=int(attrs["coo_file_bytes"]),
-            model=str(attrs["cascade_model"]),
-            model_source=str(attrs["model_source"]),
-            warnings=[w for w in warnings_text.split("; ") if w],
-            seconds=float(attrs.get("total_s", 0.0)),
-            up_to_date=up_to_date,
-        )
+        counts = [int(attrs[key]) for key in ("total_spikes", "spike_pixels", "marker_pixels", "total_pixels")]
+        model = str(attrs["cascade_model"]), str(attrs["model_source"])
+        warnings = [w for w in str(attrs.get("warnings", "")).split("; ") if w]
+        seconds = float(attrs.get("total_s", 0.0))
+        return cls(str(attrs["subject"]), *counts, int(attrs["coo_file_bytes"]), *model, warnings, seconds, up_to_date)
 
 
 def config_model(config: PipelineConfig, frame_rate_hz: float | None) -> CascadeModel:
@@ -2550,17 +2541,15 @@ def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
     if model.is_fallback:
         subject.warnings.append(f"model fallback: {model.source}")
     mismatch = rate_mismatch(model, subject.frame_rate_hz)
+    rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
+    model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
     if mismatch > config.max_rate_mismatch:
         raise PipelineError(
-            f"frame rate {subject.frame_rate_hz:.3g} Hz is {mismatch:.0%} away from model "
-            f"{model.name}'s {model.sampling_rate_hz:g} Hz: pick a matching model "
+            f"{rate} is {mismatch:.0%} away from {model_rate}: pick a matching model "
             "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
         )
     if mismatch > RATE_MISMATCH_WARN_FRACTION:
-        subject.warn(
-            f"frame rate {subject.frame_rate_hz:.3g} Hz differs from model {model.name}'s "
-            f"{model.sampling_rate_hz:g} Hz by {mismatch:.0%} (CASCADE's tolerance: 5%)"
-        )
+        subject.warn(f"{rate} differs from {model_rate} by {mismatch:.0%} (CASCADE's tolerance: 5%)")
     if subject.num_frames < 2 * model.window_size:  # fewer predicted frames than edge frames dropped
         raise PipelineError(
             f"{subject.trace_file.path}: {subject.trace_file.dataset} has {subject.num_frames} frames, of which "
@@ -2571,13 +2560,12 @@ def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
 
 
 def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: CascadeModel) -> dict:
-    """What made a subject's outputs: input files (size, modification time), the parameters that
-    change outputs, the model's identity (digest of its weights and config) and the software."""
+    """What made a subject's outputs: input files, the parameters that change outputs, model and software."""
     return {
         "inputs": input_signature(subject.source_files),
         "params": config.output_params(),
         "cascade_params": config.output_params("cascade"),
-        "model": model.digest,
+        "model": model.digest,  # digest of its weights and config
         "software_version": __version__,
     }
 
@@ -2607,63 +2595,56 @@ def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | 
         return "outputs incomplete"
     if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
         return "PDF missing"
-    return fingerprint_difference(json.loads(metadata["fingerprint"]), fingerprint)
-
-
-def fingerprint_difference(old: dict, new: dict) -> str | None:
-    """A short reason naming what changed between two fingerprints, or None."""
-    if old.get("software_version") != new["software_version"]:
-        return f"software version changed ({old.get('software_version')} -> {new['software_version']})"
-    if old.get("inputs") != new["inputs"]:
-        changed = sorted(
-            k
-            for k in set(old.get("inputs", {})) | set(new["inputs"])
-            if old.get("inputs", {}).get(k) != new["inputs"].get(k)
-        )
+    old, version = json.loads(metadata["fingerprint"]), fingerprint["software_version"]
+    if old.get("software_version") != version:
+        return f"software version changed ({old.get('software_version')} -> {version})"
+    old_inputs, inputs = old.get("inputs", {}), fingerprint["inputs"]
+    if changed := sorted(name for name in old_inputs.keys() | inputs if old_inputs.get(name) != inputs.get(name)):
         return f"input files changed ({', '.join(changed)})"
-    if changed := changed_params(old, new["params"]):
-        return "parameters changed (" + ", ".join(f"--{k}" for k in changed) + ")"
-    if old.get("model") != new["model"]:
-        return "CASCADE model changed"
-    return None
+    if changed := changed_params(old, fingerprint["params"]):
+        return "parameters changed (" + ", ".join(f"--{key}" for key in changed) + ")"
+    return "CASCADE model changed" if old.get("model") != fingerprint["model"] else None
 
 
-def decide_subject_trace_type(subject: SubjectData, config: PipelineConfig) -> tuple:
+def cascade_stage(subject, model, fingerprint: dict, out_dir: Path, config, pool) -> tuple:
+    """(SubjectSpikes, trace type, how): CASCADE's saved results when only grid parameters changed,
+    else dF/F -> CASCADE -> spikes over the worker pool."""
+    saved = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
+    if saved is not None:
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+        return (*saved, "re-used")
     if config.trace_type != "auto":
-        return config.trace_type, "set by --trace_type"
-    sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
-    return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
+        trace_type = config.trace_type, "set by --trace_type"
+    else:
+        sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
+        trace_type = decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
+    log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
+    started = time.perf_counter()
+    spikes = infer_subject(subject, model, trace_type[0], config, pool)
+    seconds = time.perf_counter() - started
+    rate = subject.num_cells * subject.num_frames / max(seconds, 1e-9)
+    log.info(f"{subject.name}: CASCADE in {seconds:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
+    return spikes, trace_type, "computed"
 
 
 def infer_subject(subject, model, trace_type: str, config: PipelineConfig, pool: WorkerPool) -> SubjectSpikes:
     """CASCADE over the subject's cells in batches (at least one per worker) across the pool."""
-    settings = InferenceSettings(
-        is_fluorescence=trace_type == "fluorescence",
-        frame_rate_hz=subject.frame_rate_hz,
-        baseline_window_s=config.baseline_window_s,
-        baseline_percentile=config.baseline_percentile,
-        cascade_threshold=config.cascade_threshold,
-        spike_mode=config.spike_mode,
-        spike_threshold=config.spike_threshold,
-        seed=config.seed,
-    )
-    plot_rows = plot_cells(subject, config)
+    # InferenceSettings' fields after the first two are the command line's options of the same name
+    options = {field.name: getattr(config, field.name) for field in dataclasses.fields(InferenceSettings)[2:]}
+    settings = InferenceSettings(trace_type == "fluorescence", subject.frame_rate_hz, **options)
+    rng = np.random.default_rng([config.seed, 7])  # the few cells whose traces the PDF shows
+    plot_rows = np.sort(rng.choice(subject.num_cells, size=min(config.num_neurons, subject.num_cells), replace=False))
     # a multiple of --workers batches of equal size, none above --batch_size: every worker stays busy
     num_batches = pool.workers * math.ceil(math.ceil(subject.num_cells / config.batch_size) / pool.workers)
     batch_cells = math.ceil(subject.num_cells / num_batches)
     starts = range(0, subject.num_cells, batch_cells)
+    stops = [min(start + batch_cells, subject.num_cells) for start in starts]
+    in_plot = [plot_rows[(plot_rows >= start) & (plot_rows < stop)] for start, stop in zip(starts, stops)]
     tasks = (
         BatchTask(
-            subject.trace_file,
-            start,
-            min(start + batch_cells, subject.num_cells),
-            subject.cell_ids[start : start + batch_cells],
-            plot_rows[(plot_rows >= start) & (plot_rows < start + batch_cells)],
-            model.folder,
-            model.source,
-            settings,
+            subject.trace_file, start, stop, subject.cell_ids[start:stop], rows, model.folder, model.source, settings
         )
-        for start in starts
+        for start, stop, rows in zip(starts, stops, in_plot)
     )
     progress = Progress(subject.name, len(starts), subject.num_cells, subject.num_frames)
     try:
@@ -2671,12 +2652,6 @@ def infer_subject(subject, model, trace_type: str, config: PipelineConfig, pool:
     finally:
         progress.close()
     return SubjectSpikes(batches, subject.num_frames)
-
-
-def plot_cells(subject: SubjectData, config: PipelineConfig) -> np.ndarray:
-    """The few cells whose traces the PDF shows (seeded; chosen among all cells)."""
-    rng = np.random.default_rng([config.seed, 7])
-    return np.sort(rng.choice(subject.num_cells, size=min(config.num_neurons, subject.num_cells), replace=False))
 
 
 IMPLAUSIBLE_NOISE_LEVEL = 100  # CASCADE's models span noise levels 1-9: a median of 100 is not dF/F
@@ -2691,19 +2666,17 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
     constant = valid & (low == high)
     if constant[valid].all():
         raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
-    infinite = int(spikes.cells("infinite_values").sum())
-    if infinite:
+    if infinite := int(spikes.cells("infinite_values").sum()):
         subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
     if (~valid).any():
         subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
-    partial = int(((spikes.cells("nan_frames") > 0) & valid).sum())
-    if partial:
+    if partial := int(((spikes.cells("nan_frames") > 0) & valid).sum()):
         subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
-    varying = valid & ~constant
     if constant.any():
         subject.warn(
             f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
         )
+    varying = valid & ~constant
     bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
     below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
     if below > 0.01 * varying.sum():
@@ -2711,8 +2684,7 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
             f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
             f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
         )
-    level = float(np.nanmedian(spikes.cells("noise_level")[varying]))
-    if level > IMPLAUSIBLE_NOISE_LEVEL:
+    if (level := float(np.nanmedian(spikes.cells("noise_level")[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
         subject.warn(
             f"median CASCADE noise level {level:.0f} is far above the models' (1-9): traces treated as "
             f"{label or trace_type} do not look like {label or trace_type} (set --trace_type)"
@@ -2733,46 +2705,31 @@ def check_split(subject: SubjectData, plan: GridPlan, config: PipelineConfig) ->
     )
 
 
-def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, summary_lines) -> PlotData:
-    """The PDF's content, from the subject's results (small arrays only)."""
-    valid = spikes.valid
-    valid_rows = np.flatnonzero(valid)
-    rng = np.random.default_rng([config.seed, 11])
-    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
-    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
-    rank = np.full(subject.num_cells, -1)
-    rank[order] = np.arange(len(order))
-    raster_cells, raster_frames = spikes.events_of_cells(order)
-    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
-    test_mask = np.zeros(subject.num_frames, bool)
-    test_mask[plan.kept_frames[plan.is_train == 0]] = True
-    rows, dff, rates, binary = spikes.plot_traces()
-    return PlotData(
-        subject=subject.name,
-        frame_rate_hz=subject.frame_rate_hz,
-        summary_lines=summary_lines,
-        cell_ids=subject.cell_ids[rows],
-        dff=dff,
-        rates=rates,
-        spikes=binary,
-        spike_mode=config.spike_mode,
-        raster_cells=rank[raster_cells],
-        raster_frames=raster_frames,
-        raster_size=len(order),
-        population_rate_hz=population_rate_hz(spikes, subject),
-        test_spans_frames=_spans(test_mask),
-        edge_spans_frames=_spans(~plan.predicted),
-        cell_voxels=plan.grid.cell_voxels[valid],
-        cell_spike_counts=cell_spikes_kept[valid],
-        grid=plan.grid,
-        noise_level=spikes.cells("noise_level"),
-        model=model,
-    )
-
-
-def population_rate_hz(spikes: SubjectSpikes, subject: SubjectData) -> np.ndarray:
-    """Mean CASCADE rate per valid cell in Hz, per frame."""
-    return spikes.rate_sum / max(int(spikes.valid.sum()), 1) * subject.frame_rate_hz
+def subject_attrs(subject, model, config, trace_type: tuple, fingerprint: dict, run, plan: GridPlan) -> dict:
+    """Attributes every output file of the subject records: how it was made."""
+    return {
+        "format": "COO_sparse",
+        "subject": subject.name,
+        "frame_rate_hz": subject.frame_rate_hz,
+        **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), plan.grid.shape)),
+        "grid_shape": plan.grid.shape,
+        "num_cells": subject.num_cells,
+        "num_valid_cells": 0,
+        "num_original_frames": subject.num_frames,
+        "trace_type": trace_type[0],
+        "trace_type_reason": trace_type[1],
+        "layout": subject.layout,
+        "source_files": list(subject.source_files),
+        "software_version": __version__,
+        "coordinate_order": "t,z,x,y",
+        "warnings": "; ".join(subject.warnings),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_id": run.run_id,
+        "fingerprint": fingerprint,
+        "timings": {},
+        **model.provenance(),
+        **config.as_attrs(),
+    }
 
 
 def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> SubjectSummary:
@@ -2799,6 +2756,18 @@ def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config,
     return SubjectSummary.from_metadata(dict(attrs, **attrs["timings"]), up_to_date=False)
 
 
+def describe_os_error(exc: OSError, folder: Path) -> str:
+    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
+    nearly_full = False
+    with contextlib.suppress(OSError):
+        nearly_full = shutil.disk_usage(folder).free < 1 << 20
+    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or nearly_full:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({exc.strerror})"
+    return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
+
+
 def write_subject_files(temporaries: dict, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> None:
     """The subject's files under their temporary names (the stages after CASCADE, timed)."""
     timings, started = attrs["timings"], time.perf_counter()
@@ -2809,37 +2778,15 @@ def write_subject_files(temporaries: dict, subject, spikes, plan: GridPlan, mode
     timings["grid_and_write_s"] = time.perf_counter() - started
     attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid))
     attrs["coo_file_bytes"] = temporaries[COO_FILENAME].stat().st_size
+    # mean CASCADE rate per valid cell in Hz, per frame
+    population_rate_hz = spikes.rate_sum / max(int(spikes.valid.sum()), 1) * subject.frame_rate_hz
     if config.plots:
         started = time.perf_counter()
-        page = plot_data(subject, spikes, plan, model, config, summary_page_lines(subject, model, attrs))
+        page = plot_data(subject, spikes, plan, model, config, attrs, population_rate_hz)
         plot_subject_pdf(temporaries[pdf_filename(subject.name)], page)
         timings["plots_s"] = time.perf_counter() - started
     timings["total_s"] = time.perf_counter() - run.subject_started
-    arrays = metadata_arrays(subject, spikes, plan, plane_entries)
-    write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, *arrays)
-
-
-def describe_os_error(exc: OSError, folder: Path) -> str:
-    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
-    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or _disk_nearly_full(folder):
-        return "no space left on device"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied ({exc.strerror})"
-    if exc.errno == errno.EDQUOT:
-        return "disk quota exceeded"
-    return " ".join(str(exc).split())[:300]
-
-
-def _disk_nearly_full(folder: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return shutil.disk_usage(folder).free < 1 << 20
-    return False
-
-
-def metadata_arrays(subject: SubjectData, spikes: SubjectSpikes, plan: GridPlan, plane_entries) -> tuple:
-    """(datasets, cells) of metadata.h5."""
     grid, is_train = plan.grid, plan.is_train
-    plane_pixels = grid.num_timepoints * grid.height * grid.width
     datasets = {
         "z_values": grid.z_values,
         "is_train": is_train,
@@ -2848,24 +2795,34 @@ def metadata_arrays(subject: SubjectData, spikes: SubjectSpikes, plan: GridPlan,
         "test_blocks": plan.test_blocks,
         "timepoint_indices": plan.kept_frames.astype(np.int32),
         "per_plane_active_pixels": plane_entries,
-        "per_plane_sparsity_percent": 100.0 * plane_entries / max(plane_pixels, 1),
-        "population_rate_hz": population_rate_hz(spikes, subject),
+        "per_plane_sparsity_percent": 100.0 * plane_entries / max(grid.num_timepoints * grid.height * grid.width, 1),
+        "population_rate_hz": population_rate_hz,
     }
     cells = {
         "trace_column": np.arange(subject.num_cells, dtype=np.int32),
         "cell_id": subject.cell_ids,
         "position": subject.positions,
         "voxel_zxy": grid.cell_voxels,
-        "noise_level": spikes.cells("noise_level"),
-        "model_noise_level": spikes.cells("model_noise_level"),
-        "spike_count": spikes.cells("spike_count"),
+        **{key: spikes.cells(key) for key in ("noise_level", "model_noise_level", "spike_count")},
         "valid": spikes.valid.astype(np.uint8),
     }
-    return datasets, cells
+    write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, datasets, cells)
 
 
-def summary_page_lines(subject: SubjectData, model: CascadeModel, attrs: dict) -> list:
-    lines = [
+def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, attrs, population_rate_hz) -> PlotData:
+    """The PDF's content, from the subject's results (small arrays only)."""
+    valid_rows = np.flatnonzero(spikes.valid)
+    rng = np.random.default_rng([config.seed, 11])
+    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
+    rank = np.full(subject.num_cells, -1)
+    rank[order] = np.arange(len(order))
+    raster_cells, raster_frames = spikes.events_of_cells(order)
+    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
+    test_mask = np.zeros(subject.num_frames, bool)
+    test_mask[plan.kept_frames[plan.is_train == 0]] = True
+    rows, dff, rates, binary = spikes.plot_traces()
+    summary_lines = [
         f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
         f"({subject.layout} layout); traces treated as {attrs['trace_type']} ({attrs['trace_type_reason']})",
         f"CASCADE model {model.name} ({model.source}), threshold {attrs['param_cascade_threshold']}",
@@ -2875,60 +2832,33 @@ def summary_page_lines(subject: SubjectData, model: CascadeModel, attrs: dict) -
         f"software {__version__}, run {attrs['run_id']}, {attrs['created_utc']}",
         "",
         "Warnings:" if subject.warnings else "No warnings.",
+        *(f"  - {w}" for w in subject.warnings),
     ]
-    return lines + [f"  - {w}" for w in subject.warnings]
-
-
-def subject_attrs(subject, model, config, trace_type: tuple, fingerprint: dict, run, plan: GridPlan) -> dict:
-    """Attributes every output file of the subject records: how it was made."""
-    return {
-        "format": "COO_sparse",
-        "subject": subject.name,
-        "frame_rate_hz": subject.frame_rate_hz,
-        "num_timepoints": plan.grid.num_timepoints,
-        "num_z_planes": plan.grid.num_z_planes,
-        "grid_height": plan.grid.height,
-        "grid_width": plan.grid.width,
-        "grid_shape": plan.grid.shape,
-        "num_cells": subject.num_cells,
-        "num_valid_cells": 0,
-        "num_original_frames": subject.num_frames,
-        "trace_type": trace_type[0],
-        "trace_type_reason": trace_type[1],
-        "layout": subject.layout,
-        "source_files": list(subject.source_files),
-        "software_version": __version__,
-        "coordinate_order": "t,z,x,y",
-        "warnings": "; ".join(subject.warnings),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run_id": run.run_id,
-        "fingerprint": fingerprint,
-        "timings": {},
-        **model.provenance(),
-        **config.as_attrs(),
-    }
-
-
-def cascade_stage(subject, model, fingerprint: dict, out_dir: Path, config, pool) -> tuple:
-    """(SubjectSpikes, trace type, how): CASCADE's saved results when only grid parameters changed,
-    else dF/F -> CASCADE -> spikes over the worker pool."""
-    saved = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
-    if saved is not None:
-        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
-        return (*saved, "re-used")
-    trace_type = decide_subject_trace_type(subject, config)
-    log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
-    started = time.perf_counter()
-    spikes = infer_subject(subject, model, trace_type[0], config, pool)
-    rate = subject.num_cells * subject.num_frames / max(time.perf_counter() - started, 1e-9)
-    log.info(f"{subject.name}: CASCADE in {time.perf_counter() - started:.1f} s ({rate:.0f} neuron-frames/s); "
-             f"RSS {rss_gb():.2f} GB")  # fmt: skip
-    return spikes, trace_type, "computed"
+    return PlotData(
+        subject=subject.name,
+        frame_rate_hz=subject.frame_rate_hz,
+        summary_lines=summary_lines,
+        cell_ids=subject.cell_ids[rows],
+        dff=dff,
+        rates=rates,
+        spikes=binary,
+        spike_mode=config.spike_mode,
+        raster_cells=rank[raster_cells],
+        raster_frames=raster_frames,
+        raster_size=len(order),
+        population_rate_hz=population_rate_hz,
+        test_spans_frames=_spans(test_mask),
+        edge_spans_frames=_spans(~plan.predicted),
+        cell_voxels=plan.grid.cell_voxels[spikes.valid],
+        cell_spike_counts=cell_spikes_kept[spikes.valid],
+        grid=plan.grid,
+        noise_level=spikes.cells("noise_level"),
+        model=model,
+    )
 
 
 def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
-    """One subject: load -> model -> skip if up to date -> CASCADE (or its saved results) -> check
-    -> grid -> write and plot."""
+    """One subject: load -> model -> skip if up to date -> CASCADE (or saved results) -> check -> grid -> write."""
     run.subject_started = started = time.perf_counter()
     subject = load_subject(folder, config.coordinates)
     log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
