@@ -1,26 +1,14 @@
 #!/usr/bin/env python3
 """Whole-brain calcium imaging -> CASCADE spike inference -> COO-sparse spike grids.
 
-For every subject (one fish) under --input_dir this script
-
-1. loads the calcium traces and 3-D cell positions (Chen et al. 2018 layout or a generic
-   ``traces.h5``), converting raw fluorescence to dF/F where needed,
-2. infers spike rates with a CASCADE model (Rupprecht et al., Nat. Neurosci. 2021) using a fully
-   convolutional re-implementation of its 1-D CNN ensemble (same numbers, >20x faster, bounded
-   memory), in batches of cells spread over a pool of worker processes,
-3. turns rates into binary spikes (seeded, so results never depend on --workers/--batch_size),
-4. maps each spike to a voxel (t, z, x, y) of a (T, Z, H, W) grid, and
-5. writes per subject a COO-sparse HDF5 grid, a metadata file and a PDF of plots, then one
-   combined metadata file and a summary of sparsity and memory savings.
-
-Example::
+For every subject (one fish) under --input_dir: load calcium traces and 3-D cell positions (Chen et al. 2018 or a
+generic ``traces.h5``) as dF/F; infer spike rates with a fully convolutional CASCADE (Rupprecht et al. 2021; same
+numbers, >20x faster) on a pool of workers; draw seeded binary spikes (independent of --workers and --batch_size);
+map them to a (T, Z, H, W) grid; write a COO-sparse HDF5 grid, metadata and a PDF of plots per subject, then
+combined metadata and a summary. The file reads top-down in that order; --help lists every option. Example::
 
     python unified_spike_processing_coo.py --input_dir raw_trace_data_2018 \\
         --output_dir processed_spike_grids_coo_2018 --workers 4 --batch_size 30000
-
-Run with --help for every option. The file reads top-down like the pipeline: configuration,
-loading subjects, dF/F, CASCADE models (loading, resolution), inference, discrete spikes, spike
-binarisation, gridding, the worker pool, writing, plotting, one subject end to end, command line.
 """
 
 from __future__ import annotations
@@ -59,12 +47,9 @@ import numpy as np
 import yaml
 
 __version__ = "1.1.0"
-
 log = logging.getLogger("spike_grids")
-
 REPO_DIR = Path(__file__).resolve().parent
-BUILTIN_MODEL_NAME = "builtin_2Hz_smoothing500ms"
-BUILTIN_MODEL_DIR = REPO_DIR / "models" / BUILTIN_MODEL_NAME
+BUILTIN_MODEL_DIR = REPO_DIR / "models" / "builtin_2Hz_smoothing500ms"
 
 
 class PipelineError(Exception):
@@ -82,10 +67,10 @@ def remove_quietly(path: Path) -> None:
 # =============================================================================================
 # 1. Configuration of a run
 # =============================================================================================
-# Every parameter is declared once, here: default, --help text, argument group, and which stage's
-# outputs it changes ('cascade': spikes and everything after; 'grid': only the grid, split and
-# plots). Those make up the fingerprint that decides whether a finished subject is skipped on a
-# rerun, and whether CASCADE's saved results can be re-gridded. The command line is built from it.
+# Every parameter is declared once, here: default, --help text, argument group, and which stage's outputs it
+# changes ('cascade': spikes and everything after; 'grid': only the grid, split and plots). Those make up the
+# fingerprint that decides whether a finished subject is skipped on a rerun, and whether CASCADE's saved results
+# can be re-gridded. The command line is built from it (int and float defaults parse as int and float).
 
 IO, RUN, MODEL, TRACES, GRID = "input and output", "running", "CASCADE model", "traces", "spikes and grid"
 
@@ -102,11 +87,9 @@ def _comma_list(text: str) -> tuple:
 
 def _threshold_arg(text: str):
     value = text.strip().lower()
-    if value in ("none", "false", "off"):
-        return False
-    if value in ("0", "1"):
-        return int(value)
-    raise argparse.ArgumentTypeError("must be 0, 1 or none")
+    if value not in ("0", "1", "none", "false", "off"):
+        raise argparse.ArgumentTypeError("must be 0, 1 or none")
+    return int(value) if value in ("0", "1") else False
 
 
 def _shard_arg(text: str) -> tuple:
@@ -129,13 +112,11 @@ class PipelineConfig:
         choices=("raw", "registered"),
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
-    num_neurons: int = option(10, "cells shown in the PDF's trace pages", IO, "cascade", type=int)
+    num_neurons: int = option(10, "cells shown in the PDF's trace pages", IO, "cascade")
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
-    workers: int = option(1, "worker processes for CASCADE inference", RUN, type=int)
-    batch_size: int = option(
-        30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN, type=int
-    )
+    workers: int = option(1, "worker processes for CASCADE inference", RUN)
+    batch_size: int = option(30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN)
     overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", RUN)
     shard: tuple | None = option(
         None, "process the K-th of N parts of the subjects (default in a SLURM array: from SLURM_ARRAY_TASK_*)", RUN,
@@ -159,20 +140,20 @@ class PipelineConfig:
         type=_threshold_arg,
     )  # fmt: skip
     max_rate_mismatch: float = option(
-        0.5, "refuse a frame rate this fraction away from the model's (warn above 0.05)", MODEL, type=float
+        0.5, "refuse a frame rate this fraction away from the model's (warn above 0.05)", MODEL
     )
     trace_type: str = option(
         "auto", "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject", TRACES, "cascade",
         choices=("auto", "fluorescence", "dff"),
     )  # fmt: skip
-    baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade", type=float)
-    baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade", type=float)
+    baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade")
+    baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade")
     spike_mode: str = option(
         "sample", "sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= "
         "--spike_threshold", GRID, "cascade", choices=("sample", "discrete", "threshold"),
     )  # fmt: skip
-    spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade", type=float)
-    seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade", type=int)
+    spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade")
+    seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade")
     keep_edge_frames: bool = option(False, "keep the frames at both ends that CASCADE cannot predict", GRID, "grid")
     grid_shape: tuple = option(
         (256, 128), "grid height (x) and width (y) in pixels", GRID, "grid", type=int, nargs=2, metavar=("H", "W")
@@ -180,25 +161,21 @@ class PipelineConfig:
     z_markers: bool = option(
         True, "no z-plane marker pixels (rows 0-1, last z+2 columns)", GRID, "grid", flag="--no_z_markers"
     )
-    split_block: int = option(330, "frames per train/test block", GRID, "grid", type=int)
-    split_ratio: float = option(0.95, "fraction of blocks for training", GRID, "grid", type=float)
+    split_block: int = option(330, "frames per train/test block", GRID, "grid")
+    split_ratio: float = option(0.95, "fraction of blocks for training", GRID, "grid")
 
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
-        problems = [
-            message
-            for bad, message in (
-                (self.workers < 1 or self.batch_size < 1, "--workers and --batch_size must be at least 1"),
-                (not 0 < self.split_ratio <= 1 or self.split_block < 1, "--split_ratio in (0, 1], --split_block >= 1"),
-                (len(self.grid_shape) != 2 or min(self.grid_shape) < 1, "--grid_shape needs positive H and W"),
-                (self.num_neurons < 0 or self.max_rate_mismatch < 0, "--num_neurons, --max_rate_mismatch >= 0"),
-                (not 0 <= self.baseline_percentile <= 100, "--baseline_percentile must be in [0, 100]"),
-                (self.baseline_window_s <= 0, "--baseline_window_s must be positive"),
-            )
-            if bad
-        ]
-        if problems:
-            raise PipelineError("; ".join(problems))
+        checks = {
+            "--workers and --batch_size must be at least 1": self.workers < 1 or self.batch_size < 1,
+            "--split_ratio in (0, 1], --split_block >= 1": not 0 < self.split_ratio <= 1 or self.split_block < 1,
+            "--grid_shape needs positive H and W": len(self.grid_shape) != 2 or min(self.grid_shape) < 1,
+            "--num_neurons, --max_rate_mismatch >= 0": self.num_neurons < 0 or self.max_rate_mismatch < 0,
+            "--baseline_percentile must be in [0, 100]": not 0 <= self.baseline_percentile <= 100,
+            "--baseline_window_s must be positive": self.baseline_window_s <= 0,
+        }
+        if any(checks.values()):
+            raise PipelineError("; ".join(message for message, bad in checks.items() if bad))
 
     @property
     def grid_height(self) -> int:
@@ -210,11 +187,9 @@ class PipelineConfig:
 
     def output_params(self, stage: str | None = None) -> dict:
         """The parameters that change the outputs (of one stage: 'cascade' or 'grid'), as JSON values."""
-        params = {
-            f.name: str(getattr(self, f.name)) if f.name == "cascade_threshold" else getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.metadata["affects"] and stage in (None, f.metadata["affects"])
-        }  # str(): a False threshold (none) must differ from 0
+        values = dict(vars(self), cascade_threshold=str(self.cascade_threshold))  # a False threshold must differ from 0
+        stages = ("cascade", "grid") if stage is None else (stage,)
+        params = {f.name: values[f.name] for f in dataclasses.fields(self) if f.metadata["affects"] in stages}
         return json.loads(json.dumps(params))
 
     def as_attrs(self) -> dict:
@@ -224,8 +199,7 @@ class PipelineConfig:
 
 
 def h5_attr_value(value):
-    """The one conversion of Python values to HDF5 attributes (None -> '', dicts -> JSON,
-    tuples of strings -> comma list, False threshold -> 'none')."""
+    """The one conversion of Python values to HDF5 attributes (None -> '', dict -> JSON, str tuple -> comma list)."""
     if value is None:
         return ""
     if isinstance(value, dict):
@@ -233,9 +207,7 @@ def h5_attr_value(value):
     if isinstance(value, (bool, np.bool_)):
         return int(value)
     if isinstance(value, (list, tuple)):
-        if not value or isinstance(value[0], str):
-            return ",".join(str(v) for v in value)
-        return np.asarray(value)
+        return ",".join(str(v) for v in value) if not value or isinstance(value[0], str) else np.asarray(value)
     return value
 
 
@@ -3244,52 +3216,46 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
 # 12. Command line
 # =============================================================================================
 
-EXIT_CODES = (
-    "Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by "
-    "another run or was not processed after a write failure (each named in the log); 2 bad arguments "
-    "or no usable model; 130 / 143 interrupted by Ctrl-C / SIGTERM (finished subjects are kept; rerun "
-    "the same command to resume)."
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, built from PipelineConfig's declarations (defaults shown are the real ones)."""
     parser = argparse.ArgumentParser(
         prog="unified_spike_processing_coo.py",
-        description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike "
-        "grids (T, Z, H, W) with CASCADE spike inference. Finished subjects whose inputs, parameters "
-        "and model are unchanged are skipped on a rerun.",
-        epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or "
-        "subject_<n>/traces.h5 (traces (N,T), positions (N,3), attr frame_rate_hz), directly under "
-        "--input_dir or under --input_dir/Subjects. " + EXIT_CODES + " For production SLURM runs, fill "
-        "the model cache on a node with internet and pass --strict_model, so that a missing model is an "
-        "error rather than a fallback; see cluster/ for an sbatch array script.",
+        description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
+        "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
+        "on a rerun.",
+        epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or subject_<n>/traces.h5 "
+        "(traces (N,T), positions (N,3), attr frame_rate_hz), directly under --input_dir or under --input_dir/Subjects. "
+        "Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by another run or "
+        "was not processed after a write failure (each named in the log); 2 bad arguments or no usable model; 130 / 143 "
+        "interrupted by Ctrl-C / SIGTERM (finished subjects are kept; rerun the same command to resume). For "
+        "production SLURM runs, fill the model cache on a node with internet and pass --strict_model, so that a "
+        "missing model is an error rather than a fallback; see cluster/ for an sbatch array script.",
     )
-    groups: dict = {}
+    groups = {name: parser.add_argument_group(name) for name in (IO, RUN, MODEL, TRACES, GRID)}
     for field in dataclasses.fields(PipelineConfig):
         meta = field.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flags = (meta["flag"] or f"--{field.name}").split("/")
         kwargs = dict(meta["kwargs"], dest=field.name, help=meta["help"])
         if isinstance(field.default, bool):
             kwargs["action"] = "store_false" if field.default else "store_true"
         else:
             kwargs["default"] = field.default
+            if type(field.default) in (int, float):
+                kwargs.setdefault("type", type(field.default))
             if field.default not in (None, ()) and not kwargs.get("required"):
                 shown = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
                 kwargs["help"] += f" (default: {shown})"
-        group.add_argument(*flags, **kwargs)
+        groups[meta["group"]].add_argument(*(meta["flag"] or f"--{field.name}").split("/"), **kwargs)
     return parser
 
 
 def _setup_logging(log_file: Path, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(level)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "spike_grids", False)]:
         root.removeHandler(handler)  # a second main() in one process (tests, notebooks)
         handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.FileHandler(log_file)  # OSError here: an unwritable log, exit 2
     for handler in (logging.StreamHandler(sys.stderr), file_handler):
         handler.setFormatter(formatter)
@@ -3299,18 +3265,16 @@ def _setup_logging(log_file: Path, verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        config = PipelineConfig(**vars(args))
+        config = PipelineConfig(**vars(parser.parse_args(argv)))
         shard = resolve_shard(config.shard)
     except PipelineError as exc:
         parser.error(str(exc))  # exit 2, before anything is created
     output_dir = Path(config.output_dir)
     default_log = f"processing_shard{shard[0]}of{shard[1]}.log" if shard else "processing.log"
-    log_file = Path(config.log_file) if config.log_file else output_dir / default_log
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _setup_logging(log_file, config.verbose)
+        _setup_logging(Path(config.log_file) if config.log_file else output_dir / default_log, config.verbose)
     except OSError as exc:
         print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2

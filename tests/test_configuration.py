@@ -38,3 +38,23 @@ def test_strict_model_without_network_is_a_clear_error(tmp_path):
     )
     assert result.returncode == 2
     assert "Global_EXC_2Hz_smoothing500ms" in result.stderr and "--model_dir" in result.stderr
+
+
+def test_numeric_options_parse_as_their_defaults_type():
+    import unified_spike_processing_coo as usp
+
+    argv = [
+        "--input_dir",
+        "a",
+        "--output_dir",
+        "b",
+        "--workers",
+        "3",
+        "--split_ratio",
+        "0.5",
+        "--cascade_threshold",
+        "none",
+    ]
+    config = usp.PipelineConfig(**vars(usp.build_parser().parse_args(argv)))
+    assert (config.workers, config.split_ratio, config.cascade_threshold) == (3, 0.5, False)
+    assert type(config.workers) is int and type(config.baseline_window_s) is float
