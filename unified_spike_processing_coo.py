@@ -2428,24 +2428,35 @@ def _page_raster(plt, plot: PlotData):
     yield fig
 
 
+PLANE_PANELS_MAX = 36  # panels on the planes page
+
+
 def _page_planes(plt, plot: PlotData):
-    # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images)
+    # one dot per cell at its (x, y) voxel, coloured by its spikes (sparse voxels are invisible as images);
+    # at most 36 panels: with more planes (e.g. registered z in µm) each panel pools neighbouring planes
     voxels, counts, grid = plot.cell_voxels, plot.cell_spike_counts, plot.grid
-    columns = min(6, grid.num_z_planes)
-    fig, axes = plt.subplots(int(math.ceil(grid.num_z_planes / columns)), columns, figsize=(11, 8.5), squeeze=False)
+    planes_per_panel = math.ceil(grid.num_z_planes / PLANE_PANELS_MAX)
+    num_panels = math.ceil(grid.num_z_planes / planes_per_panel)
+    columns = min(6, num_panels)
+    fig, axes = plt.subplots(math.ceil(num_panels / columns), columns, figsize=(11, 8.5), squeeze=False)
     vmax = max(1.0, float(np.percentile(counts, 99))) if counts.size else 1.0
-    for z, ax in enumerate(axes.ravel()):
+    for panel, ax in enumerate(axes.ravel()):
         ax.set(xticks=[], yticks=[])
-        if z >= grid.num_z_planes:
+        if panel >= num_panels:
             ax.axis("off")
             continue
-        in_plane = voxels[:, 0] == z
-        order = np.argsort(counts[in_plane])  # active cells drawn on top
-        x, y, plane_counts = voxels[in_plane, 1][order], voxels[in_plane, 2][order], counts[in_plane][order]
+        first, last = panel * planes_per_panel, min((panel + 1) * planes_per_panel, grid.num_z_planes) - 1
+        in_panel = (voxels[:, 0] >= first) & (voxels[:, 0] <= last)
+        order = np.argsort(counts[in_panel])  # active cells drawn on top
+        x, y, panel_counts = voxels[in_panel, 1][order], voxels[in_panel, 2][order], counts[in_panel][order]
         # rasterized: 90k vector dots make a slow, heavy PDF
-        image = ax.scatter(y, x, c=plane_counts, s=4, cmap="viridis", vmin=0, vmax=vmax, linewidths=0, rasterized=True)
+        image = ax.scatter(y, x, c=panel_counts, s=4, cmap="viridis", vmin=0, vmax=vmax, linewidths=0, rasterized=True)
         ax.set(xlim=(-1, grid.width), ylim=(grid.height, -1), aspect="equal")
-        ax.set_title(f"plane {z} (z={grid.z_values[z]:g})", fontsize=8)
+        z_first, z_last = grid.z_values[first], grid.z_values[last]
+        title = (
+            f"plane {first} (z={z_first:g})" if first == last else f"planes {first}-{last} (z={z_first:g}-{z_last:g})"
+        )
+        ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
     fig.suptitle(f"{plot.subject}: spike counts per cell in each plane (x down, y across)")
     yield fig
