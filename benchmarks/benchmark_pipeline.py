@@ -133,16 +133,17 @@ class LogTail:
         return lines
 
 
-def _worker_role(process: psutil.Process, cache: dict) -> str:
-    """'worker' (multiprocessing pool process) or 'helper' (resource tracker, anything else)."""
+def _worker_role(process: psutil.Process, cache: dict, main_pid: int) -> str:
+    """'worker' (multiprocessing pool process: spawned, or forked by the fork server) or 'helper'
+    (the fork server itself, the resource tracker, anything else)."""
     if process.pid not in cache:
         try:
-            cmdline = " ".join(process.cmdline())
+            cmdline, parent = " ".join(process.cmdline()), process.ppid()
         except psutil.Error:
-            cmdline = ""
-        is_worker = ("spawn_main" in cmdline or "multiprocessing-fork" in cmdline) and "resource_tracker" not in (
-            cmdline
-        )
+            cmdline, parent = "", main_pid
+        spawned = "spawn_main" in cmdline or "multiprocessing-fork" in cmdline
+        forked = "multiprocessing.forkserver" in cmdline and parent != main_pid
+        is_worker = (spawned or forked) and "resource_tracker" not in cmdline
         cache[process.pid] = "worker" if is_worker else "helper"
     return cache[process.pid]
 
@@ -173,7 +174,7 @@ def run_pipeline(run: Run, interval: float, extra_logs: list) -> Run:
                 total += rss
                 if member.pid == process.pid:
                     main = rss
-                elif _worker_role(member, roles) == "worker":
+                elif _worker_role(member, roles, process.pid) == "worker":
                     workers[member.pid] = rss
             if total and not finished:
                 run.samples.append(Sample(now, total, main, workers))
