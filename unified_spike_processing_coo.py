@@ -786,12 +786,8 @@ def _check_architecture(layers: list, config: dict, path: Path) -> None:
         expected = (int(config["filter_numbers"][i]), int(config["filter_sizes"][i]))
         found = (int(conv["filters"]), _as_int(conv["kernel_size"]))
         steps = (_as_int(conv.get("strides", 1)), _as_int(conv.get("dilation_rate", 1)))
-        if found != expected or (conv.get("activation"), conv.get("padding", "valid"), *steps) != (
-            "relu",
-            "valid",
-            1,
-            1,
-        ):
+        layout = (conv.get("activation"), conv.get("padding", "valid"), *steps)
+        if found != expected or layout != ("relu", "valid", 1, 1):
             raise PipelineError(
                 f"{path}: convolution {i + 1} is {found} {conv.get('activation')}, config.yaml says {expected} relu valid"
             )
@@ -1838,7 +1834,8 @@ class SubjectSpikes:
 
     def spikes_per_cell(self, first: int, stop: int, num_cells: int) -> np.ndarray:
         """(cells,) spikes of each cell in frames [first, stop), without gathering the events."""
-        return sum(np.bincount(cells, minlength=num_cells) for cells, _ in self._events((first, stop)))
+        counts = np.zeros(num_cells, dtype=np.int64)
+        return sum((np.bincount(cells, minlength=num_cells) for cells, _ in self._events((first, stop))), counts)
 
     def events_of_cells(self, rows: np.ndarray) -> tuple:
         """(cells, frames) of every spike of the given cells."""
