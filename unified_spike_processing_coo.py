@@ -38,7 +38,7 @@ import uuid
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -70,13 +70,22 @@ def remove_quietly(path: Path) -> None:
 # Every parameter is declared once, here: default, --help text, argument group, and which stage's outputs it
 # changes ('cascade': spikes and everything after; 'grid': only the grid, split and plots). Those make up the
 # fingerprint that decides whether a finished subject is skipped on a rerun, and whether CASCADE's saved results
-# can be re-gridded. The command line is built from it (int and float defaults parse as int and float).
+# can be re-gridded. The command line is built from it (int and float defaults parse as int and float); choices
+# and help that come from a table further down (spike modes, input layouts) are filled in when it is built.
+# Each stage takes only the settings it uses: a small dataclass whose fields are named after the options
+# (settings_for), so no stage sees the whole configuration.
 
 IO, RUN, MODEL, TRACES, GRID = "input and output", "running", "CASCADE model", "traces", "spikes and grid"
+# CASCADE's post-processing by name, and the value cascade2p's predict() takes for it (False: none)
+CASCADE_THRESHOLDS = {"0": 0, "1": 1, "none": False}
+# Workers return the traces of this many seeded random cells; the PDF shows the first --num_neurons of them, so
+# that option changes only the plots, never CASCADE's work.
+PLOT_CELLS_MAX = 50
 
 
-def option(default, help: str, group: str, affects: str | None = None, flag: str | None = None, **argparse_kwargs):
-    """A configuration field with its command-line declaration (see build_parser)."""
+def option(default, help, group: str, affects: str | None = None, flag: str | None = None, **argparse_kwargs):
+    """A configuration field with its command-line declaration (see build_parser). ``help`` and
+    ``choices`` may be callables, for text and choices that come from a table defined further down."""
     metadata = {"help": help, "group": group, "affects": affects, "flag": flag, "kwargs": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -85,11 +94,9 @@ def _comma_list(text: str) -> tuple:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _threshold_arg(text: str):
-    value = text.strip().lower()
-    if value not in ("0", "1", "none", "false", "off"):
-        raise argparse.ArgumentTypeError("must be 0, 1 or none")
-    return int(value) if value in ("0", "1") else False
+def _threshold_name(text: str) -> str:
+    name = text.strip().lower()
+    return "none" if name in ("false", "off") else name  # the spellings 1.0 accepted
 
 
 def _shard_arg(text: str) -> tuple:
@@ -99,11 +106,15 @@ def _shard_arg(text: str) -> tuple:
     return int(match.group(1)), int(match.group(2))
 
 
+def _spike_mode_help() -> str:
+    return "; ".join(f"{name}: {mode.description}" for name, mode in SPIKE_MODES.items())
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Every parameter of a run (each recorded as param_<name> in every output file)."""
 
-    input_dir: str = option(None, "folder of subject_<n> folders", IO, required=True)
+    input_dir: str = option(None, "folder of subject folders", IO, required=True)
     output_dir: str = option(None, "where <subject>/ outputs and combined_metadata.h5 go", IO, required=True)
     subjects: tuple = option((), "only these subjects (comma list)", IO, type=_comma_list)
     skip: tuple = option((), "skip these subjects (comma list)", IO, type=_comma_list)
@@ -112,7 +123,7 @@ class PipelineConfig:
         choices=("raw", "registered"),
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
-    num_neurons: int = option(10, "cells shown in the PDF's trace pages", IO, "cascade")
+    num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(1, "worker processes for CASCADE inference", RUN)
@@ -135,9 +146,9 @@ class PipelineConfig:
         False, "error instead of falling back to a builtin model when the named one is unavailable", MODEL
     )
     offline: bool = option(False, "never download: use --model_dir, the cache or the builtin models", MODEL)
-    cascade_threshold: object = option(
-        1, "CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none", MODEL, "cascade",
-        type=_threshold_arg,
+    cascade_threshold: str = option(
+        "1", "CASCADE's post-processing: 0 (negatives to 0), 1 (noise-floor cut) or none", MODEL, "cascade",
+        type=_threshold_name, choices=tuple(CASCADE_THRESHOLDS),
     )  # fmt: skip
     max_rate_mismatch: float = option(
         0.5, "refuse a frame rate this fraction away from the model's (warn above 0.05)", MODEL
@@ -148,10 +159,7 @@ class PipelineConfig:
     )  # fmt: skip
     baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade")
     baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade")
-    spike_mode: str = option(
-        "sample", "sample: seeded Bernoulli(rate); discrete: inferred spike counts > 0; threshold: rate >= "
-        "--spike_threshold", GRID, "cascade", choices=("sample", "discrete", "threshold"),
-    )  # fmt: skip
+    spike_mode: str = option("sample", _spike_mode_help, GRID, "cascade", choices=lambda: tuple(SPIKE_MODES))
     spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade")
     seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade")
     keep_edge_frames: bool = option(False, "keep the frames at both ends that CASCADE cannot predict", GRID, "grid")
@@ -170,32 +178,33 @@ class PipelineConfig:
             "--workers and --batch_size must be at least 1": self.workers < 1 or self.batch_size < 1,
             "--split_ratio in (0, 1], --split_block >= 1": not 0 < self.split_ratio <= 1 or self.split_block < 1,
             "--grid_shape needs positive H and W": len(self.grid_shape) != 2 or min(self.grid_shape) < 1,
-            "--num_neurons, --max_rate_mismatch >= 0": self.num_neurons < 0 or self.max_rate_mismatch < 0,
+            f"--num_neurons in [0, {PLOT_CELLS_MAX}]": not 0 <= self.num_neurons <= PLOT_CELLS_MAX,
+            "--max_rate_mismatch >= 0": self.max_rate_mismatch < 0,
             "--baseline_percentile must be in [0, 100]": not 0 <= self.baseline_percentile <= 100,
             "--baseline_window_s must be positive": self.baseline_window_s <= 0,
+            f"--cascade_threshold must be one of {', '.join(CASCADE_THRESHOLDS)}": (
+                self.cascade_threshold not in CASCADE_THRESHOLDS
+            ),
+            f"--spike_mode must be one of {', '.join(SPIKE_MODES)}": self.spike_mode not in SPIKE_MODES,
         }
         if any(checks.values()):
             raise PipelineError("; ".join(message for message, bad in checks.items() if bad))
 
-    @property
-    def grid_height(self) -> int:
-        return self.grid_shape[0]
-
-    @property
-    def grid_width(self) -> int:
-        return self.grid_shape[1]
-
     def output_params(self, stage: str | None = None) -> dict:
         """The parameters that change the outputs (of one stage: 'cascade' or 'grid'), as JSON values."""
-        values = dict(vars(self), cascade_threshold=str(self.cascade_threshold))  # a False threshold must differ from 0
         stages = ("cascade", "grid") if stage is None else (stage,)
-        params = {f.name: values[f.name] for f in dataclasses.fields(self) if f.metadata["affects"] in stages}
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["affects"] in stages}
         return json.loads(json.dumps(params))
 
     def as_attrs(self) -> dict:
         """Every parameter as HDF5 attributes param_<name>."""
-        attrs = {f"param_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dict(attrs, param_cascade_threshold=str(self.cascade_threshold).replace("False", "none"))
+        return {f"param_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def settings_for(settings_type, config: PipelineConfig, **values):
+    """A stage's settings: the fields of ``settings_type`` not given in ``values`` are the options of that name."""
+    fields = (f.name for f in dataclasses.fields(settings_type) if f.name not in values)
+    return settings_type(**{name: getattr(config, name) for name in fields}, **values)
 
 
 def h5_attr_value(value):
@@ -212,13 +221,13 @@ def h5_attr_value(value):
 
 
 # =============================================================================================
-# 2. Loading subjects: Chen et al. 2018 layout and a generic traces.h5, and their validation
+# 2. Loading subjects: the input layouts (INPUT_LAYOUTS, at the end of this section) and their validation
 # =============================================================================================
-# Traces stay in their HDF5 file and are read a block of cells at a time (by the workers), so no
+# Traces stay in their file and are read a block of cells at a time (by the workers, section 8), so no
 # process ever holds a whole fish. Every other field is validated as it is read: a value that
 # cannot be right is refused with one PipelineError naming the file, the field, what was found and
 # what was expected; a doubtful but usable one is recorded with SubjectData.warn. Doubts only the
-# traces reveal are checked after inference. The rules are the table "Doubtful inputs" in README.md.
+# traces reveal are checked after inference. The rules are the table "Doubtful inputs" in docs/inputs.md.
 
 TRACE_READ_CELLS = 4096  # cells per read: a few tens of MB for a 4,000-frame recording
 FRAME_RATE_RANGE_HZ = (0.01, 1000.0)  # outside: not a volume rate in Hz (a period, ms, a typo)
@@ -273,9 +282,18 @@ def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
     return infinite.sum(axis=1).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading a subject takes from the command line (fields named after the options)."""
+
+    coordinates: str = "raw"  # 'raw' or 'registered' (layouts that have no registered positions refuse it)
+
+
 @dataclass
 class SubjectData:
-    """One subject: where its traces are, and its cells' positions (N, 3) as [x, y, z]."""
+    """One subject: where its traces are, and its cells' positions (N, 3) as [x, y, z]. ``trace_file`` is
+    anything with num_cells, num_frames, path, dataset and read / read_raw / read_rows as TraceFile has,
+    which pickles small (the workers read their own cells from it)."""
 
     name: str
     folder: str
@@ -283,7 +301,7 @@ class SubjectData:
     positions: np.ndarray  # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
     frame_rate_hz: float
     cell_ids: np.ndarray  # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
-    layout: str  # 'chen2018' | 'generic'
+    layout: str  # the InputLayout's name
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
@@ -541,14 +559,14 @@ def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, 
     return cell_ids
 
 
-def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData:
+def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
     for path, kind in ((series_path, "an HDF5"), (anatomy_path, "a MATLAB")):
         _check_file(path, kind, "the Chen 2018 layout needs TimeSeries.h5 and data_full.mat")
     trace_file, datasets = _open_trace_file(series_path, "CellResp", True, extra=("absIX",))
     fields = _mat_struct_fields(anatomy_path)
-    key = "CellXYZ_norm" if coordinates == "registered" else "CellXYZ"
+    key = "CellXYZ_norm" if options.coordinates == "registered" else "CellXYZ"
     for name, meaning in ((key, "cell positions"), ("fpsec", "frame rate")):
         if name not in fields:
             raise PipelineError(f"{anatomy_path}: struct data has no {name} ({meaning})")
@@ -574,8 +592,10 @@ def load_chen2018_subject(folder: Path, coordinates: str = "raw") -> SubjectData
     return subject
 
 
-def load_generic_subject(folder: Path) -> SubjectData:
+def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     path = folder / "traces.h5"
     _check_file(path, "an HDF5", "the generic layout needs traces.h5")
     trace_file, found = _open_trace_file(path, "traces", False, ("positions",), ("frame_rate_hz", "trace_type"))
@@ -604,27 +624,67 @@ def load_generic_subject(folder: Path) -> SubjectData:
     return subject
 
 
-def load_subject(folder, coordinates: str = "raw") -> SubjectData:
+def _dataset_size(path: Path, dataset: str) -> int:
+    """Elements of an HDF5 dataset (cells x frames), read from its header; 0 when unreadable."""
+    with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
+        return int(np.prod(h5[dataset].shape))
+    return 0
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """One input layout: the only place to touch to read another one. Messages, --help's epilog,
+    shard balancing and docs/inputs.md's list come from this table."""
+
+    name: str  # recorded as the outputs' `layout` attribute
+    files: str  # what it reads, in words
+    recognise: Callable[[set], bool]  # from the names of the entries of a subject folder
+    load: Callable[[Path, LoadOptions], SubjectData]  # open and validate (traces are not read)
+    size: Callable[[Path], int]  # cells x frames without reading traces (balances shards); 0 if unreadable
+
+
+INPUT_LAYOUTS = (  # the first that a folder holds is used
+    InputLayout(
+        "chen2018", "TimeSeries.h5 + data_full.mat (Chen et al. 2018)",
+        lambda names: bool(names & {"TimeSeries.h5", "data_full.mat"}), load_chen2018_subject,
+        lambda folder: _dataset_size(folder / "TimeSeries.h5", "CellResp"),
+    ),
+    InputLayout(
+        "generic", "traces.h5 (traces (N, T), positions (N, 3), attribute frame_rate_hz)",
+        lambda names: "traces.h5" in names, load_generic_subject,
+        lambda folder: _dataset_size(folder / "traces.h5", "traces"),
+    ),
+)  # fmt: skip
+
+
+def layouts_in(folder: Path) -> list:
+    """The layouts a folder holds, in the table's order (empty when it cannot be listed)."""
+    with contextlib.suppress(OSError):
+        names = {path.name for path in folder.iterdir()}
+        return [layout for layout in INPUT_LAYOUTS if layout.recognise(names)]
+    return []
+
+
+def load_subject(folder, options: LoadOptions | None = None) -> SubjectData:
     """Open and validate a subject folder in whichever supported layout it has, without reading
     the traces (those are read a block at a time during inference, and checked then)."""
-    folder, layouts = Path(folder), "TimeSeries.h5 + data_full.mat (Chen 2018) or traces.h5"
+    folder, options = Path(folder), options or LoadOptions()
+    known = " or ".join(layout.files for layout in INPUT_LAYOUTS)
     if not folder.is_dir():
         found = "a file" if folder.exists() else "a broken link"
-        raise PipelineError(f"{folder} is {found}, expected a folder of {layouts}")
+        raise PipelineError(f"{folder} is {found}, expected a folder of {known}")
     try:
-        present = {path.name for path in folder.iterdir()}
+        present = sorted(path.name for path in folder.iterdir())
     except OSError as exc:
         raise PipelineError(f"cannot list {folder}: {exc.strerror} (check its permissions)") from None
-    if present & {"TimeSeries.h5", "data_full.mat"}:
-        subject = load_chen2018_subject(folder, coordinates)
-        if "traces.h5" in present:
-            subject.warn("the folder holds both layouts: TimeSeries.h5 + data_full.mat used, traces.h5 ignored")
-    elif "traces.h5" in present and coordinates == "registered":
-        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
-    elif "traces.h5" in present:
-        subject = load_generic_subject(folder)
-    else:
-        raise PipelineError(f"{folder} has neither {layouts} (found: {', '.join(sorted(present)[:5]) or 'nothing'})")
+    if not (layouts := layouts_in(folder)):
+        raise PipelineError(
+            f"{folder} holds no layout this pipeline reads ({known}); found: {', '.join(present[:5]) or 'nothing'}"
+        )
+    subject = layouts[0].load(folder, options)
+    if len(layouts) > 1:
+        ignored = " and ".join(layout.files.split(" (")[0] for layout in layouts[1:])
+        subject.warn(f"the folder holds several layouts: {layouts[0].files.split(' (')[0]} used, {ignored} ignored")
     if subject.num_cells == 0 or subject.num_frames == 0:
         raise PipelineError(f"{folder}: empty recording ({subject.num_cells} cells x {subject.num_frames} frames)")
     return subject
@@ -635,12 +695,20 @@ def load_subject(folder, coordinates: str = "raw") -> SubjectData:
 # =============================================================================================
 
 
-def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: int = 2000) -> tuple:
-    """'fluorescence' or 'dff' from the data, with the reason (logged and recorded). Raw fluorescence
-    sits on a positive baseline far above its own fluctuations; dF/F hovers around zero, so we compare
-    each cell's baseline (8th percentile) with its noise (MAD of diffs)."""
+@dataclass(frozen=True)
+class TraceType:
+    """What a subject's traces are, and why we think so (logged and recorded in every output)."""
+
+    kind: str  # 'fluorescence' (converted to dF/F) or 'dff'
+    reason: str
+
+
+def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: int = 2000) -> TraceType:
+    """'fluorescence' or 'dff' from the data, with the reason. Raw fluorescence sits on a positive baseline
+    far above its own fluctuations; dF/F hovers around zero, so we compare each cell's baseline (8th
+    percentile) with its noise (MAD of diffs)."""
     if hint in ("fluorescence", "dff"):
-        return hint, f"file attribute trace_type={hint}"
+        return TraceType(hint, f"file attribute trace_type={hint}")
     sample = traces[np.linspace(0, len(traces) - 1, min(len(traces), max_cells)).astype(int)]
     sample = sample[np.fmax.reduce(sample, axis=1) > np.fmin.reduce(sample, axis=1)]  # flat cells say nothing
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -650,8 +718,8 @@ def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: in
         ratio = np.nanmedian(baseline / np.maximum(noise, 1e-12))
         positive = np.nanmean(baseline > 0)
     if positive > 0.95 and ratio > 5:
-        return "fluorescence", f"baselines positive in {positive:.0%} of cells, {ratio:.0f}x the noise"
-    return "dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})"
+        return TraceType("fluorescence", f"baselines positive in {positive:.0%} of cells, {ratio:.0f}x the noise")
+    return TraceType("dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})")
 
 
 def sliding_percentile(
@@ -868,7 +936,7 @@ def _read_model_config(path: Path) -> tuple:
     return config, params
 
 
-def load_cascade_model_folder(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
+def read_model_folder(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
     """Load and check a CASCADE model folder: the one validation of a model.
 
     A missing folder, config.yaml or weight file, a bad config, a truncated file or another network
@@ -911,6 +979,10 @@ def load_cascade_model_folder(folder, source: str = "model_dir", requested: str 
 # An official model that cannot be had is replaced by the builtin model with a WARNING and the model's
 # source says so; strict makes that an error. PROCESS_CACHE remembers models, choices and downloads,
 # so the subjects of a run share one model object and a failed download is tried once per process.
+# The one way to get a model: ModelRequest (what the command line asks for) -> model_for_subject, which
+# resolves it for the subject's frame rate and checks the match. The steps, in the order they run:
+# resolve_model -> _official_name -> _cached_or_downloaded (download_model) -> _chosen_model (logs the
+# choice once) -> read_model_folder_once -> read_model_folder (reads and validates a folder).
 
 DEFAULT_MODEL_CACHE_DIR = Path("~/.cache/neuralib/cascade")  # neuralib's: models are shared with it
 # The builtin family and official_models.yaml: beside this file, or in share/ when pip-installed.
@@ -1008,21 +1080,21 @@ def find_model_folder(folder) -> Path:
     return folder  # the loader says what is wrong with it, if anything
 
 
-def load_model_once(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
-    """load_cascade_model_folder once per process and folder (subjects and worker batches share it)."""
+def read_model_folder_once(folder, source: str = "model_dir", requested: str = "") -> CascadeModel:
+    """read_model_folder once per process and folder (subjects and worker batches share it)."""
     models = PROCESS_CACHE.setdefault("models", {})
     key = str(Path(folder).expanduser().resolve())
     if key not in models:
-        models[key] = load_cascade_model_folder(key)
+        models[key] = read_model_folder(key)
     return dataclasses.replace(models[key], source=source, requested=requested)
 
 
-def _choose(folder: Path, source: str, requested: str, why: str = "") -> CascadeModel:
+def _chosen_model(folder: Path, source: str, requested: str, why: str = "") -> CascadeModel:
     """The model in ``folder`` with its provenance; each choice is made and logged once per process."""
     choices = PROCESS_CACHE.setdefault("choices", {})
     key = (str(Path(folder).resolve()), source, requested)
     if key not in choices:
-        model = choices[key] = load_model_once(folder, source, requested)
+        model = choices[key] = read_model_folder_once(folder, source, requested)
         if model.is_fallback:
             log.warning(
                 f"CASCADE model '{requested}' is unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): "
@@ -1062,7 +1134,7 @@ def _install_folder(folder: Path, target: Path) -> Path:
     for _attempt in range(3):
         if target.exists():  # another process (a SLURM array task sharing the cache) was faster
             try:
-                return Path(load_model_once(find_model_folder(target)).folder)
+                return Path(read_model_folder_once(find_model_folder(target)).folder)
             except PipelineError:
                 aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
                 with contextlib.suppress(FileNotFoundError):
@@ -1092,7 +1164,7 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
         with tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".tmp", dir=cache_dir) as temporary:
             _download_zip(link, Path(temporary) / "model.zip", timeout_s)
             folder = find_model_folder(Path(temporary) / "unzipped")
-            load_cascade_model_folder(folder)
+            read_model_folder(folder)
             return _install_folder(folder, cache_dir / name)
     except Exception as exc:  # URLError, HTTPException, BadZipFile, the checks' errors, ...
         raise ModelDownloadError(
@@ -1106,7 +1178,7 @@ def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
     key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
     if key not in fetched and target.exists():
         try:
-            fetched[key] = Path(load_model_once(find_model_folder(target)).folder), "cache"
+            fetched[key] = Path(read_model_folder_once(find_model_folder(target)).folder), "cache"
         except PipelineError as exc:
             problem = f"cache entry {target} is incomplete ({exc}); "
             log.warning(f"{problem}it will be replaced by a fresh download")
@@ -1125,7 +1197,7 @@ def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
 
 def _builtin(frame_rate_hz: float | None, source: str, requested: str, why: str = "") -> CascadeModel:
     try:
-        return _choose(nearest_builtin_folder(frame_rate_hz), source, requested, why)
+        return _chosen_model(nearest_builtin_folder(frame_rate_hz), source, requested, why)
     except PipelineError as exc:
         raise ModelResolutionError(f"builtin CASCADE model: {exc}; restore models/ or pass --model_dir DIR") from None
 
@@ -1167,7 +1239,7 @@ def resolve_model(
     """
     if model_dir not in (None, ""):
         try:
-            return _choose(find_model_folder(model_dir), "model_dir", str(model_dir))
+            return _chosen_model(find_model_folder(model_dir), "model_dir", str(model_dir))
         except PipelineError as exc:
             raise ModelResolutionError(f"--model_dir {model_dir} is not a usable CASCADE model: {exc}") from None
     name = str(requested or BUILTIN_MODEL_KEYWORD).strip()
@@ -1177,7 +1249,7 @@ def resolve_model(
     name = _official_name(name, cache, frame_rate_hz)
     folder, found = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
-        return _choose(folder, found, str(requested))
+        return _chosen_model(folder, found, str(requested))
     if is_auto and offline:  # by design, not a fallback: the best model this machine has
         return _builtin(frame_rate_hz, "builtin", str(requested), why=f"'auto' chose {name}, but {found}")
     if strict:
@@ -1189,13 +1261,48 @@ def resolve_model(
     return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{found})", str(requested))
 
 
-def load_cascade_model(
-    folder_or_name, *, cache_dir=None, strict: bool = False, frame_rate_hz: float | None = None
-) -> CascadeModel:
-    """A CASCADE model from a folder (read afresh), or by name as on the command line (resolve_model)."""
-    if Path(str(folder_or_name)).expanduser().is_dir():
-        return load_cascade_model_folder(find_model_folder(folder_or_name), "model_dir", str(folder_or_name))
-    return resolve_model(str(folder_or_name), cache_dir=cache_dir, strict=strict, frame_rate_hz=frame_rate_hz)
+@dataclass(frozen=True)
+class ModelRequest:
+    """The model the command line asks for, and how far from a subject's frame rate it may be (fields
+    named after the options)."""
+
+    cascade_model: str
+    model_dir: str | None
+    model_cache: str | None
+    strict_model: bool
+    offline: bool
+    max_rate_mismatch: float
+
+    def resolve(self, frame_rate_hz: float | None = None) -> CascadeModel:
+        """The model for a subject recorded at ``frame_rate_hz`` (None: before any subject is read)."""
+        return resolve_model(
+            self.cascade_model, model_dir=self.model_dir, cache_dir=self.model_cache,
+            frame_rate_hz=frame_rate_hz, strict=self.strict_model, offline=self.offline,
+        )  # fmt: skip
+
+
+def model_for_subject(subject: SubjectData, request: ModelRequest) -> CascadeModel:
+    """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
+    model = request.resolve(subject.frame_rate_hz)
+    if model.is_fallback:
+        subject.warnings.append(f"model fallback: {model.source}")
+    mismatch = rate_mismatch(model, subject.frame_rate_hz)
+    rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
+    model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
+    if mismatch > request.max_rate_mismatch:
+        raise PipelineError(
+            f"{rate} is {mismatch:.0%} away from {model_rate}: pick a matching model "
+            "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
+        )
+    if mismatch > RATE_MISMATCH_WARN_FRACTION:
+        subject.warn(f"{rate} differs from {model_rate} by {mismatch:.0%} (CASCADE's tolerance: 5%)")
+    if subject.num_frames < 2 * model.window_size:  # fewer predicted frames than edge frames dropped
+        raise PipelineError(
+            f"{subject.trace_file.path}: {subject.trace_file.dataset} has {subject.num_frames} frames, of which "
+            f"CASCADE's {model.window_size}-frame window predicts {max(0, subject.num_frames - model.window_size)}: "
+            f"expected at least {2 * model.window_size} frames"
+        )
+    return model
 
 
 # =============================================================================================
@@ -1495,28 +1602,58 @@ def infer_discrete_spikes(rates: np.ndarray, model: CascadeModel) -> np.ndarray:
     return spikes_flat.reshape(num_neurons, -1)[:, radius : radius + num_frames].copy()
 
 
-def binarize_spikes(
-    rates: np.ndarray, cell_ids: np.ndarray, mode: str, *, seed: int = 42, spike_threshold: float = 0.5, model=None
-) -> np.ndarray:
-    """Binary spikes (N, T) bool from CASCADE rates (spikes/frame); NaN frames never spike. sample:
-    Bernoulli(clip(rate, 0, 1)) from a random stream keyed by (seed, cell id), so a cell gets the same
-    spikes whatever --workers or --batch_size; discrete: infer_discrete_spikes(rates, model) > 0;
-    threshold: rate >= spike_threshold."""
-    finite = np.nan_to_num(rates, nan=0.0)
-    if mode == "threshold":
-        return finite >= spike_threshold
-    if mode == "discrete":
-        if model is None:
-            raise ValueError("discrete spikes need the CASCADE model (its smoothing)")
-        return infer_discrete_spikes(rates, model) > 0
-    if mode != "sample":
-        raise ValueError(f"unknown spike mode {mode!r}")
-    probability = np.clip(finite, 0.0, 1.0)
+def sample_spikes(rates: np.ndarray, cell_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Bernoulli(clip(rate, 0, 1)) per frame from a random stream keyed by (seed, cell id), so a cell gets
+    the same spikes whatever --workers or --batch_size."""
+    probability = np.clip(np.nan_to_num(rates, nan=0.0), 0.0, 1.0)
     spikes = np.zeros(rates.shape, dtype=bool)
     for row, cell_id in enumerate(np.asarray(cell_ids, dtype=np.int64)):
         stream = np.random.Generator(np.random.Philox(key=[int(seed) & (2**64 - 1), int(cell_id)]))
         spikes[row] = stream.random(rates.shape[1]) < probability[row]
     return spikes
+
+
+@dataclass(frozen=True)
+class SpikeContext:
+    """What a spike mode may use besides the rates."""
+
+    cell_ids: np.ndarray  # (N,) keys of each cell's random stream
+    seed: int
+    spike_threshold: float  # spikes/frame
+    model: CascadeModel | None  # its smoothing, for discrete spikes
+
+
+def _discrete_spikes(rates: np.ndarray, context: SpikeContext) -> np.ndarray:
+    if context.model is None:
+        raise ValueError("discrete spikes need the CASCADE model (its smoothing)")
+    return infer_discrete_spikes(rates, context.model) > 0
+
+
+@dataclass(frozen=True)
+class SpikeMode:
+    """One way to turn rates into binary spikes: the only place to touch to add one (--spike_mode's
+    choices and help come from this table)."""
+
+    description: str
+    binarize: Callable[[np.ndarray, SpikeContext], np.ndarray]  # (N, T) rates -> (N, T) bool, NaN never spikes
+
+
+SPIKE_MODES = {
+    "sample": SpikeMode("seeded Bernoulli(rate)", lambda rates, c: sample_spikes(rates, c.cell_ids, c.seed)),
+    "discrete": SpikeMode("inferred spike counts > 0", _discrete_spikes),
+    "threshold": SpikeMode(
+        "rate >= --spike_threshold", lambda rates, c: np.nan_to_num(rates, nan=0.0) >= c.spike_threshold
+    ),
+}
+
+
+def binarize_spikes(
+    rates: np.ndarray, cell_ids: np.ndarray, mode: str, *, seed: int = 42, spike_threshold: float = 0.5, model=None
+) -> np.ndarray:
+    """Binary spikes (N, T) bool from CASCADE rates (spikes/frame) by a mode of SPIKE_MODES."""
+    if mode not in SPIKE_MODES:
+        raise ValueError(f"unknown spike mode {mode!r}")
+    return SPIKE_MODES[mode].binarize(rates, SpikeContext(np.asarray(cell_ids), seed, spike_threshold, model))
 
 
 # =============================================================================================
@@ -1633,6 +1770,18 @@ def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: 
 
 
 @dataclass(frozen=True)
+class GridSettings:
+    """What gridding takes from the command line (fields named after the options)."""
+
+    grid_shape: tuple  # (H, W)
+    z_markers: bool
+    keep_edge_frames: bool
+    split_block: int
+    split_ratio: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class GridPlan:
     """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
 
@@ -1642,33 +1791,21 @@ class GridPlan:
     predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
+    z_markers: bool
 
 
-def plan_grid(positions, valid, num_frames: int, model: CascadeModel, config: PipelineConfig) -> GridPlan:
+def plan_grid(positions, valid, num_frames: int, model: CascadeModel, settings: GridSettings) -> GridPlan:
     """Kept frames (CASCADE's edge frames are dropped unless --keep_edge_frames), grid and split."""
     predicted = np.zeros(num_frames, dtype=bool)
     predicted[model.frames_before : num_frames - model.frames_after] = True
-    kept_frames = np.arange(num_frames) if config.keep_edge_frames else np.flatnonzero(predicted)
+    kept_frames = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
-    grid = make_grid_spec(positions, len(kept_frames), config.grid_height, config.grid_width, config.z_markers, valid)
-    is_train, test_blocks = train_test_split(len(kept_frames), config.split_block, config.split_ratio, config.seed)
-    return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks)
-
-
-def coo_blocks(spikes: SubjectSpikes, plan: GridPlan, z_markers: bool) -> Iterator[tuple]:
-    """build_coo over consecutive blocks of timepoints: yields (coords, counts) in sorted order."""
-    bounds, budget = [0], 0
-    for t, count in enumerate(spikes.frame_counts[plan.kept_frames]):
-        if budget + count > SPIKES_PER_GRID_BLOCK and t > bounds[-1]:
-            bounds.append(t)
-            budget = 0
-        budget += count
-    bounds.append(len(plan.kept_frames))
-    for t0, t1 in itertools.pairwise(bounds):
-        if t1 > t0:
-            cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
-            yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, z_markers, range(t0, t1))
+    grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
+    is_train, test_blocks = train_test_split(
+        len(kept_frames), settings.split_block, settings.split_ratio, settings.seed
+    )
+    return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers)
 
 
 def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
@@ -1693,14 +1830,15 @@ PROGRESS_LOG_INTERVAL_S = 60.0
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """What a worker needs to turn traces into spikes (the same for every batch of a subject)."""
+    """What a worker needs to turn traces into spikes (the same for every batch of a subject); the
+    fields after the first two are named after the options."""
 
     is_fluorescence: bool
     frame_rate_hz: float
     baseline_window_s: float
     baseline_percentile: float
-    cascade_threshold: object
-    spike_mode: str
+    cascade_threshold: str  # a name of CASCADE_THRESHOLDS
+    spike_mode: str  # a name of SPIKE_MODES
     spike_threshold: float
     seed: int
 
@@ -1719,28 +1857,85 @@ class BatchTask:
     settings: InferenceSettings
 
 
+@dataclass(frozen=True)
+class CellChunk:
+    """A chunk of cells inside a worker, from its traces to its spikes: what per-cell fields are made of."""
+
+    traces: np.ndarray  # (B, T) float32 as stored, infinite values made NaN
+    infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
+    dff: np.ndarray  # (B, T) float32 the traces as dF/F
+    rates: np.ndarray  # (B, T) float64 CASCADE rates, spikes/frame, NaN where there is no prediction
+    noise_level: np.ndarray  # (B,) CASCADE's noise level
+    model_noise_level: np.ndarray  # (B,) the model noise level used
+    spikes: np.ndarray  # (B, T) bool
+    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
+    rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
+
+
+@dataclass(frozen=True)
+class CellField:
+    """A per-cell result of the workers: the only place to touch to add one. Workers compute it for each
+    chunk, cascade_results.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
+
+    name: str
+    dtype: str
+    compute: Callable[[CellChunk], np.ndarray]
+    in_metadata: bool = False
+
+
+CELL_FIELDS = (
+    CellField("spike_count", "int32", lambda c: c.spikes.sum(axis=1), in_metadata=True),  # all frames
+    CellField("noise_level", "float64", lambda c: c.noise_level, in_metadata=True),
+    CellField("model_noise_level", "int64", lambda c: c.model_noise_level, in_metadata=True),
+    CellField("nan_frames", "int32", lambda c: np.isnan(c.traces).sum(axis=1)),  # frames without a value
+    CellField("infinite_values", "int32", lambda c: c.infinite_values),
+    CellField("min_value", "float32", lambda c: np.fmin.reduce(c.traces, axis=1)),  # NaN: no value (fmin skips NaN)
+    CellField("max_value", "float32", lambda c: np.fmax.reduce(c.traces, axis=1)),  # = min_value: constant
+    CellField("rate_scale", "float32", lambda c: c.rate_scale),
+)
+
+
+@dataclass(frozen=True)
+class PlotTraces:
+    """The PDF's cells (subject rows, ascending) with their dF/F, rates and spikes."""
+
+    rows: np.ndarray
+    dff: np.ndarray  # (n, T) float32
+    rates: np.ndarray  # (n, T) float32
+    spikes: np.ndarray  # (n, T) bool
+
+    @classmethod
+    def concatenate(cls, parts: list) -> PlotTraces:
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+
+
 @dataclass
 class BatchResult:
-    """A batch's spikes as (frame, cell) events sorted by frame, and per-cell summaries."""
+    """A batch's spikes as (frame, cell) events sorted by frame, and per-cell results (CELL_FIELDS)."""
 
     start: int
     spike_frames: np.ndarray  # (S,) int32, ascending
     spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a frame
-    spike_count: np.ndarray  # (B,) int32 spikes per cell (all frames)
-    noise_level: np.ndarray  # (B,) CASCADE noise level per cell
-    model_noise_level: np.ndarray  # (B,) the model noise level each cell used
-    nan_frames: np.ndarray  # (B,) int32 frames without a value (NaN or infinite)
-    infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
-    min_value: np.ndarray  # (B,) float32 smallest trace value (NaN: none), for validation
-    max_value: np.ndarray  # (B,) float32 largest (equal to min_value: a constant trace)
+    cells: dict  # CELL_FIELDS name -> (B,) array of that field's dtype
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
     rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
-    rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
-    plot_rows: np.ndarray  # the PDF's cells in this batch, and their dF/F, rates and spikes:
-    plot_dff: np.ndarray
-    plot_rates: np.ndarray
-    plot_spikes: np.ndarray
-    seconds: float
+    plot: PlotTraces
+    seconds: float = 0.0
+
+    @property
+    def num_cells(self) -> int:
+        return len(self.cells["spike_count"])
+
+    @classmethod
+    def concatenate(cls, parts: list, seconds: float = 0.0) -> BatchResult:
+        """Consecutive parts (ascending cells) as one result, its events in (frame, cell) order."""
+        frames, cells = (np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_frames", "spike_cells"))
+        order = np.argsort(frames, kind="stable")  # parts ascend in cell: (frame, cell) order overall
+        per_cell = {f.name: np.concatenate([p.cells[f.name] for p in parts]) for f in CELL_FIELDS}
+        rates_uint8 = np.concatenate([p.rates_uint8 for p in parts])
+        rate_sum_fixed = sum(p.rate_sum_fixed for p in parts)
+        plot = PlotTraces.concatenate([p.plot for p in parts])
+        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates_uint8, plot, seconds)
 
 
 def quantise_rates(rates: np.ndarray) -> tuple:
@@ -1754,43 +1949,40 @@ def quantise_rates(rates: np.ndarray) -> tuple:
     return np.where(np.isnan(rates), 255, quantised).astype(np.uint8), scale
 
 
+def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> CellChunk:
+    """Cells [start, stop) of a batch: traces -> dF/F -> CASCADE rates -> binary spikes."""
+    settings = task.settings
+    traces = task.trace_file.read_raw(start, stop)
+    infinite_values = mark_infinite_as_missing(traces)
+    dff = traces
+    if settings.is_fluorescence:
+        dff = compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
+    threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
+    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True)
+    ids = task.cell_ids[start - task.start : stop - task.start]
+    spikes = SPIKE_MODES[settings.spike_mode].binarize(
+        rates, SpikeContext(ids, settings.seed, settings.spike_threshold, model)
+    )
+    noise = (report["noise_level"], report["model_noise_level"])
+    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes, *quantise_rates(rates))
+
+
 def process_batch(task: BatchTask) -> BatchResult:
-    """One batch, a chunk of cells at a time (dF/F -> CASCADE rates -> binary spikes); only compact
-    results leave the worker."""
+    """One batch, a chunk of cells at a time; only compact results leave the worker."""
     started = time.perf_counter()
-    model, settings = load_model_once(task.model_folder, task.model_source), task.settings
-    rate_sum_fixed = np.zeros(task.trace_file.num_frames, dtype=np.int64)
-    chunks = []  # per chunk, BatchResult's fields by name
+    model, parts = read_model_folder_once(task.model_folder, task.model_source), []
     for start in range(task.start, task.stop, CELLS_PER_CHUNK):
         stop = min(start + CELLS_PER_CHUNK, task.stop)
-        traces = task.trace_file.read_raw(start, stop)
-        chunk = {"infinite_values": mark_infinite_as_missing(traces)}
-        chunk["nan_frames"] = np.isnan(traces).sum(axis=1).astype(np.int32)
-        chunk["min_value"] = np.fmin.reduce(traces, axis=1)  # fmin/fmax skip NaN, quietly
-        chunk["max_value"] = np.fmax.reduce(traces, axis=1)
-        dff = traces
-        if settings.is_fluorescence:
-            dff = compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
-        rates, report = predict_spike_rates(dff, model, threshold=settings.cascade_threshold, return_noise=True)
-        ids = task.cell_ids[start - task.start : stop - task.start]
-        spikes = binarize_spikes(
-            rates, ids, settings.spike_mode, seed=settings.seed, spike_threshold=settings.spike_threshold, model=model
-        )
-        frames, cells = np.nonzero(spikes.T)  # sorted by frame, then cell
-        chunk.update(spike_frames=frames.astype(np.int32), spike_cells=(cells + start).astype(np.int32))
-        chunk["spike_count"] = spikes.sum(axis=1).astype(np.int32)
-        chunk["noise_level"], chunk["model_noise_level"] = report["noise_level"], report["model_noise_level"]
-        rate_sum_fixed += np.round(np.nan_to_num(rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
-        chunk["rates_uint8"], chunk["rate_scale"] = quantise_rates(rates)
+        chunk = infer_chunk(task, model, start, stop)
+        frames, cells = np.nonzero(chunk.spikes.T)  # sorted by frame, then cell
+        per_cell = {f.name: np.asarray(f.compute(chunk)).astype(f.dtype) for f in CELL_FIELDS}
+        rate_sum_fixed = np.round(np.nan_to_num(chunk.rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
         local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < stop)] - start
-        chunk.update(plot_dff=dff[local].astype(np.float32), plot_rates=rates[local].astype(np.float32))
-        chunk["plot_spikes"] = spikes[local]
-        chunks.append(chunk)
-    fields = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
-    order = np.argsort(fields["spike_frames"], kind="stable")  # chunks ascend in cell: (frame, cell) order overall
-    fields["spike_frames"], fields["spike_cells"] = fields["spike_frames"][order], fields["spike_cells"][order]
-    seconds = time.perf_counter() - started
-    return BatchResult(task.start, rate_sum_fixed=rate_sum_fixed, plot_rows=task.plot_rows, seconds=seconds, **fields)
+        plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
+                          chunk.spikes[local])  # fmt: skip
+        events = (frames.astype(np.int32), (cells + start).astype(np.int32))
+        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates_uint8, plot))
+    return BatchResult.concatenate(parts, seconds=time.perf_counter() - started)
 
 
 @dataclass
@@ -1801,8 +1993,8 @@ class SubjectSpikes:
     num_frames: int
 
     def cells(self, key: str) -> np.ndarray:
-        """A per-cell summary over all batches, e.g. cells('spike_count')."""
-        return np.concatenate([getattr(batch, key) for batch in self.batches])
+        """A per-cell result (a CELL_FIELDS name) over all batches, e.g. cells('spike_count')."""
+        return np.concatenate([batch.cells[key] for batch in self.batches])
 
     @property
     def valid(self) -> np.ndarray:
@@ -1841,9 +2033,75 @@ class SubjectSpikes:
         """(cells, frames) of every spike of the given cells."""
         return tuple(np.concatenate(parts) for parts in zip(*self._events(rows=rows)))
 
-    def plot_traces(self) -> tuple:
-        """(rows, dff, rates, spikes) of the cells shown in the PDF."""
-        return tuple(self.cells(key) for key in ("plot_rows", "plot_dff", "plot_rates", "plot_spikes"))
+    def rates(self, first: int, stop: int) -> np.ndarray:
+        """(stop - first, frames) float32 CASCADE rates (spikes/frame) of cells [first, stop), NaN where there is
+        no prediction, as kept (quantised per cell: within 0.2 % of the cell's peak rate)."""
+        parts = []
+        for batch in self.batches:
+            lo, hi = max(first, batch.start), min(stop, batch.start + batch.num_cells)
+            if lo < hi:
+                quantised = batch.rates_uint8[lo - batch.start : hi - batch.start]
+                scale = batch.cells["rate_scale"][lo - batch.start : hi - batch.start, None]
+                parts.append(np.where(quantised == 255, np.float32(np.nan), quantised * scale).astype(np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+    def plot_traces(self) -> PlotTraces:
+        """The cells whose traces the workers sent back for the PDF."""
+        return PlotTraces.concatenate([batch.plot for batch in self.batches])
+
+
+def coo_blocks(spikes: SubjectSpikes, plan: GridPlan) -> Iterator[tuple]:
+    """build_coo over consecutive blocks of timepoints: yields (coords, counts) in sorted order."""
+    bounds, budget = [0], 0
+    for t, count in enumerate(spikes.frame_counts[plan.kept_frames]):
+        if budget + count > SPIKES_PER_GRID_BLOCK and t > bounds[-1]:
+            bounds.append(t)
+            budget = 0
+        budget += count
+    bounds.append(len(plan.kept_frames))
+    for t0, t1 in itertools.pairwise(bounds):
+        if t1 > t0:
+            cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
+            yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, plan.z_markers, range(t0, t1))
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (SLURM and cron logs) a log line per finished batch,
+    at most one a minute: batches done, neuron-frames/s, time left and memory. Time left: all batches at
+    the workers' own pace per batch, ``workers`` at a time, less the time spent (batches run side by side)."""
+
+    def __init__(self, subject: str, num_batches: int, num_frames: int, workers: int):
+        self.subject, self.num_batches, self.num_frames, self.workers = subject, num_batches, num_frames, workers
+        self.done_batches = self.done_cells = 0
+        self.batch_seconds = 0.0
+        self.started = self.last_log = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_batches, desc=f"{subject} CASCADE", unit="batch", leave=False)
+
+    def advance(self, result: BatchResult) -> None:
+        self.done_batches += 1
+        self.done_cells += result.num_cells
+        self.batch_seconds += result.seconds
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update()
+        elif now - self.last_log >= PROGRESS_LOG_INTERVAL_S and self.done_batches < self.num_batches:
+            self.last_log = now
+            rate = self.done_cells * self.num_frames / max(now - self.started, 1e-9)
+            per_batch_s = self.batch_seconds / self.done_batches
+            total_s = self.num_batches * per_batch_s / min(self.workers, self.num_batches)  # batches in parallel
+            left_s = max(0.0, total_s - (now - self.started))
+            log.info(
+                f"{self.subject}: CASCADE {self.done_batches}/{self.num_batches} batches, {rate:.0f} "
+                f"neuron-frames/s, about {left_s / 60:.0f} min left, RSS {rss_gb():.2f} GB"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def available_cpus() -> int:
@@ -1915,7 +2173,7 @@ class WorkerPool:
             results = []
             for task in tasks:
                 results.append(process_batch(task))
-                progress.advance(task.stop - task.start)
+                progress.advance(results[-1])
             return results
         from collections import deque
         from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
@@ -1932,9 +2190,8 @@ class WorkerPool:
                     pending.append((task, self._executor.submit(process_batch, task)))
                     self._processes.update(self._executor._processes or {})
                 while pending and (len(pending) > self.workers or task is None):
-                    done_task, future = pending.popleft()
-                    results.append(future.result())
-                    progress.advance(done_task.stop - done_task.start)
+                    results.append(pending.popleft()[1].result())
+                    progress.advance(results[-1])
         except BrokenProcessPool:
             cause = self._death_cause()
             self.close(kill=True)
@@ -1953,40 +2210,6 @@ class WorkerPool:
             time.sleep(0.05)
         signal_names = {-number: number.name for number in signal.Signals}
         return f"killed by {signal_names[codes[0]]}" if codes[0] in signal_names else f"exit status {codes[0]}"
-
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (SLURM and cron logs) a log line per finished batch,
-    at most one a minute: batches done, neuron-frames/s, time left and memory."""
-
-    def __init__(self, subject: str, num_batches: int, num_cells: int, num_frames: int):
-        self.subject, self.num_batches, self.num_cells, self.num_frames = subject, num_batches, num_cells, num_frames
-        self.done_batches = self.done_cells = 0
-        self.started = self.last_log = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=num_batches, desc=f"{subject} CASCADE", unit="batch", leave=False)
-
-    def advance(self, cells: int) -> None:
-        self.done_batches += 1
-        self.done_cells += cells
-        now = time.monotonic()
-        if self.bar is not None:
-            self.bar.update()
-        elif now - self.last_log >= PROGRESS_LOG_INTERVAL_S and self.done_batches < self.num_batches:
-            self.last_log = now
-            rate = self.done_cells * self.num_frames / max(now - self.started, 1e-9)
-            left_s = (self.num_cells - self.done_cells) * self.num_frames / max(rate, 1e-9)
-            log.info(
-                f"{self.subject}: CASCADE {self.done_batches}/{self.num_batches} batches, {rate:.0f} "
-                f"neuron-frames/s, about {left_s / 60:.0f} min left, RSS {rss_gb():.2f} GB"
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def rss_gb() -> float:
@@ -2094,17 +2317,30 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     return {**totals, "sparsity_percent": 100.0 * num_entries / max(num_voxels, 1), **dataclasses.asdict(counts)}
 
 
-PER_CELL_RESULTS = ("spike_count", "noise_level", "model_noise_level", "nan_frames", "infinite_values", "rate_scale",
-                    "min_value", "max_value")  # fmt: skip
-PLOT_RESULTS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")
+def input_signature(paths) -> dict:
+    """{file name: [size, modification time in ns]} of the input files that exist."""
+    return {Path(p).name: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if os.path.exists(p)}
+
+
+def changed_params(old: dict, params: dict) -> list:
+    """The parameters whose value differs from those recorded in fingerprint ``old``."""
+    return [key for key in params if old.get("params", {}).get(key) != params[key]]
+
+
+def cascade_fingerprint(fingerprint: dict) -> dict:
+    """The part of a subject's fingerprint that CASCADE's results depend on (not the grid's)."""
+    return {key: fingerprint[key] for key in ("inputs", "cascade_params", "model", "software_version")}
+
+
+PLOT_DATASETS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")  # PlotTraces' fields, in order
 
 
 def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> None:
     """cascade_results.h5: a subject's spikes per cell (CSR: cell i's frames are
     spike_frames[cell_offsets[i]:cell_offsets[i+1]]), its rates quantised to uint8 (rates_uint8 *
-    rate_scale[cell] spikes/frame, 255 = no prediction), per-cell summaries and the fingerprint of
-    what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
-    num_cells, num_frames = sum(len(batch.spike_count) for batch in spikes.batches), spikes.num_frames
+    rate_scale[cell] spikes/frame, 255 = no prediction), every CELL_FIELDS result, the PDF's cells and the
+    fingerprint of what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
+    num_cells, num_frames = sum(batch.num_cells for batch in spikes.batches), spikes.num_frames
     with new_h5_file(path) as h5:
         frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
         rate_chunks = (min(256, num_cells), num_frames)
@@ -2114,31 +2350,38 @@ def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> Non
             order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
             frames_out.resize(len(frames_out) + len(order), axis=0)
             frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
-            per_cell = np.bincount(batch.spike_cells - batch.start, minlength=len(batch.spike_count))
+            per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
             offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
-            rates_out[batch.start : batch.start + len(batch.spike_count)] = batch.rates_uint8
+            rates_out[batch.start : batch.start + batch.num_cells] = batch.rates_uint8
         rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
-        results = {key: spikes.cells(key) for key in PER_CELL_RESULTS + PLOT_RESULTS}
-        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **results)
+        cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
+        plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
+        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
         _set_attrs(h5, attrs)
 
 
 def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
-    """(SubjectSpikes, trace type) from a cascade_results.h5 made with the same inputs, dF/F and
+    """(SubjectSpikes, TraceType) from a cascade_results.h5 made with the same inputs, dF/F and
     CASCADE settings and model as ``fingerprint`` says; None if absent, unreadable or different."""
     attrs = read_attrs(path)
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
+    names = [field.name for field in CELL_FIELDS]
     with h5py.File(path, "r") as h5:
-        if any(key not in h5 for key in ("cell_offsets", "spike_frames", "rate_sum_fixed") + PER_CELL_RESULTS):
+        if any(
+            key not in h5
+            for key in ("cell_offsets", "spike_frames", "rate_sum_fixed", "rates_uint8", *names, *PLOT_DATASETS)
+        ):
             return None  # made by an earlier development version: compute afresh
-        offsets, frames = h5["cell_offsets"][()], h5["spike_frames"][()]
-        arrays = {key: h5[key][()] for key in ("rate_sum_fixed", *PER_CELL_RESULTS, *PLOT_RESULTS)}
-    cells = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+        offsets, frames, rate_sum_fixed = (h5[key][()] for key in ("cell_offsets", "spike_frames", "rate_sum_fixed"))
+        cells = {name: h5[name][()] for name in names}
+        rates_uint8 = h5["rates_uint8"][()]
+        plot = PlotTraces(*(h5[key][()] for key in PLOT_DATASETS))
+    cell_rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
     order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
-    no_rates = np.zeros((0, int(attrs["num_original_frames"])), np.uint8)  # not needed to re-grid
-    batch = BatchResult(0, frames[order], cells[order], rates_uint8=no_rates, seconds=0.0, **arrays)
-    return SubjectSpikes([batch], no_rates.shape[1]), (str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
+    batch = BatchResult(0, frames[order], cell_rows[order], cells, rate_sum_fixed, rates_uint8, plot)
+    trace_type = TraceType(str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
+    return SubjectSpikes([batch], rates_uint8.shape[1]), trace_type
 
 
 def cascade_attrs(attrs: dict) -> dict:
@@ -2320,6 +2563,14 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
 # =============================================================================================
 
 
+@dataclass(frozen=True)
+class PlotSettings:
+    """What the PDF takes from the command line (fields named after the options)."""
+
+    num_neurons: int  # cells whose traces are drawn (the first of plot_candidates)
+    seed: int
+
+
 @dataclass
 class PlotData:
     """What the PDF shows: small arrays gathered from a subject's results."""
@@ -2474,400 +2725,8 @@ def _page_noise(plt, plot: PlotData):
 
 
 # =============================================================================================
-# 11. Driver: one subject as a list of stages; a run over many subjects (resume, shards, locks)
+# 11. Driver: a run's context (signals, locks); one subject as a sequence of stages; a run over many
 # =============================================================================================
-
-
-@dataclass
-class SubjectSummary:
-    """What the end-of-run summary says about one subject (read back from its metadata if skipped)."""
-
-    subject: str
-    total_spikes: int  # COO entries, z markers included (the original's definition)
-    spike_pixels: int
-    marker_pixels: int
-    total_pixels: int
-    coo_file_bytes: int
-    model: str
-    model_source: str
-    warnings: list
-    seconds: float
-    up_to_date: bool = False  # skipped: finished outputs matched this run
-
-    @property
-    def sparsity_percent(self) -> float:
-        return 100.0 * self.total_spikes / max(self.total_pixels, 1)
-
-    @classmethod
-    def from_metadata(cls, attrs: dict, up_to_date: bool = True) -> SubjectSummary:
-        counts = [int(attrs[key]) for key in ("total_spikes", "spike_pixels", "marker_pixels", "total_pixels")]
-        model = str(attrs["cascade_model"]), str(attrs["model_source"])
-        warnings = [w for w in str(attrs.get("warnings", "")).split("; ") if w]
-        seconds = float(attrs.get("total_s", 0.0))
-        return cls(str(attrs["subject"]), *counts, int(attrs["coo_file_bytes"]), *model, warnings, seconds, up_to_date)
-
-
-def config_model(config: PipelineConfig, frame_rate_hz: float | None) -> CascadeModel:
-    """The CASCADE model the command line asks for, for a subject recorded at ``frame_rate_hz``."""
-    return resolve_model(
-        config.cascade_model, model_dir=config.model_dir, cache_dir=config.model_cache,
-        frame_rate_hz=frame_rate_hz, strict=config.strict_model, offline=config.offline,
-    )  # fmt: skip
-
-
-def choose_model(subject: SubjectData, config: PipelineConfig) -> CascadeModel:
-    """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
-    model = config_model(config, subject.frame_rate_hz)
-    if model.is_fallback:
-        subject.warnings.append(f"model fallback: {model.source}")
-    mismatch = rate_mismatch(model, subject.frame_rate_hz)
-    rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
-    model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
-    if mismatch > config.max_rate_mismatch:
-        raise PipelineError(
-            f"{rate} is {mismatch:.0%} away from {model_rate}: pick a matching model "
-            "(--cascade_model auto or --model_dir) or raise --max_rate_mismatch"
-        )
-    if mismatch > RATE_MISMATCH_WARN_FRACTION:
-        subject.warn(f"{rate} differs from {model_rate} by {mismatch:.0%} (CASCADE's tolerance: 5%)")
-    if subject.num_frames < 2 * model.window_size:  # fewer predicted frames than edge frames dropped
-        raise PipelineError(
-            f"{subject.trace_file.path}: {subject.trace_file.dataset} has {subject.num_frames} frames, of which "
-            f"CASCADE's {model.window_size}-frame window predicts {max(0, subject.num_frames - model.window_size)}: "
-            f"expected at least {2 * model.window_size} frames"
-        )
-    return model
-
-
-def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: CascadeModel) -> dict:
-    """What made a subject's outputs: input files, the parameters that change outputs, model and software."""
-    return {
-        "inputs": input_signature(subject.source_files),
-        "params": config.output_params(),
-        "cascade_params": config.output_params("cascade"),
-        "model": model.digest,  # digest of its weights and config
-        "software_version": __version__,
-    }
-
-
-def input_signature(paths) -> dict:
-    """{file name: [size, modification time in ns]} of the input files that exist."""
-    return {Path(p).name: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if os.path.exists(p)}
-
-
-def changed_params(old: dict, params: dict) -> list:
-    """The parameters whose value differs from those recorded in fingerprint ``old``."""
-    return [key for key in params if old.get("params", {}).get(key) != params[key]]
-
-
-def cascade_fingerprint(fingerprint: dict) -> dict:
-    """The part of a subject's fingerprint that CASCADE's results depend on (not the grid's)."""
-    return {key: fingerprint[key] for key in ("inputs", "cascade_params", "model", "software_version")}
-
-
-def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
-    """Why a subject's outputs must be (re)computed, or None when they are complete and match."""
-    metadata = read_attrs(out_dir / METADATA_FILENAME)
-    if metadata is None or "fingerprint" not in metadata:
-        return "no finished outputs"
-    coo = read_attrs(out_dir / COO_FILENAME)
-    if coo is None or coo.get("run_id") != metadata.get("run_id"):
-        return "outputs incomplete"
-    if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
-        return "PDF missing"
-    old, version = json.loads(metadata["fingerprint"]), fingerprint["software_version"]
-    if old.get("software_version") != version:
-        return f"software version changed ({old.get('software_version')} -> {version})"
-    old_inputs, inputs = old.get("inputs", {}), fingerprint["inputs"]
-    if changed := sorted(name for name in old_inputs.keys() | inputs if old_inputs.get(name) != inputs.get(name)):
-        return f"input files changed ({', '.join(changed)})"
-    if changed := changed_params(old, fingerprint["params"]):
-        return "parameters changed (" + ", ".join(f"--{key}" for key in changed) + ")"
-    return "CASCADE model changed" if old.get("model") != fingerprint["model"] else None
-
-
-def cascade_stage(subject, model, fingerprint: dict, out_dir: Path, config, pool) -> tuple:
-    """(SubjectSpikes, trace type, how): CASCADE's saved results when only grid parameters changed,
-    else dF/F -> CASCADE -> spikes over the worker pool."""
-    saved = None if config.overwrite else read_cascade_results(out_dir / CASCADE_FILENAME, fingerprint)
-    if saved is not None:
-        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
-        return (*saved, "re-used")
-    if config.trace_type != "auto":
-        trace_type = config.trace_type, "set by --trace_type"
-    else:
-        sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
-        trace_type = decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
-    log.info(f"{subject.name}: traces treated as {trace_type[0]} ({trace_type[1]})")
-    started = time.perf_counter()
-    spikes = infer_subject(subject, model, trace_type[0], config, pool)
-    seconds = time.perf_counter() - started
-    rate = subject.num_cells * subject.num_frames / max(seconds, 1e-9)
-    log.info(f"{subject.name}: CASCADE in {seconds:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
-    return spikes, trace_type, "computed"
-
-
-def infer_subject(subject, model, trace_type: str, config: PipelineConfig, pool: WorkerPool) -> SubjectSpikes:
-    """CASCADE over the subject's cells in batches (at least one per worker) across the pool."""
-    # InferenceSettings' fields after the first two are the command line's options of the same name
-    options = {field.name: getattr(config, field.name) for field in dataclasses.fields(InferenceSettings)[2:]}
-    settings = InferenceSettings(trace_type == "fluorescence", subject.frame_rate_hz, **options)
-    rng = np.random.default_rng([config.seed, 7])  # the few cells whose traces the PDF shows
-    plot_rows = np.sort(rng.choice(subject.num_cells, size=min(config.num_neurons, subject.num_cells), replace=False))
-    # a multiple of --workers batches of equal size, none above --batch_size: every worker stays busy
-    num_batches = pool.workers * math.ceil(math.ceil(subject.num_cells / config.batch_size) / pool.workers)
-    batch_cells = math.ceil(subject.num_cells / num_batches)
-    starts = range(0, subject.num_cells, batch_cells)
-    stops = [min(start + batch_cells, subject.num_cells) for start in starts]
-    in_plot = [plot_rows[(plot_rows >= start) & (plot_rows < stop)] for start, stop in zip(starts, stops)]
-    tasks = (
-        BatchTask(
-            subject.trace_file, start, stop, subject.cell_ids[start:stop], rows, model.folder, model.source, settings
-        )
-        for start, stop, rows in zip(starts, stops, in_plot)
-    )
-    progress = Progress(subject.name, len(starts), subject.num_cells, subject.num_frames)
-    try:
-        batches = pool.map(tasks, progress)
-    finally:
-        progress.close()
-    return SubjectSpikes(batches, subject.num_frames)
-
-
-IMPLAUSIBLE_NOISE_LEVEL = 100  # CASCADE's models span noise levels 1-9: a median of 100 is not dF/F
-
-
-def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_type: str = "") -> None:
-    """Doubts that only the traces reveal (read by the workers): refuse or record a warning."""
-    valid, path = spikes.valid, f"{subject.trace_file.path}: {subject.trace_file.dataset}"
-    if not valid.any():
-        raise PipelineError(f"{path}: every trace value is NaN")
-    low, high = spikes.cells("min_value"), spikes.cells("max_value")
-    constant = valid & (low == high)
-    if constant[valid].all():
-        raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
-    if infinite := int(spikes.cells("infinite_values").sum()):
-        subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
-    if (~valid).any():
-        subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
-    if partial := int(((spikes.cells("nan_frames") > 0) & valid).sum()):
-        subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
-    if constant.any():
-        subject.warn(
-            f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
-        )
-    varying = valid & ~constant
-    bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
-    below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
-    if below > 0.01 * varying.sum():
-        subject.warn(
-            f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
-            f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
-        )
-    if (level := float(np.nanmedian(spikes.cells("noise_level")[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
-        subject.warn(
-            f"median CASCADE noise level {level:.0f} is far above the models' (1-9): traces treated as "
-            f"{label or trace_type} do not look like {label or trace_type} (set --trace_type)"
-        )
-
-
-def check_split(subject: SubjectData, plan: GridPlan, config: PipelineConfig) -> None:
-    """The original's block split is kept (the same T gives the same split), but a split that leaves
-    less than half of the timepoints (or less than --split_ratio) for training is a doubt."""
-    total, train = len(plan.is_train), int(plan.is_train.sum())
-    if train >= total * min(0.5, config.split_ratio):
-        return
-    blocks = max(2, round(1 / (1 - config.split_ratio))) if config.split_ratio < 1 else 20
-    subject.warn(
-        f"the train/test split leaves {train} of {total} timepoints for training ({max(1, total // config.split_block)}"
-        f" block(s) of --split_block {config.split_block}, at least one of them test): --split_block "
-        f"{max(1, total // blocks)} would train on about {1 - 1 / blocks:.0%}"
-    )
-
-
-def subject_attrs(subject, model, config, trace_type: tuple, fingerprint: dict, run, plan: GridPlan) -> dict:
-    """Attributes every output file of the subject records: how it was made."""
-    return {
-        "format": "COO_sparse",
-        "subject": subject.name,
-        "frame_rate_hz": subject.frame_rate_hz,
-        **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), plan.grid.shape)),
-        "grid_shape": plan.grid.shape,
-        "num_cells": subject.num_cells,
-        "num_valid_cells": 0,
-        "num_original_frames": subject.num_frames,
-        "trace_type": trace_type[0],
-        "trace_type_reason": trace_type[1],
-        "layout": subject.layout,
-        "source_files": list(subject.source_files),
-        "software_version": __version__,
-        "coordinate_order": "t,z,x,y",
-        "warnings": "; ".join(subject.warnings),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run_id": run.run_id,
-        "fingerprint": fingerprint,
-        "timings": {},
-        **model.provenance(),
-        **config.as_attrs(),
-    }
-
-
-def write_subject(out_dir: Path, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> SubjectSummary:
-    """CASCADE's results (unless re-used), COO grid, PDF and metadata of one subject, each written to
-    a temporary and renamed into place, metadata last: it marks the set complete. A failure removes
-    this subject's temporaries and leaves its earlier files as they were."""
-    names = (CASCADE_FILENAME, COO_FILENAME, pdf_filename(subject.name), METADATA_FILENAME)
-    finals = {name: out_dir / name for name in names}
-    temporaries = {name: temporary_path(path) for name, path in finals.items()}
-    try:
-        with run.signals_held():
-            write_subject_files(temporaries, subject, spikes, plan, model, config, attrs, run)
-            remove_quietly(finals[METADATA_FILENAME])  # the renames happen all together or not at all
-            for name in names:
-                if temporaries[name].exists():
-                    os.replace(temporaries[name], finals[name])
-                elif name == names[2]:
-                    remove_quietly(finals[name])  # an old PDF after --no_plots: not from this run
-    except OSError as exc:
-        raise WriteFailed(f"cannot write to {out_dir}: {describe_os_error(exc, out_dir)}") from None
-    finally:
-        for temporary in temporaries.values():
-            remove_quietly(temporary)
-    return SubjectSummary.from_metadata(dict(attrs, **attrs["timings"]), up_to_date=False)
-
-
-def describe_os_error(exc: OSError, folder: Path) -> str:
-    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
-    nearly_full = False
-    with contextlib.suppress(OSError):
-        nearly_full = shutil.disk_usage(folder).free < 1 << 20
-    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or nearly_full:
-        return "no space left on device"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied ({exc.strerror})"
-    return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
-
-
-def write_subject_files(temporaries: dict, subject, spikes, plan: GridPlan, model, config, attrs: dict, run) -> None:
-    """The subject's files under their temporary names (the stages after CASCADE, timed)."""
-    timings, started = attrs["timings"], time.perf_counter()
-    if attrs["cascade_results"] == "computed":
-        write_cascade_results(temporaries[CASCADE_FILENAME], spikes, cascade_attrs(attrs))
-    blocks = run.safe_points(coo_blocks(spikes, plan, config.z_markers))
-    counts, plane_entries = write_coo_file(temporaries[COO_FILENAME], blocks, plan, attrs)
-    timings["grid_and_write_s"] = time.perf_counter() - started
-    attrs.update(coo_attrs(counts, plane_entries.sum(), plan.grid))
-    attrs["coo_file_bytes"] = temporaries[COO_FILENAME].stat().st_size
-    # mean CASCADE rate per valid cell in Hz, per frame
-    population_rate_hz = spikes.rate_sum / max(int(spikes.valid.sum()), 1) * subject.frame_rate_hz
-    if config.plots:
-        started = time.perf_counter()
-        page = plot_data(subject, spikes, plan, model, config, attrs, population_rate_hz)
-        plot_subject_pdf(temporaries[pdf_filename(subject.name)], page)
-        timings["plots_s"] = time.perf_counter() - started
-    timings["total_s"] = time.perf_counter() - run.subject_started
-    grid, is_train = plan.grid, plan.is_train
-    datasets = {
-        "z_values": grid.z_values,
-        "is_train": is_train,
-        "train_timepoints": np.flatnonzero(is_train == 1),
-        "test_timepoints": np.flatnonzero(is_train == 0),
-        "test_blocks": plan.test_blocks,
-        "timepoint_indices": plan.kept_frames.astype(np.int32),
-        "per_plane_active_pixels": plane_entries,
-        "per_plane_sparsity_percent": 100.0 * plane_entries / max(grid.num_timepoints * grid.height * grid.width, 1),
-        "population_rate_hz": population_rate_hz,
-    }
-    cells = {
-        "trace_column": np.arange(subject.num_cells, dtype=np.int32),
-        "cell_id": subject.cell_ids,
-        "position": subject.positions,
-        "voxel_zxy": grid.cell_voxels,
-        **{key: spikes.cells(key) for key in ("noise_level", "model_noise_level", "spike_count")},
-        "valid": spikes.valid.astype(np.uint8),
-    }
-    write_metadata_file(temporaries[METADATA_FILENAME], {**attrs, **timings}, datasets, cells)
-
-
-def plot_data(subject, spikes: SubjectSpikes, plan: GridPlan, model, config, attrs, population_rate_hz) -> PlotData:
-    """The PDF's content, from the subject's results (small arrays only)."""
-    valid_rows = np.flatnonzero(spikes.valid)
-    rng = np.random.default_rng([config.seed, 11])
-    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
-    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
-    rank = np.full(subject.num_cells, -1)
-    rank[order] = np.arange(len(order))
-    raster_cells, raster_frames = spikes.events_of_cells(order)
-    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
-    test_mask = np.zeros(subject.num_frames, bool)
-    test_mask[plan.kept_frames[plan.is_train == 0]] = True
-    rows, dff, rates, binary = spikes.plot_traces()
-    summary_lines = [
-        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
-        f"({subject.layout} layout); traces treated as {attrs['trace_type']} ({attrs['trace_type_reason']})",
-        f"CASCADE model {model.name} ({model.source}), threshold {attrs['param_cascade_threshold']}",
-        f"grid {'x'.join(map(str, attrs['grid_shape']))}: {attrs['total_spikes']:,} entries "
-        f"({attrs['spike_pixels']:,} spike pixels, {attrs['marker_pixels']:,} marker pixels, "
-        f"{attrs['collisions']:,} collisions)",
-        f"software {__version__}, run {attrs['run_id']}, {attrs['created_utc']}",
-        "",
-        "Warnings:" if subject.warnings else "No warnings.",
-        *(f"  - {w}" for w in subject.warnings),
-    ]
-    return PlotData(
-        subject=subject.name,
-        frame_rate_hz=subject.frame_rate_hz,
-        summary_lines=summary_lines,
-        cell_ids=subject.cell_ids[rows],
-        dff=dff,
-        rates=rates,
-        spikes=binary,
-        spike_mode=config.spike_mode,
-        raster_cells=rank[raster_cells],
-        raster_frames=raster_frames,
-        raster_size=len(order),
-        population_rate_hz=population_rate_hz,
-        test_spans_frames=_spans(test_mask),
-        edge_spans_frames=_spans(~plan.predicted),
-        cell_voxels=plan.grid.cell_voxels[spikes.valid],
-        cell_spike_counts=cell_spikes_kept[spikes.valid],
-        grid=plan.grid,
-        noise_level=spikes.cells("noise_level"),
-        model=model,
-    )
-
-
-def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
-    """One subject: load -> model -> skip if up to date -> CASCADE (or saved results) -> check -> grid -> write."""
-    run.subject_started = started = time.perf_counter()
-    subject = load_subject(folder, config.coordinates)
-    log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
-             f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
-    model = choose_model(subject, config)
-    fingerprint = subject_fingerprint(subject, config, model)
-    out_dir = Path(config.output_dir) / subject.name
-    reason = "--overwrite" if config.overwrite else outputs_out_of_date(out_dir, fingerprint, config.plots)
-    if reason is None:
-        log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
-        return SubjectSummary.from_metadata(read_attrs(out_dir / METADATA_FILENAME))
-    log.info(f"{subject.name}: computing ({reason})")
-    load_s = time.perf_counter() - started
-    spikes, trace_type, cascade_results = cascade_stage(subject, model, fingerprint, out_dir, config, pool)
-    timings = {"load_s": load_s, "inference_s": time.perf_counter() - started - load_s}
-    check_inferred_traces(subject, spikes, trace_type[0])
-    plan = plan_grid(subject.positions, spikes.valid, subject.num_frames, model, config)
-    check_split(subject, plan, config)
-    attrs = subject_attrs(subject, model, config, trace_type, fingerprint, run, plan)
-    attrs.update(num_valid_cells=int(spikes.valid.sum()), timings=timings, cascade_results=cascade_results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = write_subject(out_dir, subject, spikes, plan, model, config, attrs, run)
-    log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
-             f"{summary.marker_pixels} marker) in a {'x'.join(map(str, plan.grid.shape))} grid, written to "
-             f"{out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
-    return summary
-
-
-# --- a run over many subjects: locks, signals, shards, combine --------------------------------
 
 LOCK_DIRNAME = ".locks"
 LOCK_HEARTBEAT_S = 60.0  # a live run touches its lock files this often
@@ -3006,6 +2865,453 @@ def remove_stale_temporaries(output_dir: Path) -> None:
                 log.info("removed %s, left by a run that died", path)
 
 
+# --- one subject: the record the stages fill, the stages, the files it writes ---------------------
+
+
+@dataclass(frozen=True)
+class GridWritten:
+    """What writing the COO grid found."""
+
+    counts: CooCounts
+    plane_entries: np.ndarray  # (Z,) active voxels per plane
+    file_bytes: int
+
+
+@dataclass
+class SubjectRun:
+    """One subject's run, filled in by the stages of process_subject in turn. The attributes every
+    output file records are built from it once (subject_attrs), when the files are written."""
+
+    subject: SubjectData
+    out_dir: Path
+    run: RunContext  # this run's id, its signals and locks
+    params: dict  # param_<name> of every option, as every file records them
+    plot_settings: PlotSettings | None  # None: --no_plots
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage (load_s, inference_s, ...)
+    model: CascadeModel | None = None  # filled by the stages in this order
+    fingerprint: dict | None = None
+    trace_type: TraceType | None = None
+    inference: InferenceSettings | None = None  # None when CASCADE's saved results were re-gridded
+    spikes: SubjectSpikes | None = None
+    plan: GridPlan | None = None
+    grid_written: GridWritten | None = None
+
+    @property
+    def name(self) -> str:
+        return self.subject.name
+
+    def population_rate_hz(self) -> np.ndarray:
+        """(frames,) mean CASCADE rate per valid cell, in Hz."""
+        valid_cells = max(int(self.spikes.valid.sum()), 1)
+        return self.spikes.rate_sum / valid_cells * self.subject.frame_rate_hz
+
+
+@dataclass
+class SubjectSummary:
+    """What the end-of-run summary says about one subject (read back from its metadata if skipped)."""
+
+    subject: str
+    total_spikes: int  # COO entries, z markers included (the original's definition)
+    spike_pixels: int
+    marker_pixels: int
+    total_pixels: int
+    coo_file_bytes: int
+    model: str
+    model_source: str
+    warnings: list
+    seconds: float
+    up_to_date: bool = False  # skipped: finished outputs matched this run
+
+    @property
+    def sparsity_percent(self) -> float:
+        return 100.0 * self.total_spikes / max(self.total_pixels, 1)
+
+    @classmethod
+    def from_metadata(cls, attrs: dict) -> SubjectSummary:
+        """The summary of a subject whose finished outputs were kept."""
+        counts = [int(attrs[key]) for key in ("total_spikes", "spike_pixels", "marker_pixels", "total_pixels")]
+        model = str(attrs["cascade_model"]), str(attrs["model_source"])
+        warnings = [w for w in str(attrs.get("warnings", "")).split("; ") if w]
+        seconds = float(attrs.get("total_s", 0.0))
+        return cls(str(attrs["subject"]), *counts, int(attrs["coo_file_bytes"]), *model, warnings, seconds, True)
+
+    @classmethod
+    def of_run(cls, record: SubjectRun) -> SubjectSummary:
+        written, model = record.grid_written, record.model
+        entries, counts = int(written.plane_entries.sum()), written.counts
+        total_pixels = int(np.prod(record.plan.grid.shape, dtype=np.int64))
+        summary = (entries, counts.spike_pixels, counts.marker_pixels, total_pixels, written.file_bytes)
+        seconds = record.timings["total_s"]
+        return cls(record.name, *summary, model.name, model.source, list(record.subject.warnings), seconds)
+
+
+def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: CascadeModel) -> dict:
+    """What made a subject's outputs: input files, the parameters that change outputs, model and software."""
+    return {
+        "inputs": input_signature(subject.source_files),
+        "params": config.output_params(),
+        "cascade_params": config.output_params("cascade"),
+        "model": model.digest,  # digest of its weights and config
+        "software_version": __version__,
+    }
+
+
+def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
+    """Why a subject's outputs must be (re)computed, or None when they are complete and match."""
+    metadata = read_attrs(out_dir / METADATA_FILENAME)
+    if metadata is None or "fingerprint" not in metadata:
+        return "no finished outputs"
+    coo = read_attrs(out_dir / COO_FILENAME)
+    if coo is None or coo.get("run_id") != metadata.get("run_id"):
+        return "outputs incomplete"
+    if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
+        return "PDF missing"
+    old, version = json.loads(metadata["fingerprint"]), fingerprint["software_version"]
+    if old.get("software_version") != version:
+        return f"software version changed ({old.get('software_version')} -> {version})"
+    old_inputs, inputs = old.get("inputs", {}), fingerprint["inputs"]
+    if changed := sorted(name for name in old_inputs.keys() | inputs if old_inputs.get(name) != inputs.get(name)):
+        return f"input files changed ({', '.join(changed)})"
+    if changed := changed_params(old, fingerprint["params"]):
+        return "parameters changed (" + ", ".join(f"--{key}" for key in changed) + ")"
+    return "CASCADE model changed" if old.get("model") != fingerprint["model"] else None
+
+
+def subject_trace_type(subject: SubjectData, trace_type_option: str) -> TraceType:
+    """--trace_type, or decided from a sample of up to 2,000 cells spread over the subject."""
+    if trace_type_option != "auto":
+        return TraceType(trace_type_option, "set by --trace_type")
+    sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
+    return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
+
+
+def plot_candidates(num_cells: int, seed: int) -> np.ndarray:
+    """The PLOT_CELLS_MAX cells whose traces workers send back, in a seeded random order (the PDF shows the first)."""
+    rng = np.random.default_rng([seed, 7])
+    return rng.choice(num_cells, size=min(PLOT_CELLS_MAX, num_cells), replace=False)
+
+
+def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, pool: WorkerPool) -> SubjectSpikes:
+    """CASCADE over the subject's cells in batches (at least one per worker) across the pool."""
+    plot_rows = np.sort(plot_candidates(subject.num_cells, settings.seed))
+    # a multiple of --workers batches of equal size, none above --batch_size: every worker stays busy
+    num_batches = pool.workers * math.ceil(math.ceil(subject.num_cells / batch_size) / pool.workers)
+    batch_cells = math.ceil(subject.num_cells / num_batches)
+    starts = range(0, subject.num_cells, batch_cells)
+    stops = [min(start + batch_cells, subject.num_cells) for start in starts]
+    in_plot = [plot_rows[(plot_rows >= start) & (plot_rows < stop)] for start, stop in zip(starts, stops)]
+    tasks = (
+        BatchTask(
+            subject.trace_file, start, stop, subject.cell_ids[start:stop], rows, model.folder, model.source, settings
+        )
+        for start, stop, rows in zip(starts, stops, in_plot)
+    )
+    progress = Progress(subject.name, len(starts), subject.num_frames, pool.workers)
+    try:
+        batches = pool.map(tasks, progress)
+    finally:
+        progress.close()
+    return SubjectSpikes(batches, subject.num_frames)
+
+
+def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool) -> None:
+    """Stage: CASCADE's saved results when only grid parameters changed, else dF/F -> CASCADE -> spikes
+    over the worker pool. Fills the record's trace type, inference settings and spikes."""
+    subject, started = record.subject, time.perf_counter()
+    saved = None if config.overwrite else read_cascade_results(record.out_dir / CASCADE_FILENAME, record.fingerprint)
+    if saved is not None:
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+        record.spikes, record.trace_type = saved
+    else:
+        record.trace_type = subject_trace_type(subject, config.trace_type)
+        log.info(f"{subject.name}: traces treated as {record.trace_type.kind} ({record.trace_type.reason})")
+        is_fluorescence = record.trace_type.kind == "fluorescence"
+        record.inference = settings_for(
+            InferenceSettings, config, is_fluorescence=is_fluorescence, frame_rate_hz=subject.frame_rate_hz
+        )
+        record.spikes = infer_subject(subject, record.model, record.inference, config.batch_size, pool)
+        seconds = time.perf_counter() - started
+        rate = subject.num_cells * subject.num_frames / max(seconds, 1e-9)
+        log.info(f"{subject.name}: CASCADE in {seconds:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
+    record.timings["inference_s"] = time.perf_counter() - started
+
+
+IMPLAUSIBLE_NOISE_LEVEL = 100  # CASCADE's models span noise levels 1-9: a median of 100 is not dF/F
+
+
+def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_type: str = "") -> None:
+    """Doubts that only the traces reveal (read by the workers): refuse or record a warning."""
+    valid, path = spikes.valid, f"{subject.trace_file.path}: {subject.trace_file.dataset}"
+    if not valid.any():
+        raise PipelineError(f"{path}: every trace value is NaN")
+    low, high = spikes.cells("min_value"), spikes.cells("max_value")
+    constant = valid & (low == high)
+    if constant[valid].all():
+        raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
+    if infinite := int(spikes.cells("infinite_values").sum()):
+        subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
+    if (~valid).any():
+        subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
+    if partial := int(((spikes.cells("nan_frames") > 0) & valid).sum()):
+        subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
+    if constant.any():
+        subject.warn(
+            f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
+        )
+    varying = valid & ~constant
+    bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
+    below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
+    if below > 0.01 * varying.sum():
+        subject.warn(
+            f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
+            f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
+        )
+    if (level := float(np.nanmedian(spikes.cells("noise_level")[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
+        subject.warn(
+            f"median CASCADE noise level {level:.0f} is far above the models' (1-9): traces treated as "
+            f"{label or trace_type} do not look like {label or trace_type} (set --trace_type)"
+        )
+
+
+def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) -> None:
+    """The original's block split is kept (the same T gives the same split), but a split that leaves
+    less than half of the timepoints (or less than --split_ratio) for training is a doubt."""
+    total, train = len(plan.is_train), int(plan.is_train.sum())
+    if train >= total * min(0.5, settings.split_ratio):
+        return
+    blocks = max(2, round(1 / (1 - settings.split_ratio))) if settings.split_ratio < 1 else 20
+    subject.warn(
+        f"the train/test split leaves {train} of {total} timepoints for training ({max(1, total // settings.split_block)}"
+        f" block(s) of --split_block {settings.split_block}, at least one of them test): --split_block "
+        f"{max(1, total // blocks)} would train on about {1 - 1 / blocks:.0%}"
+    )
+
+
+def subject_attrs(record: SubjectRun) -> dict:
+    """Attributes every output file of the subject records: how it was made."""
+    subject, grid = record.subject, record.plan.grid
+    return {
+        "format": "COO_sparse",
+        "subject": subject.name,
+        "frame_rate_hz": subject.frame_rate_hz,
+        **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), grid.shape)),
+        "grid_shape": grid.shape,
+        "num_cells": subject.num_cells,
+        "num_valid_cells": int(record.spikes.valid.sum()),
+        "num_original_frames": subject.num_frames,
+        "trace_type": record.trace_type.kind,
+        "trace_type_reason": record.trace_type.reason,
+        "layout": subject.layout,
+        "source_files": list(subject.source_files),
+        "software_version": __version__,
+        "coordinate_order": "t,z,x,y",
+        "warnings": "; ".join(subject.warnings),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_id": record.run.run_id,
+        "fingerprint": record.fingerprint,
+        "timings": dict(record.timings),
+        **record.model.provenance(),
+        **record.params,
+    }
+
+
+def write_cascade_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    write_cascade_results(path, record.spikes, cascade_attrs(attrs))
+
+
+def write_grid_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    blocks = record.run.safe_points(coo_blocks(record.spikes, record.plan))
+    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs)
+    record.grid_written = GridWritten(counts, plane_entries, path.stat().st_size)
+
+
+def write_pdf_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    plot_subject_pdf(path, plot_data(record, attrs))
+
+
+def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
+    """metadata.h5: the subject's attributes, per-timepoint and per-plane arrays, and cells/."""
+    grid, plan, written, spikes = record.plan.grid, record.plan, record.grid_written, record.spikes
+    record.timings["total_s"] = time.perf_counter() - record.started
+    counts = coo_attrs(written.counts, written.plane_entries.sum(), grid)
+    attrs = {**attrs, **counts, "coo_file_bytes": written.file_bytes, "timings": record.timings, **record.timings}
+    plane_voxels = max(grid.num_timepoints * grid.height * grid.width, 1)
+    datasets = {
+        "z_values": grid.z_values,
+        "is_train": plan.is_train,
+        "train_timepoints": np.flatnonzero(plan.is_train == 1),
+        "test_timepoints": np.flatnonzero(plan.is_train == 0),
+        "test_blocks": plan.test_blocks,
+        "timepoint_indices": plan.kept_frames.astype(np.int32),
+        "per_plane_active_pixels": written.plane_entries,
+        "per_plane_sparsity_percent": 100.0 * written.plane_entries / plane_voxels,
+        "population_rate_hz": record.population_rate_hz(),
+    }
+    cells = {
+        "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
+        "cell_id": record.subject.cell_ids,
+        "position": record.subject.positions,
+        "voxel_zxy": grid.cell_voxels,
+        **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
+        "valid": spikes.valid.astype(np.uint8),
+    }
+    write_metadata_file(path, attrs, datasets, cells)
+
+
+@dataclass(frozen=True)
+class SubjectOutput:
+    """One file of a subject's outputs: the only place to touch to add one. Written in this table's
+    order, each to a temporary, then all renamed into place together; the last is the commit record."""
+
+    filename: Callable[[str], str]  # subject name -> file name
+    wanted: Callable[[SubjectRun], bool]  # does this run write it?
+    write: Callable[[Path, SubjectRun, dict], None]  # (temporary path, record, attributes)
+    timing: str | None  # the record's timing it counts towards
+    keep_unwritten: bool  # a file from an earlier run is kept when this run does not write it (else removed)
+
+
+SUBJECT_OUTPUTS = (
+    # CASCADE's results, unless they were re-used (then the file there still matches)
+    SubjectOutput(lambda _: CASCADE_FILENAME, lambda r: r.inference is not None, write_cascade_file,
+                  "grid_and_write_s", keep_unwritten=True),
+    SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
+    SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
+    SubjectOutput(lambda _: METADATA_FILENAME, lambda r: True, write_metadata, None, keep_unwritten=False),
+)  # fmt: skip
+
+
+def write_subject(record: SubjectRun) -> None:
+    """Stage: the SUBJECT_OUTPUTS this run makes, each written to a temporary and renamed into place, the
+    commit record last. A failure removes this subject's temporaries and leaves its earlier files as they were."""
+    record.out_dir.mkdir(parents=True, exist_ok=True)
+    finals = [record.out_dir / output.filename(record.name) for output in SUBJECT_OUTPUTS]
+    temporaries = [temporary_path(final) for final in finals]
+    attrs = subject_attrs(record)
+    try:
+        with record.run.signals_held():
+            for output, temporary in zip(SUBJECT_OUTPUTS, temporaries):
+                if output.wanted(record):
+                    started = time.perf_counter()
+                    output.write(temporary, record, attrs)
+                    if output.timing:
+                        spent = time.perf_counter() - started
+                        record.timings[output.timing] = record.timings.get(output.timing, 0.0) + spent
+            remove_quietly(finals[-1])  # without the commit record the renames count all together or not at all
+            for output, temporary, final in zip(SUBJECT_OUTPUTS, temporaries, finals):
+                if temporary.exists():
+                    os.replace(temporary, final)
+                elif not output.keep_unwritten:
+                    remove_quietly(final)  # e.g. an old PDF after --no_plots: not from this run
+    except OSError as exc:
+        raise WriteFailed(f"cannot write to {record.out_dir}: {describe_os_error(exc, record.out_dir)}") from None
+    finally:
+        for temporary in temporaries:
+            remove_quietly(temporary)
+
+
+def describe_os_error(exc: OSError, folder: Path) -> str:
+    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
+    nearly_full = False
+    with contextlib.suppress(OSError):
+        nearly_full = shutil.disk_usage(folder).free < 1 << 20
+    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or nearly_full:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({exc.strerror})"
+    return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
+
+
+def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
+    """The PDF's content, from the subject's results (small arrays only)."""
+    subject, spikes, plan, settings = record.subject, record.spikes, record.plan, record.plot_settings
+    valid_rows = np.flatnonzero(spikes.valid)
+    rng = np.random.default_rng([settings.seed, 11])
+    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
+    rank = np.full(subject.num_cells, -1)
+    rank[order] = np.arange(len(order))
+    raster_cells, raster_frames = spikes.events_of_cells(order)
+    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
+    test_mask = np.zeros(subject.num_frames, bool)
+    test_mask[plan.kept_frames[plan.is_train == 0]] = True
+    traces = spikes.plot_traces()
+    shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
+    return PlotData(
+        subject=subject.name,
+        frame_rate_hz=subject.frame_rate_hz,
+        summary_lines=_summary_page_lines(record, attrs),
+        cell_ids=subject.cell_ids[traces.rows[shown]],
+        dff=traces.dff[shown],
+        rates=traces.rates[shown],
+        spikes=traces.spikes[shown],
+        spike_mode=str(attrs["param_spike_mode"]),
+        raster_cells=rank[raster_cells],
+        raster_frames=raster_frames,
+        raster_size=len(order),
+        population_rate_hz=record.population_rate_hz(),
+        test_spans_frames=_spans(test_mask),
+        edge_spans_frames=_spans(~plan.predicted),
+        cell_voxels=plan.grid.cell_voxels[spikes.valid],
+        cell_spike_counts=cell_spikes_kept[spikes.valid],
+        grid=plan.grid,
+        noise_level=spikes.cells("noise_level"),
+        model=record.model,
+    )
+
+
+def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
+    subject, model, counts = record.subject, record.model, record.grid_written.counts
+    entries = int(record.grid_written.plane_entries.sum())
+    return [
+        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
+        f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
+        f"CASCADE model {model.name} ({model.source}), threshold {attrs['param_cascade_threshold']}",
+        f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
+        f"({counts.spike_pixels:,} spike pixels, {counts.marker_pixels:,} marker pixels, "
+        f"{counts.collisions:,} collisions)",
+        f"software {__version__}, run {attrs['run_id']}, {attrs['created_utc']}",
+        "",
+        "Warnings:" if subject.warnings else "No warnings.",
+        *(f"  - {w}" for w in subject.warnings),
+    ]
+
+
+def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
+    """One subject, stage by stage: load -> model -> skip if up to date -> CASCADE (or its saved results)
+    -> check the traces -> plan the grid -> check the split -> write the files."""
+    started = time.perf_counter()
+    subject = load_subject(folder, settings_for(LoadOptions, config))
+    plots = settings_for(PlotSettings, config) if config.plots else None
+    record = SubjectRun(subject, Path(config.output_dir) / subject.name, run, config.as_attrs(), plots, started)
+    log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
+             f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
+    record.model = model_for_subject(subject, settings_for(ModelRequest, config))
+    record.fingerprint = subject_fingerprint(subject, config, record.model)
+    reason = (
+        "--overwrite" if config.overwrite else outputs_out_of_date(record.out_dir, record.fingerprint, config.plots)
+    )
+    if reason is None:
+        log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
+        return SubjectSummary.from_metadata(read_attrs(record.out_dir / METADATA_FILENAME))
+    log.info(f"{subject.name}: computing ({reason})")
+    record.timings["load_s"] = time.perf_counter() - started
+    run_cascade(record, config, pool)
+    check_inferred_traces(subject, record.spikes, record.trace_type.kind)
+    grid_settings = settings_for(GridSettings, config)
+    record.plan = plan_grid(subject.positions, record.spikes.valid, subject.num_frames, record.model, grid_settings)
+    check_split(subject, record.plan, grid_settings)
+    write_subject(record)
+    summary = SubjectSummary.of_run(record)
+    log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
+             f"{summary.marker_pixels} marker) in a {'x'.join(map(str, record.plan.grid.shape))} grid, written to "
+             f"{record.out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
+    return summary
+
+
+# --- a run over many subjects: shards, combine, summary ------------------------------------------
+
+
 def resolve_shard(shard: tuple | None, environ=os.environ) -> tuple | None:
     """--shard K/N, else the SLURM array task's place in its array, else None (all subjects)."""
     if shard is not None or "SLURM_ARRAY_TASK_ID" not in environ:
@@ -3021,11 +3327,9 @@ def resolve_shard(shard: tuple | None, environ=os.environ) -> tuple | None:
 
 
 def subject_size(folder: Path) -> int:
-    """cells x frames of a subject (0 when it cannot be read: it will fail with its own error)."""
-    for name, dataset in (("TimeSeries.h5", "CellResp"), ("traces.h5", "traces")):
-        with contextlib.suppress(Exception), h5py.File(folder / name, "r") as h5:
-            return int(np.prod(h5[dataset].shape))
-    return 0
+    """cells x frames of a subject, by its layout (0 when it cannot be read: it will fail with its own error)."""
+    layouts = layouts_in(folder)
+    return layouts[0].size(folder) if layouts else 0
 
 
 def select_shard(subjects: list, shard: tuple | None) -> list:
@@ -3148,7 +3452,7 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
             if not subjects:
                 raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
             if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
-                config_model(config, None)  # a missing or misspelt model stops the run here (exit 2)
+                settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
             log.info(
                 f"unified_spike_processing_coo {__version__}: {len(mine)} of {len(subjects)} subjects"
@@ -3232,9 +3536,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
         "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
         "on a rerun.",
-        epilog="Input layouts: subject_<n>/TimeSeries.h5 + data_full.mat (Chen et al. 2018) or subject_<n>/traces.h5 "
-        "(traces (N,T), positions (N,3), attr frame_rate_hz), directly under --input_dir or under --input_dir/Subjects. "
-        "Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by another run or "
+        epilog="Input layouts, in subject_<n> folders directly under --input_dir or under --input_dir/Subjects: "
+        + "; ".join(layout.files for layout in INPUT_LAYOUTS)
+        + ". Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by another run or "
         "was not processed after a write failure (each named in the log); 2 bad arguments or no usable model; 130 / 143 "
         "interrupted by Ctrl-C / SIGTERM (finished subjects are kept; rerun the same command to resume). For "
         "production SLURM runs, fill the model cache on a node with internet and pass --strict_model, so that a "
@@ -3244,6 +3548,9 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(PipelineConfig):
         meta = field.metadata
         kwargs = dict(meta["kwargs"], dest=field.name, help=meta["help"])
+        for key in ("help", "choices"):  # text and choices that come from a table further down
+            if callable(kwargs.get(key)):
+                kwargs[key] = kwargs[key]()
         if isinstance(field.default, bool):
             kwargs["action"] = "store_false" if field.default else "store_true"
         else:

@@ -11,7 +11,7 @@ imaging, CASCADE's ``Ground_truth/DSxx-*/CAttached*.mat``):
    of that level, as in CASCADE's own evaluation,
 3. infer spike rates with
    (a) CASCADE models through the pipeline
-       (``predict_spike_rates(dff, load_cascade_model(model), threshold=0)``),
+       (``predict_spike_rates(dff, read_model_folder(model), threshold=0)``),
        each recording with a model that was NOT trained on its dataset (see
        "Held-out evaluation" below),
    (b) OASIS deconvolution made fair: explicit robust noise estimate
@@ -189,7 +189,7 @@ class ModelSet:
         if folder not in self._models:
             import yaml
 
-            model = self._usp.load_cascade_model_folder(folder)
+            model = self._usp.read_model_folder(folder)
             if self.members:
                 ens = {lv: e[: self.members] for lv, e in model.ensembles.items()}
                 model = dataclasses.replace(model, ensembles=ens, ensemble_size=self.members)

@@ -6,7 +6,7 @@ On one model and one set of seeded synthetic dF/F traces (default 2,000 neurons 
 ONE invocation this runs, each in its own fresh subprocess (so that peak memory is
 measured per method and TensorFlow is configured identically):
 
-(a) the fast engine ``predict_spike_rates(dff, load_cascade_model(model))`` for
+(a) the fast engine ``predict_spike_rates(dff, read_model_folder(model))`` for
     each ``--chunk_sizes`` value of ``max_chunk_frames``,
 (b) ``infer_discrete_spikes`` on the fast engine's output (first chunk size),
 (c) the reference, neuralib's ``cascade_predict`` (PyPI package ``neura-library``;
@@ -150,7 +150,7 @@ def worker(args) -> None:
     cpu_start = cpu_seconds()
     if args.method == "fast":
         start = time.perf_counter()
-        model = usp.load_cascade_model(args.model)
+        model = usp.read_model_folder(args.model)
         loaded = time.perf_counter()
         rates, report = usp.predict_spike_rates(
             dff, model, threshold=threshold, padding=np.nan, return_noise=True, max_chunk_frames=args.max_chunk_frames
@@ -162,7 +162,7 @@ def worker(args) -> None:
         result["model_noise_levels"] = {int(k): int(v) for k, v in zip(levels, counts)}
         np.save(args.output, rates)
     elif args.method == "discrete":
-        model = usp.load_cascade_model(args.model)
+        model = usp.read_model_folder(args.model)
         rates = np.load(args.output)  # the fast engine's rates, written by the first fast run
         result["rss_baseline_mb"] = peak_rss_mb()
         cpu_start = cpu_seconds()
@@ -325,7 +325,7 @@ def run_profile(args, model_dir: Path, say) -> None:
     usp.configure_tensorflow_threads(args.intra_threads)  # quiet import; inter-op 1 as in the workers
     usp._tensorflow().get_logger().setLevel("ERROR")  # each layer cut is its own tf.function
 
-    model = usp.load_cascade_model(model_dir)
+    model = usp.read_model_folder(model_dir)
     rng = np.random.default_rng(args.seed)
     dff = rng.normal(0, 1, (args.neurons, args.frames)) * rng.uniform(0.005, 0.06, (args.neurons, 1))
     dff += (rng.random(dff.shape) < 0.01) * rng.uniform(0.2, 1.5, dff.shape)  # seeded noise + transients

@@ -59,7 +59,7 @@ def make_file(path: Path, shape: tuple, entries: int, seed: int) -> None:
     grid = usp.GridSpec(num_timepoints, num_z, height, width, np.arange(num_z, dtype=float), np.zeros((0, 3), np.int32))
     frames = np.arange(num_timepoints)
     is_train, test_blocks = usp.train_test_split(num_timepoints)
-    plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks)
+    plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks, True)
     temporary = usp.temporary_path(path)
     started = time.perf_counter()
     try:

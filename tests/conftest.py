@@ -28,7 +28,7 @@ def shared_cascade() -> Path:
 def official_model(shared_cascade):
     import unified_spike_processing_coo as usp
 
-    return usp.load_cascade_model(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms")
+    return usp.read_model_folder(shared_cascade / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms")
 
 
 SAMPLE_DIR = REPO_DIR / "sample_data"

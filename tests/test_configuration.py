@@ -56,5 +56,5 @@ def test_numeric_options_parse_as_their_defaults_type():
         "none",
     ]
     config = usp.PipelineConfig(**vars(usp.build_parser().parse_args(argv)))
-    assert (config.workers, config.split_ratio, config.cascade_threshold) == (3, 0.5, False)
+    assert (config.workers, config.split_ratio, config.cascade_threshold) == (3, 0.5, "none")
     assert type(config.workers) is int and type(config.baseline_window_s) is float

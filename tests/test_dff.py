@@ -27,9 +27,9 @@ def test_compute_dff_matches_naive_percentile():
 def test_trace_type_decision():
     rng = np.random.default_rng(1)
     fluorescence = 200 + rng.normal(0, 5, (50, 300))
-    assert usp.decide_trace_type(fluorescence)[0] == "fluorescence"
-    assert usp.decide_trace_type(rng.normal(0, 0.05, (50, 300)))[0] == "dff"
-    assert usp.decide_trace_type(fluorescence, hint="dff")[0] == "dff"
+    assert usp.decide_trace_type(fluorescence).kind == "fluorescence"
+    assert usp.decide_trace_type(rng.normal(0, 0.05, (50, 300))).kind == "dff"
+    assert usp.decide_trace_type(fluorescence, hint="dff").kind == "dff"
 
 
 def test_sliding_percentile_equals_scipy():

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -265,10 +266,11 @@ def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, signum, code):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
+    # room for the first sample subject's files (about 1.3 MB) but not for the second's too
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount_point)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
@@ -321,14 +323,16 @@ def test_unwritable_output_or_log_is_exit_2_without_traceback(tmp_path):
 
 def test_progress_lines_when_not_on_a_terminal(monkeypatch, caplog):
     monkeypatch.setattr(usp, "PROGRESS_LOG_INTERVAL_S", 0.0)
-    progress = usp.Progress("subject_9", num_batches=3, num_cells=300, num_frames=1000)
+    progress = usp.Progress("subject_9", num_batches=4, num_frames=1000, workers=2)
+    batch = SimpleNamespace(num_cells=100, seconds=600.0)  # a batch result: its cells and its worker's time
     with caplog.at_level("INFO", logger="spike_grids"):
-        progress.advance(100)
-        progress.advance(100)
-        progress.advance(100)
+        for _ in range(4):
+            progress.advance(batch)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and all("subject_9: CASCADE" in line and "neuron-frames/s" in line for line in lines)
-    assert "1/3 batches" in lines[0] and "RSS" in lines[0] and "left" in lines[0]
+    assert len(lines) == 3 and all("subject_9: CASCADE" in line and "neuron-frames/s" in line for line in lines)
+    assert "1/4 batches" in lines[0] and "RSS" in lines[0]
+    # 4 batches of 10 min, 2 at a time, take 20 min in all: time left counts them side by side, not one by one
+    assert "about 20 min left" in lines[0]
 
 
 def test_help_shows_true_defaults():

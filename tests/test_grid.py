@@ -32,21 +32,11 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
                 start=start,
                 spike_frames=frames.astype(np.int32),
                 spike_cells=(cells + start).astype(np.int32),
-                spike_count=spikes[start:stop].sum(1),
-                noise_level=zeros,
-                model_noise_level=zeros,
-                nan_frames=zeros,
-                infinite_values=zeros,
-                min_value=zeros.astype(np.float32),
-                max_value=zeros.astype(np.float32),
+                cells={field.name: zeros.astype(field.dtype) for field in usp.CELL_FIELDS}
+                | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)},
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
                 rates_uint8=np.zeros((stop - start, num_frames), np.uint8),
-                rate_scale=zeros.astype(np.float32),
-                plot_rows=zeros[:0],
-                plot_dff=np.zeros((0, num_frames)),
-                plot_rates=np.zeros((0, num_frames)),
-                plot_spikes=np.zeros((0, num_frames), bool),
-                seconds=0.0,
+                plot=usp.PlotTraces(zeros[:0], *(np.zeros((0, num_frames), dtype) for dtype in ("f4", "f4", bool))),
             )
         )
     return spikes, usp.SubjectSpikes(batches, num_frames)
@@ -61,9 +51,11 @@ def test_grid_blocks_equal_one_pass(monkeypatch):
     grid = usp.make_grid_spec(positions, 100, 8, 16)
     cells, frames = np.nonzero(spikes)
     whole, whole_counts = usp.build_coo(cells, frames, grid, frame_to_t)
-    plan = usp.GridPlan(grid, np.arange(10, 110), frame_to_t, np.ones(120, bool), np.ones(100, np.uint8), np.zeros(0))
+    plan = usp.GridPlan(
+        grid, np.arange(10, 110), frame_to_t, np.ones(120, bool), np.ones(100, np.uint8), np.zeros(0), True
+    )
     monkeypatch.setattr(usp, "SPIKES_PER_GRID_BLOCK", 37)  # many small blocks
-    blocks = list(usp.coo_blocks(subject_spikes, plan, z_markers=True))
+    blocks = list(usp.coo_blocks(subject_spikes, plan))
     assert len(blocks) > 10
     np.testing.assert_array_equal(np.concatenate([c for c, _ in blocks]), whole)
     total = usp.CooCounts()

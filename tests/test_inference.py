@@ -47,7 +47,7 @@ def test_missing_model_file_names_the_file(tmp_path, shared_cascade):
     for path in folder.glob("Model_NoiseLevel_4_*.h5"):
         path.unlink()
     with pytest.raises(usp.PipelineError, match="Model_NoiseLevel_4"):
-        usp.load_cascade_model(folder)
+        usp.read_model_folder(folder)
 
 
 def test_corrupt_model_file_names_the_file(tmp_path, shared_cascade):
@@ -58,13 +58,13 @@ def test_corrupt_model_file_names_the_file(tmp_path, shared_cascade):
     victim = folder / "Model_NoiseLevel_5_Ensemble_1.h5"
     victim.write_bytes(victim.read_bytes()[:3000])
     with pytest.raises(usp.PipelineError, match="Model_NoiseLevel_5_Ensemble_1.h5"):
-        usp.load_cascade_model(folder)
+        usp.read_model_folder(folder)
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(usp.PipelineError, match="config.yaml"):
-        usp.load_cascade_model_folder(tmp_path / "empty_model")
+        usp.read_model_folder(tmp_path / "empty_model")
 
 
 # --- spike rates against CASCADE's own outputs ------------------------------------------------------
@@ -228,7 +228,7 @@ def test_engine_equals_keras_windowed_predict(tmp_path, filter_sizes):
     keras_models = _save_keras_cascade_model(folder, filter_sizes=filter_sizes)
     with h5py.File(folder / "Model_NoiseLevel_1_Ensemble_0.h5", "r") as h5:
         assert "model_config" in h5.attrs and json.loads(h5.attrs["model_config"])
-    model = usp.load_cascade_model(folder)
+    model = usp.read_model_folder(folder)
     assert model.noise_levels == (1, 2) and model.ensemble_size == 2
     rng = np.random.default_rng(3)
     num_frames = 200
@@ -253,4 +253,4 @@ def test_wrong_architecture_is_rejected(tmp_path):
     config = (folder / "config.yaml").read_text().replace("- 31", "- 29")
     (folder / "config.yaml").write_text(config)
     with pytest.raises(usp.PipelineError, match="convolution 1"):
-        usp.load_cascade_model(folder)
+        usp.read_model_folder(folder)

@@ -117,7 +117,7 @@ def test_builtin_model_and_official_index_come_from_share(installed):
     python, venv, work = installed
     code = (
         "import unified_spike_processing_coo as u\n"
-        "print(u.load_cascade_model('builtin').folder)\n"
+        "print(u.resolve_model('builtin').folder)\n"
         "print(len(u.official_models(cache_dir='empty_cache')))\n"  # an empty cache: the installed index only
     )
     folder, official = run(python, "-c", code, cwd=work).split()

@@ -164,3 +164,32 @@ def test_permission_denied_in_plain_words(tmp_path, monkeypatch):
         usp.PipelineError, match=r"cannot open .*TimeSeries.h5: Permission denied \(check its permissions\)"
     ):
         usp.load_subject(folder)
+
+
+def test_an_input_layout_is_one_table_entry(tmp_path, monkeypatch):
+    """One InputLayout entry is recognised, loaded, sized for shards and named in --help and messages."""
+
+    def load_toy(folder, options):
+        trace_file, found = usp._open_trace_file(folder / "cells.h5", "F", True, extra=("xyz",), attrs=("fs",))
+        positions, rate = np.asarray(found["xyz"], float), float(found["fs"])
+        ids = np.arange(trace_file.num_cells)
+        return usp.SubjectData(folder.name, str(folder), trace_file, positions, rate, ids, "toy", "dff")
+
+    toy = usp.InputLayout(
+        "toy", "cells.h5 (F (T, N), xyz (N, 3), attribute fs)", lambda names: "cells.h5" in names, load_toy,
+        lambda folder: usp._dataset_size(folder / "cells.h5", "F"),
+    )  # fmt: skip
+    monkeypatch.setattr(usp, "INPUT_LAYOUTS", (*usp.INPUT_LAYOUTS, toy))
+    folder = tmp_path / "subject_1"
+    folder.mkdir()
+    with h5py.File(folder / "cells.h5", "w") as h5:
+        h5["F"] = np.random.default_rng(0).normal(0, 0.1, (300, 40)).astype(np.float32)
+        h5["xyz"] = np.random.default_rng(1).uniform(0, 50, (40, 3)).round()
+        h5.attrs["fs"] = 2.0
+    subject = usp.load_subject(folder)
+    assert (subject.layout, subject.num_cells, subject.num_frames, subject.frame_rate_hz) == ("toy", 40, 300, 2.0)
+    assert usp.subject_size(folder) == 40 * 300
+    assert "cells.h5 (F (T, N)" in " ".join(usp.build_parser().epilog.split())
+    (tmp_path / "subject_2").mkdir()
+    with pytest.raises(usp.PipelineError, match="cells.h5"):
+        usp.load_subject(tmp_path / "subject_2")

@@ -31,10 +31,9 @@ from unified_spike_processing_coo import (
     PipelineError,
     choose_auto_model_name,
     download_model,
-    load_cascade_model,
-    load_cascade_model_folder,
     official_models,
     parse_model_sampling_rate_hz,
+    read_model_folder,
     resolve_model,
 )
 
@@ -280,42 +279,42 @@ def test_choose_auto_model_name_rejects_bad_input():
 
 
 def test_loader_names_what_is_wrong(tmp_path):
-    assert load_cascade_model_folder(make_model(tmp_path / "good")).noise_levels == (2, 3)
+    assert read_model_folder(make_model(tmp_path / "good")).noise_levels == (2, 3)
     with pytest.raises(PipelineError, match="does not exist"):
-        load_cascade_model_folder(tmp_path / "missing")
+        read_model_folder(tmp_path / "missing")
 
     no_level = make_model(tmp_path / "no_level")
     for path in no_level.glob("Model_NoiseLevel_3_*.h5"):
         path.unlink()
     with pytest.raises(PipelineError, match="Model_NoiseLevel_3"):
-        load_cascade_model_folder(no_level)
+        read_model_folder(no_level)
 
     for case, content in [("empty", b""), ("not_h5", b"<html>error</html>")]:
         folder = make_model(tmp_path / case)
         (folder / "Model_NoiseLevel_2_Ensemble_1.h5").write_bytes(content)
         with pytest.raises(PipelineError, match="Model_NoiseLevel_2_Ensemble_1.h5") as info:
-            load_cascade_model_folder(folder)
+            read_model_folder(folder)
         assert "re-download" in str(info.value)
 
     truncated = make_model(tmp_path / "truncated")
     h5 = truncated / "Model_NoiseLevel_3_Ensemble_1.h5"
     h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
     with pytest.raises(PipelineError, match="Model_NoiseLevel_3_Ensemble_1.h5.*truncated"):
-        load_cascade_model_folder(truncated)
+        read_model_folder(truncated)
 
     bad_config = make_model(tmp_path / "bad_config")
     config = yaml.safe_load((bad_config / "config.yaml").read_text())
     for key in ("noise_levels", "sampling_rate"):
         (bad_config / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != key}))
         with pytest.raises(PipelineError, match=f"config.yaml lacks '{key}'"):
-            load_cascade_model_folder(bad_config)
+            read_model_folder(bad_config)
     for broken in ("noise_levels: [2, 3\n", "just text\n", yaml.safe_dump(dict(config, sampling_rate=0))):
         (bad_config / "config.yaml").write_text(broken)
         with pytest.raises(PipelineError, match="config.yaml"):
-            load_cascade_model_folder(bad_config)
+            read_model_folder(bad_config)
     (bad_config / "config.yaml").unlink()
     with pytest.raises(PipelineError, match="has no config.yaml"):
-        load_cascade_model_folder(bad_config)
+        read_model_folder(bad_config)
 
 
 def test_truncated_latest_format_file_is_caught(tmp_path):
@@ -329,36 +328,36 @@ def test_truncated_latest_format_file_is_caught(tmp_path):
             dst.attrs[key] = value
         for key in src:
             src.copy(src[key], dst)
-    assert load_cascade_model_folder(folder).ensemble_size == 1
+    assert read_model_folder(folder).ensemble_size == 1
     h5.write_bytes(h5.read_bytes()[:-100])
     with pytest.raises(PipelineError, match="Model_NoiseLevel_2_Ensemble_0.h5"):
-        load_cascade_model_folder(folder)
+        read_model_folder(folder)
 
 
 @pytest.mark.skipif(not (SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms").is_dir(), reason="no official model")
 def test_official_model_folder_loads():
-    model = load_cascade_model_folder(SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms")
+    model = read_model_folder(SHARED_MODELS / "OGB_zf_pDp_7.5Hz_smoothing200ms")
     assert model.ensemble_size == 5 and len(model.digest) == 16
 
 
 def test_digest_is_stable_and_follows_the_weights(tmp_path):
-    first = load_cascade_model_folder(make_model(tmp_path / "a"))
+    first = read_model_folder(make_model(tmp_path / "a"))
     assert len(first.digest) == 16 and int(first.digest, 16) >= 0
     copy = shutil.copytree(tmp_path / "a", tmp_path / "b")
-    assert load_cascade_model_folder(copy).digest == first.digest  # same bytes, another folder
-    assert load_cascade_model_folder(tmp_path / "a").digest == first.digest
+    assert read_model_folder(copy).digest == first.digest  # same bytes, another folder
+    assert read_model_folder(tmp_path / "a").digest == first.digest
     # another weight file (still a valid model) changes it
     shutil.copyfile(copy / "Model_NoiseLevel_2_Ensemble_1.h5", copy / "Model_NoiseLevel_2_Ensemble_0.h5")
-    changed = load_cascade_model_folder(copy)
+    changed = read_model_folder(copy)
     assert changed.digest != first.digest
     # so does config.yaml
     (tmp_path / "a" / "config.yaml").write_text((tmp_path / "a" / "config.yaml").read_text() + "# note\n")
-    assert load_cascade_model_folder(tmp_path / "a").digest not in (first.digest, changed.digest)
+    assert read_model_folder(tmp_path / "a").digest not in (first.digest, changed.digest)
 
 
 def test_provenance_records_how_the_model_was_made(tmp_path):
     folder = make_model(tmp_path / "m", name="my_model", rate=7.5, smoothing=0.2)
-    model = load_cascade_model_folder(folder, source="cache", requested="my_model")
+    model = read_model_folder(folder, source="cache", requested="my_model")
     assert model.provenance() == {
         "cascade_model": "my_model",
         "model_source": "cache",
@@ -469,7 +468,7 @@ def test_builtin_family_nearest_rate(family, cache, frame_rate_hz, expected_hz):
     model = resolve("builtin", cache, frame_rate_hz=frame_rate_hz)
     assert model.sampling_rate_hz == expected_hz and model.source == "builtin"
     assert model.name == f"builtin_{expected_hz:g}Hz_smoothing500ms"
-    assert load_cascade_model("builtin", frame_rate_hz=frame_rate_hz).sampling_rate_hz == expected_hz
+    assert resolve_model("builtin", frame_rate_hz=frame_rate_hz).sampling_rate_hz == expected_hz
 
 
 def test_builtin_family_listing_and_search_order(family, tmp_path, monkeypatch):
@@ -492,7 +491,7 @@ def test_builtin_family_listing_and_search_order(family, tmp_path, monkeypatch):
 def test_shipped_builtin_is_the_default():
     assert usp.nearest_builtin_folder() == usp.BUILTIN_MODEL_DIR
     assert usp.nearest_builtin_folder(2.0) == usp.BUILTIN_MODEL_DIR
-    model = load_cascade_model("builtin")
+    model = resolve_model("builtin")
     assert model.folder == str(usp.BUILTIN_MODEL_DIR.resolve()) and model.sampling_rate_hz == 2.0
 
 
@@ -625,7 +624,7 @@ def test_corrupt_cache_entry_is_redownloaded(cache, served_model, caplog):
     h5.write_bytes(h5.read_bytes()[:100])  # truncated copy
     with caplog.at_level(logging.WARNING):
         model = resolve(MODEL, cache, strict=True)
-    assert model.source == "downloaded" and load_cascade_model_folder(cache / MODEL).name == MODEL
+    assert model.source == "downloaded" and read_model_folder(cache / MODEL).name == MODEL
     assert (cache / MODEL / "marker.txt").read_text() == "served"
     assert any("incomplete" in m for m in warnings_in(caplog))
     assert cache_listing(cache) == [MODEL]
@@ -796,9 +795,9 @@ def test_rate_mismatch_is_measured_not_warned(tmp_path, models_dir, caplog):
     assert usp.RATE_MISMATCH_WARN_FRACTION == 0.05
 
 
-def test_load_model_once_shares_the_weights(tmp_path):
+def test_read_model_folder_once_shares_the_weights(tmp_path):
     folder = make_model(tmp_path / "m")
-    first = usp.load_model_once(str(folder), "cache")
-    second = usp.load_model_once(folder / ".." / "m", "downloaded", "auto")
+    first = usp.read_model_folder_once(str(folder), "cache")
+    second = usp.read_model_folder_once(folder / ".." / "m", "downloaded", "auto")
     assert second.ensembles is first.ensembles and (second.source, second.requested) == ("downloaded", "auto")
     assert list(usp.PROCESS_CACHE["models"]) == [str(folder.resolve())]

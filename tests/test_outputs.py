@@ -12,7 +12,7 @@ SAMPLE = SAMPLE_DIR
 
 def model_args() -> list:
     """The builtin model (shipped, offline); it must load for the product to work."""
-    usp.load_cascade_model_folder(usp.BUILTIN_MODEL_DIR)
+    usp.read_model_folder(usp.BUILTIN_MODEL_DIR)
     return list(OFFLINE_BUILTIN)
 
 
@@ -218,7 +218,7 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
         spike_count = meta["cells/spike_count"][()]
     # discrete mode: a cell's binary spikes are the frames with inferred spikes
     subject = usp.load_subject(SAMPLE / "subject_2")
-    model = usp.load_cascade_model("builtin")
+    model = usp.resolve_model("builtin")
     rates = usp.predict_spike_rates(usp.compute_dff(subject.read_traces(), subject.frame_rate_hz), model, threshold=0)
     np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))
 
@@ -233,3 +233,22 @@ def test_quantised_rates_keep_nan_and_stay_within_a_step():
         np.abs(back[finite] - np.maximum(rates, 0)[finite]) <= scale.repeat(5).reshape(3, 5)[finite] / 2 + 1e-7
     )
     assert quantised[2].max() == 254 and quantised[1, :4].max() == 0
+
+
+def test_a_cell_field_is_one_table_entry(tmp_path, monkeypatch):
+    """One CellField entry reaches the workers' results, cascade_results.h5, metadata.h5 cells/ and re-gridding."""
+    peak = usp.CellField("peak_rate", "float32", lambda chunk: np.nanmax(np.nan_to_num(chunk.rates), axis=1), True)
+    monkeypatch.setattr(usp, "CELL_FIELDS", (*usp.CELL_FIELDS, peak))
+    out, subject = tmp_path / "out", "subject_2"
+    args = ["--input_dir", str(SAMPLE), "--output_dir", str(out), "--subjects", subject, "--no_plots"]
+    assert usp.main([*args, *OFFLINE_BUILTIN]) == 0
+    with h5py.File(out / subject / usp.METADATA_FILENAME, "r") as h5:
+        written, spike_count = h5["cells/peak_rate"][()], h5["cells/spike_count"][()]
+    with h5py.File(out / subject / usp.CASCADE_FILENAME, "r") as h5:
+        np.testing.assert_array_equal(h5["peak_rate"][()], written)
+    assert written.dtype == np.float32 and len(written) == len(spike_count)
+    assert np.all(written >= 0) and np.all(written[spike_count > 0] > 0)  # sampled spikes need a positive rate
+    assert usp.main([*args, "--grid_shape", "64", "32", *OFFLINE_BUILTIN]) == 0  # re-grids the saved results
+    with h5py.File(out / subject / usp.METADATA_FILENAME, "r") as h5:
+        np.testing.assert_array_equal(h5["cells/peak_rate"][()], written)
+        assert tuple(h5.attrs["grid_shape"][2:]) == (64, 32)

@@ -39,7 +39,7 @@ def plot_data(num_planes: int, num_cells: int = 600, num_frames: int = 200) -> u
         cell_spike_counts=rng.poisson(3, num_cells),
         grid=grid,
         noise_level=rng.uniform(1, 5, num_cells),
-        model=usp.load_cascade_model_folder(usp.BUILTIN_MODEL_DIR),
+        model=usp.read_model_folder(usp.BUILTIN_MODEL_DIR),
     )
 
 

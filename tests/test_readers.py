@@ -25,7 +25,7 @@ def write_like_pipeline(path, coords: np.ndarray, shape: tuple, monkeypatch, chu
     grid = usp.GridSpec(num_timepoints, num_z, height, width, np.arange(num_z, dtype=float), np.zeros((0, 3), np.int32))
     frames = np.arange(num_timepoints)
     is_train, test_blocks = usp.train_test_split(num_timepoints, block_frames=10)
-    plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks)
+    plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks, True)
     bounds = np.searchsorted(coords[:, 0], [0, num_timepoints // 3, num_timepoints // 2, num_timepoints])
     blocks = [(coords[a:b], usp.CooCounts(spike_pixels=b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
     usp.write_coo_file(path, blocks, plan, {"format": "COO_sparse"})

@@ -30,7 +30,7 @@ def test_sampled_spikes_do_not_depend_on_batching():
 
 def test_inferred_spikes_recover_true_spikes():
     subject = usp.load_subject(SAMPLE / "subject_2")
-    model = usp.load_cascade_model("builtin")
+    model = usp.resolve_model("builtin")
     dff = usp.compute_dff(subject.read_traces(), subject.frame_rate_hz)
     rates = usp.predict_spike_rates(dff, model, threshold=0)
     with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
@@ -53,3 +53,16 @@ def test_inferred_spikes_recover_true_spikes():
     # amplitude per spike: about 2x here, 0.2-1.4x on CASCADE's real ground truth)
     total_corr = np.corrcoef(np.nansum(rates[:, valid], 1), true_spikes[:, valid].sum(1))[0, 1]
     assert total_corr > 0.5
+
+
+def test_a_spike_mode_is_one_table_entry(monkeypatch):
+    """One SpikeMode entry is a --spike_mode choice with its help, and binarize_spikes runs it."""
+    mode = usp.SpikeMode("every positive rate", lambda rates, context: np.nan_to_num(rates) > 0)
+    monkeypatch.setitem(usp.SPIKE_MODES, "positive", mode)
+    parser = usp.build_parser()
+    config = usp.PipelineConfig(
+        **vars(parser.parse_args(["--input_dir", "a", "--output_dir", "b", "--spike_mode", "positive"]))
+    )
+    assert config.spike_mode == "positive" and "positive: every positive rate" in " ".join(parser.format_help().split())
+    rates = np.array([[0.0, 0.2, np.nan, -0.1]])
+    np.testing.assert_array_equal(usp.binarize_spikes(rates, [1], "positive"), [[False, True, False, False]])

@@ -131,9 +131,7 @@ def test_h5_structure(trained_folder):
 
 def test_pipeline_loads_and_predicts(trained_folder):
     usp = pytest.importorskip("unified_spike_processing_coo")
-    if not hasattr(usp, "load_cascade_model"):
-        pytest.skip("unified_spike_processing_coo.load_cascade_model not available yet")
-    model = usp.load_cascade_model(trained_folder)
+    model = usp.read_model_folder(trained_folder)
     assert model.sampling_rate_hz == 2.0 and tuple(model.noise_levels) == (3,)
 
     from tools import synthetic_calcium as sc
@@ -157,7 +155,7 @@ def test_pipeline_matches_keras(trained_folder):
     rng = np.random.default_rng(1)
     dff = rng.normal(0, 0.05, size=(1, 150)).astype(np.float32)
     keras_out = net.predict(sliding_windows(dff[0]), verbose=0)[:, 0]
-    raw, _, _ = usp.predict_raw_rates(dff, usp.load_cascade_model(trained_folder))
+    raw, _, _ = usp.predict_raw_rates(dff, usp.read_model_folder(trained_folder))
     np.testing.assert_allclose(raw[0, FRAMES_BEFORE : FRAMES_BEFORE + keras_out.size], keras_out, rtol=1e-4, atol=1e-5)
 
 

@@ -202,7 +202,7 @@ CASES = [
     # files and folders
     ("subject is a file", subject_file, "refuse", ("subject_", "is a file", "expected a folder")),
     ("subject is a broken link", broken_link, "refuse", ("broken link",)),
-    ("empty folder", lambda f: f.mkdir(parents=True), "refuse", ("has neither", "found: nothing")),
+    ("empty folder", lambda f: f.mkdir(parents=True), "refuse", ("holds no layout", "found: nothing")),
     ("TimeSeries.h5 is a folder", chen(write("TimeSeries.h5", None)), "refuse", ("TimeSeries.h5 is a folder",)),
     ("TimeSeries.h5 empty", chen(write("TimeSeries.h5", b"")), "refuse", ("TimeSeries.h5 is empty (0 bytes)",)),
     ("TimeSeries.h5 not HDF5", chen(write("TimeSeries.h5", b"CellResp\n1,2,3\n" * 50)), "refuse", ("not an HDF5",)),
@@ -379,7 +379,7 @@ CASES = [
         "warn",
         ("cells share their x, y, z position",),
     ),
-    ("both layouts", both_layouts, "warn", ("both layouts",)),
+    ("both layouts", both_layouts, "warn", ("several layouts",)),
     ("long recording: no split warning", chen(series(CellResp=tiled(800))), "accept", ()),
     ("generic frame_rate_hz text '2'", generic(frame_rate_hz="2"), "warn", ("frame_rate_hz is stored as text",)),
     ("generic other attribute unreadable", generic(time_attribute("acquired")), "accept", ()),
