@@ -2208,6 +2208,9 @@ class WorkerPool:
             if time.monotonic() > deadline:
                 return "exit status unknown"
             time.sleep(0.05)
+        time.sleep(0.2)  # the other workers, stopped by the broken pool, exit too: the killed one is the cause
+        codes = [p.exitcode for p in self._processes.values() if p.exitcode not in (None, 0)]
+        codes.sort(key=lambda code: (code != -signal.SIGKILL, code >= 0))  # the OOM killer's SIGKILL first
         signal_names = {-number: number.name for number in signal.Signals}
         return f"killed by {signal_names[codes[0]]}" if codes[0] in signal_names else f"exit status {codes[0]}"
 
@@ -2569,6 +2572,8 @@ class PlotSettings:
 
     num_neurons: int  # cells whose traces are drawn (the first of plot_candidates)
     seed: int
+    spike_mode: str  # named on the pages
+    cascade_threshold: str
 
 
 @dataclass
@@ -2760,7 +2765,6 @@ class RunContext:
         self.run_id = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
         self.lock_dir = output_dir / LOCK_DIRNAME
         self.held: set = set()
-        self.subject_started = time.perf_counter()
         self._pending_signal, self._holding_signals = None, False
         self._stop = threading.Event()
         threading.Thread(target=self._touch_locks, daemon=True).start()
@@ -3245,7 +3249,7 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
         dff=traces.dff[shown],
         rates=traces.rates[shown],
         spikes=traces.spikes[shown],
-        spike_mode=str(attrs["param_spike_mode"]),
+        spike_mode=settings.spike_mode,
         raster_cells=rank[raster_cells],
         raster_frames=raster_frames,
         raster_size=len(order),
@@ -3261,12 +3265,12 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
 
 
 def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
-    subject, model, counts = record.subject, record.model, record.grid_written.counts
+    subject, model, counts, settings = record.subject, record.model, record.grid_written.counts, record.plot_settings
     entries = int(record.grid_written.plane_entries.sum())
     return [
         f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
         f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
-        f"CASCADE model {model.name} ({model.source}), threshold {attrs['param_cascade_threshold']}",
+        f"CASCADE model {model.name} ({model.source}), threshold {settings.cascade_threshold}",
         f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
         f"({counts.spike_pixels:,} spike pixels, {counts.marker_pixels:,} marker pixels, "
         f"{counts.collisions:,} collisions)",
