@@ -39,3 +39,11 @@ def test_sliding_percentile_equals_scipy():
     for window in (3, 15, 61):
         expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
         np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)
+
+
+def test_sliding_percentile_same_whatever_the_threads_and_blocks():
+    traces = (100 + np.random.default_rng(3).normal(0, 5, (37, 500))).astype(np.float32)
+    one = usp.sliding_percentile(traces, 41, 8.0)
+    np.testing.assert_array_equal(
+        usp.sliding_percentile(traces, 41, 8.0, max_chunk_values=41 * 500 * 3, threads=3), one
+    )
