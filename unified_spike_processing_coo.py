@@ -126,7 +126,10 @@ class PipelineConfig:
     num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
-    workers: int = option(1, "worker processes for CASCADE inference", RUN)
+    workers: int = option(
+        1, "worker processes for CASCADE inference; each uses cores/workers threads (workers x threads per worker = "
+        "the cores this job may use), so more workers do not add cores: 1 or 2 is fastest on most machines", RUN,
+    )  # fmt: skip
     batch_size: int = option(30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN)
     overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", RUN)
     shard: tuple | None = option(
