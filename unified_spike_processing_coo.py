@@ -128,7 +128,8 @@ class PipelineConfig:
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(
         1, "worker processes for CASCADE inference; each uses cores/workers threads (workers x threads per worker = "
-        "the cores this job may use), so more workers do not add cores: 1 or 2 is fastest on most machines", RUN,
+        "the cores this job may use), so workers never add cores, only memory (~2.4 GB each for a whole fish); on "
+        "2 cores, 2 workers were fastest (benchmarks/RESULTS_pipeline.md)", RUN,
     )  # fmt: skip
     batch_size: int = option(30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN)
     overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", RUN)
