@@ -5,7 +5,7 @@ from conftest import SAMPLE_DIR, run_cli
 SAMPLE = SAMPLE_DIR
 
 
-def test_help_and_bad_arguments():
+def test_help_and_bad_arguments(tmp_path):
     result = run_cli("--help")
     for flag in (
         "--input_dir",
@@ -19,7 +19,7 @@ def test_help_and_bad_arguments():
         "--keep_edge_frames",
     ):
         assert flag in result.stdout
-    assert run_cli("--input_dir", "nowhere", "--output_dir", "/tmp/x_unused", check=False).returncode == 2
+    assert run_cli("--input_dir", "nowhere", "--output_dir", tmp_path / "out", check=False).returncode == 2
 
 
 def test_strict_model_without_network_is_a_clear_error(tmp_path):

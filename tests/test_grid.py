@@ -68,8 +68,19 @@ def test_events_of_subject_spikes_match_dense():
     spikes, subject_spikes = _random_spikes()
     cells, frames = subject_spikes.events_in_frames(30, 60)
     assert len(cells) == spikes[:, 30:60].sum()
-    assert np.all(spikes[cells, frames]) and np.all(np.diff(frames) >= 0) is not None
+    assert np.all(spikes[cells, frames]), "every returned event is a spike"
+    # exactly the window's spikes, each once (len above + a set equal to the dense one: no duplicates)
+    window_cells, window_frames = np.nonzero(spikes[:, 30:60])
+    events = set(zip(cells.tolist(), frames.tolist()))
+    assert len(events) == len(cells)
+    assert events == set(zip(window_cells.tolist(), (window_frames + 30).tolist()))
+    # batch after batch, frame-sorted within each (not globally: build_coo sorts the coordinates itself)
+    batch = np.searchsorted([17, 40], cells, side="right")
+    assert np.all(np.diff(batch) >= 0), "batches in order"
+    assert np.all(np.diff(frames)[np.diff(batch) == 0] >= 0), "frame-sorted within a batch"
     np.testing.assert_array_equal(subject_spikes.frame_counts, spikes.sum(axis=0))
     chosen = np.array([3, 20, 45])
     cells, frames = subject_spikes.events_of_cells(chosen)
     assert len(cells) == spikes[chosen].sum() and set(cells) <= set(chosen)
+    rows, columns = np.nonzero(spikes[chosen])
+    assert set(zip(cells.tolist(), frames.tolist())) == set(zip(chosen[rows].tolist(), columns.tolist()))

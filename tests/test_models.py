@@ -342,7 +342,7 @@ def test_official_model_folder_loads():
 
 def test_digest_is_stable_and_follows_the_weights(tmp_path):
     first = read_model_folder(make_model(tmp_path / "a"))
-    assert len(first.digest) == 16 and int(first.digest, 16) >= 0
+    assert len(first.digest) == 16 and set(first.digest) <= set("0123456789abcdef")  # 16 hex digits
     copy = shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert read_model_folder(copy).digest == first.digest  # same bytes, another folder
     assert read_model_folder(tmp_path / "a").digest == first.digest

@@ -67,9 +67,49 @@ def test_planes_page_pools_neighbouring_planes_beyond_36_panels(num_planes):
     assert covered == list(range(num_planes))
 
 
-def test_pdf_has_every_page(tmp_path):
+def figure_texts(fig) -> str:
+    """Every title and free text of a figure (suptitle, fig.text, axes titles), one per line."""
+    texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes]
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle.get_text())
+    return "\n".join(texts)
+
+
+# What each page shows, in order: the page functions' rule is one summary page, one traces page per
+# trace kind (dF/F, CASCADE rate), one page each for the binary spikes, the raster, the planes (one
+# page however many planes: beyond PLANE_PANELS_MAX panels they are pooled) and the noise levels.
+TRACE_KINDS = ("dF/F of 4 cells", "CASCADE spike rate of 4 cells")
+EXPECTED_PAGES = [
+    ("subject_9", "a test"),  # summary: the subject and its summary lines
+    *((f"subject_9: {kind}",) for kind in TRACE_KINDS),
+    ("subject_9: binary spikes (sample) of the same cells",),
+    ("subject_9: spikes of 600 random cells",),
+    ("subject_9: spike counts per cell in each plane",),
+    ("subject_9: noise levels of 600 cells vs model",),
+]
+
+
+@pytest.mark.parametrize("num_planes", [5, 37])
+def test_pdf_has_every_page(tmp_path, monkeypatch, num_planes):
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    saved = []  # the texts of each figure as it is saved into the PDF
+    original_savefig = PdfPages.savefig
+
+    def recording_savefig(self, figure=None, **kwargs):
+        saved.append(figure_texts(figure))
+        return original_savefig(self, figure, **kwargs)
+
+    monkeypatch.setattr(PdfPages, "savefig", recording_savefig)
     path = tmp_path / "plots.pdf"
-    usp.plot_subject_pdf(path, plot_data(5))
+    usp.plot_subject_pdf(path, plot_data(num_planes))
     pdf = path.read_bytes()
-    pages = re.search(rb"/Count (\d+)", pdf)  # the page tree's count
-    assert pdf.startswith(b"%PDF") and int(pages.group(1)) >= 6  # summary, traces (2), spikes, raster, planes, noise
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    # count the page objects themselves (/Type /Page, not the /Pages tree) and the tree's /Count
+    page_objects = re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf)
+    (count,) = re.findall(rb"/Count (\d+)", pdf)  # the one page tree (no outlines)
+    assert len(page_objects) == int(count) == len(EXPECTED_PAGES)
+    assert len(saved) == len(EXPECTED_PAGES)
+    for page, (texts, expected) in enumerate(zip(saved, EXPECTED_PAGES)):
+        for text in expected:
+            assert text in texts, (page, text, texts)

@@ -1,13 +1,9 @@
 """Spikes from rates: seeded sampling, thresholds, and recovery of true spikes."""
 
-import h5py
 import numpy as np
-from conftest import SAMPLE_DIR
-from scipy.ndimage import gaussian_filter1d
 
 import unified_spike_processing_coo as usp
-
-SAMPLE = SAMPLE_DIR
+from tools import synthetic_calcium as sc
 
 
 def test_sampled_spikes_do_not_depend_on_batching():
@@ -28,31 +24,69 @@ def test_sampled_spikes_do_not_depend_on_batching():
     )
 
 
+def matched_spikes(inferred: np.ndarray, true: np.ndarray, tolerance: int) -> int:
+    """Spikes matched one to one between two (cells, frames) count arrays, each inferred spike to a
+    true spike of the same cell at most ``tolerance`` frames away (nearest offsets first)."""
+    inferred, true = inferred.astype(np.int64), true.astype(np.int64)  # copies, consumed below
+    num_frames, matched = true.shape[1], 0
+    for offset in [0, *(sign * k for k in range(1, tolerance + 1) for sign in (1, -1))]:
+        # inferred frame t against true frame t + offset
+        a = inferred[:, max(0, -offset) : num_frames - max(0, offset)]
+        b = true[:, max(0, offset) : num_frames - max(0, -offset)]
+        pairs = np.minimum(a, b)
+        a -= pairs
+        b -= pairs
+        matched += int(pairs.sum())
+    return matched
+
+
+def test_matched_spikes_counts_one_to_one():
+    true = np.array([[0, 2, 0, 0, 1, 0]])
+    assert matched_spikes(np.array([[0, 1, 1, 0, 0, 0]]), true, 0) == 1
+    assert matched_spikes(np.array([[0, 1, 1, 0, 0, 0]]), true, 1) == 2
+    assert matched_spikes(np.array([[3, 0, 0, 0, 0, 1]]), true, 1) == 3  # 2 of the 3 go to frame 1, 1 to frame 4
+
+
+def test_discrete_spikes_recover_true_spikes_from_cascade_targets():
+    """infer_discrete_spikes alone: from ideal rates (the true spikes smoothed as CASCADE's training
+    targets, sigma = smoothing * rate = 1 frame) it gives back the true spikes."""
+    model = usp.resolve_model("builtin")  # 2 Hz, 0.5 s smoothing
+    assert model.smoothing_frames == 1.0
+    true = sc.simulate_spike_trains(60, 1000, 2.0, np.random.default_rng(0))
+    rates = sc.smoothed_spike_targets(true, 2.0, model.smoothing_frames / 2.0)
+    spikes = usp.infer_discrete_spikes(rates, model)
+    assert spikes.shape == true.shape and spikes.dtype.kind == "i" and spikes.min() >= 0
+    # measured (seeds 0-4): every cell's count within 1 of the truth (11,527 true, 11,526 inferred for
+    # seed 0); matched within +-1 frame 97.5-98.1 % of both inferred and true spikes (+-2: 98.1-98.5 %)
+    assert np.abs(spikes.sum(1) - true.sum(1)).max() <= 2
+    matched = matched_spikes(spikes, true, tolerance=1)
+    assert matched >= 0.95 * spikes.sum() and matched >= 0.95 * true.sum(), (matched, spikes.sum(), true.sum())
+
+
 def test_inferred_spikes_recover_true_spikes():
-    subject = usp.load_subject(SAMPLE / "subject_2")
+    """The whole chain on a synthetic recording with known spikes: CASCADE rates from dF/F (noise
+    level 2), then infer_discrete_spikes, against the true spikes on the frames CASCADE predicts."""
     model = usp.resolve_model("builtin")
-    dff = usp.compute_dff(subject.read_traces(), subject.frame_rate_hz)
-    rates = usp.predict_spike_rates(dff, model, threshold=0)
-    with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
-        true_spikes = truth["spike_counts"][()].astype(float)
-    valid = ~np.isnan(rates[0])
-    sigma = model.smoothing_frames
-    inferred = gaussian_filter1d(np.nan_to_num(rates), sigma, axis=1)[:, valid]
-    target = gaussian_filter1d(true_spikes, sigma, axis=1)[:, valid]
-    active = target.std(axis=1) > 0
-
-    def correlations(a, b):
-        a = a - a.mean(axis=1, keepdims=True)
-        b = b - b.mean(axis=1, keepdims=True)
-        return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
-
-    matched = np.median(correlations(inferred[active], target[active]))
-    shuffled = np.median(correlations(inferred[active], np.roll(target[active], 1, axis=0)))
-    assert matched > 0.5 and matched > shuffled + 0.3, (matched, shuffled)
-    # more active cells get more inferred spikes (absolute calibration depends on the indicator's
-    # amplitude per spike: about 2x here, 0.2-1.4x on CASCADE's real ground truth)
-    total_corr = np.corrcoef(np.nansum(rates[:, valid], 1), true_spikes[:, valid].sum(1))[0, 1]
-    assert total_corr > 0.5
+    data = sc.simulate_dataset(60, 1000, 2.0, 2.0, model.smoothing_frames / 2.0, np.random.default_rng(0))
+    rates = usp.predict_spike_rates(data["dff"], model, threshold=0)
+    predicted = ~np.isnan(rates[0])
+    assert predicted.sum() == 1000 - model.frames_before - model.frames_after
+    spikes = usp.infer_discrete_spikes(rates, model)
+    assert not spikes[:, ~predicted].any()  # no spikes where CASCADE has no rate
+    spikes, true = spikes[:, predicted], data["spike_counts"][:, predicted]
+    inferred_per_cell, true_per_cell = spikes.sum(1), true.sum(1)
+    # Measured with seed 0 (seeds 1-2 in brackets): 10,767 true spikes, 20,118 inferred: the builtin
+    # model overcounts these synthetic cells ~2x (per-cell median ratio 2.09 [1.71, 1.91]; on CASCADE's
+    # real ground truth 0.2-1.4x), so counts are checked for order and scale, not equality.
+    # Matched one to one: recall 0.862 [0.840, 0.742] within +-1 frame, precision 0.471 [0.566, 0.514]
+    # within +-2 frames (the extra spikes sit on true events, not in silence); per-cell count correlation
+    # 0.693 [0.857, 0.587].
+    recall = matched_spikes(spikes, true, tolerance=1) / true.sum()
+    precision = matched_spikes(spikes, true, tolerance=2) / spikes.sum()
+    assert recall >= 0.75 and precision >= 0.4, (recall, precision)
+    assert np.corrcoef(inferred_per_cell, true_per_cell)[0, 1] >= 0.55
+    active = true_per_cell >= 10
+    assert 1.0 <= np.median(inferred_per_cell[active] / true_per_cell[active]) <= 3.0
 
 
 def test_a_spike_mode_is_one_table_entry(monkeypatch):
