@@ -157,6 +157,14 @@ class PipelineConfig:
         "auto", "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject", TRACES, "cascade",
         choices=("auto", "fluorescence", "dff"),
     )  # fmt: skip
+    neuropil_coefficient: float | None = option(
+        None, "suite2p: traces are F - c * Fneu with this c (default: the recording's neucoeff, else 0.7)", TRACES,
+        "cascade", type=float, metavar="C",
+    )  # fmt: skip
+    iscell_threshold: float | None = option(
+        None, "suite2p: cells are the ROIs whose classifier probability (iscell.npy column 2) is at least P "
+        "(default: suite2p's own choice, iscell.npy column 1)", TRACES, "cascade", type=float, metavar="P",
+    )  # fmt: skip
     baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade")
     baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade")
     spike_mode: str = option("sample", _spike_mode_help, GRID, "cascade", choices=lambda: tuple(SPIKE_MODES))
@@ -182,6 +190,10 @@ class PipelineConfig:
             "--max_rate_mismatch >= 0": self.max_rate_mismatch < 0,
             "--baseline_percentile must be in [0, 100]": not 0 <= self.baseline_percentile <= 100,
             "--baseline_window_s must be positive": self.baseline_window_s <= 0,
+            "--neuropil_coefficient must be >= 0": self.neuropil_coefficient is not None
+            and self.neuropil_coefficient < 0,
+            "--iscell_threshold must be in [0, 1]": self.iscell_threshold is not None
+            and not 0 <= self.iscell_threshold <= 1,
             f"--cascade_threshold must be one of {', '.join(CASCADE_THRESHOLDS)}": (
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
@@ -234,34 +246,14 @@ FRAME_RATE_RANGE_HZ = (0.01, 1000.0)  # outside: not a volume rate in Hz (a peri
 SHARED_POSITION_FRACTION = 0.01  # more cells than this sharing one x, y, z is a doubt
 
 
-@dataclass(frozen=True)
-class TraceFile:
-    """Where a subject's traces live: an HDF5 dataset with cells on rows (N, T) or columns (T, N)."""
-
-    path: str
-    dataset: str
-    cells_on_columns: bool  # Chen's CellResp is (T, N)
-    num_cells: int
-    num_frames: int
+class BlockReads:
+    """What every trace source offers on top of its read_raw(start, stop): infinite values made NaN, and
+    chosen cells read a block at a time."""
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Traces of cells [start, stop) as (cells, T) float32; infinite values become NaN."""
         traces = self.read_raw(start, stop)
         mark_infinite_as_missing(traces)
-        return traces
-
-    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Traces of cells [start, stop) as stored, as (cells, T) float32."""
-        stop = self.num_cells if stop is None else min(stop, self.num_cells)
-        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
-        try:
-            with h5py.File(self.path, "r") as h5:
-                for first in range(start, stop, TRACE_READ_CELLS):
-                    last = min(first + TRACE_READ_CELLS, stop)
-                    block = h5[self.dataset][:, first:last].T if self.cells_on_columns else h5[self.dataset][first:last]
-                    traces[first - start : last - start] = block
-        except OSError as exc:  # e.g. a damaged compressed chunk
-            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
         return traces
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -273,6 +265,80 @@ class TraceFile:
             wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
             parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+
+@dataclass(frozen=True)
+class TraceFile(BlockReads):
+    """Where a subject's traces live: an HDF5 dataset with cells on rows (N, T) or columns (T, N); ``rows``
+    (ascending) picks the stored rows that are cells (CaImAn's accepted components), None: all of them."""
+
+    path: str
+    dataset: str
+    cells_on_columns: bool  # Chen's CellResp is (T, N)
+    num_cells: int
+    num_frames: int
+    rows: np.ndarray | None = None
+
+    def _stored(self, h5, first: int, last: int) -> np.ndarray:
+        data = h5[self.dataset]
+        return data[:, first:last].T if self.cells_on_columns else data[first:last]
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Traces of cells [start, stop) as stored, as (cells, T) float32."""
+        stop = self.num_cells if stop is None else min(stop, self.num_cells)
+        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
+        try:
+            with h5py.File(self.path, "r") as h5:
+                for first in range(start, stop, TRACE_READ_CELLS):
+                    last = min(first + TRACE_READ_CELLS, stop)
+                    if self.rows is None:
+                        block = self._stored(h5, first, last)
+                    else:  # the span of stored rows, then the cells among them
+                        chosen = self.rows[first:last]
+                        block = self._stored(h5, int(chosen[0]), int(chosen[-1]) + 1)[chosen - chosen[0]]
+                    traces[first - start : last - start] = block
+        except OSError as exc:  # e.g. a damaged compressed chunk
+            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
+        return traces
+
+
+@dataclass(frozen=True)
+class Suite2pTraces(BlockReads):
+    """suite2p's accepted ROIs of every plane as one recording: F - c * Fneu, read from the planes'
+    memory-mapped F.npy and Fneu.npy a block of cells at a time (planes in order, ROIs ascending)."""
+
+    path: str  # the folder holding the plane folders (messages)
+    planes: tuple  # plane folders (str), in plane order
+    rows: tuple  # per plane, its accepted ROIs (ascending int64 arrays)
+    coefficients: tuple  # per plane, the neuropil coefficient c
+    num_frames: int
+    dataset: str = "F.npy - c * Fneu.npy"
+
+    @property
+    def num_cells(self) -> int:
+        return sum(len(rows) for rows in self.rows)
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """F - c * Fneu of cells [start, stop) as (cells, T) float32."""
+        stop = self.num_cells if stop is None else min(stop, self.num_cells)
+        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
+        first = 0
+        for plane, rows, coefficient in zip(self.planes, self.rows, self.coefficients):
+            low, high, first = max(start, first), min(stop, first + len(rows)), first + len(rows)
+            if low < high:
+                chosen = rows[low - (first - len(rows)) : high - (first - len(rows))]
+                span = slice(int(chosen[0]), int(chosen[-1]) + 1)
+                try:
+                    f, fneu = (np.load(Path(plane) / name, mmap_mode="r")[span, : self.num_frames][chosen - chosen[0]]
+                               for name in ("F.npy", "Fneu.npy"))  # fmt: skip
+                except (OSError, ValueError) as exc:
+                    raise PipelineError(
+                        f"cannot read {plane}: F.npy, Fneu.npy ({exc}): the files are damaged"
+                    ) from None
+                traces[low - start : high - start] = f.astype(np.float32) - np.float32(coefficient) * fneu.astype(
+                    np.float32
+                )
+        return traces
 
 
 def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
@@ -287,6 +353,10 @@ class LoadOptions:
     """What loading a subject takes from the command line (fields named after the options)."""
 
     coordinates: str = "raw"  # 'raw' or 'registered' (layouts that have no registered positions refuse it)
+    neuropil_coefficient: float | None = None  # suite2p: c in F - c * Fneu (None: the recording's neucoeff, else 0.7)
+    iscell_threshold: float | None = (
+        None  # suite2p: cells are ROIs of classifier probability >= this (None: iscell[:, 0])
+    )
 
 
 @dataclass
@@ -305,6 +375,7 @@ class SubjectData:
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
+    trace_type_reason: str = ""  # set where the layout itself says what its traces are (trace_type_hint)
 
     @property
     def num_cells(self) -> int:
@@ -624,6 +695,142 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     return subject
 
 
+def _with_doubts(subject: SubjectData, doubts: list) -> SubjectData:
+    for message in doubts:
+        subject.warn(message.replace(f"{subject.folder}{os.sep}", ""))  # the subject's name says where
+    return subject
+
+
+# --- suite2p: plane folders suite2p/plane<k>/ (or plane<k>/ directly); never combined/, whose positions are
+# shifted by the GUI's tiling and whose planes are zero-padded
+SUITE2P_NEUROPIL_COEFFICIENT = 0.7  # suite2p's own default c, for recordings that do not record theirs
+_PLANE_RE = re.compile(r"plane(\d+)")
+
+
+def _suite2p_planes(folder: Path) -> tuple:
+    """The folder holding the plane folders, and (index, plane folder) of each plane<k>, in plane order."""
+    root = folder / "suite2p" if (folder / "suite2p").is_dir() else folder
+    planes = []
+    with contextlib.suppress(OSError):
+        planes = [(int(m[1]), p) for p in root.iterdir() if (m := _PLANE_RE.fullmatch(p.name)) and p.is_dir()]
+    return root, sorted(planes)
+
+
+def _load_npy(path: Path, what: str, mmap: bool = False):
+    """An .npy file as suite2p writes it (stat, ops, settings and db are pickled objects)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} is {'a folder' if path.is_dir() else 'missing'} ({what})")
+    try:
+        value = np.load(path, mmap_mode="r") if mmap else np.load(path, allow_pickle=True)
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} ({exc}): expected the .npy file suite2p writes") from None
+    return value.item() if value.dtype == object and value.ndim == 0 else value
+
+
+def _suite2p_settings(plane: Path) -> tuple:
+    """(fs, neucoeff or None, the file they are from): ops.npy (suite2p <= 0.14) or settings.npy + db.npy (1.x)."""
+    names = ("ops.npy",) if (plane / "ops.npy").exists() else ("settings.npy", "db.npy")
+    if not (plane / names[0]).exists():
+        raise PipelineError(
+            f"{plane} has neither ops.npy (suite2p <= 0.14) nor settings.npy (suite2p 1.x): its frame rate is unknown"
+        )
+    found = [_load_npy(plane / name, "suite2p's settings") if (plane / name).exists() else {} for name in names]
+    for name, value in zip(names, found):
+        if not isinstance(value, dict):
+            raise PipelineError(f"{plane / name} holds {_describe(np.asarray(value))}, expected suite2p's dict")
+    if names[0] == "ops.npy":
+        return found[0].get("fs"), found[0].get("neucoeff"), plane / "ops.npy"
+    settings, db = found
+    extraction = settings.get("extraction") if isinstance(settings.get("extraction"), dict) else {}
+    where = plane / ("settings.npy" if "fs" in settings or "fs" not in db else "db.npy")
+    return settings.get("fs", db.get("fs")), extraction.get("neuropil_coefficient"), where
+
+
+def _suite2p_plane(index: int, plane: Path, options: LoadOptions, doubts: list) -> tuple:
+    """One plane: its accepted ROIs, their [x, y, z] (x = med[0], y = med[1], z = the plane index), its frames,
+    frame rate and neuropil coefficient."""
+    shapes = {}
+    for name in ("F.npy", "Fneu.npy"):
+        array = _load_npy(plane / name, "suite2p's fluorescence traces", mmap=True)
+        if array.ndim != 2 or array.dtype.kind not in "fiu":
+            raise PipelineError(f"{plane / name} holds {array.dtype} of shape {array.shape}, expected (ROIs, frames)")
+        shapes[name] = array.shape
+    if shapes["F.npy"] != shapes["Fneu.npy"]:
+        raise PipelineError(f"{plane}: F.npy {shapes['F.npy']} and Fneu.npy {shapes['Fneu.npy']} differ in shape")
+    num_rois, num_frames = shapes["F.npy"]
+    where = plane / "iscell.npy"
+    iscell = _numbers(_load_npy(where, "which ROIs are cells"), str(where), "numbers (ROIs x 2)")
+    if iscell.ndim != 2 or iscell.shape[0] != num_rois or iscell.shape[1] < 2:
+        raise PipelineError(f"{where} has shape {iscell.shape}, expected ({num_rois}, 2): F.npy has {num_rois} ROIs")
+    threshold = options.iscell_threshold
+    rows = np.flatnonzero(iscell[:, 0] > 0.5 if threshold is None else iscell[:, 1] >= threshold)
+    stat = _load_npy(plane / "stat.npy", "the ROIs' positions")
+    if np.ndim(stat) != 1 or len(stat) != num_rois:
+        raise PipelineError(
+            f"{plane / 'stat.npy'} holds {np.shape(stat)} entries, expected one dict per ROI ({num_rois})"
+        )
+    try:
+        centres = np.array([np.asarray(stat[row]["med"], dtype=float)[:2] for row in rows]).reshape(-1, 2)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise PipelineError(
+            f"{plane / 'stat.npy'}: an ROI has no 'med' (its y, x centre), expected suite2p's stat"
+        ) from None
+    fs, neucoeff, settings_path = _suite2p_settings(plane)
+    if fs is None:
+        raise PipelineError(f"{settings_path} has no fs (the frame rate per plane, which is the volume rate)")
+    rate = _frame_rate(fs, f"{settings_path}: fs", doubts)
+    coefficient = options.neuropil_coefficient
+    if coefficient is None:
+        coefficient = SUITE2P_NEUROPIL_COEFFICIENT if neucoeff is None else float(neucoeff)
+    return rows, np.c_[centres, np.full(len(rows), float(index))], num_frames, rate, coefficient
+
+
+def load_suite2p_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """suite2p's plane folders: every plane's accepted ROIs, traces F - c * Fneu (raw fluorescence)."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    root, planes = _suite2p_planes(folder)
+    if not planes:
+        raise PipelineError(f"{root} has no plane<k> folders (suite2p writes suite2p/plane0, plane1, ...)")
+    doubts: list = []
+    rows, positions, frames, rates, coefficients = zip(*(_suite2p_plane(k, p, options, doubts) for k, p in planes))
+    if len(set(rates)) > 1:
+        raise PipelineError(
+            f"{root}: the planes' fs differ ({', '.join(f'{r:g}' for r in rates)} Hz), expected one volume rate"
+        )
+    if len(set(frames)) > 1:
+        doubts.append(
+            f"{root}: the planes have {min(frames)} to {max(frames)} frames: the first {min(frames)} of each are used"
+        )
+    if not sum(map(len, rows)):
+        chosen = (
+            "iscell.npy column 1"
+            if options.iscell_threshold is None
+            else f"--iscell_threshold {options.iscell_threshold:g}"
+        )
+        raise PipelineError(
+            f"{root}: no ROI of {len(planes)} plane(s) is a cell by {chosen}: lower --iscell_threshold P"
+        )
+    positions = np.concatenate(positions)
+    _check_positions(positions, f"{root}: stat.npy med", doubts)
+    traces = Suite2pTraces(str(root), tuple(str(p) for _, p in planes), rows, coefficients, min(frames))
+    files = ("F.npy", "Fneu.npy", "iscell.npy", "stat.npy", "ops.npy", "settings.npy", "db.npy")
+    sources = tuple(str(p / name) for _, p in planes for name in files if (p / name).is_file())
+    c_values = ", ".join(f"{c:g}" for c in dict.fromkeys(coefficients))
+    subject = SubjectData(
+        folder.name, str(folder), traces, positions, rates[0], np.arange(traces.num_cells), "suite2p",
+        "fluorescence", sources, trace_type_reason=f"suite2p's F - c * Fneu (c = {c_values}) is raw fluorescence",
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _suite2p_size(folder: Path) -> int:
+    sizes = (np.load(p / "F.npy", mmap_mode="r").size for _, p in _suite2p_planes(folder)[1] if (p / "F.npy").is_file())
+    with contextlib.suppress(Exception):
+        return int(sum(sizes))
+    return 0
+
+
 def _dataset_size(path: Path, dataset: str) -> int:
     """Elements of an HDF5 dataset (cells x frames), read from its header; 0 when unreadable."""
     with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
@@ -653,6 +860,11 @@ INPUT_LAYOUTS = (  # the first that a folder holds is used
         "generic", "traces.h5 (traces (N, T), positions (N, 3), attribute frame_rate_hz)",
         lambda names: "traces.h5" in names, load_generic_subject,
         lambda folder: _dataset_size(folder / "traces.h5", "traces"),
+    ),
+    InputLayout(
+        "suite2p", "suite2p/plane<k>/ or plane<k>/ (F.npy, Fneu.npy, iscell.npy, stat.npy, ops.npy or settings.npy)",
+        lambda names: "suite2p" in names or any(_PLANE_RE.fullmatch(name) for name in names), load_suite2p_subject,
+        _suite2p_size,
     ),
 )  # fmt: skip
 
@@ -2317,9 +2529,20 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     return {**totals, "sparsity_percent": 100.0 * num_entries / max(num_voxels, 1), **dataclasses.asdict(counts)}
 
 
+def input_keys(paths) -> list:
+    """Each input file's key in a fingerprint: its name, or <folder>/<name> where names repeat (suite2p's planes)."""
+    names = [Path(p).name for p in paths]
+    repeated = {name for name in names if names.count(name) > 1}
+    return [f"{Path(p).parent.name}/{name}" if name in repeated else name for p, name in zip(paths, names)]
+
+
 def input_signature(paths) -> dict:
-    """{file name: [size, modification time in ns]} of the input files that exist."""
-    return {Path(p).name: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if os.path.exists(p)}
+    """{file key: [size, modification time in ns]} of the input files that exist."""
+    return {
+        key: [os.stat(p).st_size, os.stat(p).st_mtime_ns]
+        for key, p in zip(input_keys(paths), paths)
+        if os.path.exists(p)
+    }
 
 
 def changed_params(old: dict, params: dict) -> list:
@@ -2982,6 +3205,8 @@ def subject_trace_type(subject: SubjectData, trace_type_option: str) -> TraceTyp
     """--trace_type, or decided from a sample of up to 2,000 cells spread over the subject."""
     if trace_type_option != "auto":
         return TraceType(trace_type_option, "set by --trace_type")
+    if subject.trace_type_reason:  # the layout says (suite2p's F, CaImAn's F_dff, NWB's DfOverF or Fluorescence)
+        return TraceType(subject.trace_type_hint, subject.trace_type_reason)
     sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
     return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
 
@@ -3429,7 +3654,7 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
         return f"made by version {fingerprint.get('software_version')}"
     sources = [s for part in np.atleast_1d(metadata.get("source_files", [])) for s in str(part).split(",") if s]
     now = input_signature(sources)
-    changed = [Path(s).name for s in sources if now.get(Path(s).name) != fingerprint["inputs"].get(Path(s).name)]
+    changed = [key for key in input_keys(sources) if now.get(key) != fingerprint["inputs"].get(key)]
     return f"input {', '.join(changed)} changed or missing since" if changed else None
 
 

@@ -1,0 +1,129 @@
+"""Other labs' layouts (suite2p plane folders, CaImAn HDF5, NWB): read as the generic layout reads the same
+traces. Fixtures write each file the way its tool does (suite2p's np.save of arrays and pickled dicts,
+CaImAn's cnm.save groups with A as a CSC data/indices/indptr/shape group, NWB through pynwb)."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli
+
+import unified_spike_processing_coo as usp
+
+RATE_HZ = 2.0
+PLANES = 3  # suite2p planes; CELLS_PER_PLANE accepted ROIs each, and REJECTED rejected ones between them
+CELLS_PER_PLANE = 16
+REJECTED = 4
+CELLS = PLANES * CELLS_PER_PLANE
+
+
+def sample_fluorescence(cells: int = CELLS) -> np.ndarray:
+    """(cells, 360) raw fluorescence of the sample fish, 2 Hz."""
+    with h5py.File(SAMPLE_DIR / "subject_2" / "TimeSeries.h5", "r") as h5:
+        return h5["CellResp"][:, :cells].T.astype(np.float32)
+
+
+def grid_positions(cells: int = CELLS) -> np.ndarray:
+    """[x, y, z] of each cell: x, y on a grid of whole pixels, z the plane (CELLS_PER_PLANE cells a plane)."""
+    index = np.arange(cells)
+    return np.c_[10 + 3 * (index % 7), 5 + 4 * (index // 7 % 9), index // CELLS_PER_PLANE].astype(float)
+
+
+def write_generic(folder, traces, positions, trace_type=None):
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "traces.h5", "w") as h5:
+        h5["traces"], h5["positions"] = traces, positions
+        h5.attrs["frame_rate_hz"] = RATE_HZ
+        if trace_type:
+            h5.attrs["trace_type"] = trace_type
+
+
+# --- suite2p ---------------------------------------------------------------------------------------------
+
+
+def _square(centre_y, centre_x):
+    ypix, xpix = np.meshgrid(np.arange(centre_y - 1, centre_y + 2), np.arange(centre_x - 1, centre_x + 2))
+    return ypix.ravel().astype(np.int32), xpix.ravel().astype(np.int32)
+
+
+def write_suite2p(folder, fluorescence, positions, generation="ops", neucoeff=0.7, direct=False):
+    """suite2p's output: plane<k>/ with F, Fneu (ROIs x T float32), iscell (ROIs x 2), stat (object array of
+    dicts), and ops.npy (<= 0.14) or settings.npy + db.npy (1.x); rejected ROIs are interleaved with the cells.
+    Returns the traces the pipeline must read: F - c * Fneu in float32 of the accepted ROIs."""
+    rng = np.random.default_rng(5)
+    root = folder if direct else folder / "suite2p"
+    expected = []
+    for plane in range(PLANES):
+        cells = slice(plane * CELLS_PER_PLANE, (plane + 1) * CELLS_PER_PLANE)
+        accepted = np.r_[np.ones(CELLS_PER_PLANE), np.zeros(REJECTED)].astype(bool)
+        order = rng.permutation(len(accepted))  # rejected ROIs between the cells
+        accepted = accepted[order]
+        rois = len(accepted)
+        neuropil = rng.uniform(20, 40, (rois, fluorescence.shape[1])).astype(np.float32)
+        f_raw = np.empty_like(neuropil)
+        f_raw[accepted] = fluorescence[cells] + np.float32(neucoeff) * neuropil[accepted]
+        f_raw[~accepted] = rng.uniform(50, 60, (REJECTED, fluorescence.shape[1]))
+        centres = np.zeros((rois, 2))
+        centres[accepted] = positions[cells, :2]
+        centres[~accepted] = rng.uniform(0, 60, (REJECTED, 2)).round()
+        stat = []
+        for y, x in centres.astype(int):
+            ypix, xpix = _square(y, x)
+            stat.append({"ypix": ypix, "xpix": xpix, "lam": np.full(9, 1 / 9, np.float32), "med": [y, x], "npix": 9})
+        probability = np.where(accepted, rng.uniform(0.6, 1.0, rois), rng.uniform(0.0, 0.4, rois))
+        out = root / f"plane{plane}"
+        out.mkdir(parents=True)
+        np.save(out / "F.npy", f_raw)
+        np.save(out / "Fneu.npy", neuropil)
+        np.save(out / "spks.npy", np.zeros_like(f_raw))
+        np.save(out / "iscell.npy", np.c_[accepted.astype(float), probability])
+        np.save(out / "stat.npy", np.array(stat, dtype=object))
+        ops = {"fs": RATE_HZ, "nplanes": PLANES, "Ly": 64, "Lx": 64, "tau": 1.0}
+        if generation == "ops":
+            np.save(out / "ops.npy", {**ops, "neucoeff": neucoeff})
+        else:  # suite2p 1.x: run settings and the recording's db
+            settings = {"fs": RATE_HZ, "tau": 1.0, "extraction": {"neuropil_coefficient": neucoeff, "batch_size": 500}}
+            np.save(out / "settings.npy", settings)
+            np.save(out / "db.npy", {"nplanes": PLANES, "nchannels": 1, "data_path": ["/raw"]})
+        expected.append(f_raw[accepted] - np.float32(neucoeff) * neuropil[accepted])
+    (root / "combined").mkdir()  # suite2p's tiled view of all planes: never read
+    np.save(root / "combined" / "F.npy", np.zeros((3, 3), np.float32))
+    return np.concatenate(expected)
+
+
+def test_suite2p_planes_both_generations(tmp_path):
+    fluorescence, positions = sample_fluorescence(), grid_positions()
+    for generation, direct in (("ops", False), ("settings", True)):
+        folder = tmp_path / generation
+        expected = write_suite2p(folder, fluorescence, positions, generation, direct=direct)
+        subject = usp.load_subject(folder)
+        assert (subject.layout, subject.num_cells, subject.num_frames) == ("suite2p", CELLS, 360)
+        assert subject.frame_rate_hz == RATE_HZ and not subject.warnings
+        np.testing.assert_array_equal(subject.positions, positions)  # x = med[0], y = med[1], z = plane
+        np.testing.assert_array_equal(subject.read_traces(), expected)
+        np.testing.assert_array_equal(subject.trace_file.read_rows(np.array([0, 17, 40])), expected[[0, 17, 40]])
+        assert usp.subject_trace_type(subject, "auto").kind == "fluorescence"
+        assert usp.subject_size(folder) == PLANES * (CELLS_PER_PLANE + REJECTED) * 360
+
+
+def test_suite2p_options_and_refusals(tmp_path):
+    fluorescence, positions = sample_fluorescence(), grid_positions()
+    folder = tmp_path / "fish"
+    write_suite2p(folder, fluorescence, positions, neucoeff=0.5)
+    by_probability = usp.load_subject(folder, usp.LoadOptions(iscell_threshold=0.0))
+    assert by_probability.num_cells == PLANES * (CELLS_PER_PLANE + REJECTED)  # every ROI
+    corrected = usp.load_subject(folder, usp.LoadOptions(neuropil_coefficient=0.0))
+    plane0 = folder / "suite2p" / "plane0"
+    accepted = np.load(plane0 / "iscell.npy")[:, 0] > 0
+    np.testing.assert_array_equal(corrected.read_traces(0, CELLS_PER_PLANE), np.load(plane0 / "F.npy")[accepted])
+    with pytest.raises(usp.PipelineError, match="no ROI of 3 plane"):
+        usp.load_subject(folder, usp.LoadOptions(iscell_threshold=1.0))
+    iscell = np.load(plane0 / "iscell.npy")
+    np.save(plane0 / "iscell.npy", np.ones((5, 2)))
+    with pytest.raises(usp.PipelineError, match=r"iscell.npy has shape \(5, 2\), expected \(20, 2\)"):
+        usp.load_subject(folder)
+    np.save(plane0 / "iscell.npy", iscell)
+    (plane0 / "ops.npy").unlink()
+    with pytest.raises(usp.PipelineError, match="neither ops.npy .* nor settings.npy"):
+        usp.load_subject(folder)
