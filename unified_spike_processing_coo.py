@@ -831,6 +831,103 @@ def _suite2p_size(folder: Path) -> int:
     return 0
 
 
+# --- CaImAn: the .hdf5 file cnm.save() writes (groups estimates/ and params/; None stored as the text 'NoneType')
+
+
+def _the_file(folder: Path, suffix: str, tool: str) -> Path:
+    """The one file of a suffix in a subject folder (several: which is the subject's is unknown)."""
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4])
+        raise PipelineError(f"{folder} holds {len(found)} {tool} files ({names}): expected one per subject folder")
+    return found[0]
+
+
+def _caiman_dataset(h5, key: str, path: Path):
+    """A dataset of a CaImAn file, or None where it is absent or saved as None ('NoneType')."""
+    item = h5.get(key)
+    if item is None or not isinstance(item, h5py.Dataset):
+        return None
+    try:
+        value = item[()]
+    except Exception as exc:
+        raise PipelineError(f"{path}: cannot read {key} ({exc})") from None
+    return None if _as_text(value) == "NoneType" else value
+
+
+def _caiman_centres(h5, path: Path, dims: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """[x, y, z] centres of mass of the chosen columns of estimates/A (pixels x components, CSC, pixels in
+    Fortran order over dims; 2-D dims give z = 0)."""
+    group = h5.get("estimates/A")
+    if not isinstance(group, h5py.Group) or not {"data", "indices", "indptr", "shape"} <= set(group):
+        raise PipelineError(
+            f"{path}: estimates/A is not the sparse matrix cnm.save writes (data, indices, indptr, shape)"
+        )
+    data, indices, indptr = (np.asarray(group[key][()]) for key in ("data", "indices", "indptr"))
+    num_pixels, num_components = (int(v) for v in group["shape"][()])
+    if num_pixels != int(np.prod(dims)) or len(indptr) != num_components + 1:
+        raise PipelineError(
+            f"{path}: estimates/A is {num_pixels} x {num_components}, expected pixels of params/data/dims {tuple(dims)} x components"
+        )
+    column = np.repeat(np.arange(num_components), np.diff(indptr))
+    coords = np.unravel_index(indices, tuple(int(d) for d in dims), order="F")
+    weight = np.bincount(column, weights=data, minlength=num_components)
+    with np.errstate(all="ignore"):
+        centres = [np.bincount(column, weights=data * c, minlength=num_components) / weight for c in coords]
+    centres += [np.zeros(num_components)] * (3 - len(centres))
+    return np.c_[tuple(centres)][components]
+
+
+def load_caiman_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """CaImAn's results: estimates/F_dff (dF/F) of the accepted components, centres of estimates/A, params/data/fr."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    path = _the_file(folder, ".hdf5", "CaImAn")
+    _check_file(path, "an HDF5", "CaImAn's cnm.save('....hdf5')")
+    with h5py.File(path, "r") as h5:
+        f_dff = h5.get("estimates/F_dff")
+        if not isinstance(f_dff, h5py.Dataset) or f_dff.dtype.kind not in "fiu":  # None is saved as 'NoneType'
+            raise PipelineError(
+                f"{path} has no estimates/F_dff (dF/F; estimates/C is denoised, not for CASCADE): run "
+                "cnm.estimates.detrend_df_f(...) then cnm.save(...) again"
+            )
+        fr, dims = (_caiman_dataset(h5, f"params/data/{key}", path) for key in ("fr", "dims"))
+        accepted = _caiman_dataset(h5, "estimates/idx_components", path)
+        shape = f_dff.shape
+        if len(shape) != 2:
+            raise PipelineError(f"{path}: estimates/F_dff has shape {shape}, expected (components, frames)")
+        if dims is None or np.size(dims) not in (2, 3):
+            raise PipelineError(f"{path}: params/data/dims is {dims!r}, expected the field of view (2 or 3 sizes)")
+        rows = (
+            np.arange(shape[0]) if accepted is None else _whole_numbers(accepted, f"{path}: estimates/idx_components")
+        )
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0] or len(np.unique(rows)) < len(rows)):
+            raise PipelineError(
+                f"{path}: estimates/idx_components holds {_describe(rows)}, expected distinct 0-based components below {shape[0]}"
+            )
+        rows = np.sort(rows)
+        positions = _caiman_centres(h5, path, np.asarray(dims).ravel(), rows)
+    if fr is None:
+        raise PipelineError(f"{path} has no params/data/fr (the frame rate)")
+    doubts: list = []
+    rate = _frame_rate(fr, f"{path}: params/data/fr", doubts)
+    _check_positions(positions, f"{path}: centres of estimates/A", doubts)
+    trace_file = TraceFile(
+        str(path), "estimates/F_dff", False, len(rows), int(shape[1]), None if accepted is None else rows
+    )
+    subject = SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(len(rows)), "caiman", "dff", (str(path),),
+        trace_type_reason="CaImAn's estimates/F_dff is dF/F",
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _caiman_size(folder: Path) -> int:
+    with contextlib.suppress(Exception):
+        return _dataset_size(_the_file(folder, ".hdf5", "CaImAn"), "estimates/F_dff")
+    return 0
+
+
 def _dataset_size(path: Path, dataset: str) -> int:
     """Elements of an HDF5 dataset (cells x frames), read from its header; 0 when unreadable."""
     with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
@@ -865,6 +962,10 @@ INPUT_LAYOUTS = (  # the first that a folder holds is used
         "suite2p", "suite2p/plane<k>/ or plane<k>/ (F.npy, Fneu.npy, iscell.npy, stat.npy, ops.npy or settings.npy)",
         lambda names: "suite2p" in names or any(_PLANE_RE.fullmatch(name) for name in names), load_suite2p_subject,
         _suite2p_size,
+    ),
+    InputLayout(
+        "caiman", "<name>.hdf5 of CaImAn's cnm.save (estimates/F_dff, estimates/A, estimates/idx_components, params/data)",
+        lambda names: any(name.endswith(".hdf5") for name in names), load_caiman_subject, _caiman_size,
     ),
 )  # fmt: skip
 

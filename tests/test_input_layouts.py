@@ -2,8 +2,6 @@
 traces. Fixtures write each file the way its tool does (suite2p's np.save of arrays and pickled dicts,
 CaImAn's cnm.save groups with A as a CSC data/indices/indptr/shape group, NWB through pynwb)."""
 
-import shutil
-
 import h5py
 import numpy as np
 import pytest
@@ -126,4 +124,65 @@ def test_suite2p_options_and_refusals(tmp_path):
     np.save(plane0 / "iscell.npy", iscell)
     (plane0 / "ops.npy").unlink()
     with pytest.raises(usp.PipelineError, match="neither ops.npy .* nor settings.npy"):
+        usp.load_subject(folder)
+
+
+# --- CaImAn ----------------------------------------------------------------------------------------------
+
+
+def write_caiman(path, dff, positions, dims=(64, 64, PLANES), accepted_listed=True, with_dff=True):
+    """cnm.save(path) of a CNMF whose accepted components are ``dff``'s rows (REJECTED rejected ones between
+    them): estimates/ and params/ groups, A as the CSC group (data, indices, indptr, shape) over pixels in
+    Fortran order, None saved as the text 'NoneType'. Returns the accepted components' indices."""
+    rng = np.random.default_rng(3)
+    cells, frames = dff.shape
+    components = cells + REJECTED
+    accepted = np.sort(rng.choice(components, cells, replace=False))
+    columns = []
+    f_dff = rng.normal(0, 0.02, (components, frames))
+    f_dff[accepted] = dff
+    centres = rng.uniform(3, 50, (components, 3)).round()
+    centres[:, 2] = centres[:, 2] % dims[2] if len(dims) == 3 else 0
+    centres[accepted] = positions
+    for centre in centres.astype(int):  # a 3 x 3 square of equal weights in its plane: centre of mass = centre
+        ys, xs = _square(centre[0], centre[1])
+        index = ys + dims[0] * xs + (dims[0] * dims[1] * centre[2] if len(dims) == 3 else 0)  # Fortran order
+        columns.append(np.sort(index))
+    import scipy.sparse
+
+    data = np.concatenate([np.full(len(c), 0.3) for c in columns])
+    indptr = np.r_[0, np.cumsum([len(c) for c in columns])]
+    a = scipy.sparse.csc_matrix((data, np.concatenate(columns), indptr), shape=(int(np.prod(dims)), components))
+    with h5py.File(path, "w") as h5:
+        for key in ("data", "indices", "indptr", "shape"):
+            h5[f"estimates/A/{key}"] = np.asarray(getattr(a.tocsc(), key))
+        h5["estimates/C"] = rng.normal(0, 1, (components, frames))
+        h5["estimates/F_dff"] = f_dff if with_dff else "NoneType"
+        h5["estimates/idx_components"] = accepted if accepted_listed else "NoneType"
+        h5["estimates/idx_components_bad"] = np.setdiff1d(np.arange(components), accepted)
+        h5["params/data/fr"] = RATE_HZ
+        h5["params/data/dims"] = np.array(dims)
+        h5["params/data/fnames"] = np.array([b"/raw/movie.tif"])
+        h5["dview"] = "NoneType"
+    return accepted
+
+
+def test_caiman_accepted_components_and_centres(tmp_path):
+    dff = (sample_fluorescence() / 200.0 - 1).astype(np.float64)
+    positions = grid_positions()
+    folder = tmp_path / "fish"
+    folder.mkdir()
+    accepted = write_caiman(folder / "results.hdf5", dff, positions)
+    subject = usp.load_subject(folder)
+    assert (subject.layout, subject.num_cells, subject.num_frames, subject.frame_rate_hz) == ("caiman", CELLS, 360, 2.0)
+    np.testing.assert_allclose(subject.positions, positions)
+    np.testing.assert_array_equal(subject.read_traces(), dff.astype(np.float32))
+    np.testing.assert_array_equal(subject.trace_file.read_rows(np.array([1, 30])), dff[[1, 30]].astype(np.float32))
+    assert usp.subject_trace_type(subject, "auto").kind == "dff"
+    assert len(accepted) == CELLS
+    write_caiman(folder / "results.hdf5", dff, positions, dims=(64, 64), accepted_listed=False)
+    every = usp.load_subject(folder)  # no idx_components: every component; 2-D dims: z = 0
+    assert every.num_cells == CELLS + REJECTED and not every.positions[:, 2].any()
+    write_caiman(folder / "results.hdf5", dff, positions, with_dff=False)
+    with pytest.raises(usp.PipelineError, match=r"no estimates/F_dff .* cnm.estimates.detrend_df_f"):
         usp.load_subject(folder)
