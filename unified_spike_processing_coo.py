@@ -928,6 +928,141 @@ def _caiman_size(folder: Path) -> int:
     return 0
 
 
+# --- NWB (read with pynwb): processing/ophys's DfOverF (preferred) or Fluorescence, found by type, not by name
+
+NWB_REGULAR_INTERVAL_FRACTION = 0.01  # timestamps whose intervals stray further from their median are irregular
+
+
+def _nwb_series(ophys, path: Path) -> tuple:
+    """The one RoiResponseSeries of DfOverF (else of Fluorescence), and the trace type it holds."""
+    from pynwb.ophys import DfOverF, Fluorescence
+
+    for kind, trace_type in ((DfOverF, "dff"), (Fluorescence, "fluorescence")):
+        containers = [c for c in ophys.data_interfaces.values() if isinstance(c, kind)]
+        series = [(c.name, s) for c in containers for s in c.roi_response_series.values()]
+        if len(series) > 1:
+            names = ", ".join(f"{c}/{s.name}" for c, s in series[:4])
+            raise PipelineError(
+                f"{path}: processing/ophys holds {len(series)} {kind.__name__} series ({names}), expected one"
+            )
+        if series:
+            return series[0][0], series[0][1], trace_type
+    found = ", ".join(ophys.data_interfaces) or "nothing"
+    raise PipelineError(f"{path}: processing/ophys holds no DfOverF or Fluorescence series (found: {found})")
+
+
+def _nwb_centres(table, path: Path) -> np.ndarray:
+    """Each ROI's weighted centre [x, y, z] from the plane segmentation's voxel, pixel or image masks (z = 0
+    unless voxel masks give it)."""
+    columns = set(table.colnames)
+    if columns & {"voxel_mask", "pixel_mask"}:
+        index = table["voxel_mask" if "voxel_mask" in columns else "pixel_mask"]
+        ends, entries = np.asarray(index.data[:], dtype=np.int64), np.asarray(index.target.data[:])
+        roi = np.repeat(np.arange(len(ends)), np.diff(np.r_[0, ends]))
+        axes = [entries[name].astype(float) for name in ("x", "y", "z") if name in entries.dtype.names]
+        weight = entries["weight"].astype(float)
+        total = np.bincount(roi, weights=weight, minlength=len(ends))
+        with np.errstate(all="ignore"):
+            centres = [np.bincount(roi, weights=weight * a, minlength=len(ends)) / total for a in axes]
+    elif "image_mask" in columns:
+        masks, centres = table["image_mask"].data, []
+        for first in range(0, len(masks), 256):  # a block of ROIs at a time: masks are whole images
+            block = np.asarray(masks[first : first + 256], dtype=float)
+            total = block.reshape(len(block), -1).sum(axis=1)
+            sums = [np.tensordot(block.sum(axis=tuple(a for a in range(1, block.ndim) if a != axis)), np.arange(block.shape[axis]), 1) for axis in range(1, block.ndim)]  # fmt: skip
+            with np.errstate(all="ignore"):
+                centres.append(np.c_[tuple(s / total for s in sums)])
+        centres = list(np.concatenate(centres).T) if centres else [np.zeros(0)] * 2
+    else:
+        raise PipelineError(f"{path}: plane segmentation {table.name} has no voxel_mask, pixel_mask or image_mask")
+    return np.c_[tuple(centres + [np.zeros(len(centres[0]))] * (3 - len(centres)))]
+
+
+def _nwb_rate(series, path: Path, doubts: list) -> float:
+    """The series' rate, or that of its timestamps when they are regular."""
+    where = f"{path}: {series.name}"
+    if series.rate is not None:
+        return _frame_rate(series.rate, f"{where}: rate", doubts)
+    times = np.asarray(series.timestamps[:], dtype=float)
+    intervals = np.diff(times)
+    if len(times) < 2 or not np.isfinite(intervals).all() or np.median(intervals) <= 0:
+        raise PipelineError(f"{where}: timestamps are not increasing times in seconds, expected a frame rate")
+    median = float(np.median(intervals))
+    if np.abs(intervals - median).max() > NWB_REGULAR_INTERVAL_FRACTION * median:
+        raise PipelineError(
+            f"{where}: the timestamps are irregular (frames {intervals.min():.3g} to {intervals.max():.3g} s apart): "
+            "CASCADE needs a constant frame rate; resample the traces to regular frames first"
+        )
+    return _frame_rate((len(times) - 1) / (times[-1] - times[0]), f"{where}: timestamps", doubts)
+
+
+def _nwb_contents(nwb, path: Path, doubts: list) -> tuple:
+    """(TraceFile, positions, rate, trace type, where) of the file's ophys series."""
+    from pynwb.ophys import PlaneSegmentation
+
+    ophys = nwb.processing.get("ophys")
+    if ophys is None:
+        raise PipelineError(f"{path} has no processing/ophys module (found: {', '.join(nwb.processing) or 'none'})")
+    container, series, trace_type = _nwb_series(ophys, path)
+    data, rois = series.data, np.asarray(series.rois.data[:], dtype=np.int64)
+    where = f"{path}: {container}/{series.name}"
+    if not isinstance(data, h5py.Dataset) or data.ndim != 2 or data.dtype.kind not in "fiu":
+        raise PipelineError(f"{where}: data is {getattr(data, 'shape', '?')}, expected (time, rois) real numbers")
+    if data.shape[1] != len(rois):
+        flipped = " (it looks transposed: NWB stores time first)" if data.shape[0] == len(rois) else ""
+        raise PipelineError(
+            f"{where}: data is {data.shape} but rois lists {len(rois)} ROIs, expected (time, {len(rois)}){flipped}"
+        )
+    if (series.conversion, series.offset) != (1.0, 0.0):
+        doubts.append(
+            f"{where}: data stored with conversion {series.conversion:g}, offset {series.offset:g}: read as stored"
+        )
+    table = series.rois.table
+    centres = _nwb_centres(table, path)[rois]
+    if "voxel_mask" not in table.colnames:  # z: the plane segmentation's place among the file's, in name order
+        tables = [t for c in ophys.data_interfaces.values() for t in getattr(c, "plane_segmentations", {}).values()]
+        names = sorted((t.name for t in tables if isinstance(t, PlaneSegmentation)), key=_natural_key)
+        centres[:, 2] = names.index(table.name) if table.name in names else 0
+    rate = _nwb_rate(series, path, doubts)
+    trace_file = TraceFile(str(path), data.name, True, len(rois), int(data.shape[0]))
+    return trace_file, centres, rate, trace_type, f"{container}/{series.name}"
+
+
+def load_nwb_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """An NWB file: the ophys series of DfOverF (dF/F) or Fluorescence (raw), centres of its ROIs' masks."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    from pynwb import NWBHDF5IO
+
+    path, doubts = _the_file(folder, ".nwb", "NWB"), []
+    _check_file(path, "an HDF5", "an NWB file")
+    try:
+        with warnings.catch_warnings(), NWBHDF5IO(str(path), "r") as io:
+            warnings.simplefilter("ignore")  # pynwb's notes about cached namespaces
+            trace_file, positions, rate, trace_type, where = _nwb_contents(io.read(), path, doubts)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} as NWB ({type(exc).__name__}: {exc})") from None
+    _check_positions(positions, f"{path}: ROI mask centres", doubts)
+    subject = SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(trace_file.num_cells), "nwb", trace_type,
+        (str(path),), trace_type_reason=f"NWB {where} is {'dF/F' if trace_type == 'dff' else 'raw fluorescence'}",
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _nwb_size(folder: Path) -> int:
+    """cells x frames of the largest RoiResponseSeries under processing/ophys (h5py: no pynwb needed)."""
+    sizes = [0]
+    with contextlib.suppress(Exception), h5py.File(_the_file(folder, ".nwb", "NWB"), "r") as h5:
+        h5["processing/ophys"].visititems(
+            lambda name, item: sizes.append(item["data"].size)
+            if _as_text(item.attrs.get("neurodata_type", b"")) == "RoiResponseSeries" else None
+        )  # fmt: skip
+    return int(max(sizes))
+
+
 def _dataset_size(path: Path, dataset: str) -> int:
     """Elements of an HDF5 dataset (cells x frames), read from its header; 0 when unreadable."""
     with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
@@ -966,6 +1101,10 @@ INPUT_LAYOUTS = (  # the first that a folder holds is used
     InputLayout(
         "caiman", "<name>.hdf5 of CaImAn's cnm.save (estimates/F_dff, estimates/A, estimates/idx_components, params/data)",
         lambda names: any(name.endswith(".hdf5") for name in names), load_caiman_subject, _caiman_size,
+    ),
+    InputLayout(
+        "nwb", "<name>.nwb (processing/ophys: DfOverF or Fluorescence RoiResponseSeries (time, rois), ROI masks)",
+        lambda names: any(name.endswith(".nwb") for name in names), load_nwb_subject, _nwb_size,
     ),
 )  # fmt: skip
 

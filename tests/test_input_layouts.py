@@ -186,3 +186,95 @@ def test_caiman_accepted_components_and_centres(tmp_path):
     write_caiman(folder / "results.hdf5", dff, positions, with_dff=False)
     with pytest.raises(usp.PipelineError, match=r"no estimates/F_dff .* cnm.estimates.detrend_df_f"):
         usp.load_subject(folder)
+
+
+# --- NWB -------------------------------------------------------------------------------------------------
+
+
+def write_nwb(path, traces, positions, container="DfOverF", mask="pixel", timestamps=None, transpose=False):
+    """An NWB file written with pynwb: one PlaneSegmentation per plane (voxel masks: one for all) and one
+    RoiResponseSeries over the ROIs of every plane, data (time, rois)."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.ophys import DfOverF, Fluorescence, ImageSegmentation, OpticalChannel, RoiResponseSeries
+
+    nwb = NWBFile(
+        session_description="fish", identifier="fish-1", session_start_time=datetime(2024, 1, 1, tzinfo=timezone.utc)
+    )
+    device = nwb.create_device(name="microscope")
+    channel = OpticalChannel(name="green", description="GCaMP", emission_lambda=510.0)
+    plane = nwb.create_imaging_plane(
+        name="plane", optical_channel=channel, description="whole brain", device=device, excitation_lambda=488.0,
+        imaging_rate=RATE_HZ, indicator="GCaMP6f", location="brain",
+    )  # fmt: skip
+    ophys = nwb.create_processing_module(name="ophys", description="calcium imaging")
+    segmentation = ImageSegmentation()
+    ophys.add(segmentation)
+    z_values = [0] if mask == "voxel" else sorted(set(positions[:, 2].astype(int)))
+    table = segmentation.create_plane_segmentation(description="cells", imaging_plane=plane, name="cells_plane_0")
+    tables = [table] + [
+        segmentation.create_plane_segmentation(description="cells", imaging_plane=plane, name=f"cells_plane_{z}") for z in z_values[1:]
+    ]
+    for x, y, z in positions.astype(int):
+        weights = [(x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+        target = tables[0] if mask == "voxel" else tables[z]
+        if mask == "pixel":
+            target.add_roi(pixel_mask=[(a, b, 0.5) for a, b in weights])
+        elif mask == "voxel":
+            target.add_roi(voxel_mask=[(a, b, z, 0.5) for a, b in weights])
+        else:
+            image = np.zeros((64, 64))
+            image[x - 1 : x + 2, y - 1 : y + 2] = 0.5
+            target.add_roi(image_mask=image)
+    if len(tables) > 1:  # the RoiResponseSeries covers one table: multi-plane files keep one per plane here
+        raise AssertionError("write_nwb: use one plane for pixel and image masks")
+    rois = table.create_roi_table_region(description="all cells", region=list(range(len(positions))))
+    data = traces.T if not transpose else traces
+    timing = {"rate": RATE_HZ} if timestamps is None else {"timestamps": timestamps}
+    series = RoiResponseSeries(name="plane0_traces", data=data, rois=rois, unit="n.a.", **timing)
+    ophys.add((DfOverF if container == "DfOverF" else Fluorescence)(roi_response_series=series, name=container))
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+
+
+def test_nwb_masks_types_rates_and_refusals(tmp_path):
+    traces = (sample_fluorescence() / 200.0 - 1).astype(np.float32)
+    positions = grid_positions()
+    flat = positions.copy()
+    flat[:, 2] = 0
+    folder = tmp_path / "fish"
+    folder.mkdir()
+    for mask, where in (("pixel", flat), ("image", flat), ("voxel", positions)):
+        write_nwb(folder / "fish.nwb", traces, where, mask=mask)
+        subject = usp.load_subject(folder)
+        assert (subject.layout, subject.num_cells, subject.num_frames, subject.frame_rate_hz) == ("nwb", CELLS, 360, 2.0)
+        np.testing.assert_allclose(subject.positions, where, err_msg=mask)
+        np.testing.assert_array_equal(subject.read_traces(), traces)
+        assert usp.subject_trace_type(subject, "auto").kind == "dff"
+    write_nwb(folder / "fish.nwb", traces, flat, container="Fluorescence", timestamps=np.arange(360) / RATE_HZ + 5)
+    subject = usp.load_subject(folder)
+    assert subject.frame_rate_hz == pytest.approx(RATE_HZ) and usp.subject_trace_type(subject, "auto").kind == "fluorescence"
+    jitter = np.arange(360) / RATE_HZ + np.random.default_rng(0).uniform(0, 0.2, 360)
+    write_nwb(folder / "fish.nwb", traces, flat, timestamps=jitter)
+    with pytest.raises(usp.PipelineError, match="timestamps are irregular"):
+        usp.load_subject(folder)
+    write_nwb(folder / "fish.nwb", traces[:, :40], flat, transpose=True)  # 48 cells x 40 frames stored as is
+    with pytest.raises(usp.PipelineError, match=r"data is \(48, 40\) but rois lists 48 ROIs.*transposed"):
+        usp.load_subject(folder)
+
+
+def test_nwb_more_cells_than_frames(tmp_path):
+    """Whole-brain data has more cells than frames: the second axis is the ROIs whatever the lengths."""
+    rng = np.random.default_rng(1)
+    cells = 400
+    traces = rng.normal(0, 0.1, (cells, 200)).astype(np.float32)
+    positions = np.c_[rng.integers(2, 60, (cells, 2)), np.zeros(cells)].astype(float)
+    positions[:, 0] = 2 + np.arange(cells) % 58
+    positions[:, 1] = 2 + np.arange(cells) // 58
+    folder = tmp_path / "fish"
+    folder.mkdir()
+    write_nwb(folder / "fish.nwb", traces, positions)
+    subject = usp.load_subject(folder)
+    assert (subject.num_cells, subject.num_frames) == (cells, 200)
+    np.testing.assert_array_equal(subject.read_traces(10, 20), traces[10:20])
