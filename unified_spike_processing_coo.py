@@ -400,16 +400,21 @@ def _natural_key(name: str):
 
 
 def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ()) -> list:
-    """Subject folders ``subject_<n>`` under input_dir or input_dir/Subjects, natural order (a file
-    of that name is listed too: load_subject refuses it in plain words rather than skip it unseen)."""
+    """Subject folders under input_dir or input_dir/Subjects, in natural order: every folder that holds a layout
+    of INPUT_LAYOUTS, and every ``subject_<n>`` (even a file or an empty folder: load_subject refuses it in plain
+    words rather than skip it unseen). Other folders are named once in the log."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise PipelineError(f"input folder {input_dir} does not exist")
-    folders = {}
+    folders, others = {}, []
     for root in (input_dir, input_dir / "Subjects"):
         for child in root.iterdir() if root.is_dir() else ():
-            if re.fullmatch(r"subject_\d+", child.name):
+            if re.fullmatch(r"subject_\d+", child.name) or (child.is_dir() and layouts_in(child)):
                 folders.setdefault(child.name, child)
+            elif child.is_dir() and not child.name.startswith(".") and child != input_dir / "Subjects":
+                others.append(str(child.relative_to(input_dir)))
+    if others:
+        log.warning(f"not subjects (no layout this pipeline reads): {', '.join(sorted(others, key=_natural_key))}")
     names = sorted(folders, key=_natural_key)
     if unknown := [name for name in only if name not in folders]:
         found = ", ".join(names) or "none"
@@ -3883,7 +3888,9 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
     """Why a subject folder is left out of combined_metadata.h5 ('' if it is no subject folder)."""
     metadata = read_attrs(folder / METADATA_FILENAME)
     if metadata is None:
-        return "no finished outputs" if re.fullmatch(r"subject_\d+", folder.name) else ""
+        outputs = (folder / output.filename(folder.name) for output in SUBJECT_OUTPUTS)
+        is_subject = re.fullmatch(r"subject_\d+", folder.name) or any(path.exists() for path in outputs)
+        return "no finished outputs" if is_subject else ""
     try:
         fingerprint = json.loads(metadata["fingerprint"])
     except (KeyError, ValueError):
@@ -3915,7 +3922,10 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
                     threading.Thread(target=_import_matplotlib).start()
             subjects = find_subjects(config.input_dir, config.subjects, config.skip)
             if not subjects:
-                raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+                raise PipelineError(
+                    f"no subject folders under {config.input_dir} (or its Subjects/ folder): expected folders "
+                    "holding " + " or ".join(layout.files.split(" (")[0] for layout in INPUT_LAYOUTS)
+                )
             if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
                 settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
@@ -4001,7 +4011,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
         "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
         "on a rerun.",
-        epilog="Input layouts, in subject_<n> folders directly under --input_dir or under --input_dir/Subjects: "
+        epilog="Input layouts, one subject per folder (subject_<n>, or any folder holding a layout) directly under "
+        "--input_dir or under --input_dir/Subjects: "
         + "; ".join(layout.files for layout in INPUT_LAYOUTS)
         + ". Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by another run or "
         "was not processed after a write failure (each named in the log); 2 bad arguments or no usable model; 130 / 143 "

@@ -214,7 +214,8 @@ def write_nwb(path, traces, positions, container="DfOverF", mask="pixel", timest
     z_values = [0] if mask == "voxel" else sorted(set(positions[:, 2].astype(int)))
     table = segmentation.create_plane_segmentation(description="cells", imaging_plane=plane, name="cells_plane_0")
     tables = [table] + [
-        segmentation.create_plane_segmentation(description="cells", imaging_plane=plane, name=f"cells_plane_{z}") for z in z_values[1:]
+        segmentation.create_plane_segmentation(description="cells", imaging_plane=plane, name=f"cells_plane_{z}")
+        for z in z_values[1:]
     ]
     for x, y, z in positions.astype(int):
         weights = [(x + dx, y + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
@@ -248,13 +249,21 @@ def test_nwb_masks_types_rates_and_refusals(tmp_path):
     for mask, where in (("pixel", flat), ("image", flat), ("voxel", positions)):
         write_nwb(folder / "fish.nwb", traces, where, mask=mask)
         subject = usp.load_subject(folder)
-        assert (subject.layout, subject.num_cells, subject.num_frames, subject.frame_rate_hz) == ("nwb", CELLS, 360, 2.0)
+        assert (subject.layout, subject.num_cells, subject.num_frames, subject.frame_rate_hz) == (
+            "nwb",
+            CELLS,
+            360,
+            2.0,
+        )
         np.testing.assert_allclose(subject.positions, where, err_msg=mask)
         np.testing.assert_array_equal(subject.read_traces(), traces)
         assert usp.subject_trace_type(subject, "auto").kind == "dff"
     write_nwb(folder / "fish.nwb", traces, flat, container="Fluorescence", timestamps=np.arange(360) / RATE_HZ + 5)
     subject = usp.load_subject(folder)
-    assert subject.frame_rate_hz == pytest.approx(RATE_HZ) and usp.subject_trace_type(subject, "auto").kind == "fluorescence"
+    assert (
+        subject.frame_rate_hz == pytest.approx(RATE_HZ)
+        and usp.subject_trace_type(subject, "auto").kind == "fluorescence"
+    )
     jitter = np.arange(360) / RATE_HZ + np.random.default_rng(0).uniform(0, 0.2, 360)
     write_nwb(folder / "fish.nwb", traces, flat, timestamps=jitter)
     with pytest.raises(usp.PipelineError, match="timestamps are irregular"):
@@ -278,3 +287,70 @@ def test_nwb_more_cells_than_frames(tmp_path):
     subject = usp.load_subject(folder)
     assert (subject.num_cells, subject.num_frames) == (cells, 200)
     np.testing.assert_array_equal(subject.read_traces(10, 20), traces[10:20])
+
+
+# --- the same traces in every layout give the same results ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """One run over the same traces in every layout (folders named as labs name them, not subject_<n>):
+    raw fluorescence as generic, suite2p (both generations) and NWB Fluorescence; dF/F as generic, CaImAn
+    and NWB DfOverF."""
+    root = tmp_path_factory.mktemp("layouts")
+    data = root / "data"
+    fluorescence, positions = sample_fluorescence(), grid_positions()
+    expected = write_suite2p(data / "fish_suite2p", fluorescence, positions)
+    write_suite2p(data / "fish_suite2p_1x", fluorescence, positions, "settings", direct=True)
+    write_generic(data / "fish_generic_f", expected, positions, "fluorescence")
+    (data / "fish_nwb_f").mkdir()
+    write_nwb(data / "fish_nwb_f" / "fish.nwb", expected, positions, "Fluorescence", mask="voxel")
+    dff = (fluorescence / np.median(fluorescence, axis=1, keepdims=True) - 1).astype(np.float32)
+    write_generic(data / "fish_generic_dff", dff, positions, "dff")
+    (data / "fish_caiman").mkdir()
+    write_caiman(data / "fish_caiman" / "cnmf_results.hdf5", dff.astype(np.float64), positions)
+    (data / "fish_nwb_dff").mkdir()
+    write_nwb(data / "fish_nwb_dff" / "fish.nwb", dff, positions, "DfOverF", mask="voxel")
+    (data / "notes").mkdir()
+    result = run_cli("--input_dir", data, "--output_dir", root / "out", "--no_plots", *OFFLINE_BUILTIN)
+    return result, data, root / "out"
+
+
+def _results(out, name):
+    with h5py.File(out / name / usp.CASCADE_FILENAME, "r") as h5:
+        cascade = {key: h5[key][()] for key in ("cell_offsets", "spike_frames", "noise_level", "rates_uint8")}
+    with h5py.File(out / name / usp.METADATA_FILENAME, "r") as h5:
+        meta = {"position": h5["cells/position"][()], "z_values": h5["z_values"][()], **dict(h5.attrs)}
+    return cascade, meta
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("fish_suite2p", "fish_generic_f"),
+        ("fish_suite2p_1x", "fish_generic_f"),
+        ("fish_nwb_f", "fish_generic_f"),
+        ("fish_caiman", "fish_generic_dff"),
+        ("fish_nwb_dff", "fish_generic_dff"),
+    ],
+)
+def test_every_layout_gives_the_generic_layouts_spikes(mixed_run, name, reference):
+    _, _, out = mixed_run
+    (cascade, meta), (expected, expected_meta) = _results(out, name), _results(out, reference)
+    for key in expected:
+        np.testing.assert_array_equal(cascade[key], expected[key], err_msg=key)
+    assert meta["frame_rate_hz"] == RATE_HZ and meta["num_cells"] == CELLS  # accepted cells only
+    assert meta["trace_type"] == expected_meta["trace_type"]
+    np.testing.assert_allclose(meta["position"], grid_positions())
+    np.testing.assert_array_equal(meta["z_values"], np.arange(PLANES))  # one plane per suite2p plane
+
+
+def test_folders_of_any_name_are_subjects(mixed_run):
+    result, data, out = mixed_run
+    assert "not subjects (no layout this pipeline reads): notes" in result.stderr
+    with h5py.File(out / usp.COMBINED_FILENAME, "r") as combined:
+        assert len(combined) == 7
+    names = [folder.name for folder in usp.find_subjects(data)]
+    assert names == sorted(names) and "notes" not in names
+    layouts = {name: usp.load_subject(data / name).layout for name in names}
+    assert layouts["fish_caiman"] == "caiman" and layouts["fish_suite2p_1x"] == "suite2p"
