@@ -134,6 +134,11 @@ class PipelineConfig:
         type=_shard_arg, metavar="K/N",
     )  # fmt: skip
     combine_only: bool = option(False, "only build combined_metadata.h5 and the summary from the outputs present", RUN)
+    inspect: bool = option(
+        False, "look before a run: per subject its layout, cells, frames, rate, trace type, model, warnings and "
+        "refusals, estimated memory and time; then totals and a suggested --workers and SLURM memory. Runs no "
+        "CASCADE and writes nothing (logs to stderr, and to --log_file if given)", RUN,
+    )  # fmt: skip
     cascade_model: str = option(
         "Global_EXC_2Hz_smoothing500ms", "official model name, 'auto' (nearest sampling rate per subject) or "
         "'builtin' (nearest builtin model per subject)", MODEL, "cascade",
@@ -376,6 +381,7 @@ class SubjectData:
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
     trace_type_reason: str = ""  # set where the layout itself says what its traces are (trace_type_hint)
+    stored_cells: int | None = None  # ROIs or components in the files, accepted or not (None: num_cells)
 
     @property
     def num_cells(self) -> int:
@@ -825,6 +831,7 @@ def load_suite2p_subject(folder: Path, options: LoadOptions) -> SubjectData:
     subject = SubjectData(
         folder.name, str(folder), traces, positions, rates[0], np.arange(traces.num_cells), "suite2p",
         "fluorescence", sources, trace_type_reason=f"suite2p's F - c * Fneu (c = {c_values}) is raw fluorescence",
+        stored_cells=_suite2p_size(folder) // max(min(frames), 1) if len(set(frames)) == 1 else None,
     )  # fmt: skip
     return _with_doubts(subject, doubts)
 
@@ -922,7 +929,7 @@ def load_caiman_subject(folder: Path, options: LoadOptions) -> SubjectData:
     )
     subject = SubjectData(
         folder.name, str(folder), trace_file, positions, rate, np.arange(len(rows)), "caiman", "dff", (str(path),),
-        trace_type_reason="CaImAn's estimates/F_dff is dF/F",
+        trace_type_reason="CaImAn's estimates/F_dff is dF/F", stored_cells=int(shape[0]),
     )  # fmt: skip
     return _with_doubts(subject, doubts)
 
@@ -3905,6 +3912,116 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
     return f"input {', '.join(changed)} changed or missing since" if changed else None
 
 
+# --- --inspect: what a run would do, without CASCADE and without writing -----------------------------------
+# Figures measured in benchmarks/RESULTS_pipeline.md ("1/10 fish": 9,000 cells x 4,000 frames, 2 CPUs, builtin
+# model, sections "Memory to plan" and "Notes"); other machines and models differ: estimates, not promises.
+WORKER_BASE_GB = 1.4  # a pool worker with TensorFlow loaded, before its batch
+WORKER_BYTES_PER_NEURON_FRAME = 28  # a worker's growth per neuron-frame of its batch
+MAIN_BASE_GB = 1.5  # the main process outside inference
+GRID_BYTES_PER_VOXEL = 140  # build_coo's temporaries per active voxel (110-140 B measured)
+VOXELS_PER_NEURON_FRAME = 0.16  # active voxels per neuron-frame (11.9-16 % of neuron-frames were spikes)
+CASCADE_NEURON_FRAMES_PER_S = 356_000  # one worker (w1's CASCADE neuron-frames/s)
+GRID_S_PER_VOXEL = 3e-6  # grid build and writing, per active voxel
+
+
+@dataclass
+class Inspection:
+    """What --inspect found for one subject."""
+
+    name: str
+    subject: SubjectData | None = None
+    model: CascadeModel | None = None
+    trace_type: TraceType | None = None
+    refusal: str = ""
+
+    def peak_gb(self, workers: int, batch_size: int) -> float:
+        if self.subject is None:
+            return 0.0
+        cells, frames = self.subject.num_cells, self.subject.num_frames
+        batch = min(batch_size, math.ceil(cells / workers))
+        grid = GRID_BYTES_PER_VOXEL * VOXELS_PER_NEURON_FRAME * cells * frames / 1e9
+        return MAIN_BASE_GB + grid + workers * (WORKER_BASE_GB + WORKER_BYTES_PER_NEURON_FRAME * batch * frames / 1e9)
+
+    def seconds(self, workers: int) -> float:
+        size = self.subject.num_cells * self.subject.num_frames if self.subject else 0
+        return size / (CASCADE_NEURON_FRAMES_PER_S * workers) + GRID_S_PER_VOXEL * VOXELS_PER_NEURON_FRAME * size
+
+
+def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
+    """Load, choose the model, decide the trace type and plan the grid as the run would (no CASCADE)."""
+    found = Inspection(folder.name)
+    try:
+        found.subject = subject = load_subject(folder, settings_for(LoadOptions, config))
+        found.model = model_for_subject(subject, settings_for(ModelRequest, config))
+        found.trace_type = subject_trace_type(subject, config.trace_type)
+        grid_settings = settings_for(GridSettings, config)
+        valid = np.ones(subject.num_cells, bool)  # the run leaves out all-NaN cells, known only after reading
+        check_split(
+            subject, plan_grid(subject.positions, valid, subject.num_frames, found.model, grid_settings), grid_settings
+        )
+    except PipelineError as exc:
+        found.refusal = str(exc)
+    return found
+
+
+def inspect_lines(found: list, config: PipelineConfig) -> list:
+    """The --inspect report: a line per subject and its doubts, then totals and suggestions."""
+    lines = [
+        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes"
+    ]
+    for f in found:
+        s = f.subject
+        if s is not None:
+            model = f"{f.model.name} ({rate_mismatch(f.model, s.frame_rate_hz):.0%})" if f.model else "-"
+            kind = f"{f.trace_type.kind} ({f.trace_type.reason})" if f.trace_type else "-"
+            lines.append(
+                f"{f.name} | {s.layout} | {s.num_cells:,} / {s.stored_cells or s.num_cells:,} | {s.num_frames:,} | "
+                f"{s.frame_rate_hz:.3g} | {s.num_frames / s.frame_rate_hz / 60:.1f} | {kind} | {model} | "
+                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(config.workers) / 60:.1f}"
+            )
+            lines += [f"  ! WARNING: {w}" for w in s.warnings]
+        lines += [f"{f.name}: REFUSED: {f.refusal}"] * bool(f.refusal)
+    ok = [f for f in found if not f.refusal]
+    cpus, memory_gb = available_cpus(), _available_memory_gb()
+    workers = max(
+        [
+            w
+            for w in range(1, cpus + 1)
+            if max((f.peak_gb(w, config.batch_size) for f in ok), default=0) <= 0.8 * memory_gb
+        ]
+        or [1]
+    )
+    peak = max((f.peak_gb(workers, config.batch_size) for f in ok), default=0.0)
+    minutes = sum(f.seconds(workers) for f in ok) / 60
+    lines += [
+        f"Totals: {len(found)} subjects ({len(found) - len(ok)} refused), "
+        f"{sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about {minutes:.0f} min with "
+        f"--workers {workers} (peak {peak:.1f} GB; this machine: {cpus} CPUs, {memory_gb:.0f} GB available)",
+        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={workers} "
+        "(estimates from benchmarks/RESULTS_pipeline.md; doubts that only the traces reveal are found by the run)",
+    ]
+    return lines
+
+
+def _available_memory_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 1e9
+
+
+def inspect_run(config: PipelineConfig, shard: tuple | None = None) -> int:
+    """--inspect: the report, and the exit status the run would have (1 when a subject would be refused)."""
+    subjects = select_shard(find_subjects(config.input_dir, config.subjects, config.skip), shard)
+    if not subjects:
+        raise PipelineError(f"no subject folders under {config.input_dir} (or its Subjects/ folder)")
+    if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
+        settings_for(ModelRequest, config).resolve()  # as the run: a missing model is exit 2
+    found = [inspect_subject(folder, config) for folder in subjects]
+    for line in inspect_lines(found, config):
+        log.info(line)
+    return 1 if any(f.refusal for f in found) or not found else 0
+
+
 def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunContext | None = None) -> int:
     """Process the subjects (or this shard's share); returns the exit status (see --help)."""
     output_dir = Path(config.output_dir)
@@ -4040,15 +4157,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(log_file: Path, verbose: bool) -> None:
+def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "spike_grids", False)]:
         root.removeHandler(handler)  # a second main() in one process (tests, notebooks)
         handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(log_file)  # OSError here: an unwritable log, exit 2
-    for handler in (logging.StreamHandler(sys.stderr), file_handler):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))  # OSError here: an unwritable log, exit 2
+    for handler in handlers:
         handler.setFormatter(formatter)
         handler.spike_grids = True
         root.addHandler(handler)
@@ -4064,11 +4183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(config.output_dir)
     default_log = f"processing_shard{shard[0]}of{shard[1]}.log" if shard else "processing.log"
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _setup_logging(Path(config.log_file) if config.log_file else output_dir / default_log, config.verbose)
+        if not config.inspect:  # --inspect writes nothing: its log goes to stderr (and --log_file if given)
+            output_dir.mkdir(parents=True, exist_ok=True)
+        log_file = Path(config.log_file) if config.log_file else None if config.inspect else output_dir / default_log
+        _setup_logging(log_file, config.verbose)
     except OSError as exc:
         print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if config.inspect:
+        try:
+            return inspect_run(config, shard)
+        except PipelineError as exc:
+            log.error("%s", exc)
+            return 2
     run = RunContext(output_dir)
     run.install_signal_handlers()
     try:

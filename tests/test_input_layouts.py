@@ -2,6 +2,8 @@
 traces. Fixtures write each file the way its tool does (suite2p's np.save of arrays and pickled dicts,
 CaImAn's cnm.save groups with A as a CSC data/indices/indptr/shape group, NWB through pynwb)."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -354,3 +356,24 @@ def test_folders_of_any_name_are_subjects(mixed_run):
     assert names == sorted(names) and "notes" not in names
     layouts = {name: usp.load_subject(data / name).layout for name in names}
     assert layouts["fish_caiman"] == "caiman" and layouts["fish_suite2p_1x"] == "suite2p"
+
+
+def test_inspect_reports_without_running(mixed_run, tmp_path):
+    _, data, _ = mixed_run
+    shutil.copytree(data, tmp_path / "data")
+    broken = tmp_path / "data" / "fish_caiman_no_dff"
+    broken.mkdir()
+    write_caiman(broken / "cnmf_results.hdf5", np.zeros((CELLS, 360)), grid_positions(), with_dff=False)
+    out = tmp_path / "out"
+    result = run_cli("--inspect", "--input_dir", tmp_path / "data", "--output_dir", out, *OFFLINE_BUILTIN, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]  # as the run: one subject refused
+    assert not out.exists(), "--inspect writes nothing"
+    lines = result.stderr.splitlines()
+    for name, layout in (("fish_suite2p ", "suite2p"), ("fish_caiman ", "caiman"), ("fish_nwb_f ", "nwb")):
+        row = next(line for line in lines if f" {name}| {layout} |" in line)
+        assert f"{CELLS} / " in row and "| 360 | 2 | 3.0 |" in row and "builtin" in row, row
+    assert any(f" {CELLS} / {PLANES * (CELLS_PER_PLANE + REJECTED)} |" in line for line in lines)
+    assert any("fish_caiman_no_dff: REFUSED:" in line and "detrend_df_f" in line for line in lines)
+    assert any("Suggested: --workers" in line and "SLURM --mem=" in line for line in lines)
+    assert any("WARNING: the train/test split" in line for line in lines)  # doubts the run would record
+    assert "not subjects (no layout this pipeline reads): notes" in result.stderr
