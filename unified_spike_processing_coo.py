@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import errno
 import hashlib
@@ -124,6 +125,14 @@ class PipelineConfig:
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
     num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
+    nwb: bool = option(
+        False, "also write <subject>/<subject>_cascade.nwb: cells, input dF/F and CASCADE's rates (NWB)", IO, "grid",
+        flag="--nwb",
+    )  # fmt: skip
+    nwb_subject_id: str | None = option(None, "--nwb: the subject's id (default: its folder's name)", IO)
+    nwb_species: str | None = option(None, "--nwb: the subject's species, e.g. 'Danio rerio'", IO)
+    nwb_experimenter: tuple = option((), "--nwb: experimenters, 'Last, First' (separate several with ;)", IO,
+                                     type=lambda text: tuple(t.strip() for t in text.split(";") if t.strip()))  # fmt: skip
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(1, "worker processes for CASCADE inference", RUN)
@@ -3636,6 +3645,101 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
     write_metadata_file(path, attrs, datasets, cells)
 
 
+NWB_FILENAME_SUFFIX = "_cascade.nwb"
+
+
+class _CellBlocks:
+    """(time, cells) data for pynwb, made a block of cells at a time by ``block(first, stop)`` -> (cells, T)."""
+
+    def __new__(cls, block: Callable, num_cells: int, num_frames: int):
+        from hdmf.data_utils import AbstractDataChunkIterator, DataChunk
+
+        class Blocks(AbstractDataChunkIterator):
+            def __init__(self):
+                self.first = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if self.first >= num_cells:
+                    raise StopIteration
+                first, self.first = self.first, min(self.first + CELLS_PER_CHUNK, num_cells)
+                return DataChunk(np.ascontiguousarray(block(first, self.first).T), np.s_[:, first : self.first])
+
+            def recommended_chunk_shape(self):
+                return None
+
+            def recommended_data_shape(self):
+                return (num_frames, num_cells)
+
+            dtype = property(lambda self: np.dtype(np.float32))
+            maxshape = property(lambda self: (num_frames, num_cells))
+
+        return Blocks()
+
+
+def _nwb_dff_block(record: SubjectRun):
+    """The input as dF/F, as the run computed it, for cells [first, stop)."""
+    subject, params = record.subject, record.params
+
+    def block(first: int, stop: int) -> np.ndarray:
+        traces = subject.trace_file.read(first, stop)
+        if record.trace_type.kind != "fluorescence":
+            return traces
+        window_s, percentile = params["param_baseline_window_s"], params["param_baseline_percentile"]
+        return compute_dff(traces, subject.frame_rate_hz, window_s, percentile)
+
+    return block
+
+
+def write_nwb_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    """<subject>_cascade.nwb: the cells (a voxel mask at each position), the input dF/F (DfOverF) and CASCADE's
+    rates (RoiResponseSeries 'Deconvolved'), at the recording's rate; written a block of cells at a time."""
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.file import Subject
+    from pynwb.ophys import DfOverF, ImageSegmentation, OpticalChannel, RoiResponseSeries
+
+    subject, params, model = record.subject, record.params, record.model
+    created = datetime.datetime.now(datetime.timezone.utc)
+    nwb = NWBFile(
+        session_description=f"CASCADE spike inference of {subject.name} ({subject.layout} layout)",
+        identifier=f"{attrs['run_id']}-{subject.name}", session_start_time=created,
+        experimenter=list(params["param_nwb_experimenter"]) or None,
+        subject=Subject(subject_id=params["param_nwb_subject_id"] or subject.name, species=params["param_nwb_species"]),
+        source_script=f"unified_spike_processing_coo {__version__}", source_script_file_name=Path(__file__).name,
+    )  # fmt: skip
+    device = nwb.create_device(name="microscope", description="as recorded in the input")
+    plane = nwb.create_imaging_plane(
+        name="imaging_plane", optical_channel=OpticalChannel(name="channel", description="unknown", emission_lambda=float("nan")),
+        description="the recording's cells, positions as in the input", device=device, excitation_lambda=float("nan"),
+        imaging_rate=subject.frame_rate_hz, indicator="unknown", location="unknown",
+    )  # fmt: skip
+    ophys = nwb.create_processing_module(name="ophys", description="calcium traces and CASCADE spike inference")
+    segmentation = ImageSegmentation(name="ImageSegmentation")
+    ophys.add(segmentation)
+    cells = segmentation.create_plane_segmentation(
+        name="cells", description="one voxel at each cell's position [x, y, z] (rounded)", imaging_plane=plane
+    )
+    for x, y, z in np.clip(np.round(subject.positions), 0, None).astype(np.uint32):
+        cells.add_roi(voxel_mask=[(x, y, z, 1.0)])
+    rois = cells.create_roi_table_region(description="every cell", region=list(range(subject.num_cells)))
+    shape = (subject.num_cells, subject.num_frames)
+    dff = RoiResponseSeries(
+        name="dff", data=_CellBlocks(_nwb_dff_block(record), *shape), rois=rois, unit="n.a.",
+        rate=subject.frame_rate_hz, description=f"dF/F of the input ({record.trace_type.kind}: {record.trace_type.reason})",
+    )  # fmt: skip
+    ophys.add(DfOverF(name="DfOverF", roi_response_series=dff))
+    ophys.add(RoiResponseSeries(
+        name="Deconvolved", data=_CellBlocks(record.spikes.rates, *shape), rois=rois, unit="expected spikes per frame",
+        rate=subject.frame_rate_hz, description=f"CASCADE spike inference (model {model.name}, threshold "
+        f"{params['param_cascade_threshold']}): expected spikes per frame, NaN where CASCADE predicts nothing",
+    ))  # fmt: skip
+    with warnings.catch_warnings(), NWBHDF5IO(str(path), "w") as io:
+        warnings.simplefilter("ignore")  # pynwb's notes on orientation: whole-brain data has more cells than frames
+        io.write(nwb)
+
+
 @dataclass(frozen=True)
 class SubjectOutput:
     """One file of a subject's outputs: the only place to touch to add one. Written in this table's
@@ -3654,6 +3758,8 @@ SUBJECT_OUTPUTS = (
                   "grid_and_write_s", keep_unwritten=True),
     SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
+    SubjectOutput(lambda name: name + NWB_FILENAME_SUFFIX, lambda r: bool(r.params["param_nwb"]), write_nwb_file,
+                  "nwb_s", keep_unwritten=False),
     SubjectOutput(lambda _: METADATA_FILENAME, lambda r: True, write_metadata, None, keep_unwritten=False),
 )  # fmt: skip
 

@@ -314,7 +314,8 @@ def mixed_run(tmp_path_factory):
     (data / "fish_nwb_dff").mkdir()
     write_nwb(data / "fish_nwb_dff" / "fish.nwb", dff, positions, "DfOverF", mask="voxel")
     (data / "notes").mkdir()
-    result = run_cli("--input_dir", data, "--output_dir", root / "out", "--no_plots", *OFFLINE_BUILTIN)
+    nwb = ("--nwb", "--nwb_species", "Danio rerio", "--nwb_experimenter", "Doe, Jane")
+    result = run_cli("--input_dir", data, "--output_dir", root / "out", "--no_plots", *nwb, *OFFLINE_BUILTIN)
     return result, data, root / "out"
 
 
@@ -377,3 +378,56 @@ def test_inspect_reports_without_running(mixed_run, tmp_path):
     assert any("Suggested: --workers" in line and "SLURM --mem=" in line for line in lines)
     assert any("WARNING: the train/test split" in line for line in lines)  # doubts the run would record
     assert "not subjects (no layout this pipeline reads): notes" in result.stderr
+
+
+def test_nwb_output_reads_back_with_the_runs_rates(mixed_run):
+    from pynwb import NWBHDF5IO
+
+    _, _, out = mixed_run
+    for name in ("fish_suite2p", "fish_caiman"):
+        path = out / name / f"{name}_cascade.nwb"
+        with h5py.File(out / name / usp.CASCADE_FILENAME, "r") as h5:
+            quantised, scale = h5["rates_uint8"][()], h5["rate_scale"][()]
+        rates = np.where(quantised == 255, np.float32(np.nan), quantised * scale[:, None]).astype(np.float32)
+        with NWBHDF5IO(str(path), "r") as io:
+            nwb = io.read()
+            ophys = nwb.processing["ophys"]
+            deconvolved = ophys["Deconvolved"]
+            np.testing.assert_array_equal(deconvolved.data[:].T, rates)
+            assert deconvolved.rate == RATE_HZ and "CASCADE" in deconvolved.description
+            assert deconvolved.unit == "expected spikes per frame"
+            dff = ophys["DfOverF"].roi_response_series["dff"].data[:]
+            assert dff.shape == (360, CELLS) and np.isfinite(dff).all()
+            cells = ophys["ImageSegmentation"]["cells"]
+            np.testing.assert_array_equal(usp._nwb_centres(cells, path), grid_positions())  # as the loader reads them
+            assert nwb.subject.species == "Danio rerio" and list(nwb.experimenter) == ["Doe, Jane"]
+        if name == "fish_caiman":  # dF/F input: stored as read
+            with h5py.File(next((out.parent / "data" / name).glob("*.hdf5")), "r") as h5:
+                accepted = h5["estimates/idx_components"][()]
+                np.testing.assert_array_equal(dff.T, h5["estimates/F_dff"][()][accepted].astype(np.float32))
+
+
+def test_nwb_output_passes_nwbinspector(mixed_run):
+    """nwbinspector reports nothing but what the input lacks (no institution, no keywords, ...) and its
+    orientation check (which flags every whole-brain series: more cells than frames)."""
+    nwbinspector = pytest.importorskip("nwbinspector")
+    _, _, out = mixed_run
+    messages = list(nwbinspector.inspect_nwbfile(nwbfile_path=str(out / "fish_nwb_f" / "fish_nwb_f_cascade.nwb")))
+    allowed = {
+        "check_data_orientation",
+        "check_institution",
+        "check_keywords",
+        "check_experiment_description",
+        "check_subject_sex",
+        "check_subject_age",
+        "check_subject_exists",
+        "check_experimenter_exists",
+        "check_related_publications",
+        "check_session_start_time_future_date",
+    }
+    unexpected = [
+        f"{m.check_function_name} ({m.object_type}): {m.message}"
+        for m in messages
+        if m.check_function_name not in allowed and m.object_type != "Subject"  # age, sex, description: not known
+    ]
+    assert not unexpected, unexpected
