@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import errno
 import hashlib
@@ -124,6 +125,14 @@ class PipelineConfig:
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
     num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
+    nwb: bool = option(
+        False, "also write <subject>/<subject>_cascade.nwb: cells, input dF/F and CASCADE's rates (NWB)", IO, "grid",
+        flag="--nwb",
+    )  # fmt: skip
+    nwb_subject_id: str | None = option(None, "--nwb: the subject's id (default: its folder's name)", IO)
+    nwb_species: str | None = option(None, "--nwb: the subject's species, e.g. 'Danio rerio'", IO)
+    nwb_experimenter: tuple = option((), "--nwb: experimenters, 'Last, First' (separate several with ;)", IO,
+                                     type=lambda text: tuple(t.strip() for t in text.split(";") if t.strip()))  # fmt: skip
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(
@@ -138,6 +147,11 @@ class PipelineConfig:
         type=_shard_arg, metavar="K/N",
     )  # fmt: skip
     combine_only: bool = option(False, "only build combined_metadata.h5 and the summary from the outputs present", RUN)
+    inspect: bool = option(
+        False, "look before a run: per subject its layout, cells, frames, rate, trace type, model, warnings and "
+        "refusals, estimated memory and time; then totals and a suggested --workers and SLURM memory. Runs no "
+        "CASCADE and writes nothing (logs to stderr, and to --log_file if given)", RUN,
+    )  # fmt: skip
     cascade_model: str = option(
         "Global_EXC_2Hz_smoothing500ms", "official model name, 'auto' (nearest sampling rate per subject) or "
         "'builtin' (nearest builtin model per subject)", MODEL, "cascade",
@@ -160,6 +174,14 @@ class PipelineConfig:
     trace_type: str = option(
         "auto", "raw fluorescence (converted to dF/F) or dF/F; auto decides per subject", TRACES, "cascade",
         choices=("auto", "fluorescence", "dff"),
+    )  # fmt: skip
+    neuropil_coefficient: float | None = option(
+        None, "suite2p: traces are F - c * Fneu with this c (default: the recording's neucoeff, else 0.7)", TRACES,
+        "cascade", type=float, metavar="C",
+    )  # fmt: skip
+    iscell_threshold: float | None = option(
+        None, "suite2p: cells are the ROIs whose classifier probability (iscell.npy column 2) is at least P "
+        "(default: suite2p's own choice, iscell.npy column 1)", TRACES, "cascade", type=float, metavar="P",
     )  # fmt: skip
     baseline_percentile: float = option(8.0, "F0 percentile for dF/F", TRACES, "cascade")
     baseline_window_s: float = option(30.0, "sliding F0 window (seconds)", TRACES, "cascade")
@@ -186,6 +208,10 @@ class PipelineConfig:
             "--max_rate_mismatch >= 0": self.max_rate_mismatch < 0,
             "--baseline_percentile must be in [0, 100]": not 0 <= self.baseline_percentile <= 100,
             "--baseline_window_s must be positive": self.baseline_window_s <= 0,
+            "--neuropil_coefficient must be >= 0": self.neuropil_coefficient is not None
+            and self.neuropil_coefficient < 0,
+            "--iscell_threshold must be in [0, 1]": self.iscell_threshold is not None
+            and not 0 <= self.iscell_threshold <= 1,
             f"--cascade_threshold must be one of {', '.join(CASCADE_THRESHOLDS)}": (
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
@@ -238,34 +264,14 @@ FRAME_RATE_RANGE_HZ = (0.01, 1000.0)  # outside: not a volume rate in Hz (a peri
 SHARED_POSITION_FRACTION = 0.01  # more cells than this sharing one x, y, z is a doubt
 
 
-@dataclass(frozen=True)
-class TraceFile:
-    """Where a subject's traces live: an HDF5 dataset with cells on rows (N, T) or columns (T, N)."""
-
-    path: str
-    dataset: str
-    cells_on_columns: bool  # Chen's CellResp is (T, N)
-    num_cells: int
-    num_frames: int
+class BlockReads:
+    """What every trace source offers on top of its read_raw(start, stop): infinite values made NaN, and
+    chosen cells read a block at a time."""
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Traces of cells [start, stop) as (cells, T) float32; infinite values become NaN."""
         traces = self.read_raw(start, stop)
         mark_infinite_as_missing(traces)
-        return traces
-
-    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Traces of cells [start, stop) as stored, as (cells, T) float32."""
-        stop = self.num_cells if stop is None else min(stop, self.num_cells)
-        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
-        try:
-            with h5py.File(self.path, "r") as h5:
-                for first in range(start, stop, TRACE_READ_CELLS):
-                    last = min(first + TRACE_READ_CELLS, stop)
-                    block = h5[self.dataset][:, first:last].T if self.cells_on_columns else h5[self.dataset][first:last]
-                    traces[first - start : last - start] = block
-        except OSError as exc:  # e.g. a damaged compressed chunk
-            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
         return traces
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -277,6 +283,80 @@ class TraceFile:
             wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
             parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+
+@dataclass(frozen=True)
+class TraceFile(BlockReads):
+    """Where a subject's traces live: an HDF5 dataset with cells on rows (N, T) or columns (T, N); ``rows``
+    (ascending) picks the stored rows that are cells (CaImAn's accepted components), None: all of them."""
+
+    path: str
+    dataset: str
+    cells_on_columns: bool  # Chen's CellResp is (T, N)
+    num_cells: int
+    num_frames: int
+    rows: np.ndarray | None = None
+
+    def _stored(self, h5, first: int, last: int) -> np.ndarray:
+        data = h5[self.dataset]
+        return data[:, first:last].T if self.cells_on_columns else data[first:last]
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Traces of cells [start, stop) as stored, as (cells, T) float32."""
+        stop = self.num_cells if stop is None else min(stop, self.num_cells)
+        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
+        try:
+            with h5py.File(self.path, "r") as h5:
+                for first in range(start, stop, TRACE_READ_CELLS):
+                    last = min(first + TRACE_READ_CELLS, stop)
+                    if self.rows is None:
+                        block = self._stored(h5, first, last)
+                    else:  # the span of stored rows, then the cells among them
+                        chosen = self.rows[first:last]
+                        block = self._stored(h5, int(chosen[0]), int(chosen[-1]) + 1)[chosen - chosen[0]]
+                    traces[first - start : last - start] = block
+        except OSError as exc:  # e.g. a damaged compressed chunk
+            raise PipelineError(f"cannot read {self.dataset} from {self.path} ({exc}): the file is damaged") from None
+        return traces
+
+
+@dataclass(frozen=True)
+class Suite2pTraces(BlockReads):
+    """suite2p's accepted ROIs of every plane as one recording: F - c * Fneu, read from the planes'
+    memory-mapped F.npy and Fneu.npy a block of cells at a time (planes in order, ROIs ascending)."""
+
+    path: str  # the folder holding the plane folders (messages)
+    planes: tuple  # plane folders (str), in plane order
+    rows: tuple  # per plane, its accepted ROIs (ascending int64 arrays)
+    coefficients: tuple  # per plane, the neuropil coefficient c
+    num_frames: int
+    dataset: str = "F.npy - c * Fneu.npy"
+
+    @property
+    def num_cells(self) -> int:
+        return sum(len(rows) for rows in self.rows)
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """F - c * Fneu of cells [start, stop) as (cells, T) float32."""
+        stop = self.num_cells if stop is None else min(stop, self.num_cells)
+        traces = np.empty((max(0, stop - start), self.num_frames), dtype=np.float32)
+        first = 0
+        for plane, rows, coefficient in zip(self.planes, self.rows, self.coefficients):
+            low, high, first = max(start, first), min(stop, first + len(rows)), first + len(rows)
+            if low < high:
+                chosen = rows[low - (first - len(rows)) : high - (first - len(rows))]
+                span = slice(int(chosen[0]), int(chosen[-1]) + 1)
+                try:
+                    f, fneu = (np.load(Path(plane) / name, mmap_mode="r")[span, : self.num_frames][chosen - chosen[0]]
+                               for name in ("F.npy", "Fneu.npy"))  # fmt: skip
+                except (OSError, ValueError) as exc:
+                    raise PipelineError(
+                        f"cannot read {plane}: F.npy, Fneu.npy ({exc}): the files are damaged"
+                    ) from None
+                traces[low - start : high - start] = f.astype(np.float32) - np.float32(coefficient) * fneu.astype(
+                    np.float32
+                )
+        return traces
 
 
 def mark_infinite_as_missing(traces: np.ndarray) -> np.ndarray:
@@ -291,6 +371,10 @@ class LoadOptions:
     """What loading a subject takes from the command line (fields named after the options)."""
 
     coordinates: str = "raw"  # 'raw' or 'registered' (layouts that have no registered positions refuse it)
+    neuropil_coefficient: float | None = None  # suite2p: c in F - c * Fneu (None: the recording's neucoeff, else 0.7)
+    iscell_threshold: float | None = (
+        None  # suite2p: cells are ROIs of classifier probability >= this (None: iscell[:, 0])
+    )
 
 
 @dataclass
@@ -309,6 +393,8 @@ class SubjectData:
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
+    trace_type_reason: str = ""  # set where the layout itself says what its traces are (trace_type_hint)
+    stored_cells: int | None = None  # ROIs or components in the files, accepted or not (None: num_cells)
 
     @property
     def num_cells(self) -> int:
@@ -333,16 +419,21 @@ def _natural_key(name: str):
 
 
 def find_subjects(input_dir, only: Sequence[str] = (), skip: Sequence[str] = ()) -> list:
-    """Subject folders ``subject_<n>`` under input_dir or input_dir/Subjects, natural order (a file
-    of that name is listed too: load_subject refuses it in plain words rather than skip it unseen)."""
+    """Subject folders under input_dir or input_dir/Subjects, in natural order: every folder that holds a layout
+    of INPUT_LAYOUTS, and every ``subject_<n>`` (even a file or an empty folder: load_subject refuses it in plain
+    words rather than skip it unseen). Other folders are named once in the log."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise PipelineError(f"input folder {input_dir} does not exist")
-    folders = {}
+    folders, others = {}, []
     for root in (input_dir, input_dir / "Subjects"):
         for child in root.iterdir() if root.is_dir() else ():
-            if re.fullmatch(r"subject_\d+", child.name):
+            if re.fullmatch(r"subject_\d+", child.name) or (child.is_dir() and layouts_in(child)):
                 folders.setdefault(child.name, child)
+            elif child.is_dir() and not child.name.startswith(".") and child != input_dir / "Subjects":
+                others.append(str(child.relative_to(input_dir)))
+    if others:
+        log.warning(f"not subjects (no layout this pipeline reads): {', '.join(sorted(others, key=_natural_key))}")
     names = sorted(folders, key=_natural_key)
     if unknown := [name for name in only if name not in folders]:
         found = ", ".join(names) or "none"
@@ -628,6 +719,375 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     return subject
 
 
+def _with_doubts(subject: SubjectData, doubts: list) -> SubjectData:
+    for message in doubts:
+        subject.warn(message.replace(f"{subject.folder}{os.sep}", ""))  # the subject's name says where
+    return subject
+
+
+# --- suite2p: plane folders suite2p/plane<k>/ (or plane<k>/ directly); never combined/, whose positions are
+# shifted by the GUI's tiling and whose planes are zero-padded
+SUITE2P_NEUROPIL_COEFFICIENT = 0.7  # suite2p's own default c, for recordings that do not record theirs
+_PLANE_RE = re.compile(r"plane(\d+)")
+
+
+def _suite2p_planes(folder: Path) -> tuple:
+    """The folder holding the plane folders, and (index, plane folder) of each plane<k>, in plane order."""
+    root = folder / "suite2p" if (folder / "suite2p").is_dir() else folder
+    planes = []
+    with contextlib.suppress(OSError):
+        planes = [(int(m[1]), p) for p in root.iterdir() if (m := _PLANE_RE.fullmatch(p.name)) and p.is_dir()]
+    return root, sorted(planes)
+
+
+def _load_npy(path: Path, what: str, mmap: bool = False):
+    """An .npy file as suite2p writes it (stat, ops, settings and db are pickled objects)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} is {'a folder' if path.is_dir() else 'missing'} ({what})")
+    try:
+        value = np.load(path, mmap_mode="r") if mmap else np.load(path, allow_pickle=True)
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} ({exc}): expected the .npy file suite2p writes") from None
+    return value.item() if value.dtype == object and value.ndim == 0 else value
+
+
+def _suite2p_settings(plane: Path) -> tuple:
+    """(fs, neucoeff or None, the file they are from): ops.npy (suite2p <= 0.14) or settings.npy + db.npy (1.x)."""
+    names = ("ops.npy",) if (plane / "ops.npy").exists() else ("settings.npy", "db.npy")
+    if not (plane / names[0]).exists():
+        raise PipelineError(
+            f"{plane} has neither ops.npy (suite2p <= 0.14) nor settings.npy (suite2p 1.x): its frame rate is unknown"
+        )
+    found = [_load_npy(plane / name, "suite2p's settings") if (plane / name).exists() else {} for name in names]
+    for name, value in zip(names, found):
+        if not isinstance(value, dict):
+            raise PipelineError(f"{plane / name} holds {_describe(np.asarray(value))}, expected suite2p's dict")
+    if names[0] == "ops.npy":
+        return found[0].get("fs"), found[0].get("neucoeff"), plane / "ops.npy"
+    settings, db = found
+    extraction = settings.get("extraction") if isinstance(settings.get("extraction"), dict) else {}
+    where = plane / ("settings.npy" if "fs" in settings or "fs" not in db else "db.npy")
+    return settings.get("fs", db.get("fs")), extraction.get("neuropil_coefficient"), where
+
+
+def _suite2p_plane(index: int, plane: Path, options: LoadOptions, doubts: list) -> tuple:
+    """One plane: its accepted ROIs, their [x, y, z] (x = med[0], y = med[1], z = the plane index), its frames,
+    frame rate and neuropil coefficient."""
+    shapes = {}
+    for name in ("F.npy", "Fneu.npy"):
+        array = _load_npy(plane / name, "suite2p's fluorescence traces", mmap=True)
+        if array.ndim != 2 or array.dtype.kind not in "fiu":
+            raise PipelineError(f"{plane / name} holds {array.dtype} of shape {array.shape}, expected (ROIs, frames)")
+        shapes[name] = array.shape
+    if shapes["F.npy"] != shapes["Fneu.npy"]:
+        raise PipelineError(f"{plane}: F.npy {shapes['F.npy']} and Fneu.npy {shapes['Fneu.npy']} differ in shape")
+    num_rois, num_frames = shapes["F.npy"]
+    where = plane / "iscell.npy"
+    iscell = _numbers(_load_npy(where, "which ROIs are cells"), str(where), "numbers (ROIs x 2)")
+    if iscell.ndim != 2 or iscell.shape[0] != num_rois or iscell.shape[1] < 2:
+        raise PipelineError(f"{where} has shape {iscell.shape}, expected ({num_rois}, 2): F.npy has {num_rois} ROIs")
+    threshold = options.iscell_threshold
+    rows = np.flatnonzero(iscell[:, 0] > 0.5 if threshold is None else iscell[:, 1] >= threshold)
+    stat = _load_npy(plane / "stat.npy", "the ROIs' positions")
+    if np.ndim(stat) != 1 or len(stat) != num_rois:
+        raise PipelineError(
+            f"{plane / 'stat.npy'} holds {np.shape(stat)} entries, expected one dict per ROI ({num_rois})"
+        )
+    try:
+        centres = np.array([np.asarray(stat[row]["med"], dtype=float)[:2] for row in rows]).reshape(-1, 2)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise PipelineError(
+            f"{plane / 'stat.npy'}: an ROI has no 'med' (its y, x centre), expected suite2p's stat"
+        ) from None
+    fs, neucoeff, settings_path = _suite2p_settings(plane)
+    if fs is None:
+        raise PipelineError(f"{settings_path} has no fs (the frame rate per plane, which is the volume rate)")
+    rate = _frame_rate(fs, f"{settings_path}: fs", doubts)
+    coefficient = options.neuropil_coefficient
+    if coefficient is None:
+        coefficient = SUITE2P_NEUROPIL_COEFFICIENT if neucoeff is None else float(neucoeff)
+    return rows, np.c_[centres, np.full(len(rows), float(index))], num_frames, rate, coefficient
+
+
+def load_suite2p_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """suite2p's plane folders: every plane's accepted ROIs, traces F - c * Fneu (raw fluorescence)."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    root, planes = _suite2p_planes(folder)
+    if not planes:
+        raise PipelineError(f"{root} has no plane<k> folders (suite2p writes suite2p/plane0, plane1, ...)")
+    doubts: list = []
+    rows, positions, frames, rates, coefficients = zip(*(_suite2p_plane(k, p, options, doubts) for k, p in planes))
+    if len(set(rates)) > 1:
+        raise PipelineError(
+            f"{root}: the planes' fs differ ({', '.join(f'{r:g}' for r in rates)} Hz), expected one volume rate"
+        )
+    if len(set(frames)) > 1:
+        doubts.append(
+            f"{root}: the planes have {min(frames)} to {max(frames)} frames: the first {min(frames)} of each are used"
+        )
+    if not sum(map(len, rows)):
+        chosen = (
+            "iscell.npy column 1"
+            if options.iscell_threshold is None
+            else f"--iscell_threshold {options.iscell_threshold:g}"
+        )
+        raise PipelineError(
+            f"{root}: no ROI of {len(planes)} plane(s) is a cell by {chosen}: lower --iscell_threshold P"
+        )
+    positions = np.concatenate(positions)
+    _check_positions(positions, f"{root}: stat.npy med", doubts)
+    traces = Suite2pTraces(str(root), tuple(str(p) for _, p in planes), rows, coefficients, min(frames))
+    files = ("F.npy", "Fneu.npy", "iscell.npy", "stat.npy", "ops.npy", "settings.npy", "db.npy")
+    sources = tuple(str(p / name) for _, p in planes for name in files if (p / name).is_file())
+    c_values = ", ".join(f"{c:g}" for c in dict.fromkeys(coefficients))
+    subject = SubjectData(
+        folder.name, str(folder), traces, positions, rates[0], np.arange(traces.num_cells), "suite2p",
+        "fluorescence", sources, trace_type_reason=f"suite2p's F - c * Fneu (c = {c_values}) is raw fluorescence",
+        stored_cells=_suite2p_size(folder) // max(min(frames), 1) if len(set(frames)) == 1 else None,
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _suite2p_size(folder: Path) -> int:
+    sizes = (np.load(p / "F.npy", mmap_mode="r").size for _, p in _suite2p_planes(folder)[1] if (p / "F.npy").is_file())
+    with contextlib.suppress(Exception):
+        return int(sum(sizes))
+    return 0
+
+
+# --- CaImAn: the .hdf5 file cnm.save() writes (groups estimates/ and params/; None stored as the text 'NoneType')
+
+
+def _the_file(folder: Path, suffix: str, tool: str) -> Path:
+    """The one file of a suffix in a subject folder (several: which is the subject's is unknown)."""
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4])
+        raise PipelineError(f"{folder} holds {len(found)} {tool} files ({names}): expected one per subject folder")
+    return found[0]
+
+
+def _caiman_dataset(h5, key: str, path: Path):
+    """A dataset of a CaImAn file, or None where it is absent or saved as None ('NoneType')."""
+    item = h5.get(key)
+    if item is None or not isinstance(item, h5py.Dataset):
+        return None
+    try:
+        value = item[()]
+    except Exception as exc:
+        raise PipelineError(f"{path}: cannot read {key} ({exc})") from None
+    return None if _as_text(value) == "NoneType" else value
+
+
+def _caiman_centres(h5, path: Path, dims: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """[x, y, z] centres of mass of the chosen columns of estimates/A (pixels x components, CSC, pixels in
+    Fortran order over dims; 2-D dims give z = 0)."""
+    group = h5.get("estimates/A")
+    if not isinstance(group, h5py.Group) or not {"data", "indices", "indptr", "shape"} <= set(group):
+        raise PipelineError(
+            f"{path}: estimates/A is not the sparse matrix cnm.save writes (data, indices, indptr, shape)"
+        )
+    data, indices, indptr = (np.asarray(group[key][()]) for key in ("data", "indices", "indptr"))
+    num_pixels, num_components = (int(v) for v in group["shape"][()])
+    if num_pixels != int(np.prod(dims)) or len(indptr) != num_components + 1:
+        raise PipelineError(
+            f"{path}: estimates/A is {num_pixels} x {num_components}, expected pixels of params/data/dims {tuple(dims)} x components"
+        )
+    column = np.repeat(np.arange(num_components), np.diff(indptr))
+    coords = np.unravel_index(indices, tuple(int(d) for d in dims), order="F")
+    weight = np.bincount(column, weights=data, minlength=num_components)
+    with np.errstate(all="ignore"):
+        centres = [np.bincount(column, weights=data * c, minlength=num_components) / weight for c in coords]
+    centres += [np.zeros(num_components)] * (3 - len(centres))
+    return np.c_[tuple(centres)][components]
+
+
+def load_caiman_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """CaImAn's results: estimates/F_dff (dF/F) of the accepted components, centres of estimates/A, params/data/fr."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    path = _the_file(folder, ".hdf5", "CaImAn")
+    _check_file(path, "an HDF5", "CaImAn's cnm.save('....hdf5')")
+    with h5py.File(path, "r") as h5:
+        f_dff = h5.get("estimates/F_dff")
+        if not isinstance(f_dff, h5py.Dataset) or f_dff.dtype.kind not in "fiu":  # None is saved as 'NoneType'
+            raise PipelineError(
+                f"{path} has no estimates/F_dff (dF/F; estimates/C is denoised, not for CASCADE): run "
+                "cnm.estimates.detrend_df_f(...) then cnm.save(...) again"
+            )
+        fr, dims = (_caiman_dataset(h5, f"params/data/{key}", path) for key in ("fr", "dims"))
+        accepted = _caiman_dataset(h5, "estimates/idx_components", path)
+        shape = f_dff.shape
+        if len(shape) != 2:
+            raise PipelineError(f"{path}: estimates/F_dff has shape {shape}, expected (components, frames)")
+        if dims is None or np.size(dims) not in (2, 3):
+            raise PipelineError(f"{path}: params/data/dims is {dims!r}, expected the field of view (2 or 3 sizes)")
+        rows = (
+            np.arange(shape[0]) if accepted is None else _whole_numbers(accepted, f"{path}: estimates/idx_components")
+        )
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0] or len(np.unique(rows)) < len(rows)):
+            raise PipelineError(
+                f"{path}: estimates/idx_components holds {_describe(rows)}, expected distinct 0-based components below {shape[0]}"
+            )
+        rows = np.sort(rows)
+        positions = _caiman_centres(h5, path, np.asarray(dims).ravel(), rows)
+    if fr is None:
+        raise PipelineError(f"{path} has no params/data/fr (the frame rate)")
+    doubts: list = []
+    rate = _frame_rate(fr, f"{path}: params/data/fr", doubts)
+    _check_positions(positions, f"{path}: centres of estimates/A", doubts)
+    trace_file = TraceFile(
+        str(path), "estimates/F_dff", False, len(rows), int(shape[1]), None if accepted is None else rows
+    )
+    subject = SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(len(rows)), "caiman", "dff", (str(path),),
+        trace_type_reason="CaImAn's estimates/F_dff is dF/F", stored_cells=int(shape[0]),
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _caiman_size(folder: Path) -> int:
+    with contextlib.suppress(Exception):
+        return _dataset_size(_the_file(folder, ".hdf5", "CaImAn"), "estimates/F_dff")
+    return 0
+
+
+# --- NWB (read with pynwb): processing/ophys's DfOverF (preferred) or Fluorescence, found by type, not by name
+
+NWB_REGULAR_INTERVAL_FRACTION = 0.01  # timestamps whose intervals stray further from their median are irregular
+
+
+def _nwb_series(ophys, path: Path) -> tuple:
+    """The one RoiResponseSeries of DfOverF (else of Fluorescence), and the trace type it holds."""
+    from pynwb.ophys import DfOverF, Fluorescence
+
+    for kind, trace_type in ((DfOverF, "dff"), (Fluorescence, "fluorescence")):
+        containers = [c for c in ophys.data_interfaces.values() if isinstance(c, kind)]
+        series = [(c.name, s) for c in containers for s in c.roi_response_series.values()]
+        if len(series) > 1:
+            names = ", ".join(f"{c}/{s.name}" for c, s in series[:4])
+            raise PipelineError(
+                f"{path}: processing/ophys holds {len(series)} {kind.__name__} series ({names}), expected one"
+            )
+        if series:
+            return series[0][0], series[0][1], trace_type
+    found = ", ".join(ophys.data_interfaces) or "nothing"
+    raise PipelineError(f"{path}: processing/ophys holds no DfOverF or Fluorescence series (found: {found})")
+
+
+def _nwb_centres(table, path: Path) -> np.ndarray:
+    """Each ROI's weighted centre [x, y, z] from the plane segmentation's voxel, pixel or image masks (z = 0
+    unless voxel masks give it)."""
+    columns = set(table.colnames)
+    if columns & {"voxel_mask", "pixel_mask"}:
+        index = table["voxel_mask" if "voxel_mask" in columns else "pixel_mask"]
+        ends, entries = np.asarray(index.data[:], dtype=np.int64), np.asarray(index.target.data[:])
+        roi = np.repeat(np.arange(len(ends)), np.diff(np.r_[0, ends]))
+        axes = [entries[name].astype(float) for name in ("x", "y", "z") if name in entries.dtype.names]
+        weight = entries["weight"].astype(float)
+        total = np.bincount(roi, weights=weight, minlength=len(ends))
+        with np.errstate(all="ignore"):
+            centres = [np.bincount(roi, weights=weight * a, minlength=len(ends)) / total for a in axes]
+    elif "image_mask" in columns:
+        masks, centres = table["image_mask"].data, []
+        for first in range(0, len(masks), 256):  # a block of ROIs at a time: masks are whole images
+            block = np.asarray(masks[first : first + 256], dtype=float)
+            total = block.reshape(len(block), -1).sum(axis=1)
+            sums = [np.tensordot(block.sum(axis=tuple(a for a in range(1, block.ndim) if a != axis)), np.arange(block.shape[axis]), 1) for axis in range(1, block.ndim)]  # fmt: skip
+            with np.errstate(all="ignore"):
+                centres.append(np.c_[tuple(s / total for s in sums)])
+        centres = list(np.concatenate(centres).T) if centres else [np.zeros(0)] * 2
+    else:
+        raise PipelineError(f"{path}: plane segmentation {table.name} has no voxel_mask, pixel_mask or image_mask")
+    return np.c_[tuple(centres + [np.zeros(len(centres[0]))] * (3 - len(centres)))]
+
+
+def _nwb_rate(series, path: Path, doubts: list) -> float:
+    """The series' rate, or that of its timestamps when they are regular."""
+    where = f"{path}: {series.name}"
+    if series.rate is not None:
+        return _frame_rate(series.rate, f"{where}: rate", doubts)
+    times = np.asarray(series.timestamps[:], dtype=float)
+    intervals = np.diff(times)
+    if len(times) < 2 or not np.isfinite(intervals).all() or np.median(intervals) <= 0:
+        raise PipelineError(f"{where}: timestamps are not increasing times in seconds, expected a frame rate")
+    median = float(np.median(intervals))
+    if np.abs(intervals - median).max() > NWB_REGULAR_INTERVAL_FRACTION * median:
+        raise PipelineError(
+            f"{where}: the timestamps are irregular (frames {intervals.min():.3g} to {intervals.max():.3g} s apart): "
+            "CASCADE needs a constant frame rate; resample the traces to regular frames first"
+        )
+    return _frame_rate((len(times) - 1) / (times[-1] - times[0]), f"{where}: timestamps", doubts)
+
+
+def _nwb_contents(nwb, path: Path, doubts: list) -> tuple:
+    """(TraceFile, positions, rate, trace type, where) of the file's ophys series."""
+    from pynwb.ophys import PlaneSegmentation
+
+    ophys = nwb.processing.get("ophys")
+    if ophys is None:
+        raise PipelineError(f"{path} has no processing/ophys module (found: {', '.join(nwb.processing) or 'none'})")
+    container, series, trace_type = _nwb_series(ophys, path)
+    data, rois = series.data, np.asarray(series.rois.data[:], dtype=np.int64)
+    where = f"{path}: {container}/{series.name}"
+    if not isinstance(data, h5py.Dataset) or data.ndim != 2 or data.dtype.kind not in "fiu":
+        raise PipelineError(f"{where}: data is {getattr(data, 'shape', '?')}, expected (time, rois) real numbers")
+    if data.shape[1] != len(rois):
+        flipped = " (it looks transposed: NWB stores time first)" if data.shape[0] == len(rois) else ""
+        raise PipelineError(
+            f"{where}: data is {data.shape} but rois lists {len(rois)} ROIs, expected (time, {len(rois)}){flipped}"
+        )
+    if (series.conversion, series.offset) != (1.0, 0.0):
+        doubts.append(
+            f"{where}: data stored with conversion {series.conversion:g}, offset {series.offset:g}: read as stored"
+        )
+    table = series.rois.table
+    centres = _nwb_centres(table, path)[rois]
+    if "voxel_mask" not in table.colnames:  # z: the plane segmentation's place among the file's, in name order
+        tables = [t for c in ophys.data_interfaces.values() for t in getattr(c, "plane_segmentations", {}).values()]
+        names = sorted((t.name for t in tables if isinstance(t, PlaneSegmentation)), key=_natural_key)
+        centres[:, 2] = names.index(table.name) if table.name in names else 0
+    rate = _nwb_rate(series, path, doubts)
+    trace_file = TraceFile(str(path), data.name, True, len(rois), int(data.shape[0]))
+    return trace_file, centres, rate, trace_type, f"{container}/{series.name}"
+
+
+def load_nwb_subject(folder: Path, options: LoadOptions) -> SubjectData:
+    """An NWB file: the ophys series of DfOverF (dF/F) or Fluorescence (raw), centres of its ROIs' masks."""
+    if options.coordinates == "registered":
+        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
+    from pynwb import NWBHDF5IO
+
+    path, doubts = _the_file(folder, ".nwb", "NWB"), []
+    _check_file(path, "an HDF5", "an NWB file")
+    try:
+        with warnings.catch_warnings(), NWBHDF5IO(str(path), "r") as io:
+            warnings.simplefilter("ignore")  # pynwb's notes about cached namespaces
+            trace_file, positions, rate, trace_type, where = _nwb_contents(io.read(), path, doubts)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path} as NWB ({type(exc).__name__}: {exc})") from None
+    _check_positions(positions, f"{path}: ROI mask centres", doubts)
+    subject = SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(trace_file.num_cells), "nwb", trace_type,
+        (str(path),), trace_type_reason=f"NWB {where} is {'dF/F' if trace_type == 'dff' else 'raw fluorescence'}",
+    )  # fmt: skip
+    return _with_doubts(subject, doubts)
+
+
+def _nwb_size(folder: Path) -> int:
+    """cells x frames of the largest RoiResponseSeries under processing/ophys (h5py: no pynwb needed)."""
+    sizes = [0]
+    with contextlib.suppress(Exception), h5py.File(_the_file(folder, ".nwb", "NWB"), "r") as h5:
+        h5["processing/ophys"].visititems(
+            lambda name, item: sizes.append(item["data"].size)
+            if _as_text(item.attrs.get("neurodata_type", b"")) == "RoiResponseSeries" else None
+        )  # fmt: skip
+    return int(max(sizes))
+
+
 def _dataset_size(path: Path, dataset: str) -> int:
     """Elements of an HDF5 dataset (cells x frames), read from its header; 0 when unreadable."""
     with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
@@ -657,6 +1117,19 @@ INPUT_LAYOUTS = (  # the first that a folder holds is used
         "generic", "traces.h5 (traces (N, T), positions (N, 3), attribute frame_rate_hz)",
         lambda names: "traces.h5" in names, load_generic_subject,
         lambda folder: _dataset_size(folder / "traces.h5", "traces"),
+    ),
+    InputLayout(
+        "suite2p", "suite2p/plane<k>/ or plane<k>/ (F.npy, Fneu.npy, iscell.npy, stat.npy, ops.npy or settings.npy)",
+        lambda names: "suite2p" in names or any(_PLANE_RE.fullmatch(name) for name in names), load_suite2p_subject,
+        _suite2p_size,
+    ),
+    InputLayout(
+        "caiman", "<name>.hdf5 of CaImAn's cnm.save (estimates/F_dff, estimates/A, estimates/idx_components, params/data)",
+        lambda names: any(name.endswith(".hdf5") for name in names), load_caiman_subject, _caiman_size,
+    ),
+    InputLayout(
+        "nwb", "<name>.nwb (processing/ophys: DfOverF or Fluorescence RoiResponseSeries (time, rois), ROI masks)",
+        lambda names: any(name.endswith(".nwb") for name in names), load_nwb_subject, _nwb_size,
     ),
 )  # fmt: skip
 
@@ -2339,9 +2812,20 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     return {**totals, "sparsity_percent": 100.0 * num_entries / max(num_voxels, 1), **dataclasses.asdict(counts)}
 
 
+def input_keys(paths) -> list:
+    """Each input file's key in a fingerprint: its name, or <folder>/<name> where names repeat (suite2p's planes)."""
+    names = [Path(p).name for p in paths]
+    repeated = {name for name in names if names.count(name) > 1}
+    return [f"{Path(p).parent.name}/{name}" if name in repeated else name for p, name in zip(paths, names)]
+
+
 def input_signature(paths) -> dict:
-    """{file name: [size, modification time in ns]} of the input files that exist."""
-    return {Path(p).name: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if os.path.exists(p)}
+    """{file key: [size, modification time in ns]} of the input files that exist."""
+    return {
+        key: [os.stat(p).st_size, os.stat(p).st_mtime_ns]
+        for key, p in zip(input_keys(paths), paths)
+        if os.path.exists(p)
+    }
 
 
 def changed_params(old: dict, params: dict) -> list:
@@ -3005,6 +3489,8 @@ def subject_trace_type(subject: SubjectData, trace_type_option: str) -> TraceTyp
     """--trace_type, or decided from a sample of up to 2,000 cells spread over the subject."""
     if trace_type_option != "auto":
         return TraceType(trace_type_option, "set by --trace_type")
+    if subject.trace_type_reason:  # the layout says (suite2p's F, CaImAn's F_dff, NWB's DfOverF or Fluorescence)
+        return TraceType(subject.trace_type_hint, subject.trace_type_reason)
     sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
     return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
 
@@ -3190,6 +3676,101 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
     write_metadata_file(path, attrs, datasets, cells)
 
 
+NWB_FILENAME_SUFFIX = "_cascade.nwb"
+
+
+class _CellBlocks:
+    """(time, cells) data for pynwb, made a block of cells at a time by ``block(first, stop)`` -> (cells, T)."""
+
+    def __new__(cls, block: Callable, num_cells: int, num_frames: int):
+        from hdmf.data_utils import AbstractDataChunkIterator, DataChunk
+
+        class Blocks(AbstractDataChunkIterator):
+            def __init__(self):
+                self.first = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if self.first >= num_cells:
+                    raise StopIteration
+                first, self.first = self.first, min(self.first + CELLS_PER_CHUNK, num_cells)
+                return DataChunk(np.ascontiguousarray(block(first, self.first).T), np.s_[:, first : self.first])
+
+            def recommended_chunk_shape(self):
+                return None
+
+            def recommended_data_shape(self):
+                return (num_frames, num_cells)
+
+            dtype = property(lambda self: np.dtype(np.float32))
+            maxshape = property(lambda self: (num_frames, num_cells))
+
+        return Blocks()
+
+
+def _nwb_dff_block(record: SubjectRun):
+    """The input as dF/F, as the run computed it, for cells [first, stop)."""
+    subject, params = record.subject, record.params
+
+    def block(first: int, stop: int) -> np.ndarray:
+        traces = subject.trace_file.read(first, stop)
+        if record.trace_type.kind != "fluorescence":
+            return traces
+        window_s, percentile = params["param_baseline_window_s"], params["param_baseline_percentile"]
+        return compute_dff(traces, subject.frame_rate_hz, window_s, percentile)
+
+    return block
+
+
+def write_nwb_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    """<subject>_cascade.nwb: the cells (a voxel mask at each position), the input dF/F (DfOverF) and CASCADE's
+    rates (RoiResponseSeries 'Deconvolved'), at the recording's rate; written a block of cells at a time."""
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.file import Subject
+    from pynwb.ophys import DfOverF, ImageSegmentation, OpticalChannel, RoiResponseSeries
+
+    subject, params, model = record.subject, record.params, record.model
+    created = datetime.datetime.now(datetime.timezone.utc)
+    nwb = NWBFile(
+        session_description=f"CASCADE spike inference of {subject.name} ({subject.layout} layout)",
+        identifier=f"{attrs['run_id']}-{subject.name}", session_start_time=created,
+        experimenter=list(params["param_nwb_experimenter"]) or None,
+        subject=Subject(subject_id=params["param_nwb_subject_id"] or subject.name, species=params["param_nwb_species"]),
+        source_script=f"unified_spike_processing_coo {__version__}", source_script_file_name=Path(__file__).name,
+    )  # fmt: skip
+    device = nwb.create_device(name="microscope", description="as recorded in the input")
+    plane = nwb.create_imaging_plane(
+        name="imaging_plane", optical_channel=OpticalChannel(name="channel", description="unknown", emission_lambda=float("nan")),
+        description="the recording's cells, positions as in the input", device=device, excitation_lambda=float("nan"),
+        imaging_rate=subject.frame_rate_hz, indicator="unknown", location="unknown",
+    )  # fmt: skip
+    ophys = nwb.create_processing_module(name="ophys", description="calcium traces and CASCADE spike inference")
+    segmentation = ImageSegmentation(name="ImageSegmentation")
+    ophys.add(segmentation)
+    cells = segmentation.create_plane_segmentation(
+        name="cells", description="one voxel at each cell's position [x, y, z] (rounded)", imaging_plane=plane
+    )
+    for x, y, z in np.clip(np.round(subject.positions), 0, None).astype(np.uint32):
+        cells.add_roi(voxel_mask=[(x, y, z, 1.0)])
+    rois = cells.create_roi_table_region(description="every cell", region=list(range(subject.num_cells)))
+    shape = (subject.num_cells, subject.num_frames)
+    dff = RoiResponseSeries(
+        name="dff", data=_CellBlocks(_nwb_dff_block(record), *shape), rois=rois, unit="n.a.",
+        rate=subject.frame_rate_hz, description=f"dF/F of the input ({record.trace_type.kind}: {record.trace_type.reason})",
+    )  # fmt: skip
+    ophys.add(DfOverF(name="DfOverF", roi_response_series=dff))
+    ophys.add(RoiResponseSeries(
+        name="Deconvolved", data=_CellBlocks(record.spikes.rates, *shape), rois=rois, unit="expected spikes per frame",
+        rate=subject.frame_rate_hz, description=f"CASCADE spike inference (model {model.name}, threshold "
+        f"{params['param_cascade_threshold']}): expected spikes per frame, NaN where CASCADE predicts nothing",
+    ))  # fmt: skip
+    with warnings.catch_warnings(), NWBHDF5IO(str(path), "w") as io:
+        warnings.simplefilter("ignore")  # pynwb's notes on orientation: whole-brain data has more cells than frames
+        io.write(nwb)
+
+
 @dataclass(frozen=True)
 class SubjectOutput:
     """One file of a subject's outputs: the only place to touch to add one. Written in this table's
@@ -3208,6 +3789,8 @@ SUBJECT_OUTPUTS = (
                   "grid_and_write_s", keep_unwritten=True),
     SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
+    SubjectOutput(lambda name: name + NWB_FILENAME_SUFFIX, lambda r: bool(r.params["param_nwb"]), write_nwb_file,
+                  "nwb_s", keep_unwritten=False),
     SubjectOutput(lambda _: METADATA_FILENAME, lambda r: True, write_metadata, None, keep_unwritten=False),
 )  # fmt: skip
 
@@ -3449,7 +4032,9 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
     """Why a subject folder is left out of combined_metadata.h5 ('' if it is no subject folder)."""
     metadata = read_attrs(folder / METADATA_FILENAME)
     if metadata is None:
-        return "no finished outputs" if re.fullmatch(r"subject_\d+", folder.name) else ""
+        outputs = (folder / output.filename(folder.name) for output in SUBJECT_OUTPUTS)
+        is_subject = re.fullmatch(r"subject_\d+", folder.name) or any(path.exists() for path in outputs)
+        return "no finished outputs" if is_subject else ""
     try:
         fingerprint = json.loads(metadata["fingerprint"])
     except (KeyError, ValueError):
@@ -3460,8 +4045,118 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
         return f"made by version {fingerprint.get('software_version')}"
     sources = [s for part in np.atleast_1d(metadata.get("source_files", [])) for s in str(part).split(",") if s]
     now = input_signature(sources)
-    changed = [Path(s).name for s in sources if now.get(Path(s).name) != fingerprint["inputs"].get(Path(s).name)]
+    changed = [key for key in input_keys(sources) if now.get(key) != fingerprint["inputs"].get(key)]
     return f"input {', '.join(changed)} changed or missing since" if changed else None
+
+
+# --- --inspect: what a run would do, without CASCADE and without writing -----------------------------------
+# Figures measured in benchmarks/RESULTS_pipeline.md ("1/10 fish": 9,000 cells x 4,000 frames, 2 CPUs, builtin
+# model, sections "Memory to plan" and "Notes"); other machines and models differ: estimates, not promises.
+WORKER_BASE_GB = 1.4  # a pool worker with TensorFlow loaded, before its batch
+WORKER_BYTES_PER_NEURON_FRAME = 28  # a worker's growth per neuron-frame of its batch
+MAIN_BASE_GB = 1.5  # the main process outside inference
+GRID_BYTES_PER_VOXEL = 140  # build_coo's temporaries per active voxel (110-140 B measured)
+VOXELS_PER_NEURON_FRAME = 0.16  # active voxels per neuron-frame (11.9-16 % of neuron-frames were spikes)
+CASCADE_NEURON_FRAMES_PER_S = 356_000  # one worker (w1's CASCADE neuron-frames/s)
+GRID_S_PER_VOXEL = 3e-6  # grid build and writing, per active voxel
+
+
+@dataclass
+class Inspection:
+    """What --inspect found for one subject."""
+
+    name: str
+    subject: SubjectData | None = None
+    model: CascadeModel | None = None
+    trace_type: TraceType | None = None
+    refusal: str = ""
+
+    def peak_gb(self, workers: int, batch_size: int) -> float:
+        if self.subject is None:
+            return 0.0
+        cells, frames = self.subject.num_cells, self.subject.num_frames
+        batch = min(batch_size, math.ceil(cells / workers))
+        grid = GRID_BYTES_PER_VOXEL * VOXELS_PER_NEURON_FRAME * cells * frames / 1e9
+        return MAIN_BASE_GB + grid + workers * (WORKER_BASE_GB + WORKER_BYTES_PER_NEURON_FRAME * batch * frames / 1e9)
+
+    def seconds(self, workers: int) -> float:
+        size = self.subject.num_cells * self.subject.num_frames if self.subject else 0
+        return size / (CASCADE_NEURON_FRAMES_PER_S * workers) + GRID_S_PER_VOXEL * VOXELS_PER_NEURON_FRAME * size
+
+
+def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
+    """Load, choose the model, decide the trace type and plan the grid as the run would (no CASCADE)."""
+    found = Inspection(folder.name)
+    try:
+        found.subject = subject = load_subject(folder, settings_for(LoadOptions, config))
+        found.model = model_for_subject(subject, settings_for(ModelRequest, config))
+        found.trace_type = subject_trace_type(subject, config.trace_type)
+        grid_settings = settings_for(GridSettings, config)
+        valid = np.ones(subject.num_cells, bool)  # the run leaves out all-NaN cells, known only after reading
+        check_split(
+            subject, plan_grid(subject.positions, valid, subject.num_frames, found.model, grid_settings), grid_settings
+        )
+    except PipelineError as exc:
+        found.refusal = str(exc)
+    return found
+
+
+def inspect_lines(found: list, config: PipelineConfig) -> list:
+    """The --inspect report: a line per subject and its doubts, then totals and suggestions."""
+    lines = [
+        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes"
+    ]
+    for f in found:
+        s = f.subject
+        if s is not None:
+            model = f"{f.model.name} ({rate_mismatch(f.model, s.frame_rate_hz):.0%})" if f.model else "-"
+            kind = f"{f.trace_type.kind} ({f.trace_type.reason})" if f.trace_type else "-"
+            lines.append(
+                f"{f.name} | {s.layout} | {s.num_cells:,} / {s.stored_cells or s.num_cells:,} | {s.num_frames:,} | "
+                f"{s.frame_rate_hz:.3g} | {s.num_frames / s.frame_rate_hz / 60:.1f} | {kind} | {model} | "
+                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(config.workers) / 60:.1f}"
+            )
+            lines += [f"  ! WARNING: {w}" for w in s.warnings]
+        lines += [f"{f.name}: REFUSED: {f.refusal}"] * bool(f.refusal)
+    ok = [f for f in found if not f.refusal]
+    cpus, memory_gb = available_cpus(), _available_memory_gb()
+    workers = max(
+        [
+            w
+            for w in range(1, cpus + 1)
+            if max((f.peak_gb(w, config.batch_size) for f in ok), default=0) <= 0.8 * memory_gb
+        ]
+        or [1]
+    )
+    peak = max((f.peak_gb(workers, config.batch_size) for f in ok), default=0.0)
+    minutes = sum(f.seconds(workers) for f in ok) / 60
+    lines += [
+        f"Totals: {len(found)} subjects ({len(found) - len(ok)} refused), "
+        f"{sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about {minutes:.0f} min with "
+        f"--workers {workers} (peak {peak:.1f} GB; this machine: {cpus} CPUs, {memory_gb:.0f} GB available)",
+        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={workers} "
+        "(estimates from benchmarks/RESULTS_pipeline.md; doubts that only the traces reveal are found by the run)",
+    ]
+    return lines
+
+
+def _available_memory_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 1e9
+
+
+def inspect_run(config: PipelineConfig, shard: tuple | None = None) -> int:
+    """--inspect: the report, and the exit status the run would have (1 when a subject would be refused)."""
+    subjects = select_shard(find_subjects(config.input_dir, config.subjects, config.skip), shard)
+    if not subjects:
+        raise PipelineError(f"no subject folders under {config.input_dir} (or its Subjects/ folder)")
+    if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
+        settings_for(ModelRequest, config).resolve()  # as the run: a missing model is exit 2
+    found = [inspect_subject(folder, config) for folder in subjects]
+    for line in inspect_lines(found, config):
+        log.info(line)
+    return 1 if any(f.refusal for f in found) or not found else 0
 
 
 def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunContext | None = None) -> int:
@@ -3481,7 +4176,10 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
                     threading.Thread(target=_import_matplotlib).start()
             subjects = find_subjects(config.input_dir, config.subjects, config.skip)
             if not subjects:
-                raise PipelineError(f"no subject_<n> folders under {config.input_dir} (or its Subjects/ folder)")
+                raise PipelineError(
+                    f"no subject folders under {config.input_dir} (or its Subjects/ folder): expected folders "
+                    "holding " + " or ".join(layout.files.split(" (")[0] for layout in INPUT_LAYOUTS)
+                )
             if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
                 settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
@@ -3567,7 +4265,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
         "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
         "on a rerun.",
-        epilog="Input layouts, in subject_<n> folders directly under --input_dir or under --input_dir/Subjects: "
+        epilog="Input layouts, one subject per folder (subject_<n>, or any folder holding a layout) directly under "
+        "--input_dir or under --input_dir/Subjects: "
         + "; ".join(layout.files for layout in INPUT_LAYOUTS)
         + ". Exit status: 0 every subject done or already up to date; 1 some subject failed, was locked by another run or "
         "was not processed after a write failure (each named in the log); 2 bad arguments or no usable model; 130 / 143 "
@@ -3595,15 +4294,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(log_file: Path, verbose: bool) -> None:
+def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "spike_grids", False)]:
         root.removeHandler(handler)  # a second main() in one process (tests, notebooks)
         handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(log_file)  # OSError here: an unwritable log, exit 2
-    for handler in (logging.StreamHandler(sys.stderr), file_handler):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))  # OSError here: an unwritable log, exit 2
+    for handler in handlers:
         handler.setFormatter(formatter)
         handler.spike_grids = True
         root.addHandler(handler)
@@ -3619,11 +4320,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(config.output_dir)
     default_log = f"processing_shard{shard[0]}of{shard[1]}.log" if shard else "processing.log"
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _setup_logging(Path(config.log_file) if config.log_file else output_dir / default_log, config.verbose)
+        if not config.inspect:  # --inspect writes nothing: its log goes to stderr (and --log_file if given)
+            output_dir.mkdir(parents=True, exist_ok=True)
+        log_file = Path(config.log_file) if config.log_file else None if config.inspect else output_dir / default_log
+        _setup_logging(log_file, config.verbose)
     except OSError as exc:
         print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if config.inspect:
+        try:
+            return inspect_run(config, shard)
+        except PipelineError as exc:
+            log.error("%s", exc)
+            return 2
     run = RunContext(output_dir)
     run.install_signal_handlers()
     try:
