@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -123,6 +124,10 @@ class PipelineConfig:
         choices=("raw", "registered"),
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
+    cell_activity: bool = option(
+        True, "skip cell_activity.h5 (per-cell rates and CASCADE's results: a later grid-only change then reruns "
+        "CASCADE)", IO, "grid", flag="--no_cell_activity",
+    )  # fmt: skip
     num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
     log_file: str | None = option(None, "log file (default: <output_dir>/processing[_shard<K>of<N>].log)", IO)
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
@@ -162,6 +167,11 @@ class PipelineConfig:
     spike_mode: str = option("sample", _spike_mode_help, GRID, "cascade", choices=lambda: tuple(SPIKE_MODES))
     spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade")
     seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade")
+    target_rate_hz: float | None = option(
+        None, "re-bin CASCADE's rates to this rate (Hz), conserving expected spikes, before spikes, grid and split: "
+        "one time base for fish recorded at different rates (default: the recording's rate)", GRID, "cascade",
+        type=float,
+    )  # fmt: skip
     keep_edge_frames: bool = option(False, "keep the frames at both ends that CASCADE cannot predict", GRID, "grid")
     grid_shape: tuple = option(
         (256, 128), "grid height (x) and width (y) in pixels", GRID, "grid", type=int, nargs=2, metavar=("H", "W")
@@ -182,6 +192,10 @@ class PipelineConfig:
             "--max_rate_mismatch >= 0": self.max_rate_mismatch < 0,
             "--baseline_percentile must be in [0, 100]": not 0 <= self.baseline_percentile <= 100,
             "--baseline_window_s must be positive": self.baseline_window_s <= 0,
+            "--target_rate_hz must be a rate in Hz between {:g} and {:g}".format(*FRAME_RATE_RANGE_HZ): (
+                self.target_rate_hz is not None
+                and not FRAME_RATE_RANGE_HZ[0] <= self.target_rate_hz <= FRAME_RATE_RANGE_HZ[1]
+            ),
             f"--cascade_threshold must be one of {', '.join(CASCADE_THRESHOLDS)}": (
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
@@ -305,6 +319,8 @@ class SubjectData:
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
+    raw_positions: np.ndarray | None = None  # (N, 3) as the layout stores them (Chen: CellXYZ), for cell_activity.h5
+    registered_positions: np.ndarray | None = None  # (N, 3) in a shared frame where the layout has one (CellXYZ_norm)
 
     @property
     def num_cells(self) -> int:
@@ -559,6 +575,21 @@ def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, 
     return cell_ids
 
 
+def _chen_position_sets(fields: dict, cell_ids: np.ndarray, anatomy_path: Path) -> tuple:
+    """(CellXYZ, CellXYZ_norm) of the traces' cells, each None when the file lacks it as (cells, 3) numbers
+    (logged: only cell_activity.h5 misses it; the positions the grid uses are checked above)."""
+    found = []
+    for key in ("CellXYZ", "CellXYZ_norm"):
+        xyz = np.asarray(fields.get(key, np.empty(0)))
+        xyz = xyz.T if xyz.ndim == 2 and xyz.shape[1] != 3 else xyz
+        if xyz.dtype.kind in "iuf" and xyz.ndim == 2 and xyz.shape[1] == 3 and len(xyz) >= cell_ids.max(initial=0):
+            found.append(xyz[cell_ids - 1].astype(np.float64))
+        else:
+            log.info("%s: no data.%s as (cells, 3) numbers: cell_activity.h5 goes without it", anatomy_path, key)
+            found.append(None)
+    return tuple(found)
+
+
 def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
@@ -587,6 +618,7 @@ def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     subject = SubjectData(
         folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources
     )
+    subject.raw_positions, subject.registered_positions = _chen_position_sets(fields, cell_ids, anatomy_path)
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
@@ -619,6 +651,7 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     subject = SubjectData(
         folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),)
     )
+    subject.raw_positions = positions
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
@@ -1531,8 +1564,78 @@ def predict_spike_rates(
 
 
 # =============================================================================================
-# 6. Spikes: rates -> discrete spike counts, or binary spikes reproducible whatever the batching
+# 6. Time base and spikes: rates re-binned to --target_rate_hz; rates -> discrete spike counts, or binary
+# spikes reproducible whatever the batching
 # =============================================================================================
+# With --target_rate_hz, frame i (seconds [i/f, (i+1)/f)) gives each bin j (seconds [j/R, (j+1)/R)) the
+# fraction of its duration that falls in the bin, so a bin's rate is its expected spike count and the
+# counts are conserved. Only bins wholly inside the recording exist (a trailing part-bin is dropped).
+# A bin that any frame without a value touches (CASCADE's edges, windows with NaN) is NaN: a partial sum
+# would look like low activity. Spikes are then drawn from the bins' rates, as from frames' rates.
+
+OVERLAP_TOLERANCE = 1e-9  # a frame touching a bin by less than this fraction (float rounding) does not count
+
+
+@dataclass(frozen=True)
+class TimeBase:
+    """The timepoints rates, spikes and the grid are on: the recording's frames, or bins at --target_rate_hz.
+    Timepoint i covers seconds [i / rate_hz, (i + 1) / rate_hz) from the first frame's start."""
+
+    frame_rate_hz: float  # the recording's
+    num_frames: int  # the recording's
+    target_rate_hz: float | None = None
+
+    @property
+    def rate_hz(self) -> float:
+        return self.target_rate_hz or self.frame_rate_hz
+
+    @property
+    def num_timepoints(self) -> int:
+        if self.target_rate_hz is None:
+            return self.num_frames
+        return int(math.floor(self.num_frames * self.target_rate_hz / self.frame_rate_hz + OVERLAP_TOLERANCE))
+
+    def times_s(self) -> np.ndarray:
+        """(timepoints,) start of each timepoint in seconds."""
+        return np.arange(self.num_timepoints) / self.rate_hz
+
+    @functools.cached_property
+    def overlap(self):
+        """(frames, bins) scipy CSR matrix: the fraction of frame i that lies in bin j."""
+        from scipy.sparse import csr_matrix
+
+        frames, ratio = np.arange(self.num_frames), self.target_rate_hz / self.frame_rate_hz
+        rows, columns, weights = [], [], []
+        for step in range(int(math.ceil(ratio)) + 1):  # the bins a frame can touch
+            bins = np.floor(frames * ratio).astype(np.int64) + step
+            start = np.maximum(frames, bins / ratio)  # in frames
+            fraction = np.minimum(frames + 1, (bins + 1) / ratio) - start
+            keep = (fraction > OVERLAP_TOLERANCE) & (bins < self.num_timepoints)
+            rows, columns, weights = rows + [frames[keep]], columns + [bins[keep]], weights + [fraction[keep]]
+        shape = (self.num_frames, self.num_timepoints)
+        return csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(columns))), shape=shape)
+
+    def rebin(self, rates: np.ndarray) -> np.ndarray:
+        """(cells, frames) rates per frame -> (cells, timepoints) expected spikes per timepoint (float64);
+        NaN in any frame a bin touches makes the bin NaN. Unchanged without --target_rate_hz."""
+        if self.target_rate_hz is None:
+            return rates
+        missing = np.isnan(rates)
+        out = np.asarray((self.overlap.T @ np.where(missing, 0.0, rates).T).T, dtype=np.float64)
+        if missing.any():
+            touched = self.overlap.astype(bool).astype(np.int32)
+            out[(missing.astype(np.int32) @ touched) > 0] = np.nan
+        return out
+
+    def predicted(self, frames_predicted: np.ndarray) -> np.ndarray:
+        """(timepoints,) bool: timepoints whose every frame has a prediction."""
+        if self.target_rate_hz is None:
+            return np.asarray(frames_predicted, bool)
+        return ~np.isnan(self.rebin(np.where(frames_predicted, 0.0, np.nan)[None])[0])
+
+    def first_frames(self) -> np.ndarray:
+        """(timepoints,) the recording frame in which each timepoint starts."""
+        return np.minimum(np.floor(self.times_s() * self.frame_rate_hz + OVERLAP_TOLERANCE), self.num_frames - 1)
 
 
 def _segment_positions(starts: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
@@ -1786,18 +1889,22 @@ class GridPlan:
     """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
 
     grid: GridSpec
-    kept_frames: np.ndarray  # (T,) original frame of each timepoint
+    kept_frames: np.ndarray  # (T,) frame of the time base of each timepoint (the original frame by default)
     frame_to_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
     predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
     z_markers: bool
+    timepoint_times_s: np.ndarray | None = None  # (T,) float64 start of each timepoint, seconds
 
 
-def plan_grid(positions, valid, num_frames: int, model: CascadeModel, settings: GridSettings) -> GridPlan:
-    """Kept frames (CASCADE's edge frames are dropped unless --keep_edge_frames), grid and split."""
-    predicted = np.zeros(num_frames, dtype=bool)
-    predicted[model.frames_before : num_frames - model.frames_after] = True
+def plan_grid(positions, valid, time_base: TimeBase, model: CascadeModel, settings: GridSettings) -> GridPlan:
+    """Kept timepoints (those CASCADE cannot predict, at its edges, are dropped unless --keep_edge_frames), grid and
+    split. 'Frames' here are the time base's timepoints (bins with --target_rate_hz)."""
+    frames_predicted = np.zeros(time_base.num_frames, dtype=bool)
+    frames_predicted[model.frames_before : time_base.num_frames - model.frames_after] = True
+    predicted = time_base.predicted(frames_predicted)
+    num_frames = time_base.num_timepoints
     kept_frames = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
@@ -1805,7 +1912,10 @@ def plan_grid(positions, valid, num_frames: int, model: CascadeModel, settings: 
     is_train, test_blocks = train_test_split(
         len(kept_frames), settings.split_block, settings.split_ratio, settings.seed
     )
-    return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers)
+    times_s = time_base.times_s()[kept_frames]
+    return GridPlan(
+        grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers, times_s
+    )
 
 
 def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
@@ -1841,6 +1951,7 @@ class InferenceSettings:
     spike_mode: str  # a name of SPIKE_MODES
     spike_threshold: float
     seed: int
+    target_rate_hz: float | None  # None: spikes on the recording's frames (see TimeBase)
 
 
 @dataclass(frozen=True)
@@ -1864,18 +1975,16 @@ class CellChunk:
     traces: np.ndarray  # (B, T) float32 as stored, infinite values made NaN
     infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
     dff: np.ndarray  # (B, T) float32 the traces as dF/F
-    rates: np.ndarray  # (B, T) float64 CASCADE rates, spikes/frame, NaN where there is no prediction
+    rates: np.ndarray  # (B, T') float64 CASCADE rates on the time base, spikes per timepoint, NaN: no prediction
     noise_level: np.ndarray  # (B,) CASCADE's noise level
     model_noise_level: np.ndarray  # (B,) the model noise level used
-    spikes: np.ndarray  # (B, T) bool
-    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
-    rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
+    spikes: np.ndarray  # (B, T') bool, on the time base
 
 
 @dataclass(frozen=True)
 class CellField:
     """A per-cell result of the workers: the only place to touch to add one. Workers compute it for each
-    chunk, cascade_results.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
+    chunk, cell_activity.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
 
     name: str
     dtype: str
@@ -1891,18 +2000,17 @@ CELL_FIELDS = (
     CellField("infinite_values", "int32", lambda c: c.infinite_values),
     CellField("min_value", "float32", lambda c: np.fmin.reduce(c.traces, axis=1)),  # NaN: no value (fmin skips NaN)
     CellField("max_value", "float32", lambda c: np.fmax.reduce(c.traces, axis=1)),  # = min_value: constant
-    CellField("rate_scale", "float32", lambda c: c.rate_scale),
 )
 
 
 @dataclass(frozen=True)
 class PlotTraces:
-    """The PDF's cells (subject rows, ascending) with their dF/F, rates and spikes."""
+    """The PDF's cells (subject rows, ascending) with their dF/F (recording's frames), rates and spikes (time base)."""
 
     rows: np.ndarray
     dff: np.ndarray  # (n, T) float32
-    rates: np.ndarray  # (n, T) float32
-    spikes: np.ndarray  # (n, T) bool
+    rates: np.ndarray  # (n, T') float32
+    spikes: np.ndarray  # (n, T') bool
 
     @classmethod
     def concatenate(cls, parts: list) -> PlotTraces:
@@ -1918,7 +2026,7 @@ class BatchResult:
     spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a frame
     cells: dict  # CELL_FIELDS name -> (B,) array of that field's dtype
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
-    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
+    rates: np.ndarray  # (B, T) float16 rates (spikes per timepoint), NaN where there is no prediction
     plot: PlotTraces
     seconds: float = 0.0
 
@@ -1932,21 +2040,10 @@ class BatchResult:
         frames, cells = (np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_frames", "spike_cells"))
         order = np.argsort(frames, kind="stable")  # parts ascend in cell: (frame, cell) order overall
         per_cell = {f.name: np.concatenate([p.cells[f.name] for p in parts]) for f in CELL_FIELDS}
-        rates_uint8 = np.concatenate([p.rates_uint8 for p in parts])
+        rates = np.concatenate([p.rates for p in parts])
         rate_sum_fixed = sum(p.rate_sum_fixed for p in parts)
         plot = PlotTraces.concatenate([p.plot for p in parts])
-        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates_uint8, plot, seconds)
-
-
-def quantise_rates(rates: np.ndarray) -> tuple:
-    """Rates (spikes/frame) as uint8 steps of a per-cell scale (its maximum / 254); 255 = no
-    prediction (NaN). Lossy by design (0.4 % of the cell's peak): for analysis and plots, not for
-    re-sampling spikes, which always come from the exact rates."""
-    with np.errstate(all="ignore"):
-        peak = np.nan_to_num(np.nanmax(np.where(np.isnan(rates), -np.inf, rates), axis=1), neginf=0.0)
-        scale = np.where(peak > 0, peak / 254.0, 1.0).astype(np.float32)
-        quantised = np.clip(np.round(np.maximum(rates, 0) / scale[:, None]), 0, 254)
-    return np.where(np.isnan(rates), 255, quantised).astype(np.uint8), scale
+        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates, plot, seconds)
 
 
 def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> CellChunk:
@@ -1959,12 +2056,16 @@ def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> 
         dff = compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
     threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
     rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True)
+    time_base = TimeBase(settings.frame_rate_hz, traces.shape[1], settings.target_rate_hz)
+    rates = time_base.rebin(rates)
+    if settings.target_rate_hz is not None:  # discrete spikes: the model's smoothing counted in bins
+        model = dataclasses.replace(model, sampling_rate_hz=time_base.rate_hz)
     ids = task.cell_ids[start - task.start : stop - task.start]
     spikes = SPIKE_MODES[settings.spike_mode].binarize(
         rates, SpikeContext(ids, settings.seed, settings.spike_threshold, model)
     )
     noise = (report["noise_level"], report["model_noise_level"])
-    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes, *quantise_rates(rates))
+    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes)
 
 
 def process_batch(task: BatchTask) -> BatchResult:
@@ -1981,7 +2082,7 @@ def process_batch(task: BatchTask) -> BatchResult:
         plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
                           chunk.spikes[local])  # fmt: skip
         events = (frames.astype(np.int32), (cells + start).astype(np.int32))
-        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates_uint8, plot))
+        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates.astype(np.float16), plot))
     return BatchResult.concatenate(parts, seconds=time.perf_counter() - started)
 
 
@@ -1990,7 +2091,8 @@ class SubjectSpikes:
     """A subject's inference results, gathered from its batches in order of their cells."""
 
     batches: list  # BatchResult per batch, ascending cells; each holds its frame-sorted events
-    num_frames: int
+    num_frames: int  # timepoints of the time base (the recording's frames without --target_rate_hz)
+    recorded_frames: int | None = None  # the recording's frames, when they differ
 
     def cells(self, key: str) -> np.ndarray:
         """A per-cell result (a CELL_FIELDS name) over all batches, e.g. cells('spike_count')."""
@@ -1999,7 +2101,7 @@ class SubjectSpikes:
     @property
     def valid(self) -> np.ndarray:
         """Cells with at least one value (all-NaN cells are left out of the grid)."""
-        return self.cells("nan_frames") < self.num_frames
+        return self.cells("nan_frames") < (self.recorded_frames or self.num_frames)
 
     @property
     def frame_counts(self) -> np.ndarray:
@@ -2035,15 +2137,17 @@ class SubjectSpikes:
 
     def rates(self, first: int, stop: int) -> np.ndarray:
         """(stop - first, frames) float32 CASCADE rates (spikes/frame) of cells [first, stop), NaN where there is
-        no prediction, as kept (quantised per cell: within 0.2 % of the cell's peak rate)."""
+        no prediction, as kept and as cell_activity.h5 stores them (float16: within 0.05 % of the rate)."""
         parts = []
         for batch in self.batches:
             lo, hi = max(first, batch.start), min(stop, batch.start + batch.num_cells)
             if lo < hi:
-                quantised = batch.rates_uint8[lo - batch.start : hi - batch.start]
-                scale = batch.cells["rate_scale"][lo - batch.start : hi - batch.start, None]
-                parts.append(np.where(quantised == 255, np.float32(np.nan), quantised * scale).astype(np.float32))
+                parts.append(batch.rates[lo - batch.start : hi - batch.start].astype(np.float32))
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+    def rates_at(self, frames: np.ndarray) -> np.ndarray:
+        """(len(frames), cells) float16 rates of every cell at the given frames: rows of cell_activity.h5."""
+        return np.concatenate([batch.rates[:, frames].T for batch in self.batches], axis=1)
 
     def plot_traces(self) -> PlotTraces:
         """The cells whose traces the workers sent back for the PDF."""
@@ -2237,7 +2341,9 @@ def rss_gb() -> float:
 COO_FILENAME = "preaugmented_grids_coo.h5"
 METADATA_FILENAME = "metadata.h5"
 COMBINED_FILENAME = "combined_metadata.h5"
-CASCADE_FILENAME = "cascade_results.h5"  # what CASCADE produced, saved once for re-gridding
+CELL_ACTIVITY_FILENAME = "cell_activity.h5"  # per-cell rates for models; CASCADE's results for re-gridding
+CELL_RATE_CHUNK_TIMEPOINTS = 16  # spike_rates chunks: 16 timepoints x every cell (benchmarks/RESULTS_pipeline.md)
+CELL_RATE_BLOCK_TIMEPOINTS = 256  # timepoints written or read at a time (~46 MB of float16 for 90k cells)
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
 TEMPORARY_MARKER = ".tmp-"
@@ -2306,6 +2412,8 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
         _write_datasets(
             h5, timepoint_indices=plan.kept_frames.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
         )
+        if plan.timepoint_times_s is not None:
+            _write_datasets(h5, timepoint_times_s=plan.timepoint_times_s)
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
 
@@ -2333,64 +2441,80 @@ def cascade_fingerprint(fingerprint: dict) -> dict:
 
 
 PLOT_DATASETS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")  # PlotTraces' fields, in order
+CASCADE_GROUP = "cascade"  # cell_activity.h5's group of what re-gridding needs besides the rates
+CASCADE_DATASETS = ("cell_offsets", "spike_frames", "rate_sum_fixed", *PLOT_DATASETS)
 
 
-def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> None:
-    """cascade_results.h5: a subject's spikes per cell (CSR: cell i's frames are
-    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), its rates quantised to uint8 (rates_uint8 *
-    rate_scale[cell] spikes/frame, 255 = no prediction), every CELL_FIELDS result, the PDF's cells and the
-    fingerprint of what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
-    num_cells, num_frames = sum(batch.num_cells for batch in spikes.batches), spikes.num_frames
+def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
+    """spike_rates (T, N) float16, row t the time base's frame rows[t], written a block of timepoints at a time
+    from the batches' (cells, frames) rates: memory holds one block, never a transposed copy of the fish."""
+    shape = (len(rows), sum(batch.num_cells for batch in spikes.batches))
+    chunks = (min(CELL_RATE_CHUNK_TIMEPOINTS, shape[0]), shape[1])
+    out = h5.create_dataset("spike_rates", shape, np.float16, **(dict(chunks=chunks, **GZIP) if min(shape) else {}))
+    for first in range(0, shape[0], CELL_RATE_BLOCK_TIMEPOINTS):
+        out[first : first + CELL_RATE_BLOCK_TIMEPOINTS] = spikes.rates_at(
+            rows[first : first + CELL_RATE_BLOCK_TIMEPOINTS]
+        )
+
+
+def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
+    """CASCADE's results besides the rates: spikes per cell (CSR: cell i's frames of the time base are
+    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every CELL_FIELDS result, the summed rates and the PDF's cells."""
+    frames_out = group.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
+    offsets = [np.zeros(1, np.int64)]
+    for batch in spikes.batches:
+        order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
+        frames_out.resize(len(frames_out) + len(order), axis=0)
+        frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
+        per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
+        offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
+    rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
+    cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
+    plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
+    _write_datasets(group, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
+
+
+def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subject: SubjectData, attrs: dict) -> None:
+    """cell_activity.h5 (schema in the README): per-cell CASCADE rates on the grid's timepoints with the cells'
+    positions and ids and the split, for models that read neurons; and in cascade/ the rest of CASCADE's results,
+    which a later run that changes only grid parameters re-grids (read_cell_activity) instead of running CASCADE."""
     with new_h5_file(path) as h5:
-        frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
-        rate_chunks = (min(256, num_cells), num_frames)
-        rates_out = h5.create_dataset("rates_uint8", (num_cells, num_frames), np.uint8, chunks=rate_chunks, **GZIP)
-        offsets = [np.zeros(1, np.int64)]
-        for batch in spikes.batches:
-            order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
-            frames_out.resize(len(frames_out) + len(order), axis=0)
-            frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
-            per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
-            offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
-            rates_out[batch.start : batch.start + batch.num_cells] = batch.rates_uint8
-        rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
-        cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
-        plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
-        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
-        _set_attrs(h5, attrs)
+        _write_cell_rates(h5, spikes, plan.kept_frames)
+        positions = {"positions": subject.raw_positions, "positions_registered": subject.registered_positions}
+        _write_datasets(
+            h5, **{name: value for name, value in positions.items() if value is not None}, cell_ids=subject.cell_ids,
+            timepoint_indices=plan.kept_frames.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
+            is_train=plan.is_train.astype(np.uint8),
+        )  # fmt: skip
+        _write_cascade_group(h5.create_group(CASCADE_GROUP), spikes)
+        _set_attrs(h5, {**attrs, "cascade_fingerprint": cascade_fingerprint(attrs["fingerprint"])})
 
 
-def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
-    """(SubjectSpikes, TraceType) from a cascade_results.h5 made with the same inputs, dF/F and
-    CASCADE settings and model as ``fingerprint`` says; None if absent, unreadable or different."""
+def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
+    """(SubjectSpikes, TraceType) from a cell_activity.h5 made with the same inputs, dF/F and CASCADE settings
+    and model as ``fingerprint`` says; None if absent, unreadable or different. Rates of the time base's frames
+    that were not grid timepoints are NaN: those are exactly CASCADE's edges, which have no prediction."""
     attrs = read_attrs(path)
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
     names = [field.name for field in CELL_FIELDS]
     with h5py.File(path, "r") as h5:
-        if any(
-            key not in h5
-            for key in ("cell_offsets", "spike_frames", "rate_sum_fixed", "rates_uint8", *names, *PLOT_DATASETS)
-        ):
+        group = h5.get(CASCADE_GROUP)
+        if group is None or "spike_rates" not in h5 or any(key not in group for key in (*CASCADE_DATASETS, *names)):
             return None  # made by an earlier development version: compute afresh
-        offsets, frames, rate_sum_fixed = (h5[key][()] for key in ("cell_offsets", "spike_frames", "rate_sum_fixed"))
-        cells = {name: h5[name][()] for name in names}
-        rates_uint8 = h5["rates_uint8"][()]
-        plot = PlotTraces(*(h5[key][()] for key in PLOT_DATASETS))
+        offsets, frames, rate_sum_fixed = (group[key][()] for key in CASCADE_DATASETS[:3])
+        cells = {name: group[name][()] for name in names}
+        plot = PlotTraces(*(group[key][()] for key in PLOT_DATASETS))
+        rows, stored = h5["timepoint_indices"][()], h5["spike_rates"]
+        rates = np.full((stored.shape[1], len(rate_sum_fixed)), np.nan, np.float16)
+        for first in range(0, len(rows), CELL_RATE_BLOCK_TIMEPOINTS):
+            block = slice(first, first + CELL_RATE_BLOCK_TIMEPOINTS)
+            rates[:, rows[block]] = stored[block].T
     cell_rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
     order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
-    batch = BatchResult(0, frames[order], cell_rows[order], cells, rate_sum_fixed, rates_uint8, plot)
+    batch = BatchResult(0, frames[order], cell_rows[order], cells, rate_sum_fixed, rates, plot)
     trace_type = TraceType(str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
-    return SubjectSpikes([batch], rates_uint8.shape[1]), trace_type
-
-
-def cascade_attrs(attrs: dict) -> dict:
-    """What cascade_results.h5 records: how its results were made (not the grid's parameters)."""
-    keep = ("subject", "num_cells", "num_original_frames", "frame_rate_hz", "trace_type", "trace_type_reason",
-            "source_files", "software_version", "created_utc", "run_id")  # fmt: skip
-    model = {key: value for key, value in attrs.items() if key.startswith("model_") or key == "cascade_model"}
-    cascade_fp = cascade_fingerprint(attrs["fingerprint"])
-    return {**{key: attrs[key] for key in keep}, **model, "cascade_fingerprint": cascade_fp}
+    return SubjectSpikes([batch], rates.shape[1], int(attrs["num_original_frames"])), trace_type
 
 
 def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
@@ -2490,20 +2614,25 @@ def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None
     return out
 
 
-def _read_window(path, start, stop) -> tuple:
-    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
+def _check_window(start, stop, num_timepoints: int, filename: str) -> tuple:
+    """(start, stop) as ints, or TypeError (not integers) / ValueError (outside 0 <= start <= stop <= T)."""
     for name, value in (("start", start), ("stop", stop)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an integer timepoint, got {value!r}")
-    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= num_timepoints:
+        raise ValueError(
+            f"timepoint window [{start}, {stop}) is outside {filename}: it has {num_timepoints} "
+            f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
+        )
+    return int(start), int(stop)
+
+
+def _read_window(path, start, stop) -> tuple:
+    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
     with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
         grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
         num_timepoints, coords = grid_shape[0], h5["spike_coords"]
-        if not 0 <= start <= stop <= num_timepoints:
-            raise ValueError(
-                f"timepoint window [{start}, {stop}) is outside {h5.filename}: it has {num_timepoints} "
-                f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
-            )
+        start, stop = _check_window(start, stop, num_timepoints, h5.filename)
         if "timepoint_offsets" in h5:
             stored = h5["timepoint_offsets"]
             offsets = stored[start : stop + 1].astype(np.int64) if stored.shape == (num_timepoints + 1,) else None
@@ -2558,6 +2687,39 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
     return sum(plane.astype(np.int32) << (8 * byte) for byte, plane in enumerate(planes))
 
 
+# --- Reader of windows of per-cell rates (cell_activity.h5) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class CellWindow:
+    """Timepoints [start, stop) of a cell_activity.h5, as load_cell_window returns them."""
+
+    rates: np.ndarray  # (stop - start, N) float32 CASCADE rates (spikes per timepoint), NaN: no prediction
+    timepoint_indices: np.ndarray  # (stop - start,) frame of the time base of each row
+    timepoint_times_s: np.ndarray  # (stop - start,) seconds from the recording's start
+    is_train: np.ndarray  # (stop - start,) uint8
+    covariates: dict  # name -> (stop - start, ...) array, aligned to the rows (empty when the file has none)
+    start: int
+    stop: int
+
+
+def load_cell_window(path, start: int, stop: int) -> CellWindow:
+    """Rows [start, stop) of a cell_activity.h5's spike_rates with what a model reads alongside (times, split,
+    covariates). ``path`` is the file or an open h5py.File (to read many windows, e.g. in a PyTorch Dataset); reads
+    only the chunks of the window. 0 <= start <= stop <= T, else ValueError (TypeError when not integers)."""
+    with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
+        rates = h5["spike_rates"]
+        start, stop = _check_window(start, stop, rates.shape[0], h5.filename)
+        window = slice(start, stop)
+        covariates = {}
+        if isinstance(group := h5.get("covariates"), h5py.Group):
+            covariates = {name: data[window] for name, data in group.items() if isinstance(data, h5py.Dataset)}
+        return CellWindow(
+            rates[window].astype(np.float32), h5["timepoint_indices"][window], h5["timepoint_times_s"][window],
+            h5["is_train"][window], covariates, start, stop,
+        )  # fmt: skip
+
+
 # =============================================================================================
 # 10. Plots: one PDF per subject, one function per page
 # =============================================================================================
@@ -2594,6 +2756,7 @@ class PlotData:
     grid: GridSpec
     noise_level: np.ndarray
     model: CascadeModel
+    dff_rate_hz: float | None = None  # the recording's frame rate, when rates are on another time base
 
 
 def _spans(mask: np.ndarray) -> list:
@@ -2632,8 +2795,12 @@ def _page_summary(plt, plot: PlotData):
 
 
 def _page_traces(plt, plot: PlotData):
-    time_s = np.arange(plot.dff.shape[1]) / plot.frame_rate_hz
-    for traces, title, unit in ((plot.dff, "dF/F", "dF/F"), (plot.rates, "CASCADE spike rate", "spikes/frame")):
+    pages = (
+        (plot.dff, "dF/F", "dF/F", plot.dff_rate_hz or plot.frame_rate_hz),
+        (plot.rates, "CASCADE spike rate", "spikes/frame", plot.frame_rate_hz),
+    )
+    for traces, title, unit, rate_hz in pages:
+        time_s = np.arange(traces.shape[1]) / rate_hz
         fig, ax = plt.subplots(figsize=(11, 8.5))
         spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
         spacing = spacing if spacing > 0 else 1.0
@@ -2889,7 +3056,8 @@ class SubjectRun:
     plot_settings: PlotSettings | None  # None: --no_plots
     started: float = dataclasses.field(default_factory=time.perf_counter)
     timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage (load_s, inference_s, ...)
-    model: CascadeModel | None = None  # filled by the stages in this order
+    time_base: TimeBase | None = None  # filled by the stages in this order
+    model: CascadeModel | None = None
     fingerprint: dict | None = None
     trace_type: TraceType | None = None
     inference: InferenceSettings | None = None  # None when CASCADE's saved results were re-gridded
@@ -2904,7 +3072,7 @@ class SubjectRun:
     def population_rate_hz(self) -> np.ndarray:
         """(frames,) mean CASCADE rate per valid cell, in Hz."""
         valid_cells = max(int(self.spikes.valid.sum()), 1)
-        return self.spikes.rate_sum / valid_cells * self.subject.frame_rate_hz
+        return self.spikes.rate_sum / valid_cells * self.time_base.rate_hz
 
 
 @dataclass
@@ -2957,14 +3125,15 @@ def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: Cas
     }
 
 
-def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
+def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool, cell_activity: bool = True) -> str | None:
     """Why a subject's outputs must be (re)computed, or None when they are complete and match."""
     metadata = read_attrs(out_dir / METADATA_FILENAME)
     if metadata is None or "fingerprint" not in metadata:
         return "no finished outputs"
-    coo = read_attrs(out_dir / COO_FILENAME)
-    if coo is None or coo.get("run_id") != metadata.get("run_id"):
-        return "outputs incomplete"
+    for filename in (COO_FILENAME, CELL_ACTIVITY_FILENAME)[: 1 + cell_activity]:
+        written = read_attrs(out_dir / filename)
+        if written is None or written.get("run_id") != metadata.get("run_id"):
+            return "outputs incomplete"
     if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
         return "PDF missing"
     old, version = json.loads(metadata["fingerprint"]), fingerprint["software_version"]
@@ -3012,16 +3181,19 @@ def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, 
         batches = pool.map(tasks, progress)
     finally:
         progress.close()
-    return SubjectSpikes(batches, subject.num_frames)
+    time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, settings.target_rate_hz)
+    return SubjectSpikes(batches, time_base.num_timepoints, subject.num_frames)
 
 
 def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool) -> None:
     """Stage: CASCADE's saved results when only grid parameters changed, else dF/F -> CASCADE -> spikes
     over the worker pool. Fills the record's trace type, inference settings and spikes."""
     subject, started = record.subject, time.perf_counter()
-    saved = None if config.overwrite else read_cascade_results(record.out_dir / CASCADE_FILENAME, record.fingerprint)
+    saved = (
+        None if config.overwrite else read_cell_activity(record.out_dir / CELL_ACTIVITY_FILENAME, record.fingerprint)
+    )
     if saved is not None:
-        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CELL_ACTIVITY_FILENAME}): CASCADE not rerun")
         record.spikes, record.trace_type = saved
     else:
         record.trace_type = subject_trace_type(subject, config.trace_type)
@@ -3095,6 +3267,7 @@ def subject_attrs(record: SubjectRun) -> dict:
         "format": "COO_sparse",
         "subject": subject.name,
         "frame_rate_hz": subject.frame_rate_hz,
+        "timepoint_rate_hz": record.time_base.rate_hz,  # --target_rate_hz, or the recording's frame rate
         **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), grid.shape)),
         "grid_shape": grid.shape,
         "num_cells": subject.num_cells,
@@ -3116,8 +3289,8 @@ def subject_attrs(record: SubjectRun) -> dict:
     }
 
 
-def write_cascade_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    write_cascade_results(path, record.spikes, cascade_attrs(attrs))
+def write_cell_activity_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    write_cell_activity(path, record.spikes, record.plan, record.subject, attrs)
 
 
 def write_grid_file(path: Path, record: SubjectRun, attrs: dict) -> None:
@@ -3144,6 +3317,7 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
         "test_timepoints": np.flatnonzero(plan.is_train == 0),
         "test_blocks": plan.test_blocks,
         "timepoint_indices": plan.kept_frames.astype(np.int32),
+        "timepoint_times_s": plan.timepoint_times_s,
         "per_plane_active_pixels": written.plane_entries,
         "per_plane_sparsity_percent": 100.0 * written.plane_entries / plane_voxels,
         "population_rate_hz": record.population_rate_hz(),
@@ -3172,9 +3346,9 @@ class SubjectOutput:
 
 
 SUBJECT_OUTPUTS = (
-    # CASCADE's results, unless they were re-used (then the file there still matches)
-    SubjectOutput(lambda _: CASCADE_FILENAME, lambda r: r.inference is not None, write_cascade_file,
-                  "grid_and_write_s", keep_unwritten=True),
+    # per-cell rates and CASCADE's results (re-gridding reads them back before this rewrites the file)
+    SubjectOutput(lambda _: CELL_ACTIVITY_FILENAME, lambda r: bool(r.params["param_cell_activity"]),
+                  write_cell_activity_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
     SubjectOutput(lambda _: METADATA_FILENAME, lambda r: True, write_metadata, None, keep_unwritten=False),
@@ -3233,13 +3407,13 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
     rank[order] = np.arange(len(order))
     raster_cells, raster_frames = spikes.events_of_cells(order)
     cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
-    test_mask = np.zeros(subject.num_frames, bool)
+    test_mask = np.zeros(record.time_base.num_timepoints, bool)
     test_mask[plan.kept_frames[plan.is_train == 0]] = True
     traces = spikes.plot_traces()
     shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
     return PlotData(
         subject=subject.name,
-        frame_rate_hz=subject.frame_rate_hz,
+        frame_rate_hz=record.time_base.rate_hz,
         summary_lines=_summary_page_lines(record, attrs),
         cell_ids=subject.cell_ids[traces.rows[shown]],
         dff=traces.dff[shown],
@@ -3257,6 +3431,7 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
         grid=plan.grid,
         noise_level=spikes.cells("noise_level"),
         model=record.model,
+        dff_rate_hz=subject.frame_rate_hz,
     )
 
 
@@ -3284,12 +3459,15 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     subject = load_subject(folder, settings_for(LoadOptions, config))
     plots = settings_for(PlotSettings, config) if config.plots else None
     record = SubjectRun(subject, Path(config.output_dir) / subject.name, run, config.as_attrs(), plots, started)
+    record.time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
     log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
              f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
     record.model = model_for_subject(subject, settings_for(ModelRequest, config))
     record.fingerprint = subject_fingerprint(subject, config, record.model)
     reason = (
-        "--overwrite" if config.overwrite else outputs_out_of_date(record.out_dir, record.fingerprint, config.plots)
+        "--overwrite"
+        if config.overwrite
+        else outputs_out_of_date(record.out_dir, record.fingerprint, config.plots, config.cell_activity)
     )
     if reason is None:
         log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
@@ -3299,7 +3477,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     run_cascade(record, config, pool)
     check_inferred_traces(subject, record.spikes, record.trace_type.kind)
     grid_settings = settings_for(GridSettings, config)
-    record.plan = plan_grid(subject.positions, record.spikes.valid, subject.num_frames, record.model, grid_settings)
+    record.plan = plan_grid(subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings)
     check_split(subject, record.plan, grid_settings)
     write_subject(record)
     summary = SubjectSummary.of_run(record)
