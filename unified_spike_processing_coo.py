@@ -303,6 +303,35 @@ class LoadOptions:
     coordinates: str = "raw"  # 'raw' or 'registered' (layouts that have no registered positions refuse it)
 
 
+@dataclass(frozen=True, eq=False)
+class Covariates:
+    """What the experiment showed and what the fish did, per ORIGINAL frame (row f is frame f); None or empty
+    where the input does not hold it. Writers take them at the grid's timepoints with at_frames."""
+
+    stimulus: np.ndarray | None = None  # (frames,) stimulus code per frame (Chen's stim_full)
+    condition: np.ndarray | None = None  # (frames,) int16 index into condition_names, -1 in no list
+    condition_names: tuple = ()  # Chen's timelists_names
+    condition_periods: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # (conditions,)
+    behavior: np.ndarray | None = None  # (frames, 5) float32 (Chen's Behavior_full, 5 x T)
+    eye: np.ndarray | None = None  # (frames, 2) float32 (Chen's Eye_full, 2 x T)
+    extra: dict = dataclasses.field(default_factory=dict)  # name -> (frames, ...): the generic layout's covariates/
+    stimulus_sets: tuple = ()  # (name, stimulus codes) per stimulus set (Chen's stimset), as recorded
+
+    def arrays(self) -> dict:
+        """name -> (frames, ...) array of every covariate present."""
+        named = {"stimulus": self.stimulus, "condition": self.condition, "behavior": self.behavior, "eye": self.eye}
+        return {name: array for name, array in {**named, **self.extra}.items() if array is not None}
+
+    def at_frames(self, frames) -> dict:
+        """name -> array at the given original frames: row t is frame ``frames[t]`` (e.g. timepoint_indices)."""
+        frames = np.asarray(frames, dtype=np.int64)
+        return {name: np.asarray(array)[frames] for name, array in self.arrays().items()}
+
+    def period_of(self, condition: int) -> int | None:
+        """Frames of one repetition of a condition, or None when its period is unknown."""
+        return int(self.condition_periods[condition]) if condition < len(self.condition_periods) else None
+
+
 @dataclass
 class SubjectData:
     """One subject: where its traces are, and its cells' positions (N, 3) as [x, y, z]. ``trace_file`` is
@@ -319,6 +348,7 @@ class SubjectData:
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
+    covariates: Covariates = dataclasses.field(default_factory=Covariates)  # indexed by original frame
     raw_positions: np.ndarray | None = None  # (N, 3) as the layout stores them (Chen: CellXYZ), for cell_activity.h5
     registered_positions: np.ndarray | None = None  # (N, 3) in a shared frame where the layout has one (CellXYZ_norm)
 
@@ -459,6 +489,32 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
         doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
 
 
+def _v73_value(node):
+    """A MATLAB v7.3 value as numpy: matrices transposed back, char -> str, [] -> empty; a cell array (object
+    references) -> an object array of its elements; a struct -> dict of its fields (a struct array's fields
+    are cells, one element per struct)."""
+    if isinstance(node, h5py.Group):
+        return {key: _v73_value(child) for key, child in node.items()}
+    if node.attrs.get("MATLAB_empty", 0):
+        return np.empty(0)
+    value = np.asarray(node[()])
+    if h5py.check_dtype(ref=node.dtype) is not None:
+        items = np.empty(value.shape, dtype=object)
+        for index, reference in np.ndenumerate(value):
+            items[index] = _v73_value(node.file[reference])
+        return items.T
+    if _as_text(node.attrs.get("MATLAB_class", b"")) == "char":
+        return "".join(map(chr, value.ravel()))
+    return value.T
+
+
+def _mat_items(value) -> list:
+    """The elements of a MATLAB cell or struct array as read (scipy squeezes a 1x1 cell to its element)."""
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return list(value.ravel())
+    return [] if value is None else [value]
+
+
 def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat: MATLAB v5 (scipy) or v7.3 (HDF5 after a
     512-byte text header; matrices stored transposed, char arrays as codes, [] as an empty marker)."""
@@ -483,13 +539,8 @@ def _mat_struct_fields(path: Path) -> dict:
                 raise PipelineError(f"{path} has no struct 'data' (found {', '.join(h5) or 'nothing'})")
             if not isinstance(h5["data"], h5py.Group):
                 raise PipelineError(f"{path}: variable 'data' is an array, not a struct: {expected}")
-            for key, dataset in h5["data"].items():
-                if isinstance(dataset, h5py.Dataset) and dataset.attrs.get("MATLAB_empty", 0):
-                    fields[key] = np.empty(0)
-                elif isinstance(dataset, h5py.Dataset):
-                    fields[key] = np.asarray(dataset[()]).T
-                    if _as_text(dataset.attrs.get("MATLAB_class", b"")) == "char":
-                        fields[key] = "".join(map(chr, fields[key].ravel()))
+            for key, node in h5["data"].items():
+                fields[key] = _v73_value(node)
     except PipelineError:
         raise
     except Exception as exc:
@@ -575,6 +626,112 @@ def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, 
     return cell_ids
 
 
+# Chen's per-frame fields, what they become, and the channels a (channels x T) one holds (None: a (T,) vector)
+CHEN_SERIES = {"stim_full": ("stimulus", None), "Behavior_full": ("behavior", 5), "Eye_full": ("eye", 2)}
+CHEN_COVARIATE_FIELDS = (*CHEN_SERIES, "timelists", "timelists_names", "periods", "stimset")
+
+
+def _frame_series(value, num_frames: int, channels: int | None, where: str, doubts: list) -> np.ndarray | None:
+    """A per-frame field as (frames,) or (frames, channels), or None (a doubt: left out, never misaligned)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        doubts.append(f"{where} holds {_describe(array)}, expected numbers per frame: left out")
+        return None
+    array = array.astype(np.float64)
+    expected = (num_frames,) if channels is None else (channels, num_frames)
+    if channels is None and array.ndim == 2 and 1 in array.shape:
+        array = array.ravel()  # MATLAB's 1 x T or T x 1
+    elif channels is not None and array.shape == expected[::-1] != expected:
+        array = array.T  # stored frames x channels
+    if array.shape != expected:
+        what = "one value per frame" if channels is None else f"{channels} channels x {num_frames} frames"
+        doubts.append(f"{where} has shape {array.shape}, expected {what} ({expected}): left out")
+        return None
+    if channels is None and np.isfinite(array).all() and (array == np.round(array)).all() and abs(array).max() < 2**15:
+        return array.astype(np.int16)  # stimulus codes
+    return (array if channels is None else array.T).astype(np.float32)
+
+
+def _chen_conditions(fields: dict, num_frames: int, where: str, doubts: list) -> tuple:
+    """(condition (frames,) int16 or None, names, periods) from timelists (1-based frames per stimulus set),
+    timelists_names and periods; doubtful ones are left out with a warning."""
+    lists = _mat_items(fields.get("timelists"))
+    names = [_as_text(name) for name in _mat_items(fields.get("timelists_names"))]
+    if not lists:
+        return None, (), np.zeros(0, np.int64)
+    if "timelists_names" not in fields:
+        names = [f"set_{index + 1}" for index in range(len(lists))]
+    if len(names) != len(lists) or None in names:
+        doubts.append(
+            f"{where}: data.timelists_names holds {len(names)} names for {len(lists)} timelists: conditions left out"
+        )
+        return None, (), np.zeros(0, np.int64)
+    condition = np.full(num_frames, -1, dtype=np.int16)
+    for index, frames in enumerate(lists):
+        frames = np.asarray(frames).ravel()
+        whole = frames.dtype.kind in "iuf" and np.isfinite(frames).all() and (frames == np.round(frames)).all()
+        if not whole or (frames.size and (frames.min() < 1 or frames.max() > num_frames)):
+            doubts.append(
+                f"{where}: data.timelists{{{index + 1}}} ({names[index]}) holds {_describe(frames)}, expected 1-based frames 1..{num_frames}: conditions left out"
+            )
+            return None, (), np.zeros(0, np.int64)
+        frames = frames.astype(np.int64) - 1
+        if (taken := condition[frames] >= 0).any():
+            doubts.append(
+                f"{where}: {int(taken.sum())} frames of timelists{{{index + 1}}} ({names[index]}) are in an earlier list: kept there"
+            )
+        condition[frames[~taken]] = index
+    periods = np.zeros(0, np.int64)
+    if "periods" in fields:
+        found = np.asarray(fields["periods"]).ravel()
+        if (
+            found.dtype.kind in "iuf"
+            and found.size == len(lists)
+            and (found >= 1).all()
+            and (found == np.round(found)).all()
+        ):
+            periods = found.astype(np.int64)
+        else:
+            doubts.append(
+                f"{where}: data.periods holds {_describe(found)}, expected one period (frames) per timelist: left out"
+            )
+    return condition, tuple(names), periods
+
+
+def _chen_stimulus_sets(value) -> tuple:
+    """(name, stimulus codes) per element of Chen's stimset (a struct array: name, pattern), as read."""
+    if isinstance(value, dict):  # MATLAB v7.3: a struct of fields, cells for a struct array
+        names, patterns = _mat_items(value.get("name")), _mat_items(value.get("pattern"))
+    else:
+        items = _mat_items(value)
+        names, patterns = [getattr(i, "name", None) for i in items], [getattr(i, "pattern", None) for i in items]
+    sets = []
+    for name, pattern in zip(names, patterns):
+        codes = np.asarray(pattern if pattern is not None else []).ravel()
+        if _as_text(name) is None or codes.dtype.kind not in "iuf":
+            return ()
+        sets.append((_as_text(name), tuple(float(code) for code in np.unique(codes))))
+    return tuple(sets)
+
+
+def _chen_covariates(fields: dict, num_frames: int, where: str, doubts: list) -> Covariates:
+    """Chen's stimulus, conditions and behaviour, per frame. A missing field is skipped (one INFO line);
+    one of the wrong length or kind is a doubt and left out."""
+    if missing := [name for name in CHEN_COVARIATE_FIELDS if name not in fields]:
+        log.info(f"{where}: no data.{', data.'.join(missing)}: those covariates are skipped")
+    series = {
+        covariate: _frame_series(fields[name], num_frames, channels, f"{where}: data.{name}", doubts)
+        for name, (covariate, channels) in CHEN_SERIES.items()
+        if name in fields
+    }
+    condition, names, periods = _chen_conditions(fields, num_frames, where, doubts)
+    stimulus_sets = _chen_stimulus_sets(fields["stimset"]) if "stimset" in fields else ()
+    if "stimset" in fields and not stimulus_sets:
+        doubts.append(f"{where}: data.stimset is not a struct array of name and pattern: left out")
+    return Covariates(condition=condition, condition_names=names, condition_periods=periods,
+                      stimulus_sets=stimulus_sets, **series)  # fmt: skip
+
+
 def _chen_position_sets(fields: dict, cell_ids: np.ndarray, anatomy_path: Path) -> tuple:
     """(CellXYZ, CellXYZ_norm) of the traces' cells, each None when the file lacks it as (cells, 3) numbers
     (logged: only cell_activity.h5 misses it; the positions the grid uses are checked above)."""
@@ -614,14 +771,40 @@ def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     )
     positions = cell_xyz[cell_ids - 1]
     _check_positions(positions, where, doubts)
+    covariates = _chen_covariates(fields, trace_file.num_frames, str(anatomy_path), doubts)
     sources = (str(series_path), str(anatomy_path))
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources
-    )
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources,
+        covariates=covariates,
+    )  # fmt: skip
     subject.raw_positions, subject.registered_positions = _chen_position_sets(fields, cell_ids, anatomy_path)
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
+
+
+def _generic_covariates(path: Path, num_frames: int, doubts: list) -> Covariates:
+    """traces.h5's optional covariates/ group: (frames, ...) datasets, passed through; others are doubts."""
+    extra = {}
+    with h5py.File(path, "r") as h5:
+        group = h5.get("covariates")
+        if not isinstance(group, h5py.Group):
+            if group is not None:
+                doubts.append(f"{path}: covariates is a dataset, expected a group of (frames, ...) datasets: left out")
+            return Covariates()
+        for name, dataset in group.items():
+            is_dataset = isinstance(dataset, h5py.Dataset)
+            if (
+                not is_dataset
+                or not dataset.shape
+                or dataset.shape[0] != num_frames
+                or dataset.dtype.kind not in "biuf"
+            ):
+                found = f"shape {dataset.shape} of {dataset.dtype}" if is_dataset else "a group"
+                doubts.append(f"{path}: covariates/{name} has {found}, expected numbers ({num_frames}, ...): left out")
+            else:
+                extra[name] = dataset[()]
+    return Covariates(extra=extra)
 
 
 def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
@@ -648,9 +831,11 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
         hint = None
     _check_positions(positions, f"{path}: positions", doubts)
     cell_ids = np.arange(trace_file.num_cells, dtype=np.int64)
+    covariates = _generic_covariates(path, trace_file.num_frames, doubts)
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),)
-    )
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),),
+        covariates=covariates,
+    )  # fmt: skip
     subject.raw_positions = positions
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
@@ -1634,8 +1819,35 @@ class TimeBase:
         return ~np.isnan(self.rebin(np.where(frames_predicted, 0.0, np.nan)[None])[0])
 
     def first_frames(self) -> np.ndarray:
-        """(timepoints,) the recording frame in which each timepoint starts."""
-        return np.minimum(np.floor(self.times_s() * self.frame_rate_hz + OVERLAP_TOLERANCE), self.num_frames - 1)
+        """(timepoints,) int64 the recording frame in which each timepoint starts."""
+        frames = np.floor(self.times_s() * self.frame_rate_hz + OVERLAP_TOLERANCE)
+        return np.minimum(frames, self.num_frames - 1).astype(np.int64)
+
+    def bin_means(self, array: np.ndarray) -> np.ndarray:
+        """(frames, ...) values -> (timepoints, ...) their means over each bin, weighted by overlap (NaN where
+        a frame the bin touches is NaN), in the array's dtype."""
+        flat = np.asarray(array, dtype=np.float64).reshape(len(array), -1)
+        sums = np.asarray(self.overlap.T @ flat) / np.asarray(self.overlap.sum(axis=0)).reshape(-1, 1)
+        return sums.reshape(-1, *np.shape(array)[1:]).astype(np.asarray(array).dtype)
+
+    def resample_covariates(self, covariates: Covariates) -> Covariates:
+        """Covariates per timepoint of this time base (per frame without --target_rate_hz: unchanged). In a bin,
+        codes (stimulus, condition, integer extras) are the value of the frame it starts in; behaviour, eye and
+        real-valued extras their mean over the bin."""
+        if self.target_rate_hz is None:
+            return covariates
+        first = self.first_frames()
+
+        def at_bins(array, codes: bool):
+            if array is None:
+                return None
+            return np.asarray(array)[first] if codes or np.asarray(array).dtype.kind in "biu" else self.bin_means(array)
+
+        return dataclasses.replace(
+            covariates, stimulus=at_bins(covariates.stimulus, True), condition=at_bins(covariates.condition, True),
+            behavior=at_bins(covariates.behavior, False), eye=at_bins(covariates.eye, False),
+            extra={name: at_bins(array, False) for name, array in covariates.extra.items()},
+        )  # fmt: skip
 
 
 def _segment_positions(starts: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
@@ -2390,11 +2602,45 @@ def _write_datasets(h5, **datasets) -> None:
         h5.create_dataset(name, data=data, **(GZIP if data.size > 0 and data.ndim > 0 else {}))
 
 
-def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict) -> tuple:
+COVARIATES_GROUP = "covariates"
+
+
+def write_covariates(h5, covariates: Covariates, frames: np.ndarray) -> None:
+    """The covariates/ group of an output file, aligned to its timepoints: row t of each dataset is original frame
+    ``frames[t]`` (timepoint_indices). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
+    condition_names, condition_periods), behavior (T, 5), eye (T, 2) and the generic layout's own covariates;
+    attribute stimulus_sets (JSON, Chen's stimset). Nothing is written for a subject without covariates."""
+    arrays = covariates.at_frames(frames)
+    if not arrays:
+        return
+    group = h5.create_group(COVARIATES_GROUP)
+    _write_datasets(group, **arrays)
+    if "condition" in arrays:
+        names = np.array(covariates.condition_names, dtype=h5py.string_dtype())
+        group["condition"].attrs["condition_names"] = names
+        group["condition"].attrs["condition_periods"] = np.asarray(covariates.condition_periods, np.int64)
+    if covariates.stimulus_sets:
+        group.attrs["stimulus_sets"] = json.dumps(dict(covariates.stimulus_sets))
+
+
+def read_covariates(path, start: int = 0, stop: int | None = None) -> dict:
+    """The covariates/ group of an output file at timepoints [start, stop), name -> array, plus
+    'condition_names' (a list) when there are conditions; empty when the file has none."""
+    with h5py.File(path, "r") as h5:
+        group = h5.get(COVARIATES_GROUP)
+        if group is None:
+            return {}
+        found = {name: group[name][start:stop] for name in group}
+        if "condition" in group:
+            found["condition_names"] = [_as_text(name) for name in group["condition"].attrs["condition_names"]]
+    return found
+
+
+def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict, covariates=None) -> tuple:
     """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries). Datasets:
     spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
     (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (original frame of
-    each t), is_train."""
+    each t), is_train, and the subject's Covariates at those timepoints (write_covariates)."""
     grid, counts = plan.grid, CooCounts()
     plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
     with new_h5_file(path) as h5:
@@ -2414,6 +2660,7 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
         )
         if plan.timepoint_times_s is not None:
             _write_datasets(h5, timepoint_times_s=plan.timepoint_times_s)
+        write_covariates(h5, covariates or Covariates(), plan.kept_frames)
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
 
@@ -2474,7 +2721,8 @@ def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
     _write_datasets(group, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
 
 
-def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subject: SubjectData, attrs: dict) -> None:
+def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subject: SubjectData, attrs: dict,
+                        covariates: Covariates) -> None:  # fmt: skip
     """cell_activity.h5 (schema in the README): per-cell CASCADE rates on the grid's timepoints with the cells'
     positions and ids and the split, for models that read neurons; and in cascade/ the rest of CASCADE's results,
     which a later run that changes only grid parameters re-grids (read_cell_activity) instead of running CASCADE."""
@@ -2486,6 +2734,7 @@ def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subje
             timepoint_indices=plan.kept_frames.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
             is_train=plan.is_train.astype(np.uint8),
         )  # fmt: skip
+        write_covariates(h5, covariates, plan.kept_frames)
         _write_cascade_group(h5.create_group(CASCADE_GROUP), spikes)
         _set_attrs(h5, {**attrs, "cascade_fingerprint": cascade_fingerprint(attrs["fingerprint"])})
 
@@ -2517,11 +2766,13 @@ def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
     return SubjectSpikes([batch], rates.shape[1], int(attrs["num_original_frames"])), trace_type
 
 
-def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
+def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict, covariates=None, frames=()) -> None:
+    """metadata.h5: attributes, per-timepoint datasets, cells/ and the covariates at ``frames`` (timepoint_indices)."""
     with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
         _write_datasets(h5, **datasets)
         _write_datasets(h5.create_group("cells"), **cells)
+        write_covariates(h5, covariates or Covariates(), np.asarray(frames, np.int64))
 
 
 def read_attrs(path: Path) -> dict | None:
@@ -3069,6 +3320,11 @@ class SubjectRun:
     def name(self) -> str:
         return self.subject.name
 
+    @functools.cached_property
+    def covariates(self) -> Covariates:
+        """The subject's covariates per timepoint of the time base (see TimeBase.resample_covariates)."""
+        return self.time_base.resample_covariates(self.subject.covariates)
+
     def population_rate_hz(self) -> np.ndarray:
         """(frames,) mean CASCADE rate per valid cell, in Hz."""
         valid_cells = max(int(self.spikes.valid.sum()), 1)
@@ -3290,12 +3546,12 @@ def subject_attrs(record: SubjectRun) -> dict:
 
 
 def write_cell_activity_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    write_cell_activity(path, record.spikes, record.plan, record.subject, attrs)
+    write_cell_activity(path, record.spikes, record.plan, record.subject, attrs, record.covariates)
 
 
 def write_grid_file(path: Path, record: SubjectRun, attrs: dict) -> None:
     blocks = record.run.safe_points(coo_blocks(record.spikes, record.plan))
-    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs)
+    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs, record.covariates)
     record.grid_written = GridWritten(counts, plane_entries, path.stat().st_size)
 
 
@@ -3330,7 +3586,7 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
         **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
         "valid": spikes.valid.astype(np.uint8),
     }
-    write_metadata_file(path, attrs, datasets, cells)
+    write_metadata_file(path, attrs, datasets, cells, record.covariates, plan.kept_frames)
 
 
 @dataclass(frozen=True)

@@ -252,3 +252,29 @@ def test_a_cell_field_is_one_table_entry(tmp_path, monkeypatch):
     with h5py.File(out / subject / usp.METADATA_FILENAME, "r") as h5:
         np.testing.assert_array_equal(h5["cells/peak_rate"][()], written)
         assert tuple(h5.attrs["grid_shape"][2:]) == (64, 32)
+
+
+def test_covariates_at_timepoint_indices_in_coo_and_metadata(tmp_path):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    fields = chen_fish_fields(320)
+    positions = np.column_stack([np.arange(1, 13) * 100, np.arange(1, 13) * 50, np.arange(1, 13) * 10])
+    write_chen_fish(tmp_path / "in" / "subject_1", positions, 320, fields, v73=True)
+    run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--no_plots", *model_args())
+    expected_condition = np.full(320, -1)
+    for index, frames in enumerate(fields["timelists"]):
+        expected_condition[frames.astype(int) - 1] = index
+    for name in (usp.COO_FILENAME, usp.METADATA_FILENAME):
+        with h5py.File(tmp_path / "out" / "subject_1" / name, "r") as h5:
+            frames = h5["timepoint_indices"][()]
+            group = h5["covariates"]
+            assert set(group) == {"stimulus", "condition", "behavior", "eye"}
+            np.testing.assert_array_equal(group["stimulus"][()], fields["stim_full"][frames])
+            np.testing.assert_array_equal(group["condition"][()], expected_condition[frames])
+            np.testing.assert_array_equal(group["behavior"][()], fields["Behavior_full"].T[frames].astype(np.float32))
+            np.testing.assert_array_equal(group["eye"][()], fields["Eye_full"].T[frames].astype(np.float32))
+            names = list(group["condition"].attrs["condition_names"])
+            assert names == ["Spontaneous", "PT", "OMR"]
+            np.testing.assert_array_equal(group["condition"].attrs["condition_periods"], [100, 30, 25])
+    window = usp.read_covariates(tmp_path / "out" / "subject_1" / usp.COO_FILENAME, 10, 20)
+    assert window["behavior"].shape == (10, 5) and window["condition_names"] == names
