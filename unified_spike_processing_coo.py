@@ -1730,17 +1730,22 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
 
 
 def predict_spike_rates(
-    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19
-):
+    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19,
+    keep_nan=False,
+):  # fmt: skip
     """CASCADE spike rates (spikes per frame) for dF/F traces shaped (neurons, frames).
 
     As ``cascade2p.cascade.predict``: dF/F as fractions; each neuron uses the ensemble of its nearest model
     noise level; ensemble mean; ``threshold`` 0, 1 or False; the first int(before_frac*W) and last
     int((1-before_frac)*W) frames set to ``padding``. Unlike CASCADE (whose max-pooling can swallow a NaN),
     any NaN inside a window gives NaN. ``return_noise`` adds a report {'noise_level', 'model_noise_level'}.
+    ``keep_nan``: frames without a prediction stay NaN (threshold 1, as CASCADE's, sets those far from activity to 0).
     """
     rates, noise, model_noise = predict_raw_rates(dff, model, max_chunk_frames=max_chunk_frames)
+    missing = np.isnan(rates) if keep_nan else None
     apply_cascade_threshold(rates, model, threshold)
+    if missing is not None:
+        rates[missing] = np.nan
     num_frames = rates.shape[1]
     rates[:, : min(model.frames_before, num_frames)] = padding
     if model.frames_after > 0:
@@ -2267,7 +2272,8 @@ def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> 
     if settings.is_fluorescence:
         dff = compute_dff(traces, settings.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile)
     threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
-    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True)
+    # NaN kept where there is no prediction (cell_activity.h5 says so); spikes treat NaN as 0 as CASCADE's cut does
+    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True, keep_nan=True)
     time_base = TimeBase(settings.frame_rate_hz, traces.shape[1], settings.target_rate_hz)
     rates = time_base.rebin(rates)
     if settings.target_rate_hz is not None:  # discrete spikes: the model's smoothing counted in bins

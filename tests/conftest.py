@@ -171,3 +171,22 @@ def write_mat_v73(path, data: dict) -> None:
                 put(group, key, value)
     with open(path, "r+b") as handle:
         handle.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: test HDF5 schema 1.00 .")
+
+
+def same_datasets(a, b, skip: tuple = ()) -> None:
+    """Two HDF5 files hold the same datasets (names, dtypes, shapes, values; NaN equal to NaN), ``skip`` aside."""
+    import h5py
+    import numpy as np
+
+    def datasets(h5):
+        found = {}
+        h5.visititems(lambda name, node: found.setdefault(name, node[()]) if isinstance(node, h5py.Dataset) else None)
+        return {name: value for name, value in found.items() if name not in skip}
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        left, right = datasets(fa), datasets(fb)
+    assert sorted(left) == sorted(right), f"{a} and {b} hold different datasets"
+    for name, value in left.items():
+        other = right[name]
+        assert value.dtype == other.dtype and value.shape == other.shape, f"{name}: {value.dtype} {other.dtype}"
+        np.testing.assert_array_equal(value, other, err_msg=f"{a} {name}")

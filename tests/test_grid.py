@@ -35,7 +35,7 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
                 cells={field.name: zeros.astype(field.dtype) for field in usp.CELL_FIELDS}
                 | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)},
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
-                rates_uint8=np.zeros((stop - start, num_frames), np.uint8),
+                rates=np.zeros((stop - start, num_frames), np.float16),
                 plot=usp.PlotTraces(zeros[:0], *(np.zeros((0, num_frames), dtype) for dtype in ("f4", "f4", bool))),
             )
         )
