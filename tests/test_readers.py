@@ -297,3 +297,19 @@ def test_cell_windows_outside_the_file_or_not_integers_are_refused(cell_activity
         with pytest.raises(TypeError, match="must be an integer timepoint"):
             usp.load_cell_window(cell_activity_file, start, stop)
     assert usp.load_cell_window(cell_activity_file, np.int64(2), np.int32(7)).rates.shape[0] == 5
+
+
+def test_readme_torch_dataset_of_cell_windows(cell_activity_file):
+    """The README's PyTorch Dataset over load_cell_window runs as written (on this fish's file)."""
+    pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
+    from conftest import REPO_DIR
+
+    text = (REPO_DIR / "README.md").read_text()
+    code = text.split("### Per-cell rates with their covariates", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    # this fish's 256 timepoints are one test block: read test windows, in this process
+    code = code.replace('"out/subject_1/cell_activity.h5"', f"{str(cell_activity_file)!r}, train=False")
+    code = code.replace("num_workers=2", "num_workers=0")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    rates, covariates = next(iter(namespace["loader"]))
+    assert tuple(rates.shape) == (8, 64, 40) and tuple(covariates["behavior"].shape) == (8, 64, 5)
