@@ -2938,6 +2938,8 @@ class PlotData:
     grid: GridSpec
     noise_level: np.ndarray
     model: CascadeModel
+    condition_spans: list = dataclasses.field(default_factory=list)  # (name, start, stop) frames per condition run
+    behavior: np.ndarray | None = None  # (frames, channels) per original frame, or None
 
 
 def _spans(mask: np.ndarray) -> list:
@@ -3005,8 +3007,17 @@ def _page_spikes(plt, plot: PlotData):
 
 
 def _page_raster(plt, plot: PlotData):
-    rate = plot.frame_rate_hz
-    fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True, height_ratios=[3, 1])
+    # below the raster, when the subject has them: its stimulus conditions as bands, and its behaviour channels
+    rows = [
+        "raster",
+        *(["conditions"] * bool(plot.condition_spans)),
+        "rate",
+        *(["behavior"] * (plot.behavior is not None)),
+    ]
+    heights = {"raster": 3, "conditions": 0.35, "rate": 1, "behavior": 1}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 8.5), sharex=True, height_ratios=[heights[r] for r in rows])
+    axes = dict(zip(rows, axes))
+    raster_ax, rate_ax, rate = axes["raster"], axes["rate"], plot.frame_rate_hz
     raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
     raster_ax.set(ylabel="cell (sorted by z-plane)", title=f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
@@ -3015,9 +3026,30 @@ def _page_raster(plt, plot: PlotData):
         raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
     for start, stop in plot.edge_spans_frames:
         rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
-    rate_ax.set(ylabel="mean rate (Hz/cell)", xlabel="time (s); blue: test blocks, grey: frames without prediction")
+    rate_ax.set(ylabel="mean rate (Hz/cell)")
+    if "conditions" in axes:
+        _condition_bands(axes["conditions"], plot)
+    if "behavior" in axes:
+        behavior = plot.behavior
+        spread = np.nanstd(behavior, axis=0)
+        scaled = (behavior - np.nanmean(behavior, axis=0)) / np.where(spread > 0, spread, 1)
+        for channel in range(behavior.shape[1]):
+            axes["behavior"].plot(np.arange(len(behavior)) / rate, scaled[:, channel] + 4 * channel, lw=0.5)
+        axes["behavior"].set(ylabel="behaviour (z-scored)", yticks=4 * np.arange(behavior.shape[1]))
+        axes["behavior"].set_yticklabels([str(channel + 1) for channel in range(behavior.shape[1])])
+    axes[rows[-1]].set_xlabel("time (s); blue: test timepoints, grey: frames without prediction")
     fig.tight_layout()
     yield fig
+
+
+def _condition_bands(ax, plot: PlotData):
+    """Each stimulus condition as a shaded band with its name, in one colour per condition."""
+    names = list(dict.fromkeys(name for name, _, _ in plot.condition_spans))
+    for name, start, stop in plot.condition_spans:
+        colour = f"C{names.index(name) % 10}"
+        ax.axvspan(start / plot.frame_rate_hz, stop / plot.frame_rate_hz, color=colour, alpha=0.5, lw=0)
+        ax.text((start + stop) / 2 / plot.frame_rate_hz, 0.5, name, ha="center", va="center", fontsize=7, clip_on=True)
+    ax.set(yticks=[], ylim=(0, 1), ylabel="stimulus")
 
 
 PLANE_PANELS_MAX = 36  # panels on the planes page
@@ -3631,7 +3663,19 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
         grid=plan.grid,
         noise_level=spikes.cells("noise_level"),
         model=record.model,
+        condition_spans=_condition_spans(subject.covariates),
+        behavior=subject.covariates.behavior,
     )
+
+
+def _condition_spans(covariates: Covariates) -> list:
+    """(name, start, stop) frames of each run of one stimulus condition, for the PDF."""
+    if covariates.condition is None:
+        return []
+    spans = []
+    for index, name in enumerate(covariates.condition_names):
+        spans += [(name, start, stop) for start, stop in _spans(covariates.condition == index)]
+    return spans
 
 
 def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
