@@ -179,12 +179,40 @@ class PipelineConfig:
     z_markers: bool = option(
         True, "no z-plane marker pixels (rows 0-1, last z+2 columns)", GRID, "grid", flag="--no_z_markers"
     )
+    atlas_shape: tuple = option(
+        (1406, 621, 138), "with --coordinates registered: the atlas extent in voxels (x, y, z) mapped onto the grid "
+        "for every fish (Z-Brain's; CellXYZ_norm holds 1-based voxel indices into it)", GRID, "grid",
+        type=int, nargs=3, metavar=("X", "Y", "Z"),
+    )  # fmt: skip
+    # 46 slabs of 3 Z-Brain voxels (6 um, about one neuron) divide its 138 voxels evenly, and with their z markers
+    # (z + 2 columns) they fit the default grid width of 128
+    z_planes: int = option(
+        46, "with --coordinates registered: equal slabs of the atlas depth (grid planes)", GRID, "grid"
+    )
+    split: str = option(
+        "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule) or conditions (per "
+        "stimulus condition, whole repetitions: its last ones are test; see the README)", GRID, "grid",
+        choices=("blocks", "conditions"),
+    )  # fmt: skip
     split_block: int = option(330, "frames per train/test block", GRID, "grid")
-    split_ratio: float = option(0.95, "fraction of blocks for training", GRID, "grid")
+    split_ratio: float = option(
+        0.95, "fraction of blocks (or of each condition's repetitions) for training", GRID, "grid"
+    )
+    holdout_condition: str | None = option(
+        None, "put every timepoint of this stimulus condition (a name in timelists_names) in test", GRID, "grid"
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
+        object.__setattr__(self, "atlas_shape", tuple(int(v) for v in self.atlas_shape))
+        registered = self.coordinates == "registered"
         checks = {
+            "--atlas_shape needs three positive sizes": len(self.atlas_shape) != 3 or min(self.atlas_shape) < 1,
+            "--z_planes must be at least 1": self.z_planes < 1,
+            f"--z_planes {self.z_planes} with z markers needs a grid width of at least {self.z_planes + 1} "
+            "(--grid_shape or --no_z_markers)": registered
+            and self.z_markers
+            and self.z_planes + 1 > self.grid_shape[-1],
             "--workers and --batch_size must be at least 1": self.workers < 1 or self.batch_size < 1,
             "--split_ratio in (0, 1], --split_block >= 1": not 0 < self.split_ratio <= 1 or self.split_block < 1,
             "--grid_shape needs positive H and W": len(self.grid_shape) != 2 or min(self.grid_shape) < 1,
@@ -1838,7 +1866,7 @@ class TimeBase:
     def resample_covariates(self, covariates: Covariates) -> Covariates:
         """Covariates per timepoint of this time base (per frame without --target_rate_hz: unchanged). In a bin,
         codes (stimulus, condition, integer extras) are the value of the frame it starts in; behaviour, eye and
-        real-valued extras their mean over the bin."""
+        real-valued extras their mean over the bin; condition periods are counted in bins (fractional)."""
         if self.target_rate_hz is None:
             return covariates
         first = self.first_frames()
@@ -1852,6 +1880,7 @@ class TimeBase:
             covariates, stimulus=at_bins(covariates.stimulus, True), condition=at_bins(covariates.condition, True),
             behavior=at_bins(covariates.behavior, False), eye=at_bins(covariates.eye, False),
             extra={name: at_bins(array, False) for name, array in covariates.extra.items()},
+            condition_periods=np.asarray(covariates.condition_periods) * (self.rate_hz / self.frame_rate_hz),
         )  # fmt: skip
 
 
@@ -1994,12 +2023,30 @@ class GridSpec:
     num_z_planes: int
     height: int
     width: int
-    z_values: np.ndarray  # (Z,) distinct z positions, ascending
+    z_values: np.ndarray  # (Z,) distinct z positions (atlas frame: each slab's centre), ascending
     cell_voxels: np.ndarray  # (N, 3) int32 [z, x, y] per cell
+    cells_outside: np.ndarray | None = None  # (N,) bool: outside the atlas extent, no spikes placed (atlas frame)
 
     @property
     def shape(self) -> tuple:
         return (self.num_timepoints, self.num_z_planes, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What gridding takes from the command line (fields named after the options)."""
+
+    grid_shape: tuple  # (H, W)
+    z_markers: bool
+    keep_edge_frames: bool
+    split_block: int
+    split_ratio: float
+    seed: int
+    coordinates: str  # 'registered': the atlas frame (make_atlas_grid_spec)
+    atlas_shape: tuple  # (X, Y, Z) voxels
+    z_planes: int
+    split: str  # 'blocks' (train_test_split) or 'conditions' (condition_split)
+    holdout_condition: str | None
 
 
 def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_markers=True, valid=None) -> GridSpec:
@@ -2021,6 +2068,22 @@ def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_ma
             scaled = np.floor((positions[:, axis] - low) / (high - low) * (size - 1))
             voxels[:, axis + 1] = np.clip(scaled, 0, size - 1)
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
+
+
+def make_atlas_grid_spec(positions, num_timepoints: int, settings: GridSettings) -> GridSpec:
+    """--coordinates registered: the fixed atlas extent (--atlas_shape, n voxels per axis) onto the grid, the same
+    for every fish and shard. Positions are 1-based atlas voxel indices (Chen's CellXYZ_norm, into Z-Brain); voxel v
+    of an axis falls in grid index floor((v - 1) * size / n), size H (x), W (y) or --z_planes (z: equal slabs), so
+    one atlas voxel is one grid voxel in every fish. Cells outside [1, n] on an axis are marked (no spikes placed)."""
+    (height, width), depth = settings.grid_shape, settings.z_planes
+    if settings.z_markers and depth + 1 > width:
+        raise PipelineError(f"--z_planes {depth} needs a grid width of at least {depth + 1} for the z markers")
+    extent, sizes = np.asarray(settings.atlas_shape, np.float64), np.array([height, width, depth])
+    positions = np.asarray(positions, np.float64)
+    outside = ~np.all((positions >= 1) & (positions <= extent), axis=1)
+    index = np.clip(np.floor((positions - 1) * sizes / extent), 0, sizes - 1).astype(np.int32)
+    z_values = 0.5 + (np.arange(depth) + 0.5) * extent[2] / depth  # each slab's centre, in atlas voxel indices
+    return GridSpec(num_timepoints, depth, height, width, z_values, index[:, [2, 0, 1]].copy(), outside)
 
 
 def z_marker_coords(grid: GridSpec, timepoints: range | None = None) -> np.ndarray:
@@ -2056,6 +2119,8 @@ def build_coo(spike_cells, spike_frames, grid: GridSpec, frame_to_timepoint, z_m
     default); the spikes given must then fall in that block."""
     timepoint = frame_to_timepoint[spike_frames]
     keep = timepoint >= 0
+    if grid.cells_outside is not None:
+        keep &= ~grid.cells_outside[spike_cells]
     cell_linear = np.ravel_multi_index(tuple(grid.cell_voxels.T.astype(np.int64)), grid.shape[1:])
     spike_linear = np.sort(timepoint[keep] * math.prod(grid.shape[1:]) + cell_linear[spike_cells[keep]])
     # unique by sorting: 10x faster here than NumPy 2's hash-based np.unique on millions of ints
@@ -2089,16 +2154,69 @@ def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: 
     return is_train, test_blocks
 
 
-@dataclass(frozen=True)
-class GridSettings:
-    """What gridding takes from the command line (fields named after the options)."""
+def condition_split(condition: np.ndarray, kept_frames: np.ndarray, periods, split_ratio: float) -> np.ndarray:
+    """--split conditions: (T,) uint8 is_train. ``condition`` is per original frame (-1: in no condition). Within
+    each condition, its frames in order form repetitions of its period; of R repetitions the last
+    max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut. A
+    condition of one repetition (spontaneous activity) or without a period is split in two contiguous parts: its
+    last round(n * (1 - split_ratio)) timepoints are test. Frames in no condition are train."""
+    is_train = np.ones(len(kept_frames), dtype=np.uint8)
+    kept_condition = condition[kept_frames]
+    for index in np.unique(kept_condition[kept_condition >= 0]):
+        frames = np.flatnonzero(condition == index)
+        period = float(periods[index]) if index < len(periods) else len(frames)  # in bins: may be fractional
+        repetitions = math.ceil(len(frames) / period)
+        test_frames = np.zeros(len(condition), dtype=bool)
+        if repetitions > 1:
+            num_test = max(1, round(repetitions * (1 - split_ratio))) if split_ratio < 1 else 0
+            test_frames[frames[np.arange(len(frames)) // period >= repetitions - num_test]] = True
+        else:
+            kept = kept_frames[kept_condition == index]
+            test_frames[kept[len(kept) - round(len(kept) * (1 - split_ratio)) :]] = True
+        is_train[test_frames[kept_frames]] = 0
+    return is_train
 
-    grid_shape: tuple  # (H, W)
-    z_markers: bool
-    keep_edge_frames: bool
-    split_block: int
-    split_ratio: float
-    seed: int
+
+def _condition_index(covariates: Covariates, name: str) -> int:
+    """The index of a condition named on the command line (case ignored), or a PipelineError listing the names."""
+    lowered = [known.lower() for known in covariates.condition_names]
+    if covariates.condition is None:
+        raise PipelineError(
+            f"--holdout_condition {name!r}: this subject has no stimulus conditions (no usable timelists in its input)"
+        )
+    if name.lower() not in lowered:
+        known = ", ".join(covariates.condition_names)
+        raise PipelineError(
+            f"--holdout_condition {name!r} is not a stimulus condition of this subject (its conditions: {known})"
+        )
+    return lowered.index(name.lower())
+
+
+def plan_split(kept_frames: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
+    """(is_train (T,) uint8, test blocks, the rule in words): --split and --holdout_condition. --split conditions
+    for a subject without conditions falls back to blocks (the rule says so; check_split warns)."""
+    ratio = settings.split_ratio
+    if settings.split == "conditions" and covariates.condition is not None:
+        is_train = condition_split(covariates.condition, kept_frames, covariates.condition_periods, ratio)
+        test_blocks = np.zeros(0, np.int64)  # blocks are not used
+        rule = (
+            f"conditions: per condition its last max(1, round(R x {1 - ratio:.3g})) of R whole repetitions (its "
+            f"period) are test; a condition of one repetition: its last {1 - ratio:.3g} of timepoints; frames in no "
+            "condition: train"
+        )
+    else:
+        is_train, test_blocks = train_test_split(len(kept_frames), settings.split_block, ratio, settings.seed)
+        rule = (
+            f"blocks: {settings.split_block}-frame blocks shuffled with RandomState({settings.seed}), the first "
+            f"max(1, int(blocks x {1 - ratio:.3g})) are test, the rest and leftover frames train"
+        )
+        if settings.split == "conditions":
+            rule += " (--split conditions asked, but the subject has no stimulus conditions)"
+    if settings.holdout_condition:
+        held = _condition_index(covariates, settings.holdout_condition)
+        is_train[covariates.condition[kept_frames] == held] = 0
+        rule += f"; every timepoint of condition {covariates.condition_names[held]} is test (--holdout_condition)"
+    return is_train, test_blocks, rule
 
 
 @dataclass(frozen=True)
@@ -2112,12 +2230,16 @@ class GridPlan:
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
     z_markers: bool
+    split_rule: str = ""  # the split in words (recorded as the attribute split_rule)
     timepoint_times_s: np.ndarray | None = None  # (T,) float64 start of each timepoint, seconds
 
 
-def plan_grid(positions, valid, time_base: TimeBase, model: CascadeModel, settings: GridSettings) -> GridPlan:
-    """Kept timepoints (those CASCADE cannot predict, at its edges, are dropped unless --keep_edge_frames), grid and
-    split. 'Frames' here are the time base's timepoints (bins with --target_rate_hz)."""
+def plan_grid(
+    positions, valid, time_base: TimeBase, model: CascadeModel, settings: GridSettings, covariates=None
+) -> GridPlan:
+    """Kept timepoints (those CASCADE cannot predict, at its edges, are dropped unless --keep_edge_frames), grid
+    (the fish's own extent, or the atlas frame with --coordinates registered) and split (plan_split). 'Frames' here
+    are the time base's timepoints (bins with --target_rate_hz); ``covariates`` are on the same time base."""
     frames_predicted = np.zeros(time_base.num_frames, dtype=bool)
     frames_predicted[model.frames_before : time_base.num_frames - model.frames_after] = True
     predicted = time_base.predicted(frames_predicted)
@@ -2125,13 +2247,14 @@ def plan_grid(positions, valid, time_base: TimeBase, model: CascadeModel, settin
     kept_frames = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
-    grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
-    is_train, test_blocks = train_test_split(
-        len(kept_frames), settings.split_block, settings.split_ratio, settings.seed
-    )
+    if settings.coordinates == "registered":
+        grid = make_atlas_grid_spec(positions, len(kept_frames), settings)
+    else:
+        grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
+    is_train, test_blocks, rule = plan_split(kept_frames, covariates or Covariates(), settings)
     times_s = time_base.times_s()[kept_frames]
     return GridPlan(
-        grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers, times_s
+        grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s
     )
 
 
@@ -2624,7 +2747,10 @@ def write_covariates(h5, covariates: Covariates, frames: np.ndarray) -> None:
     if "condition" in arrays:
         names = np.array(covariates.condition_names, dtype=h5py.string_dtype())
         group["condition"].attrs["condition_names"] = names
-        group["condition"].attrs["condition_periods"] = np.asarray(covariates.condition_periods, np.int64)
+        periods = np.asarray(covariates.condition_periods)  # frames, or bins (fractional) with --target_rate_hz
+        group["condition"].attrs["condition_periods"] = (
+            periods if periods.dtype.kind == "f" else periods.astype(np.int64)
+        )
     if covariates.stimulus_sets:
         group.attrs["stimulus_sets"] = json.dumps(dict(covariates.stimulus_sets))
 
@@ -3013,6 +3139,8 @@ class PlotData:
     grid: GridSpec
     noise_level: np.ndarray
     model: CascadeModel
+    condition_spans: list = dataclasses.field(default_factory=list)  # (name, start, stop) frames per condition run
+    behavior: np.ndarray | None = None  # (frames, channels) per original frame, or None
     dff_rate_hz: float | None = None  # the recording's frame rate, when rates are on another time base
 
 
@@ -3085,8 +3213,17 @@ def _page_spikes(plt, plot: PlotData):
 
 
 def _page_raster(plt, plot: PlotData):
-    rate = plot.frame_rate_hz
-    fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True, height_ratios=[3, 1])
+    # below the raster, when the subject has them: its stimulus conditions as bands, and its behaviour channels
+    rows = [
+        "raster",
+        *(["conditions"] * bool(plot.condition_spans)),
+        "rate",
+        *(["behavior"] * (plot.behavior is not None)),
+    ]
+    heights = {"raster": 3, "conditions": 0.35, "rate": 1, "behavior": 1}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 8.5), sharex=True, height_ratios=[heights[r] for r in rows])
+    axes = dict(zip(rows, axes))
+    raster_ax, rate_ax, rate = axes["raster"], axes["rate"], plot.frame_rate_hz
     raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
     raster_ax.set(ylabel="cell (sorted by z-plane)", title=f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
@@ -3095,9 +3232,30 @@ def _page_raster(plt, plot: PlotData):
         raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
     for start, stop in plot.edge_spans_frames:
         rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
-    rate_ax.set(ylabel="mean rate (Hz/cell)", xlabel="time (s); blue: test blocks, grey: frames without prediction")
+    rate_ax.set(ylabel="mean rate (Hz/cell)")
+    if "conditions" in axes:
+        _condition_bands(axes["conditions"], plot)
+    if "behavior" in axes:
+        behavior = plot.behavior
+        spread = np.nanstd(behavior, axis=0)
+        scaled = (behavior - np.nanmean(behavior, axis=0)) / np.where(spread > 0, spread, 1)
+        for channel in range(behavior.shape[1]):
+            axes["behavior"].plot(np.arange(len(behavior)) / rate, scaled[:, channel] + 4 * channel, lw=0.5)
+        axes["behavior"].set(ylabel="behaviour (z-scored)", yticks=4 * np.arange(behavior.shape[1]))
+        axes["behavior"].set_yticklabels([str(channel + 1) for channel in range(behavior.shape[1])])
+    axes[rows[-1]].set_xlabel("time (s); blue: test timepoints, grey: frames without prediction")
     fig.tight_layout()
     yield fig
+
+
+def _condition_bands(ax, plot: PlotData):
+    """Each stimulus condition as a shaded band with its name, in one colour per condition."""
+    names = list(dict.fromkeys(name for name, _, _ in plot.condition_spans))
+    for name, start, stop in plot.condition_spans:
+        colour = f"C{names.index(name) % 10}"
+        ax.axvspan(start / plot.frame_rate_hz, stop / plot.frame_rate_hz, color=colour, alpha=0.5, lw=0)
+        ax.text((start + stop) / 2 / plot.frame_rate_hz, 0.5, name, ha="center", va="center", fontsize=7, clip_on=True)
+    ax.set(yticks=[], ylim=(0, 1), ylabel="stimulus")
 
 
 PLANE_PANELS_MAX = 36  # panels on the planes page
@@ -3508,11 +3666,37 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
         )
 
 
+OUTSIDE_ATLAS_REFUSE_FRACTION = 0.1  # more cells than this outside the atlas: not voxel indices into it
+
+
+def check_atlas_extent(subject: SubjectData, grid: GridSpec, settings: GridSettings) -> None:
+    """With the atlas frame, cells outside --atlas_shape get no spikes: a few is a doubt (registration
+    failures), more than a tenth means the positions are not voxel indices into that atlas (refused)."""
+    if grid.cells_outside is None or not (outside := int(grid.cells_outside.sum())):
+        return
+    positions, shape = subject.positions, "x".join(map(str, settings.atlas_shape))
+    found = ", ".join(f"{axis} {positions[:, i].min():g}..{positions[:, i].max():g}" for i, axis in enumerate("xyz"))
+    if outside > OUTSIDE_ATLAS_REFUSE_FRACTION * subject.num_cells:
+        raise PipelineError(
+            f"{outside} of {subject.num_cells} registered positions (CellXYZ_norm) lie outside the atlas extent {shape} "
+            f"(found {found}), expected 1-based voxel indices into it: set --atlas_shape to the atlas they index, "
+            "or use --coordinates raw"
+        )
+    subject.warn(
+        f"{outside} of {subject.num_cells} cells lie outside the atlas extent {shape} (registration failed?): "
+        "they are left out of the grid (voxel_zxy -1)"
+    )
+
+
 def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) -> None:
     """The original's block split is kept (the same T gives the same split), but a split that leaves
-    less than half of the timepoints (or less than --split_ratio) for training is a doubt."""
+    less than half of the timepoints (or less than --split_ratio) for training is a doubt. --split conditions
+    on a subject without conditions falls back to blocks, a doubt."""
+    if settings.split == "conditions" and subject.covariates.condition is None:
+        subject.warn("--split conditions: the subject has no stimulus conditions (timelists): split in blocks instead")
     total, train = len(plan.is_train), int(plan.is_train.sum())
-    if train >= total * min(0.5, settings.split_ratio):
+    by_blocks_alone = plan.split_rule.startswith("blocks") and not settings.holdout_condition
+    if not by_blocks_alone or train >= total * min(0.5, settings.split_ratio):
         return
     blocks = max(2, round(1 / (1 - settings.split_ratio))) if settings.split_ratio < 1 else 20
     subject.warn(
@@ -3541,6 +3725,7 @@ def subject_attrs(record: SubjectRun) -> dict:
         "source_files": list(subject.source_files),
         "software_version": __version__,
         "coordinate_order": "t,z,x,y",
+        "split_rule": record.plan.split_rule,
         "warnings": "; ".join(subject.warnings),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": record.run.run_id,
@@ -3588,7 +3773,9 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
         "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
         "cell_id": record.subject.cell_ids,
         "position": record.subject.positions,
-        "voxel_zxy": grid.cell_voxels,
+        "voxel_zxy": grid.cell_voxels
+        if grid.cells_outside is None
+        else np.where(grid.cells_outside[:, None], -1, grid.cell_voxels),
         **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
         "valid": spikes.valid.astype(np.uint8),
     }
@@ -3671,6 +3858,7 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
     cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
     test_mask = np.zeros(record.time_base.num_timepoints, bool)
     test_mask[plan.kept_frames[plan.is_train == 0]] = True
+    in_grid = spikes.valid if plan.grid.cells_outside is None else spikes.valid & ~plan.grid.cells_outside
     traces = spikes.plot_traces()
     shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
     return PlotData(
@@ -3688,13 +3876,25 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
         population_rate_hz=record.population_rate_hz(),
         test_spans_frames=_spans(test_mask),
         edge_spans_frames=_spans(~plan.predicted),
-        cell_voxels=plan.grid.cell_voxels[spikes.valid],
-        cell_spike_counts=cell_spikes_kept[spikes.valid],
+        cell_voxels=plan.grid.cell_voxels[in_grid],
+        cell_spike_counts=cell_spikes_kept[in_grid],
         grid=plan.grid,
         noise_level=spikes.cells("noise_level"),
         model=record.model,
         dff_rate_hz=subject.frame_rate_hz,
+        condition_spans=_condition_spans(record.covariates),
+        behavior=record.covariates.behavior,
     )
+
+
+def _condition_spans(covariates: Covariates) -> list:
+    """(name, start, stop) frames of each run of one stimulus condition, for the PDF."""
+    if covariates.condition is None:
+        return []
+    spans = []
+    for index, name in enumerate(covariates.condition_names):
+        spans += [(name, start, stop) for start, stop in _spans(covariates.condition == index)]
+    return spans
 
 
 def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
@@ -3739,7 +3939,10 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     run_cascade(record, config, pool)
     check_inferred_traces(subject, record.spikes, record.trace_type.kind)
     grid_settings = settings_for(GridSettings, config)
-    record.plan = plan_grid(subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings)
+    record.plan = plan_grid(
+        subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings, record.covariates
+    )
+    check_atlas_extent(subject, record.plan.grid, grid_settings)
     check_split(subject, record.plan, grid_settings)
     write_subject(record)
     summary = SubjectSummary.of_run(record)
