@@ -2735,8 +2735,8 @@ COVARIATES_GROUP = "covariates"
 
 
 def write_covariates(h5, covariates: Covariates, frames: np.ndarray) -> None:
-    """The covariates/ group of an output file, aligned to its timepoints: row t of each dataset is original frame
-    ``frames[t]`` (timepoint_indices). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
+    """The covariates/ group of an output file, aligned to its timepoints: row t of each dataset is frame
+    ``frames[t]`` (timepoint_indices) of the covariates' time base (bins of --target_rate_hz: see TimeBase). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
     condition_names, condition_periods), behavior (T, 5), eye (T, 2) and the generic layout's own covariates;
     attribute stimulus_sets (JSON, Chen's stimset). Nothing is written for a subject without covariates."""
     arrays = covariates.at_frames(frames)
