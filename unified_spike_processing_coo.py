@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -124,6 +125,10 @@ class PipelineConfig:
         choices=("raw", "registered"),
     )  # fmt: skip
     plots: bool = option(True, "skip the PDF of plots", IO, "grid", flag="--no_plots")
+    cell_activity: bool = option(
+        True, "skip cell_activity.h5 (per-cell rates and CASCADE's results: a later grid-only change then reruns "
+        "CASCADE)", IO, "grid", flag="--no_cell_activity",
+    )  # fmt: skip
     num_neurons: int = option(10, f"cells shown in the PDF's trace pages (at most {PLOT_CELLS_MAX})", IO, "grid")
     nwb: bool = option(
         False, "also write <subject>/<subject>_cascade.nwb: cells, input dF/F and CASCADE's rates (NWB)", IO, "grid",
@@ -188,6 +193,11 @@ class PipelineConfig:
     spike_mode: str = option("sample", _spike_mode_help, GRID, "cascade", choices=lambda: tuple(SPIKE_MODES))
     spike_threshold: float = option(0.5, "rate (spikes/frame) for --spike_mode threshold", GRID, "cascade")
     seed: int = option(42, "seed of spike sampling and of the train/test split", GRID, "cascade")
+    target_rate_hz: float | None = option(
+        None, "re-bin CASCADE's rates to this rate (Hz), conserving expected spikes, before spikes, grid and split: "
+        "one time base for fish recorded at different rates (default: the recording's rate)", GRID, "cascade",
+        type=float,
+    )  # fmt: skip
     keep_edge_frames: bool = option(False, "keep the frames at both ends that CASCADE cannot predict", GRID, "grid")
     grid_shape: tuple = option(
         (256, 128), "grid height (x) and width (y) in pixels", GRID, "grid", type=int, nargs=2, metavar=("H", "W")
@@ -195,12 +205,40 @@ class PipelineConfig:
     z_markers: bool = option(
         True, "no z-plane marker pixels (rows 0-1, last z+2 columns)", GRID, "grid", flag="--no_z_markers"
     )
+    atlas_shape: tuple = option(
+        (1406, 621, 138), "with --coordinates registered: the atlas extent in voxels (x, y, z) mapped onto the grid "
+        "for every fish (Z-Brain's; CellXYZ_norm holds 1-based voxel indices into it)", GRID, "grid",
+        type=int, nargs=3, metavar=("X", "Y", "Z"),
+    )  # fmt: skip
+    # 46 slabs of 3 Z-Brain voxels (6 um, about one neuron) divide its 138 voxels evenly, and with their z markers
+    # (z + 2 columns) they fit the default grid width of 128
+    z_planes: int = option(
+        46, "with --coordinates registered: equal slabs of the atlas depth (grid planes)", GRID, "grid"
+    )
+    split: str = option(
+        "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule) or conditions (per "
+        "stimulus condition, whole repetitions: its last ones are test; see the README)", GRID, "grid",
+        choices=("blocks", "conditions"),
+    )  # fmt: skip
     split_block: int = option(330, "frames per train/test block", GRID, "grid")
-    split_ratio: float = option(0.95, "fraction of blocks for training", GRID, "grid")
+    split_ratio: float = option(
+        0.95, "fraction of blocks (or of each condition's repetitions) for training", GRID, "grid"
+    )
+    holdout_condition: str | None = option(
+        None, "put every timepoint of this stimulus condition (a name in timelists_names) in test", GRID, "grid"
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
+        object.__setattr__(self, "atlas_shape", tuple(int(v) for v in self.atlas_shape))
+        registered = self.coordinates == "registered"
         checks = {
+            "--atlas_shape needs three positive sizes": len(self.atlas_shape) != 3 or min(self.atlas_shape) < 1,
+            "--z_planes must be at least 1": self.z_planes < 1,
+            f"--z_planes {self.z_planes} with z markers needs a grid width of at least {self.z_planes + 1} "
+            "(--grid_shape or --no_z_markers)": registered
+            and self.z_markers
+            and self.z_planes + 1 > self.grid_shape[-1],
             "--workers and --batch_size must be at least 1": self.workers < 1 or self.batch_size < 1,
             "--split_ratio in (0, 1], --split_block >= 1": not 0 < self.split_ratio <= 1 or self.split_block < 1,
             "--grid_shape needs positive H and W": len(self.grid_shape) != 2 or min(self.grid_shape) < 1,
@@ -212,6 +250,10 @@ class PipelineConfig:
             and self.neuropil_coefficient < 0,
             "--iscell_threshold must be in [0, 1]": self.iscell_threshold is not None
             and not 0 <= self.iscell_threshold <= 1,
+            "--target_rate_hz must be a rate in Hz between {:g} and {:g}".format(*FRAME_RATE_RANGE_HZ): (
+                self.target_rate_hz is not None
+                and not FRAME_RATE_RANGE_HZ[0] <= self.target_rate_hz <= FRAME_RATE_RANGE_HZ[1]
+            ),
             f"--cascade_threshold must be one of {', '.join(CASCADE_THRESHOLDS)}": (
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
@@ -377,6 +419,35 @@ class LoadOptions:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class Covariates:
+    """What the experiment showed and what the fish did, per ORIGINAL frame (row f is frame f); None or empty
+    where the input does not hold it. Writers take them at the grid's timepoints with at_frames."""
+
+    stimulus: np.ndarray | None = None  # (frames,) stimulus code per frame (Chen's stim_full)
+    condition: np.ndarray | None = None  # (frames,) int16 index into condition_names, -1 in no list
+    condition_names: tuple = ()  # Chen's timelists_names
+    condition_periods: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # (conditions,)
+    behavior: np.ndarray | None = None  # (frames, 5) float32 (Chen's Behavior_full, 5 x T)
+    eye: np.ndarray | None = None  # (frames, 2) float32 (Chen's Eye_full, 2 x T)
+    extra: dict = dataclasses.field(default_factory=dict)  # name -> (frames, ...): the generic layout's covariates/
+    stimulus_sets: tuple = ()  # (name, stimulus codes) per stimulus set (Chen's stimset), as recorded
+
+    def arrays(self) -> dict:
+        """name -> (frames, ...) array of every covariate present."""
+        named = {"stimulus": self.stimulus, "condition": self.condition, "behavior": self.behavior, "eye": self.eye}
+        return {name: array for name, array in {**named, **self.extra}.items() if array is not None}
+
+    def at_frames(self, frames) -> dict:
+        """name -> array at the given original frames: row t is frame ``frames[t]`` (e.g. timepoint_indices)."""
+        frames = np.asarray(frames, dtype=np.int64)
+        return {name: np.asarray(array)[frames] for name, array in self.arrays().items()}
+
+    def period_of(self, condition: int) -> int | None:
+        """Frames of one repetition of a condition, or None when its period is unknown."""
+        return int(self.condition_periods[condition]) if condition < len(self.condition_periods) else None
+
+
 @dataclass
 class SubjectData:
     """One subject: where its traces are, and its cells' positions (N, 3) as [x, y, z]. ``trace_file`` is
@@ -395,6 +466,9 @@ class SubjectData:
     warnings: list = dataclasses.field(default_factory=list)
     trace_type_reason: str = ""  # set where the layout itself says what its traces are (trace_type_hint)
     stored_cells: int | None = None  # ROIs or components in the files, accepted or not (None: num_cells)
+    covariates: Covariates = dataclasses.field(default_factory=Covariates)  # indexed by original frame
+    raw_positions: np.ndarray | None = None  # (N, 3) as the layout stores them (Chen: CellXYZ), for cell_activity.h5
+    registered_positions: np.ndarray | None = None  # (N, 3) in a shared frame where the layout has one (CellXYZ_norm)
 
     @property
     def num_cells(self) -> int:
@@ -538,6 +612,32 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
         doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
 
 
+def _v73_value(node):
+    """A MATLAB v7.3 value as numpy: matrices transposed back, char -> str, [] -> empty; a cell array (object
+    references) -> an object array of its elements; a struct -> dict of its fields (a struct array's fields
+    are cells, one element per struct)."""
+    if isinstance(node, h5py.Group):
+        return {key: _v73_value(child) for key, child in node.items()}
+    if node.attrs.get("MATLAB_empty", 0):
+        return np.empty(0)
+    value = np.asarray(node[()])
+    if h5py.check_dtype(ref=node.dtype) is not None:
+        items = np.empty(value.shape, dtype=object)
+        for index, reference in np.ndenumerate(value):
+            items[index] = _v73_value(node.file[reference])
+        return items.T
+    if _as_text(node.attrs.get("MATLAB_class", b"")) == "char":
+        return "".join(map(chr, value.ravel()))
+    return value.T
+
+
+def _mat_items(value) -> list:
+    """The elements of a MATLAB cell or struct array as read (scipy squeezes a 1x1 cell to its element)."""
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return list(value.ravel())
+    return [] if value is None else [value]
+
+
 def _mat_struct_fields(path: Path) -> dict:
     """Fields of the struct ``data`` in data_full.mat: MATLAB v5 (scipy) or v7.3 (HDF5 after a
     512-byte text header; matrices stored transposed, char arrays as codes, [] as an empty marker)."""
@@ -562,13 +662,8 @@ def _mat_struct_fields(path: Path) -> dict:
                 raise PipelineError(f"{path} has no struct 'data' (found {', '.join(h5) or 'nothing'})")
             if not isinstance(h5["data"], h5py.Group):
                 raise PipelineError(f"{path}: variable 'data' is an array, not a struct: {expected}")
-            for key, dataset in h5["data"].items():
-                if isinstance(dataset, h5py.Dataset) and dataset.attrs.get("MATLAB_empty", 0):
-                    fields[key] = np.empty(0)
-                elif isinstance(dataset, h5py.Dataset):
-                    fields[key] = np.asarray(dataset[()]).T
-                    if _as_text(dataset.attrs.get("MATLAB_class", b"")) == "char":
-                        fields[key] = "".join(map(chr, fields[key].ravel()))
+            for key, node in h5["data"].items():
+                fields[key] = _v73_value(node)
     except PipelineError:
         raise
     except Exception as exc:
@@ -654,6 +749,127 @@ def _chen_cell_ids(abs_ix, invalid_field, trace_file: TraceFile, num_rows: int, 
     return cell_ids
 
 
+# Chen's per-frame fields, what they become, and the channels a (channels x T) one holds (None: a (T,) vector)
+CHEN_SERIES = {"stim_full": ("stimulus", None), "Behavior_full": ("behavior", 5), "Eye_full": ("eye", 2)}
+CHEN_COVARIATE_FIELDS = (*CHEN_SERIES, "timelists", "timelists_names", "periods", "stimset")
+
+
+def _frame_series(value, num_frames: int, channels: int | None, where: str, doubts: list) -> np.ndarray | None:
+    """A per-frame field as (frames,) or (frames, channels), or None (a doubt: left out, never misaligned)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        doubts.append(f"{where} holds {_describe(array)}, expected numbers per frame: left out")
+        return None
+    array = array.astype(np.float64)
+    expected = (num_frames,) if channels is None else (channels, num_frames)
+    if channels is None and array.ndim == 2 and 1 in array.shape:
+        array = array.ravel()  # MATLAB's 1 x T or T x 1
+    elif channels is not None and array.shape == expected[::-1] != expected:
+        array = array.T  # stored frames x channels
+    if array.shape != expected:
+        what = "one value per frame" if channels is None else f"{channels} channels x {num_frames} frames"
+        doubts.append(f"{where} has shape {array.shape}, expected {what} ({expected}): left out")
+        return None
+    if channels is None and np.isfinite(array).all() and (array == np.round(array)).all() and abs(array).max() < 2**15:
+        return array.astype(np.int16)  # stimulus codes
+    return (array if channels is None else array.T).astype(np.float32)
+
+
+def _chen_conditions(fields: dict, num_frames: int, where: str, doubts: list) -> tuple:
+    """(condition (frames,) int16 or None, names, periods) from timelists (1-based frames per stimulus set),
+    timelists_names and periods; doubtful ones are left out with a warning."""
+    lists = _mat_items(fields.get("timelists"))
+    names = [_as_text(name) for name in _mat_items(fields.get("timelists_names"))]
+    if not lists:
+        return None, (), np.zeros(0, np.int64)
+    if "timelists_names" not in fields:
+        names = [f"set_{index + 1}" for index in range(len(lists))]
+    if len(names) != len(lists) or None in names:
+        doubts.append(
+            f"{where}: data.timelists_names holds {len(names)} names for {len(lists)} timelists: conditions left out"
+        )
+        return None, (), np.zeros(0, np.int64)
+    condition = np.full(num_frames, -1, dtype=np.int16)
+    for index, frames in enumerate(lists):
+        frames = np.asarray(frames).ravel()
+        whole = frames.dtype.kind in "iuf" and np.isfinite(frames).all() and (frames == np.round(frames)).all()
+        if not whole or (frames.size and (frames.min() < 1 or frames.max() > num_frames)):
+            doubts.append(
+                f"{where}: data.timelists{{{index + 1}}} ({names[index]}) holds {_describe(frames)}, expected 1-based frames 1..{num_frames}: conditions left out"
+            )
+            return None, (), np.zeros(0, np.int64)
+        frames = frames.astype(np.int64) - 1
+        if (taken := condition[frames] >= 0).any():
+            doubts.append(
+                f"{where}: {int(taken.sum())} frames of timelists{{{index + 1}}} ({names[index]}) are in an earlier list: kept there"
+            )
+        condition[frames[~taken]] = index
+    periods = np.zeros(0, np.int64)
+    if "periods" in fields:
+        found = np.asarray(fields["periods"]).ravel()
+        if (
+            found.dtype.kind in "iuf"
+            and found.size == len(lists)
+            and (found >= 1).all()
+            and (found == np.round(found)).all()
+        ):
+            periods = found.astype(np.int64)
+        else:
+            doubts.append(
+                f"{where}: data.periods holds {_describe(found)}, expected one period (frames) per timelist: left out"
+            )
+    return condition, tuple(names), periods
+
+
+def _chen_stimulus_sets(value) -> tuple:
+    """(name, stimulus codes) per element of Chen's stimset (a struct array: name, pattern), as read."""
+    if isinstance(value, dict):  # MATLAB v7.3: a struct of fields, cells for a struct array
+        names, patterns = _mat_items(value.get("name")), _mat_items(value.get("pattern"))
+    else:
+        items = _mat_items(value)
+        names, patterns = [getattr(i, "name", None) for i in items], [getattr(i, "pattern", None) for i in items]
+    sets = []
+    for name, pattern in zip(names, patterns):
+        codes = np.asarray(pattern if pattern is not None else []).ravel()
+        if _as_text(name) is None or codes.dtype.kind not in "iuf":
+            return ()
+        sets.append((_as_text(name), tuple(float(code) for code in np.unique(codes))))
+    return tuple(sets)
+
+
+def _chen_covariates(fields: dict, num_frames: int, where: str, doubts: list) -> Covariates:
+    """Chen's stimulus, conditions and behaviour, per frame. A missing field is skipped (one INFO line);
+    one of the wrong length or kind is a doubt and left out."""
+    if missing := [name for name in CHEN_COVARIATE_FIELDS if name not in fields]:
+        log.info(f"{where}: no data.{', data.'.join(missing)}: those covariates are skipped")
+    series = {
+        covariate: _frame_series(fields[name], num_frames, channels, f"{where}: data.{name}", doubts)
+        for name, (covariate, channels) in CHEN_SERIES.items()
+        if name in fields
+    }
+    condition, names, periods = _chen_conditions(fields, num_frames, where, doubts)
+    stimulus_sets = _chen_stimulus_sets(fields["stimset"]) if "stimset" in fields else ()
+    if "stimset" in fields and not stimulus_sets:
+        doubts.append(f"{where}: data.stimset is not a struct array of name and pattern: left out")
+    return Covariates(condition=condition, condition_names=names, condition_periods=periods,
+                      stimulus_sets=stimulus_sets, **series)  # fmt: skip
+
+
+def _chen_position_sets(fields: dict, cell_ids: np.ndarray, anatomy_path: Path) -> tuple:
+    """(CellXYZ, CellXYZ_norm) of the traces' cells, each None when the file lacks it as (cells, 3) numbers
+    (logged: only cell_activity.h5 misses it; the positions the grid uses are checked above)."""
+    found = []
+    for key in ("CellXYZ", "CellXYZ_norm"):
+        xyz = np.asarray(fields.get(key, np.empty(0)))
+        xyz = xyz.T if xyz.ndim == 2 and xyz.shape[1] != 3 else xyz
+        if xyz.dtype.kind in "iuf" and xyz.ndim == 2 and xyz.shape[1] == 3 and len(xyz) >= cell_ids.max(initial=0):
+            found.append(xyz[cell_ids - 1].astype(np.float64))
+        else:
+            log.info("%s: no data.%s as (cells, 3) numbers: cell_activity.h5 goes without it", anatomy_path, key)
+            found.append(None)
+    return tuple(found)
+
+
 def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """A fish in the Chen et al. 2018 layout (TimeSeries.h5 + data_full.mat)."""
     series_path, anatomy_path = folder / "TimeSeries.h5", folder / "data_full.mat"
@@ -678,13 +894,40 @@ def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     )
     positions = cell_xyz[cell_ids - 1]
     _check_positions(positions, where, doubts)
+    covariates = _chen_covariates(fields, trace_file.num_frames, str(anatomy_path), doubts)
     sources = (str(series_path), str(anatomy_path))
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources
-    )
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources,
+        covariates=covariates,
+    )  # fmt: skip
+    subject.raw_positions, subject.registered_positions = _chen_position_sets(fields, cell_ids, anatomy_path)
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
+
+
+def _generic_covariates(path: Path, num_frames: int, doubts: list) -> Covariates:
+    """traces.h5's optional covariates/ group: (frames, ...) datasets, passed through; others are doubts."""
+    extra = {}
+    with h5py.File(path, "r") as h5:
+        group = h5.get("covariates")
+        if not isinstance(group, h5py.Group):
+            if group is not None:
+                doubts.append(f"{path}: covariates is a dataset, expected a group of (frames, ...) datasets: left out")
+            return Covariates()
+        for name, dataset in group.items():
+            is_dataset = isinstance(dataset, h5py.Dataset)
+            if (
+                not is_dataset
+                or not dataset.shape
+                or dataset.shape[0] != num_frames
+                or dataset.dtype.kind not in "biuf"
+            ):
+                found = f"shape {dataset.shape} of {dataset.dtype}" if is_dataset else "a group"
+                doubts.append(f"{path}: covariates/{name} has {found}, expected numbers ({num_frames}, ...): left out")
+            else:
+                extra[name] = dataset[()]
+    return Covariates(extra=extra)
 
 
 def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
@@ -711,9 +954,12 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
         hint = None
     _check_positions(positions, f"{path}: positions", doubts)
     cell_ids = np.arange(trace_file.num_cells, dtype=np.int64)
+    covariates = _generic_covariates(path, trace_file.num_frames, doubts)
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),)
-    )
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),),
+        covariates=covariates,
+    )  # fmt: skip
+    subject.raw_positions = positions
     for message in doubts:
         subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
@@ -2002,17 +2248,22 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
 
 
 def predict_spike_rates(
-    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19
-):
+    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19,
+    keep_nan=False,
+):  # fmt: skip
     """CASCADE spike rates (spikes per frame) for dF/F traces shaped (neurons, frames).
 
     As ``cascade2p.cascade.predict``: dF/F as fractions; each neuron uses the ensemble of its nearest model
     noise level; ensemble mean; ``threshold`` 0, 1 or False; the first int(before_frac*W) and last
     int((1-before_frac)*W) frames set to ``padding``. Unlike CASCADE (whose max-pooling can swallow a NaN),
     any NaN inside a window gives NaN. ``return_noise`` adds a report {'noise_level', 'model_noise_level'}.
+    ``keep_nan``: frames without a prediction stay NaN (threshold 1, as CASCADE's, sets those far from activity to 0).
     """
     rates, noise, model_noise = predict_raw_rates(dff, model, max_chunk_frames=max_chunk_frames)
+    missing = np.isnan(rates) if keep_nan else None
     apply_cascade_threshold(rates, model, threshold)
+    if missing is not None:
+        rates[missing] = np.nan
     num_frames = rates.shape[1]
     rates[:, : min(model.frames_before, num_frames)] = padding
     if model.frames_after > 0:
@@ -2021,8 +2272,106 @@ def predict_spike_rates(
 
 
 # =============================================================================================
-# 6. Spikes: rates -> discrete spike counts, or binary spikes reproducible whatever the batching
+# 6. Time base and spikes: rates re-binned to --target_rate_hz; rates -> discrete spike counts, or binary
+# spikes reproducible whatever the batching
 # =============================================================================================
+# With --target_rate_hz, frame i (seconds [i/f, (i+1)/f)) gives each bin j (seconds [j/R, (j+1)/R)) the
+# fraction of its duration that falls in the bin, so a bin's rate is its expected spike count and the
+# counts are conserved. Only bins wholly inside the recording exist (a trailing part-bin is dropped).
+# A bin that any frame without a value touches (CASCADE's edges, windows with NaN) is NaN: a partial sum
+# would look like low activity. Spikes are then drawn from the bins' rates, as from frames' rates.
+
+OVERLAP_TOLERANCE = 1e-9  # a frame touching a bin by less than this fraction (float rounding) does not count
+
+
+@dataclass(frozen=True)
+class TimeBase:
+    """The timepoints rates, spikes and the grid are on: the recording's frames, or bins at --target_rate_hz.
+    Timepoint i covers seconds [i / rate_hz, (i + 1) / rate_hz) from the first frame's start."""
+
+    frame_rate_hz: float  # the recording's
+    num_frames: int  # the recording's
+    target_rate_hz: float | None = None
+
+    @property
+    def rate_hz(self) -> float:
+        return self.target_rate_hz or self.frame_rate_hz
+
+    @property
+    def num_timepoints(self) -> int:
+        if self.target_rate_hz is None:
+            return self.num_frames
+        return int(math.floor(self.num_frames * self.target_rate_hz / self.frame_rate_hz + OVERLAP_TOLERANCE))
+
+    def times_s(self) -> np.ndarray:
+        """(timepoints,) start of each timepoint in seconds."""
+        return np.arange(self.num_timepoints) / self.rate_hz
+
+    @functools.cached_property
+    def overlap(self):
+        """(frames, bins) scipy CSR matrix: the fraction of frame i that lies in bin j."""
+        from scipy.sparse import csr_matrix
+
+        frames, ratio = np.arange(self.num_frames), self.target_rate_hz / self.frame_rate_hz
+        rows, columns, weights = [], [], []
+        for step in range(int(math.ceil(ratio)) + 1):  # the bins a frame can touch
+            bins = np.floor(frames * ratio).astype(np.int64) + step
+            start = np.maximum(frames, bins / ratio)  # in frames
+            fraction = np.minimum(frames + 1, (bins + 1) / ratio) - start
+            keep = (fraction > OVERLAP_TOLERANCE) & (bins < self.num_timepoints)
+            rows, columns, weights = rows + [frames[keep]], columns + [bins[keep]], weights + [fraction[keep]]
+        shape = (self.num_frames, self.num_timepoints)
+        return csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(columns))), shape=shape)
+
+    def rebin(self, rates: np.ndarray) -> np.ndarray:
+        """(cells, frames) rates per frame -> (cells, timepoints) expected spikes per timepoint (float64);
+        NaN in any frame a bin touches makes the bin NaN. Unchanged without --target_rate_hz."""
+        if self.target_rate_hz is None:
+            return rates
+        missing = np.isnan(rates)
+        out = np.asarray((self.overlap.T @ np.where(missing, 0.0, rates).T).T, dtype=np.float64)
+        if missing.any():
+            touched = self.overlap.astype(bool).astype(np.int32)
+            out[(missing.astype(np.int32) @ touched) > 0] = np.nan
+        return out
+
+    def predicted(self, frames_predicted: np.ndarray) -> np.ndarray:
+        """(timepoints,) bool: timepoints whose every frame has a prediction."""
+        if self.target_rate_hz is None:
+            return np.asarray(frames_predicted, bool)
+        return ~np.isnan(self.rebin(np.where(frames_predicted, 0.0, np.nan)[None])[0])
+
+    def first_frames(self) -> np.ndarray:
+        """(timepoints,) int64 the recording frame in which each timepoint starts."""
+        frames = np.floor(self.times_s() * self.frame_rate_hz + OVERLAP_TOLERANCE)
+        return np.minimum(frames, self.num_frames - 1).astype(np.int64)
+
+    def bin_means(self, array: np.ndarray) -> np.ndarray:
+        """(frames, ...) values -> (timepoints, ...) their means over each bin, weighted by overlap (NaN where
+        a frame the bin touches is NaN), in the array's dtype."""
+        flat = np.asarray(array, dtype=np.float64).reshape(len(array), -1)
+        sums = np.asarray(self.overlap.T @ flat) / np.asarray(self.overlap.sum(axis=0)).reshape(-1, 1)
+        return sums.reshape(-1, *np.shape(array)[1:]).astype(np.asarray(array).dtype)
+
+    def resample_covariates(self, covariates: Covariates) -> Covariates:
+        """Covariates per timepoint of this time base (per frame without --target_rate_hz: unchanged). In a bin,
+        codes (stimulus, condition, integer extras) are the value of the frame it starts in; behaviour, eye and
+        real-valued extras their mean over the bin; condition periods are counted in bins (fractional)."""
+        if self.target_rate_hz is None:
+            return covariates
+        first = self.first_frames()
+
+        def at_bins(array, codes: bool):
+            if array is None:
+                return None
+            return np.asarray(array)[first] if codes or np.asarray(array).dtype.kind in "biu" else self.bin_means(array)
+
+        return dataclasses.replace(
+            covariates, stimulus=at_bins(covariates.stimulus, True), condition=at_bins(covariates.condition, True),
+            behavior=at_bins(covariates.behavior, False), eye=at_bins(covariates.eye, False),
+            extra={name: at_bins(array, False) for name, array in covariates.extra.items()},
+            condition_periods=np.asarray(covariates.condition_periods) * (self.rate_hz / self.frame_rate_hz),
+        )  # fmt: skip
 
 
 def _segment_positions(starts: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
@@ -2164,12 +2513,30 @@ class GridSpec:
     num_z_planes: int
     height: int
     width: int
-    z_values: np.ndarray  # (Z,) distinct z positions, ascending
+    z_values: np.ndarray  # (Z,) distinct z positions (atlas frame: each slab's centre), ascending
     cell_voxels: np.ndarray  # (N, 3) int32 [z, x, y] per cell
+    cells_outside: np.ndarray | None = None  # (N,) bool: outside the atlas extent, no spikes placed (atlas frame)
 
     @property
     def shape(self) -> tuple:
         return (self.num_timepoints, self.num_z_planes, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What gridding takes from the command line (fields named after the options)."""
+
+    grid_shape: tuple  # (H, W)
+    z_markers: bool
+    keep_edge_frames: bool
+    split_block: int
+    split_ratio: float
+    seed: int
+    coordinates: str  # 'registered': the atlas frame (make_atlas_grid_spec)
+    atlas_shape: tuple  # (X, Y, Z) voxels
+    z_planes: int
+    split: str  # 'blocks' (train_test_split) or 'conditions' (condition_split)
+    holdout_condition: str | None
 
 
 def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_markers=True, valid=None) -> GridSpec:
@@ -2191,6 +2558,22 @@ def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_ma
             scaled = np.floor((positions[:, axis] - low) / (high - low) * (size - 1))
             voxels[:, axis + 1] = np.clip(scaled, 0, size - 1)
     return GridSpec(num_timepoints, len(z_values), height, width, z_values, voxels)
+
+
+def make_atlas_grid_spec(positions, num_timepoints: int, settings: GridSettings) -> GridSpec:
+    """--coordinates registered: the fixed atlas extent (--atlas_shape, n voxels per axis) onto the grid, the same
+    for every fish and shard. Positions are 1-based atlas voxel indices (Chen's CellXYZ_norm, into Z-Brain); voxel v
+    of an axis falls in grid index floor((v - 1) * size / n), size H (x), W (y) or --z_planes (z: equal slabs), so
+    one atlas voxel is one grid voxel in every fish. Cells outside [1, n] on an axis are marked (no spikes placed)."""
+    (height, width), depth = settings.grid_shape, settings.z_planes
+    if settings.z_markers and depth + 1 > width:
+        raise PipelineError(f"--z_planes {depth} needs a grid width of at least {depth + 1} for the z markers")
+    extent, sizes = np.asarray(settings.atlas_shape, np.float64), np.array([height, width, depth])
+    positions = np.asarray(positions, np.float64)
+    outside = ~np.all((positions >= 1) & (positions <= extent), axis=1)
+    index = np.clip(np.floor((positions - 1) * sizes / extent), 0, sizes - 1).astype(np.int32)
+    z_values = 0.5 + (np.arange(depth) + 0.5) * extent[2] / depth  # each slab's centre, in atlas voxel indices
+    return GridSpec(num_timepoints, depth, height, width, z_values, index[:, [2, 0, 1]].copy(), outside)
 
 
 def z_marker_coords(grid: GridSpec, timepoints: range | None = None) -> np.ndarray:
@@ -2226,6 +2609,8 @@ def build_coo(spike_cells, spike_frames, grid: GridSpec, frame_to_timepoint, z_m
     default); the spikes given must then fall in that block."""
     timepoint = frame_to_timepoint[spike_frames]
     keep = timepoint >= 0
+    if grid.cells_outside is not None:
+        keep &= ~grid.cells_outside[spike_cells]
     cell_linear = np.ravel_multi_index(tuple(grid.cell_voxels.T.astype(np.int64)), grid.shape[1:])
     spike_linear = np.sort(timepoint[keep] * math.prod(grid.shape[1:]) + cell_linear[spike_cells[keep]])
     # unique by sorting: 10x faster here than NumPy 2's hash-based np.unique on millions of ints
@@ -2259,16 +2644,69 @@ def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: 
     return is_train, test_blocks
 
 
-@dataclass(frozen=True)
-class GridSettings:
-    """What gridding takes from the command line (fields named after the options)."""
+def condition_split(condition: np.ndarray, kept_frames: np.ndarray, periods, split_ratio: float) -> np.ndarray:
+    """--split conditions: (T,) uint8 is_train. ``condition`` is per original frame (-1: in no condition). Within
+    each condition, its frames in order form repetitions of its period; of R repetitions the last
+    max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut. A
+    condition of one repetition (spontaneous activity) or without a period is split in two contiguous parts: its
+    last round(n * (1 - split_ratio)) timepoints are test. Frames in no condition are train."""
+    is_train = np.ones(len(kept_frames), dtype=np.uint8)
+    kept_condition = condition[kept_frames]
+    for index in np.unique(kept_condition[kept_condition >= 0]):
+        frames = np.flatnonzero(condition == index)
+        period = float(periods[index]) if index < len(periods) else len(frames)  # in bins: may be fractional
+        repetitions = math.ceil(len(frames) / period)
+        test_frames = np.zeros(len(condition), dtype=bool)
+        if repetitions > 1:
+            num_test = max(1, round(repetitions * (1 - split_ratio))) if split_ratio < 1 else 0
+            test_frames[frames[np.arange(len(frames)) // period >= repetitions - num_test]] = True
+        else:
+            kept = kept_frames[kept_condition == index]
+            test_frames[kept[len(kept) - round(len(kept) * (1 - split_ratio)) :]] = True
+        is_train[test_frames[kept_frames]] = 0
+    return is_train
 
-    grid_shape: tuple  # (H, W)
-    z_markers: bool
-    keep_edge_frames: bool
-    split_block: int
-    split_ratio: float
-    seed: int
+
+def _condition_index(covariates: Covariates, name: str) -> int:
+    """The index of a condition named on the command line (case ignored), or a PipelineError listing the names."""
+    lowered = [known.lower() for known in covariates.condition_names]
+    if covariates.condition is None:
+        raise PipelineError(
+            f"--holdout_condition {name!r}: this subject has no stimulus conditions (no usable timelists in its input)"
+        )
+    if name.lower() not in lowered:
+        known = ", ".join(covariates.condition_names)
+        raise PipelineError(
+            f"--holdout_condition {name!r} is not a stimulus condition of this subject (its conditions: {known})"
+        )
+    return lowered.index(name.lower())
+
+
+def plan_split(kept_frames: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
+    """(is_train (T,) uint8, test blocks, the rule in words): --split and --holdout_condition. --split conditions
+    for a subject without conditions falls back to blocks (the rule says so; check_split warns)."""
+    ratio = settings.split_ratio
+    if settings.split == "conditions" and covariates.condition is not None:
+        is_train = condition_split(covariates.condition, kept_frames, covariates.condition_periods, ratio)
+        test_blocks = np.zeros(0, np.int64)  # blocks are not used
+        rule = (
+            f"conditions: per condition its last max(1, round(R x {1 - ratio:.3g})) of R whole repetitions (its "
+            f"period) are test; a condition of one repetition: its last {1 - ratio:.3g} of timepoints; frames in no "
+            "condition: train"
+        )
+    else:
+        is_train, test_blocks = train_test_split(len(kept_frames), settings.split_block, ratio, settings.seed)
+        rule = (
+            f"blocks: {settings.split_block}-frame blocks shuffled with RandomState({settings.seed}), the first "
+            f"max(1, int(blocks x {1 - ratio:.3g})) are test, the rest and leftover frames train"
+        )
+        if settings.split == "conditions":
+            rule += " (--split conditions asked, but the subject has no stimulus conditions)"
+    if settings.holdout_condition:
+        held = _condition_index(covariates, settings.holdout_condition)
+        is_train[covariates.condition[kept_frames] == held] = 0
+        rule += f"; every timepoint of condition {covariates.condition_names[held]} is test (--holdout_condition)"
+    return is_train, test_blocks, rule
 
 
 @dataclass(frozen=True)
@@ -2276,26 +2714,38 @@ class GridPlan:
     """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
 
     grid: GridSpec
-    kept_frames: np.ndarray  # (T,) original frame of each timepoint
+    kept_frames: np.ndarray  # (T,) frame of the time base of each timepoint (the original frame by default)
     frame_to_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
     predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
     z_markers: bool
+    split_rule: str = ""  # the split in words (recorded as the attribute split_rule)
+    timepoint_times_s: np.ndarray | None = None  # (T,) float64 start of each timepoint, seconds
 
 
-def plan_grid(positions, valid, num_frames: int, model: CascadeModel, settings: GridSettings) -> GridPlan:
-    """Kept frames (CASCADE's edge frames are dropped unless --keep_edge_frames), grid and split."""
-    predicted = np.zeros(num_frames, dtype=bool)
-    predicted[model.frames_before : num_frames - model.frames_after] = True
+def plan_grid(
+    positions, valid, time_base: TimeBase, model: CascadeModel, settings: GridSettings, covariates=None
+) -> GridPlan:
+    """Kept timepoints (those CASCADE cannot predict, at its edges, are dropped unless --keep_edge_frames), grid
+    (the fish's own extent, or the atlas frame with --coordinates registered) and split (plan_split). 'Frames' here
+    are the time base's timepoints (bins with --target_rate_hz); ``covariates`` are on the same time base."""
+    frames_predicted = np.zeros(time_base.num_frames, dtype=bool)
+    frames_predicted[model.frames_before : time_base.num_frames - model.frames_after] = True
+    predicted = time_base.predicted(frames_predicted)
+    num_frames = time_base.num_timepoints
     kept_frames = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
     frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
     frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
-    grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
-    is_train, test_blocks = train_test_split(
-        len(kept_frames), settings.split_block, settings.split_ratio, settings.seed
+    if settings.coordinates == "registered":
+        grid = make_atlas_grid_spec(positions, len(kept_frames), settings)
+    else:
+        grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
+    is_train, test_blocks, rule = plan_split(kept_frames, covariates or Covariates(), settings)
+    times_s = time_base.times_s()[kept_frames]
+    return GridPlan(
+        grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s
     )
-    return GridPlan(grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers)
 
 
 def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
@@ -2331,6 +2781,7 @@ class InferenceSettings:
     spike_mode: str  # a name of SPIKE_MODES
     spike_threshold: float
     seed: int
+    target_rate_hz: float | None  # None: spikes on the recording's frames (see TimeBase)
 
 
 @dataclass(frozen=True)
@@ -2355,18 +2806,16 @@ class CellChunk:
     traces: np.ndarray  # (B, T) float32 as stored, infinite values made NaN
     infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
     dff: np.ndarray  # (B, T) float32 the traces as dF/F
-    rates: np.ndarray  # (B, T) float64 CASCADE rates, spikes/frame, NaN where there is no prediction
+    rates: np.ndarray  # (B, T') float64 CASCADE rates on the time base, spikes per timepoint, NaN: no prediction
     noise_level: np.ndarray  # (B,) CASCADE's noise level
     model_noise_level: np.ndarray  # (B,) the model noise level used
-    spikes: np.ndarray  # (B, T) bool
-    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
-    rate_scale: np.ndarray  # (B,) float32 spikes/frame per quantisation step
+    spikes: np.ndarray  # (B, T') bool, on the time base
 
 
 @dataclass(frozen=True)
 class CellField:
     """A per-cell result of the workers: the only place to touch to add one. Workers compute it for each
-    chunk, cascade_results.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
+    chunk, cell_activity.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
 
     name: str
     dtype: str
@@ -2382,18 +2831,17 @@ CELL_FIELDS = (
     CellField("infinite_values", "int32", lambda c: c.infinite_values),
     CellField("min_value", "float32", lambda c: np.fmin.reduce(c.traces, axis=1)),  # NaN: no value (fmin skips NaN)
     CellField("max_value", "float32", lambda c: np.fmax.reduce(c.traces, axis=1)),  # = min_value: constant
-    CellField("rate_scale", "float32", lambda c: c.rate_scale),
 )
 
 
 @dataclass(frozen=True)
 class PlotTraces:
-    """The PDF's cells (subject rows, ascending) with their dF/F, rates and spikes."""
+    """The PDF's cells (subject rows, ascending) with their dF/F (recording's frames), rates and spikes (time base)."""
 
     rows: np.ndarray
     dff: np.ndarray  # (n, T) float32
-    rates: np.ndarray  # (n, T) float32
-    spikes: np.ndarray  # (n, T) bool
+    rates: np.ndarray  # (n, T') float32
+    spikes: np.ndarray  # (n, T') bool
 
     @classmethod
     def concatenate(cls, parts: list) -> PlotTraces:
@@ -2409,7 +2857,7 @@ class BatchResult:
     spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a frame
     cells: dict  # CELL_FIELDS name -> (B,) array of that field's dtype
     rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
-    rates_uint8: np.ndarray  # (B, T) rates quantised per cell (see quantise_rates)
+    rates: np.ndarray  # (B, T) float16 rates (spikes per timepoint), NaN where there is no prediction
     plot: PlotTraces
     seconds: float = 0.0
 
@@ -2423,21 +2871,10 @@ class BatchResult:
         frames, cells = (np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_frames", "spike_cells"))
         order = np.argsort(frames, kind="stable")  # parts ascend in cell: (frame, cell) order overall
         per_cell = {f.name: np.concatenate([p.cells[f.name] for p in parts]) for f in CELL_FIELDS}
-        rates_uint8 = np.concatenate([p.rates_uint8 for p in parts])
+        rates = np.concatenate([p.rates for p in parts])
         rate_sum_fixed = sum(p.rate_sum_fixed for p in parts)
         plot = PlotTraces.concatenate([p.plot for p in parts])
-        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates_uint8, plot, seconds)
-
-
-def quantise_rates(rates: np.ndarray) -> tuple:
-    """Rates (spikes/frame) as uint8 steps of a per-cell scale (its maximum / 254); 255 = no
-    prediction (NaN). Lossy by design (0.4 % of the cell's peak): for analysis and plots, not for
-    re-sampling spikes, which always come from the exact rates."""
-    with np.errstate(all="ignore"):
-        peak = np.nan_to_num(np.nanmax(np.where(np.isnan(rates), -np.inf, rates), axis=1), neginf=0.0)
-        scale = np.where(peak > 0, peak / 254.0, 1.0).astype(np.float32)
-        quantised = np.clip(np.round(np.maximum(rates, 0) / scale[:, None]), 0, 254)
-    return np.where(np.isnan(rates), 255, quantised).astype(np.uint8), scale
+        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates, plot, seconds)
 
 
 def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> CellChunk:
@@ -2450,13 +2887,18 @@ def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> 
         window_s, percentile = settings.baseline_window_s, settings.baseline_percentile
         dff = compute_dff(traces, settings.frame_rate_hz, window_s, percentile, threads=task.threads)
     threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
-    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True)
+    # NaN kept where there is no prediction (cell_activity.h5 says so); spikes treat NaN as 0 as CASCADE's cut does
+    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True, keep_nan=True)
+    time_base = TimeBase(settings.frame_rate_hz, traces.shape[1], settings.target_rate_hz)
+    rates = time_base.rebin(rates)
+    if settings.target_rate_hz is not None:  # discrete spikes: the model's smoothing counted in bins
+        model = dataclasses.replace(model, sampling_rate_hz=time_base.rate_hz)
     ids = task.cell_ids[start - task.start : stop - task.start]
     spikes = SPIKE_MODES[settings.spike_mode].binarize(
         rates, SpikeContext(ids, settings.seed, settings.spike_threshold, model)
     )
     noise = (report["noise_level"], report["model_noise_level"])
-    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes, *quantise_rates(rates))
+    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes)
 
 
 def process_batch(task: BatchTask) -> BatchResult:
@@ -2473,7 +2915,7 @@ def process_batch(task: BatchTask) -> BatchResult:
         plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
                           chunk.spikes[local])  # fmt: skip
         events = (frames.astype(np.int32), (cells + start).astype(np.int32))
-        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates_uint8, plot))
+        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates.astype(np.float16), plot))
     return BatchResult.concatenate(parts, seconds=time.perf_counter() - started)
 
 
@@ -2482,7 +2924,8 @@ class SubjectSpikes:
     """A subject's inference results, gathered from its batches in order of their cells."""
 
     batches: list  # BatchResult per batch, ascending cells; each holds its frame-sorted events
-    num_frames: int
+    num_frames: int  # timepoints of the time base (the recording's frames without --target_rate_hz)
+    recorded_frames: int | None = None  # the recording's frames, when they differ
 
     def cells(self, key: str) -> np.ndarray:
         """A per-cell result (a CELL_FIELDS name) over all batches, e.g. cells('spike_count')."""
@@ -2491,7 +2934,7 @@ class SubjectSpikes:
     @property
     def valid(self) -> np.ndarray:
         """Cells with at least one value (all-NaN cells are left out of the grid)."""
-        return self.cells("nan_frames") < self.num_frames
+        return self.cells("nan_frames") < (self.recorded_frames or self.num_frames)
 
     @property
     def frame_counts(self) -> np.ndarray:
@@ -2527,15 +2970,17 @@ class SubjectSpikes:
 
     def rates(self, first: int, stop: int) -> np.ndarray:
         """(stop - first, frames) float32 CASCADE rates (spikes/frame) of cells [first, stop), NaN where there is
-        no prediction, as kept (quantised per cell: within 0.2 % of the cell's peak rate)."""
+        no prediction, as kept and as cell_activity.h5 stores them (float16: within 0.05 % of the rate)."""
         parts = []
         for batch in self.batches:
             lo, hi = max(first, batch.start), min(stop, batch.start + batch.num_cells)
             if lo < hi:
-                quantised = batch.rates_uint8[lo - batch.start : hi - batch.start]
-                scale = batch.cells["rate_scale"][lo - batch.start : hi - batch.start, None]
-                parts.append(np.where(quantised == 255, np.float32(np.nan), quantised * scale).astype(np.float32))
+                parts.append(batch.rates[lo - batch.start : hi - batch.start].astype(np.float32))
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
+
+    def rates_at(self, frames: np.ndarray) -> np.ndarray:
+        """(len(frames), cells) float16 rates of every cell at the given frames: rows of cell_activity.h5."""
+        return np.concatenate([batch.rates[:, frames].T for batch in self.batches], axis=1)
 
     def plot_traces(self) -> PlotTraces:
         """The cells whose traces the workers sent back for the PDF."""
@@ -2732,7 +3177,9 @@ def rss_gb() -> float:
 COO_FILENAME = "preaugmented_grids_coo.h5"
 METADATA_FILENAME = "metadata.h5"
 COMBINED_FILENAME = "combined_metadata.h5"
-CASCADE_FILENAME = "cascade_results.h5"  # what CASCADE produced, saved once for re-gridding
+CELL_ACTIVITY_FILENAME = "cell_activity.h5"  # per-cell rates for models; CASCADE's results for re-gridding
+CELL_RATE_CHUNK_TIMEPOINTS = 16  # spike_rates chunks: 16 timepoints x every cell (benchmarks/RESULTS_pipeline.md)
+CELL_RATE_BLOCK_TIMEPOINTS = 256  # timepoints written or read at a time (~46 MB of float16 for 90k cells)
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
 TEMPORARY_MARKER = ".tmp-"
@@ -2779,11 +3226,48 @@ def _write_datasets(h5, **datasets) -> None:
         h5.create_dataset(name, data=data, **(GZIP if data.size > 0 and data.ndim > 0 else {}))
 
 
-def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict) -> tuple:
+COVARIATES_GROUP = "covariates"
+
+
+def write_covariates(h5, covariates: Covariates, frames: np.ndarray) -> None:
+    """The covariates/ group of an output file, aligned to its timepoints: row t of each dataset is frame
+    ``frames[t]`` (timepoint_indices) of the covariates' time base (bins of --target_rate_hz: see TimeBase). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
+    condition_names, condition_periods), behavior (T, 5), eye (T, 2) and the generic layout's own covariates;
+    attribute stimulus_sets (JSON, Chen's stimset). Nothing is written for a subject without covariates."""
+    arrays = covariates.at_frames(frames)
+    if not arrays:
+        return
+    group = h5.create_group(COVARIATES_GROUP)
+    _write_datasets(group, **arrays)
+    if "condition" in arrays:
+        names = np.array(covariates.condition_names, dtype=h5py.string_dtype())
+        group["condition"].attrs["condition_names"] = names
+        periods = np.asarray(covariates.condition_periods)  # frames, or bins (fractional) with --target_rate_hz
+        group["condition"].attrs["condition_periods"] = (
+            periods if periods.dtype.kind == "f" else periods.astype(np.int64)
+        )
+    if covariates.stimulus_sets:
+        group.attrs["stimulus_sets"] = json.dumps(dict(covariates.stimulus_sets))
+
+
+def read_covariates(path, start: int = 0, stop: int | None = None) -> dict:
+    """The covariates/ group of an output file at timepoints [start, stop), name -> array, plus
+    'condition_names' (a list) when there are conditions; empty when the file has none."""
+    with h5py.File(path, "r") as h5:
+        group = h5.get(COVARIATES_GROUP)
+        if group is None:
+            return {}
+        found = {name: group[name][start:stop] for name in group}
+        if "condition" in group:
+            found["condition_names"] = [_as_text(name) for name in group["condition"].attrs["condition_names"]]
+    return found
+
+
+def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict, covariates=None) -> tuple:
     """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries). Datasets:
     spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
     (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (original frame of
-    each t), is_train."""
+    each t), is_train, and the subject's Covariates at those timepoints (write_covariates)."""
     grid, counts = plan.grid, CooCounts()
     plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
     with new_h5_file(path) as h5:
@@ -2801,6 +3285,9 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
         _write_datasets(
             h5, timepoint_indices=plan.kept_frames.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
         )
+        if plan.timepoint_times_s is not None:
+            _write_datasets(h5, timepoint_times_s=plan.timepoint_times_s)
+        write_covariates(h5, covariates or Covariates(), plan.kept_frames)
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
 
@@ -2839,71 +3326,91 @@ def cascade_fingerprint(fingerprint: dict) -> dict:
 
 
 PLOT_DATASETS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")  # PlotTraces' fields, in order
+CASCADE_GROUP = "cascade"  # cell_activity.h5's group of what re-gridding needs besides the rates
+CASCADE_DATASETS = ("cell_offsets", "spike_frames", "rate_sum_fixed", *PLOT_DATASETS)
 
 
-def write_cascade_results(path: Path, spikes: SubjectSpikes, attrs: dict) -> None:
-    """cascade_results.h5: a subject's spikes per cell (CSR: cell i's frames are
-    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), its rates quantised to uint8 (rates_uint8 *
-    rate_scale[cell] spikes/frame, 255 = no prediction), every CELL_FIELDS result, the PDF's cells and the
-    fingerprint of what made them. A later run that changes only grid parameters re-grids these, without CASCADE."""
-    num_cells, num_frames = sum(batch.num_cells for batch in spikes.batches), spikes.num_frames
+def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
+    """spike_rates (T, N) float16, row t the time base's frame rows[t], written a block of timepoints at a time
+    from the batches' (cells, frames) rates: memory holds one block, never a transposed copy of the fish."""
+    shape = (len(rows), sum(batch.num_cells for batch in spikes.batches))
+    chunks = (min(CELL_RATE_CHUNK_TIMEPOINTS, shape[0]), shape[1])
+    out = h5.create_dataset("spike_rates", shape, np.float16, **(dict(chunks=chunks, **GZIP) if min(shape) else {}))
+    for first in range(0, shape[0], CELL_RATE_BLOCK_TIMEPOINTS):
+        out[first : first + CELL_RATE_BLOCK_TIMEPOINTS] = spikes.rates_at(
+            rows[first : first + CELL_RATE_BLOCK_TIMEPOINTS]
+        )
+
+
+def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
+    """CASCADE's results besides the rates: spikes per cell (CSR: cell i's frames of the time base are
+    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every CELL_FIELDS result, the summed rates and the PDF's cells."""
+    frames_out = group.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
+    offsets = [np.zeros(1, np.int64)]
+    for batch in spikes.batches:
+        order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
+        frames_out.resize(len(frames_out) + len(order), axis=0)
+        frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
+        per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
+        offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
+    rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
+    cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
+    plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
+    _write_datasets(group, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
+
+
+def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subject: SubjectData, attrs: dict,
+                        covariates: Covariates) -> None:  # fmt: skip
+    """cell_activity.h5 (schema in the README): per-cell CASCADE rates on the grid's timepoints with the cells'
+    positions and ids and the split, for models that read neurons; and in cascade/ the rest of CASCADE's results,
+    which a later run that changes only grid parameters re-grids (read_cell_activity) instead of running CASCADE."""
     with new_h5_file(path) as h5:
-        frames_out = h5.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
-        rate_chunks = (min(256, num_cells), num_frames)
-        rates_out = h5.create_dataset("rates_uint8", (num_cells, num_frames), np.uint8, chunks=rate_chunks, **GZIP)
-        offsets = [np.zeros(1, np.int64)]
-        for batch in spikes.batches:
-            order = np.lexsort((batch.spike_frames, batch.spike_cells))  # by cell, then frame
-            frames_out.resize(len(frames_out) + len(order), axis=0)
-            frames_out[len(frames_out) - len(order) :] = batch.spike_frames[order]
-            per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
-            offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
-            rates_out[batch.start : batch.start + batch.num_cells] = batch.rates_uint8
-        rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
-        cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
-        plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
-        _write_datasets(h5, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
-        _set_attrs(h5, attrs)
+        _write_cell_rates(h5, spikes, plan.kept_frames)
+        positions = {"positions": subject.raw_positions, "positions_registered": subject.registered_positions}
+        _write_datasets(
+            h5, **{name: value for name, value in positions.items() if value is not None}, cell_ids=subject.cell_ids,
+            timepoint_indices=plan.kept_frames.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
+            is_train=plan.is_train.astype(np.uint8),
+        )  # fmt: skip
+        write_covariates(h5, covariates, plan.kept_frames)
+        _write_cascade_group(h5.create_group(CASCADE_GROUP), spikes)
+        _set_attrs(h5, {**attrs, "cascade_fingerprint": cascade_fingerprint(attrs["fingerprint"])})
 
 
-def read_cascade_results(path: Path, fingerprint: dict) -> tuple | None:
-    """(SubjectSpikes, TraceType) from a cascade_results.h5 made with the same inputs, dF/F and
-    CASCADE settings and model as ``fingerprint`` says; None if absent, unreadable or different."""
+def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
+    """(SubjectSpikes, TraceType) from a cell_activity.h5 made with the same inputs, dF/F and CASCADE settings
+    and model as ``fingerprint`` says; None if absent, unreadable or different. Rates of the time base's frames
+    that were not grid timepoints are NaN: those are exactly CASCADE's edges, which have no prediction."""
     attrs = read_attrs(path)
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
     names = [field.name for field in CELL_FIELDS]
     with h5py.File(path, "r") as h5:
-        if any(
-            key not in h5
-            for key in ("cell_offsets", "spike_frames", "rate_sum_fixed", "rates_uint8", *names, *PLOT_DATASETS)
-        ):
+        group = h5.get(CASCADE_GROUP)
+        if group is None or "spike_rates" not in h5 or any(key not in group for key in (*CASCADE_DATASETS, *names)):
             return None  # made by an earlier development version: compute afresh
-        offsets, frames, rate_sum_fixed = (h5[key][()] for key in ("cell_offsets", "spike_frames", "rate_sum_fixed"))
-        cells = {name: h5[name][()] for name in names}
-        rates_uint8 = h5["rates_uint8"][()]
-        plot = PlotTraces(*(h5[key][()] for key in PLOT_DATASETS))
+        offsets, frames, rate_sum_fixed = (group[key][()] for key in CASCADE_DATASETS[:3])
+        cells = {name: group[name][()] for name in names}
+        plot = PlotTraces(*(group[key][()] for key in PLOT_DATASETS))
+        rows, stored = h5["timepoint_indices"][()], h5["spike_rates"]
+        rates = np.full((stored.shape[1], len(rate_sum_fixed)), np.nan, np.float16)
+        for first in range(0, len(rows), CELL_RATE_BLOCK_TIMEPOINTS):
+            block = slice(first, first + CELL_RATE_BLOCK_TIMEPOINTS)
+            rates[:, rows[block]] = stored[block].T
     cell_rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
     order = np.argsort(frames, kind="stable")  # frame-sorted events, as the workers send them
-    batch = BatchResult(0, frames[order], cell_rows[order], cells, rate_sum_fixed, rates_uint8, plot)
+    batch = BatchResult(0, frames[order], cell_rows[order], cells, rate_sum_fixed, rates, plot)
     trace_type = TraceType(str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
-    return SubjectSpikes([batch], rates_uint8.shape[1]), trace_type
+    return SubjectSpikes([batch], rates.shape[1], int(attrs["num_original_frames"])), trace_type
 
 
-def cascade_attrs(attrs: dict) -> dict:
-    """What cascade_results.h5 records: how its results were made (not the grid's parameters)."""
-    keep = ("subject", "num_cells", "num_original_frames", "frame_rate_hz", "trace_type", "trace_type_reason",
-            "source_files", "software_version", "created_utc", "run_id")  # fmt: skip
-    model = {key: value for key, value in attrs.items() if key.startswith("model_") or key == "cascade_model"}
-    cascade_fp = cascade_fingerprint(attrs["fingerprint"])
-    return {**{key: attrs[key] for key in keep}, **model, "cascade_fingerprint": cascade_fp}
-
-
-def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict) -> None:
+def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict, covariates=None, frames=()) -> None:
+    """metadata.h5: attributes, per-timepoint datasets, cells/ and the covariates at ``frames`` (timepoint_indices)."""
     with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
         _write_datasets(h5, **datasets)
         _write_datasets(h5.create_group("cells"), **cells)
+        write_covariates(h5, covariates or Covariates(), np.asarray(frames, np.int64))
 
 
 def read_attrs(path: Path) -> dict | None:
@@ -2996,20 +3503,25 @@ def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None
     return out
 
 
-def _read_window(path, start, stop) -> tuple:
-    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
+def _check_window(start, stop, num_timepoints: int, filename: str) -> tuple:
+    """(start, stop) as ints, or TypeError (not integers) / ValueError (outside 0 <= start <= stop <= T)."""
     for name, value in (("start", start), ("stop", stop)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an integer timepoint, got {value!r}")
-    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= num_timepoints:
+        raise ValueError(
+            f"timepoint window [{start}, {stop}) is outside {filename}: it has {num_timepoints} "
+            f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
+        )
+    return int(start), int(stop)
+
+
+def _read_window(path, start, stop) -> tuple:
+    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
     with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
         grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
         num_timepoints, coords = grid_shape[0], h5["spike_coords"]
-        if not 0 <= start <= stop <= num_timepoints:
-            raise ValueError(
-                f"timepoint window [{start}, {stop}) is outside {h5.filename}: it has {num_timepoints} "
-                f"timepoints, so 0 <= start <= stop <= {num_timepoints}"
-            )
+        start, stop = _check_window(start, stop, num_timepoints, h5.filename)
         if "timepoint_offsets" in h5:
             stored = h5["timepoint_offsets"]
             offsets = stored[start : stop + 1].astype(np.int64) if stored.shape == (num_timepoints + 1,) else None
@@ -3064,6 +3576,39 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
     return sum(plane.astype(np.int32) << (8 * byte) for byte, plane in enumerate(planes))
 
 
+# --- Reader of windows of per-cell rates (cell_activity.h5) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class CellWindow:
+    """Timepoints [start, stop) of a cell_activity.h5, as load_cell_window returns them."""
+
+    rates: np.ndarray  # (stop - start, N) float32 CASCADE rates (spikes per timepoint), NaN: no prediction
+    timepoint_indices: np.ndarray  # (stop - start,) frame of the time base of each row
+    timepoint_times_s: np.ndarray  # (stop - start,) seconds from the recording's start
+    is_train: np.ndarray  # (stop - start,) uint8
+    covariates: dict  # name -> (stop - start, ...) array, aligned to the rows (empty when the file has none)
+    start: int
+    stop: int
+
+
+def load_cell_window(path, start: int, stop: int) -> CellWindow:
+    """Rows [start, stop) of a cell_activity.h5's spike_rates with what a model reads alongside (times, split,
+    covariates). ``path`` is the file or an open h5py.File (to read many windows, e.g. in a PyTorch Dataset); reads
+    only the chunks of the window. 0 <= start <= stop <= T, else ValueError (TypeError when not integers)."""
+    with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
+        rates = h5["spike_rates"]
+        start, stop = _check_window(start, stop, rates.shape[0], h5.filename)
+        window = slice(start, stop)
+        covariates = {}
+        if isinstance(group := h5.get("covariates"), h5py.Group):
+            covariates = {name: data[window] for name, data in group.items() if isinstance(data, h5py.Dataset)}
+        return CellWindow(
+            rates[window].astype(np.float32), h5["timepoint_indices"][window], h5["timepoint_times_s"][window],
+            h5["is_train"][window], covariates, start, stop,
+        )  # fmt: skip
+
+
 # =============================================================================================
 # 10. Plots: one PDF per subject, one function per page
 # =============================================================================================
@@ -3102,6 +3647,9 @@ class PlotData:
     grid: GridSpec
     noise_level: np.ndarray
     model: CascadeModel
+    condition_spans: list = dataclasses.field(default_factory=list)  # (name, start, stop) frames per condition run
+    behavior: np.ndarray | None = None  # (frames, channels) per original frame, or None
+    dff_rate_hz: float | None = None  # the recording's frame rate, when rates are on another time base
 
 
 def _spans(mask: np.ndarray) -> list:
@@ -3140,8 +3688,12 @@ def _page_summary(plt, plot: PlotData):
 
 
 def _page_traces(plt, plot: PlotData):
-    time_s = np.arange(plot.dff.shape[1]) / plot.frame_rate_hz
-    for traces, title, unit in ((plot.dff, "dF/F", "dF/F"), (plot.rates, "CASCADE spike rate", "spikes/frame")):
+    pages = (
+        (plot.dff, "dF/F", "dF/F", plot.dff_rate_hz or plot.frame_rate_hz),
+        (plot.rates, "CASCADE spike rate", "spikes/frame", plot.frame_rate_hz),
+    )
+    for traces, title, unit, rate_hz in pages:
+        time_s = np.arange(traces.shape[1]) / rate_hz
         fig, ax = plt.subplots(figsize=(11, 8.5))
         spacing = np.nanpercentile(np.abs(traces), 99) * 1.2 if np.isfinite(traces).any() else 1.0
         spacing = spacing if spacing > 0 else 1.0
@@ -3169,8 +3721,17 @@ def _page_spikes(plt, plot: PlotData):
 
 
 def _page_raster(plt, plot: PlotData):
-    rate = plot.frame_rate_hz
-    fig, (raster_ax, rate_ax) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True, height_ratios=[3, 1])
+    # below the raster, when the subject has them: its stimulus conditions as bands, and its behaviour channels
+    rows = [
+        "raster",
+        *(["conditions"] * bool(plot.condition_spans)),
+        "rate",
+        *(["behavior"] * (plot.behavior is not None)),
+    ]
+    heights = {"raster": 3, "conditions": 0.35, "rate": 1, "behavior": 1}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 8.5), sharex=True, height_ratios=[heights[r] for r in rows])
+    axes = dict(zip(rows, axes))
+    raster_ax, rate_ax, rate = axes["raster"], axes["rate"], plot.frame_rate_hz
     raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
     raster_ax.set(ylabel="cell (sorted by z-plane)", title=f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
@@ -3179,9 +3740,30 @@ def _page_raster(plt, plot: PlotData):
         raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
     for start, stop in plot.edge_spans_frames:
         rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
-    rate_ax.set(ylabel="mean rate (Hz/cell)", xlabel="time (s); blue: test blocks, grey: frames without prediction")
+    rate_ax.set(ylabel="mean rate (Hz/cell)")
+    if "conditions" in axes:
+        _condition_bands(axes["conditions"], plot)
+    if "behavior" in axes:
+        behavior = plot.behavior
+        spread = np.nanstd(behavior, axis=0)
+        scaled = (behavior - np.nanmean(behavior, axis=0)) / np.where(spread > 0, spread, 1)
+        for channel in range(behavior.shape[1]):
+            axes["behavior"].plot(np.arange(len(behavior)) / rate, scaled[:, channel] + 4 * channel, lw=0.5)
+        axes["behavior"].set(ylabel="behaviour (z-scored)", yticks=4 * np.arange(behavior.shape[1]))
+        axes["behavior"].set_yticklabels([str(channel + 1) for channel in range(behavior.shape[1])])
+    axes[rows[-1]].set_xlabel("time (s); blue: test timepoints, grey: frames without prediction")
     fig.tight_layout()
     yield fig
+
+
+def _condition_bands(ax, plot: PlotData):
+    """Each stimulus condition as a shaded band with its name, in one colour per condition."""
+    names = list(dict.fromkeys(name for name, _, _ in plot.condition_spans))
+    for name, start, stop in plot.condition_spans:
+        colour = f"C{names.index(name) % 10}"
+        ax.axvspan(start / plot.frame_rate_hz, stop / plot.frame_rate_hz, color=colour, alpha=0.5, lw=0)
+        ax.text((start + stop) / 2 / plot.frame_rate_hz, 0.5, name, ha="center", va="center", fontsize=7, clip_on=True)
+    ax.set(yticks=[], ylim=(0, 1), ylabel="stimulus")
 
 
 PLANE_PANELS_MAX = 36  # panels on the planes page
@@ -3396,7 +3978,8 @@ class SubjectRun:
     plot_settings: PlotSettings | None  # None: --no_plots
     started: float = dataclasses.field(default_factory=time.perf_counter)
     timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage (load_s, inference_s, ...)
-    model: CascadeModel | None = None  # filled by the stages in this order
+    time_base: TimeBase | None = None  # filled by the stages in this order
+    model: CascadeModel | None = None
     fingerprint: dict | None = None
     trace_type: TraceType | None = None
     inference: InferenceSettings | None = None  # None when CASCADE's saved results were re-gridded
@@ -3408,10 +3991,15 @@ class SubjectRun:
     def name(self) -> str:
         return self.subject.name
 
+    @functools.cached_property
+    def covariates(self) -> Covariates:
+        """The subject's covariates per timepoint of the time base (see TimeBase.resample_covariates)."""
+        return self.time_base.resample_covariates(self.subject.covariates)
+
     def population_rate_hz(self) -> np.ndarray:
         """(frames,) mean CASCADE rate per valid cell, in Hz."""
         valid_cells = max(int(self.spikes.valid.sum()), 1)
-        return self.spikes.rate_sum / valid_cells * self.subject.frame_rate_hz
+        return self.spikes.rate_sum / valid_cells * self.time_base.rate_hz
 
 
 @dataclass
@@ -3464,14 +4052,15 @@ def subject_fingerprint(subject: SubjectData, config: PipelineConfig, model: Cas
     }
 
 
-def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool) -> str | None:
+def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool, cell_activity: bool = True) -> str | None:
     """Why a subject's outputs must be (re)computed, or None when they are complete and match."""
     metadata = read_attrs(out_dir / METADATA_FILENAME)
     if metadata is None or "fingerprint" not in metadata:
         return "no finished outputs"
-    coo = read_attrs(out_dir / COO_FILENAME)
-    if coo is None or coo.get("run_id") != metadata.get("run_id"):
-        return "outputs incomplete"
+    for filename in (COO_FILENAME, CELL_ACTIVITY_FILENAME)[: 1 + cell_activity]:
+        written = read_attrs(out_dir / filename)
+        if written is None or written.get("run_id") != metadata.get("run_id"):
+            return "outputs incomplete"
     if plots and not (out_dir / pdf_filename(out_dir.name)).is_file():
         return "PDF missing"
     old, version = json.loads(metadata["fingerprint"]), fingerprint["software_version"]
@@ -3529,16 +4118,19 @@ def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, 
         batches = pool.map(tasks, progress)
     finally:
         progress.close()
-    return SubjectSpikes(batches, subject.num_frames)
+    time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, settings.target_rate_hz)
+    return SubjectSpikes(batches, time_base.num_timepoints, subject.num_frames)
 
 
 def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool) -> None:
     """Stage: CASCADE's saved results when only grid parameters changed, else dF/F -> CASCADE -> spikes
     over the worker pool. Fills the record's trace type, inference settings and spikes."""
     subject, started = record.subject, time.perf_counter()
-    saved = None if config.overwrite else read_cascade_results(record.out_dir / CASCADE_FILENAME, record.fingerprint)
+    saved = (
+        None if config.overwrite else read_cell_activity(record.out_dir / CELL_ACTIVITY_FILENAME, record.fingerprint)
+    )
     if saved is not None:
-        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CASCADE_FILENAME}): CASCADE not rerun")
+        log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CELL_ACTIVITY_FILENAME}): CASCADE not rerun")
         record.spikes, record.trace_type = saved
     else:
         record.trace_type = subject_trace_type(subject, config.trace_type)
@@ -3591,11 +4183,37 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
         )
 
 
+OUTSIDE_ATLAS_REFUSE_FRACTION = 0.1  # more cells than this outside the atlas: not voxel indices into it
+
+
+def check_atlas_extent(subject: SubjectData, grid: GridSpec, settings: GridSettings) -> None:
+    """With the atlas frame, cells outside --atlas_shape get no spikes: a few is a doubt (registration
+    failures), more than a tenth means the positions are not voxel indices into that atlas (refused)."""
+    if grid.cells_outside is None or not (outside := int(grid.cells_outside.sum())):
+        return
+    positions, shape = subject.positions, "x".join(map(str, settings.atlas_shape))
+    found = ", ".join(f"{axis} {positions[:, i].min():g}..{positions[:, i].max():g}" for i, axis in enumerate("xyz"))
+    if outside > OUTSIDE_ATLAS_REFUSE_FRACTION * subject.num_cells:
+        raise PipelineError(
+            f"{outside} of {subject.num_cells} registered positions (CellXYZ_norm) lie outside the atlas extent {shape} "
+            f"(found {found}), expected 1-based voxel indices into it: set --atlas_shape to the atlas they index, "
+            "or use --coordinates raw"
+        )
+    subject.warn(
+        f"{outside} of {subject.num_cells} cells lie outside the atlas extent {shape} (registration failed?): "
+        "they are left out of the grid (voxel_zxy -1)"
+    )
+
+
 def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) -> None:
     """The original's block split is kept (the same T gives the same split), but a split that leaves
-    less than half of the timepoints (or less than --split_ratio) for training is a doubt."""
+    less than half of the timepoints (or less than --split_ratio) for training is a doubt. --split conditions
+    on a subject without conditions falls back to blocks, a doubt."""
+    if settings.split == "conditions" and subject.covariates.condition is None:
+        subject.warn("--split conditions: the subject has no stimulus conditions (timelists): split in blocks instead")
     total, train = len(plan.is_train), int(plan.is_train.sum())
-    if train >= total * min(0.5, settings.split_ratio):
+    by_blocks_alone = plan.split_rule.startswith("blocks") and not settings.holdout_condition
+    if not by_blocks_alone or train >= total * min(0.5, settings.split_ratio):
         return
     blocks = max(2, round(1 / (1 - settings.split_ratio))) if settings.split_ratio < 1 else 20
     subject.warn(
@@ -3612,6 +4230,7 @@ def subject_attrs(record: SubjectRun) -> dict:
         "format": "COO_sparse",
         "subject": subject.name,
         "frame_rate_hz": subject.frame_rate_hz,
+        "timepoint_rate_hz": record.time_base.rate_hz,  # --target_rate_hz, or the recording's frame rate
         **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), grid.shape)),
         "grid_shape": grid.shape,
         "num_cells": subject.num_cells,
@@ -3623,6 +4242,7 @@ def subject_attrs(record: SubjectRun) -> dict:
         "source_files": list(subject.source_files),
         "software_version": __version__,
         "coordinate_order": "t,z,x,y",
+        "split_rule": record.plan.split_rule,
         "warnings": "; ".join(subject.warnings),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": record.run.run_id,
@@ -3633,13 +4253,13 @@ def subject_attrs(record: SubjectRun) -> dict:
     }
 
 
-def write_cascade_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    write_cascade_results(path, record.spikes, cascade_attrs(attrs))
+def write_cell_activity_file(path: Path, record: SubjectRun, attrs: dict) -> None:
+    write_cell_activity(path, record.spikes, record.plan, record.subject, attrs, record.covariates)
 
 
 def write_grid_file(path: Path, record: SubjectRun, attrs: dict) -> None:
     blocks = record.run.safe_points(coo_blocks(record.spikes, record.plan))
-    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs)
+    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs, record.covariates)
     record.grid_written = GridWritten(counts, plane_entries, path.stat().st_size)
 
 
@@ -3661,6 +4281,7 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
         "test_timepoints": np.flatnonzero(plan.is_train == 0),
         "test_blocks": plan.test_blocks,
         "timepoint_indices": plan.kept_frames.astype(np.int32),
+        "timepoint_times_s": plan.timepoint_times_s,
         "per_plane_active_pixels": written.plane_entries,
         "per_plane_sparsity_percent": 100.0 * written.plane_entries / plane_voxels,
         "population_rate_hz": record.population_rate_hz(),
@@ -3669,11 +4290,13 @@ def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
         "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
         "cell_id": record.subject.cell_ids,
         "position": record.subject.positions,
-        "voxel_zxy": grid.cell_voxels,
+        "voxel_zxy": grid.cell_voxels
+        if grid.cells_outside is None
+        else np.where(grid.cells_outside[:, None], -1, grid.cell_voxels),
         **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
         "valid": spikes.valid.astype(np.uint8),
     }
-    write_metadata_file(path, attrs, datasets, cells)
+    write_metadata_file(path, attrs, datasets, cells, record.covariates, plan.kept_frames)
 
 
 NWB_FILENAME_SUFFIX = "_cascade.nwb"
@@ -3784,9 +4407,9 @@ class SubjectOutput:
 
 
 SUBJECT_OUTPUTS = (
-    # CASCADE's results, unless they were re-used (then the file there still matches)
-    SubjectOutput(lambda _: CASCADE_FILENAME, lambda r: r.inference is not None, write_cascade_file,
-                  "grid_and_write_s", keep_unwritten=True),
+    # per-cell rates and CASCADE's results (re-gridding reads them back before this rewrites the file)
+    SubjectOutput(lambda _: CELL_ACTIVITY_FILENAME, lambda r: bool(r.params["param_cell_activity"]),
+                  write_cell_activity_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
     SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
     SubjectOutput(lambda name: name + NWB_FILENAME_SUFFIX, lambda r: bool(r.params["param_nwb"]), write_nwb_file,
@@ -3847,13 +4470,14 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
     rank[order] = np.arange(len(order))
     raster_cells, raster_frames = spikes.events_of_cells(order)
     cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
-    test_mask = np.zeros(subject.num_frames, bool)
+    test_mask = np.zeros(record.time_base.num_timepoints, bool)
     test_mask[plan.kept_frames[plan.is_train == 0]] = True
+    in_grid = spikes.valid if plan.grid.cells_outside is None else spikes.valid & ~plan.grid.cells_outside
     traces = spikes.plot_traces()
     shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
     return PlotData(
         subject=subject.name,
-        frame_rate_hz=subject.frame_rate_hz,
+        frame_rate_hz=record.time_base.rate_hz,
         summary_lines=_summary_page_lines(record, attrs),
         cell_ids=subject.cell_ids[traces.rows[shown]],
         dff=traces.dff[shown],
@@ -3866,12 +4490,25 @@ def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
         population_rate_hz=record.population_rate_hz(),
         test_spans_frames=_spans(test_mask),
         edge_spans_frames=_spans(~plan.predicted),
-        cell_voxels=plan.grid.cell_voxels[spikes.valid],
-        cell_spike_counts=cell_spikes_kept[spikes.valid],
+        cell_voxels=plan.grid.cell_voxels[in_grid],
+        cell_spike_counts=cell_spikes_kept[in_grid],
         grid=plan.grid,
         noise_level=spikes.cells("noise_level"),
         model=record.model,
+        dff_rate_hz=subject.frame_rate_hz,
+        condition_spans=_condition_spans(record.covariates),
+        behavior=record.covariates.behavior,
     )
+
+
+def _condition_spans(covariates: Covariates) -> list:
+    """(name, start, stop) frames of each run of one stimulus condition, for the PDF."""
+    if covariates.condition is None:
+        return []
+    spans = []
+    for index, name in enumerate(covariates.condition_names):
+        spans += [(name, start, stop) for start, stop in _spans(covariates.condition == index)]
+    return spans
 
 
 def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
@@ -3898,12 +4535,15 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     subject = load_subject(folder, settings_for(LoadOptions, config))
     plots = settings_for(PlotSettings, config) if config.plots else None
     record = SubjectRun(subject, Path(config.output_dir) / subject.name, run, config.as_attrs(), plots, started)
+    record.time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
     log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
              f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
     record.model = model_for_subject(subject, settings_for(ModelRequest, config))
     record.fingerprint = subject_fingerprint(subject, config, record.model)
     reason = (
-        "--overwrite" if config.overwrite else outputs_out_of_date(record.out_dir, record.fingerprint, config.plots)
+        "--overwrite"
+        if config.overwrite
+        else outputs_out_of_date(record.out_dir, record.fingerprint, config.plots, config.cell_activity)
     )
     if reason is None:
         log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
@@ -3913,7 +4553,10 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     run_cascade(record, config, pool)
     check_inferred_traces(subject, record.spikes, record.trace_type.kind)
     grid_settings = settings_for(GridSettings, config)
-    record.plan = plan_grid(subject.positions, record.spikes.valid, subject.num_frames, record.model, grid_settings)
+    record.plan = plan_grid(
+        subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings, record.covariates
+    )
+    check_atlas_extent(subject, record.plan.grid, grid_settings)
     check_split(subject, record.plan, grid_settings)
     write_subject(record)
     summary = SubjectSummary.of_run(record)

@@ -58,3 +58,21 @@ def test_numeric_options_parse_as_their_defaults_type():
     config = usp.PipelineConfig(**vars(usp.build_parser().parse_args(argv)))
     assert (config.workers, config.split_ratio, config.cascade_threshold) == (3, 0.5, "none")
     assert type(config.workers) is int and type(config.baseline_window_s) is float
+
+
+def test_target_rate_and_cell_activity_options(tmp_path):
+    import pytest
+
+    import unified_spike_processing_coo as usp
+
+    args = ["--input_dir", "a", "--output_dir", "b"]
+    config = usp.PipelineConfig(**vars(usp.build_parser().parse_args([*args, "--target_rate_hz", "1.5"])))
+    assert config.target_rate_hz == 1.5 and config.cell_activity and config.output_params("cascade")["target_rate_hz"]
+    config = usp.PipelineConfig(**vars(usp.build_parser().parse_args([*args, "--no_cell_activity"])))
+    assert config.target_rate_hz is None and not config.cell_activity
+    assert "cell_activity" in config.output_params("grid") and "target_rate_hz" not in config.output_params("grid")
+    for bad in (0.0, -2.0, 5000.0):
+        with pytest.raises(usp.PipelineError, match="--target_rate_hz"):
+            usp.PipelineConfig(input_dir="a", output_dir="b", target_rate_hz=bad)
+    result = run_cli("--input_dir", SAMPLE, "--output_dir", tmp_path / "x", "--target_rate_hz", "0", check=False)
+    assert result.returncode == 2 and "--target_rate_hz" in result.stderr and not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, SCRIPT, run_cli
+from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, SCRIPT, run_cli, same_datasets
 
 import unified_spike_processing_coo as usp
 
@@ -266,11 +266,11 @@ def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, signum, code):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    # room for the first sample subject's files (about 1.3 MB) but not for the second's too
+    # room for the first sample subject's files (about 1.75 MB with cell_activity.h5) but not for the second's too
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=2200k", "tmpfs", str(mount_point)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
@@ -353,12 +353,14 @@ def test_grid_parameters_regrid_saved_cascade_results_equal_to_a_full_run(tmp_pa
     assert "re-gridding CASCADE's saved results" in regrid.stderr and "CASCADE in" not in regrid.stderr
     run_cli("--input_dir", data, "--output_dir", full, "--no_plots", *changed, *OFFLINE_BUILTIN)
     same_grids(out, full, "subject_2")
-    with h5py.File(out / "subject_2" / usp.CASCADE_FILENAME) as saved:
-        offsets, frames = saved["cell_offsets"][()], saved["spike_frames"][()]
-        rates, scale = saved["rates_uint8"][()], saved["rate_scale"][()]
+    for name in (usp.CELL_ACTIVITY_FILENAME, usp.METADATA_FILENAME):  # the re-gridded file equals a full run's
+        same_datasets(out / "subject_2" / name, full / "subject_2" / name)
+    with h5py.File(out / "subject_2" / usp.CELL_ACTIVITY_FILENAME) as saved:
+        offsets, frames = saved["cascade/cell_offsets"][()], saved["cascade/spike_frames"][()]
+        rates = saved["spike_rates"][()]
     with h5py.File(full / "subject_2" / usp.METADATA_FILENAME) as meta:
         np.testing.assert_array_equal(np.diff(offsets), meta["cells/spike_count"][()])
-    assert rates.dtype == np.uint8 and rates.shape[0] == len(offsets) - 1 and np.all(scale > 0)
+    assert rates.dtype == np.float16 and rates.shape[1] == len(offsets) - 1
     assert np.all(frames[offsets[0] : offsets[1]][:-1] <= frames[offsets[0] : offsets[1]][1:])
     # a CASCADE parameter (the threshold) must run CASCADE again
     rerun = run_cli(

@@ -1,6 +1,7 @@
 """Gridding: voxels, unique sorted COO coordinates, collisions, dropped frames."""
 
 import numpy as np
+import pytest
 from conftest import SAMPLE_DIR
 
 import unified_spike_processing_coo as usp
@@ -35,7 +36,7 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
                 cells={field.name: zeros.astype(field.dtype) for field in usp.CELL_FIELDS}
                 | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)},
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
-                rates_uint8=np.zeros((stop - start, num_frames), np.uint8),
+                rates=np.zeros((stop - start, num_frames), np.float16),
                 plot=usp.PlotTraces(zeros[:0], *(np.zeros((0, num_frames), dtype) for dtype in ("f4", "f4", bool))),
             )
         )
@@ -84,3 +85,100 @@ def test_events_of_subject_spikes_match_dense():
     assert len(cells) == spikes[chosen].sum() and set(cells) <= set(chosen)
     rows, columns = np.nonzero(spikes[chosen])
     assert set(zip(cells.tolist(), frames.tolist())) == set(zip(chosen[rows].tolist(), columns.tolist()))
+
+
+def _settings(**changes):
+    config = usp.PipelineConfig(input_dir="in", output_dir="out", coordinates="registered", **changes)
+    return usp.settings_for(usp.GridSettings, config)
+
+
+def test_atlas_frame_one_atlas_voxel_one_grid_voxel_in_every_fish():
+    settings = _settings()
+    rng = np.random.default_rng(3)
+    shared = np.array([[1, 1, 1], [1406, 621, 138], [700, 300, 70], [6, 5, 3], [7, 6, 4]])
+    # two fish: different cells and extents around the same atlas voxels
+    fish_a = np.vstack([shared, rng.integers(1, [1407, 622, 139], (50, 3))])
+    fish_b = np.vstack([rng.integers([300, 100, 20], [900, 500, 100], (30, 3)), shared])
+    grid_a, grid_b = (usp.make_atlas_grid_spec(p, 10, settings) for p in (fish_a, fish_b))
+    np.testing.assert_array_equal(grid_a.cell_voxels[:5], grid_b.cell_voxels[-5:])
+    assert grid_a.shape == grid_b.shape == (10, 46, 256, 128)
+    np.testing.assert_array_equal(grid_a.cell_voxels[:4], [[0, 0, 0], [45, 255, 127], [23, 127, 61], [0, 0, 0]])
+    assert grid_a.cell_voxels[4].tolist() == [1, 1, 1]  # atlas voxel 7 starts grid row 1 (5.49 voxels per row)
+    np.testing.assert_array_equal(grid_a.z_values[:2], [2.0, 5.0])  # slabs of voxels 1-3, 4-6
+    # every voxel of the atlas lands inside the grid, in equal shares per plane
+    z = usp.make_atlas_grid_spec(np.column_stack([np.ones(138), np.ones(138), np.arange(1, 139)]), 1, settings)
+    np.testing.assert_array_equal(np.bincount(z.cell_voxels[:, 0]), np.full(46, 3))
+    assert not z.cells_outside.any()
+
+
+def test_atlas_frame_cells_outside_are_marked_and_get_no_spikes():
+    settings = _settings(atlas_shape=(100, 50, 10), z_planes=5, grid_shape=(10, 10))
+    positions = np.array([[1, 1, 1], [0, 5, 5], [101, 5, 5], [50, 25, 11], [100, 50, 10]])
+    grid = usp.make_atlas_grid_spec(positions, 4, settings)
+    np.testing.assert_array_equal(grid.cells_outside, [False, True, True, True, False])
+    cells, frames = np.array([0, 1, 2, 3, 4]), np.array([1, 1, 1, 1, 1])
+    coords, counts = usp.build_coo(cells, frames, grid, np.arange(4), z_markers=False)
+    np.testing.assert_array_equal(coords, [[1, 0, 0, 0], [1, 4, 9, 9]])
+    with pytest.raises(usp.PipelineError, match="z_planes 5 with z markers needs a grid width of at least 6"):
+        _settings(atlas_shape=(100, 50, 10), z_planes=5, grid_shape=(10, 5))
+
+
+def _covariates(num_frames=320):
+    from conftest import CHEN_CONDITIONS, chen_fish_fields
+
+    fields = chen_fish_fields(num_frames)
+    condition = np.full(num_frames, -1, np.int16)
+    for index, frames in enumerate(fields["timelists"]):
+        condition[frames.astype(int) - 1] = index
+    names = tuple(name for name, _, _ in CHEN_CONDITIONS)
+    periods = np.array([period for _, period, _ in CHEN_CONDITIONS])
+    return usp.Covariates(condition=condition, condition_names=names, condition_periods=periods), fields
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.7, 0.5])
+def test_condition_split_keeps_repetitions_whole(ratio):
+    covariates, fields = _covariates()
+    kept = np.arange(8, 312)  # edge frames dropped
+    is_train, _, rule = usp.plan_split(kept, covariates, _settings(split="conditions", split_ratio=ratio))
+    assert rule.startswith("conditions")
+    condition = covariates.condition[kept]
+    for index, period in enumerate(covariates.condition_periods):
+        frames = fields["timelists"][index].astype(int) - 1
+        repetitions = len(frames) // period
+        train_of_frame = dict(zip(kept, is_train))
+        per_repetition = [
+            {train_of_frame[f] for f in frames[r * period : (r + 1) * period] if f in train_of_frame}
+            for r in range(repetitions)
+        ]
+        if repetitions > 1:  # whole repetitions, the last ones test
+            assert all(len(sides) == 1 for sides in per_repetition)
+            sides = [sides.pop() for sides in per_repetition]
+            num_test = max(1, round(repetitions * (1 - ratio)))
+            assert sides == [1] * (repetitions - num_test) + [0] * num_test
+        else:  # one long repetition: two contiguous parts, the test part at its end
+            mine = is_train[condition == index]
+            assert (np.diff(mine.astype(int)) <= 0).all() and (mine == 0).sum() == round(len(mine) * (1 - ratio))
+    assert is_train[condition == -1].all()
+
+
+def test_holdout_condition_all_test_and_unknown_names_refused():
+    covariates, _ = _covariates()
+    kept = np.arange(320)
+    for split in ("conditions", "blocks"):
+        is_train, _, rule = usp.plan_split(kept, covariates, _settings(split=split, holdout_condition="omr"))
+        assert not is_train[covariates.condition == 2].any() and "condition OMR is test" in rule
+        assert is_train[covariates.condition == 0].any() or split == "blocks"  # 320 frames: one test block
+    with pytest.raises(usp.PipelineError, match=r"'DF' is not a stimulus condition .*Spontaneous, PT, OMR"):
+        usp.plan_split(kept, covariates, _settings(holdout_condition="DF"))
+    with pytest.raises(usp.PipelineError, match="has no stimulus conditions"):
+        usp.plan_split(kept, usp.Covariates(), _settings(holdout_condition="DF"))
+
+
+def test_split_blocks_is_the_original_rule_and_conditions_fall_back_without_conditions():
+    kept = np.arange(32, 1000)
+    original, blocks = usp.train_test_split(len(kept), 330, 0.95, 42)
+    for split in ("blocks", "conditions"):
+        is_train, test_blocks, rule = usp.plan_split(kept, usp.Covariates(), _settings(split=split))
+        np.testing.assert_array_equal(is_train, original)
+        np.testing.assert_array_equal(test_blocks, blocks)
+        assert rule.startswith("blocks") and ("no stimulus conditions" in rule) == (split == "conditions")

@@ -193,3 +193,96 @@ def test_an_input_layout_is_one_table_entry(tmp_path, monkeypatch):
     (tmp_path / "subject_2").mkdir()
     with pytest.raises(usp.PipelineError, match="cells.h5"):
         usp.load_subject(tmp_path / "subject_2")
+
+
+def _atlas_positions(num_cells: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return np.column_stack(
+        [rng.integers(1, 1407, num_cells), rng.integers(1, 622, num_cells), rng.integers(1, 139, num_cells)]
+    )
+
+
+@pytest.mark.parametrize("v73", [False, True], ids=["v5", "v7.3"])
+def test_chen_covariates_read_as_the_file_holds_them(tmp_path, v73):
+    from conftest import CHEN_CONDITIONS, chen_fish_fields, write_chen_fish
+
+    fields = chen_fish_fields(320)
+    folder = write_chen_fish(tmp_path / "subject_1", _atlas_positions(), 320, fields, v73=v73)
+    subject = usp.load_subject(folder, usp.LoadOptions("registered"))
+    covariates = subject.covariates
+    assert subject.warnings == []
+    np.testing.assert_array_equal(covariates.stimulus, fields["stim_full"])
+    assert covariates.stimulus.dtype == np.int16
+    np.testing.assert_array_equal(covariates.behavior, fields["Behavior_full"].T.astype(np.float32))
+    np.testing.assert_array_equal(covariates.eye, fields["Eye_full"].T.astype(np.float32))
+    assert covariates.condition_names == tuple(name for name, _, _ in CHEN_CONDITIONS)
+    np.testing.assert_array_equal(covariates.condition_periods, [period for _, period, _ in CHEN_CONDITIONS])
+    expected = np.full(320, -1)
+    for index, frames in enumerate(fields["timelists"]):
+        expected[frames.astype(int) - 1] = index
+    np.testing.assert_array_equal(covariates.condition, expected)
+    assert covariates.stimulus_sets[1] == ("PT", (5.0, 6.0))
+    frames = np.array([3, 0, 200])
+    at = covariates.at_frames(frames)
+    np.testing.assert_array_equal(at["behavior"], fields["Behavior_full"].T[frames].astype(np.float32))
+    assert set(at) == {"stimulus", "condition", "behavior", "eye"}
+
+
+def test_chen_covariates_one_condition_and_missing_fields(tmp_path, caplog):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    # one stimulus set: scipy squeezes the 1 x 1 cells to their element
+    fields = {**chen_fish_fields(130, conditions=(("Spontaneous", 130, 1),)), "Eye_full": None, "stimset": None}
+    folder = write_chen_fish(tmp_path / "subject_1", _atlas_positions(), 130, fields)
+    with caplog.at_level("INFO"):
+        subject = usp.load_subject(folder)
+    assert subject.covariates.condition_names == ("Spontaneous",) and (subject.covariates.condition == 0).all()
+    assert subject.covariates.eye is None and subject.warnings == []
+    skipped = [r.message for r in caplog.records if "covariates are skipped" in r.message]
+    assert len(skipped) == 1 and "data.Eye_full, data.stimset" in skipped[0]
+    # no stimulus fields at all: an empty Covariates
+    folder = write_chen_fish(tmp_path / "subject_2", _atlas_positions(), 50, dict.fromkeys(chen_fish_fields(320)))
+    assert usp.load_subject(folder).covariates.arrays() == {}
+
+
+@pytest.mark.parametrize("v73", [False, True], ids=["v5", "v7.3"])
+def test_chen_covariates_of_the_wrong_length_are_left_out_with_a_warning(tmp_path, v73):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    fields = chen_fish_fields(320)
+    bad = {
+        **fields,
+        "stim_full": fields["stim_full"][:-1],
+        "Behavior_full": fields["Behavior_full"][:, :300],
+        "timelists": [*fields["timelists"][:2], fields["timelists"][2] + 300],  # beyond the last frame
+    }
+    folder = write_chen_fish(tmp_path / "subject_1", _atlas_positions(), 320, bad, v73=v73)
+    subject = usp.load_subject(folder)
+    covariates = subject.covariates
+    assert covariates.stimulus is None and covariates.behavior is None and covariates.condition is None
+    assert covariates.eye is not None and covariates.condition_names == ()
+    assert len(subject.warnings) == 3
+    assert any("data.stim_full has shape (319,), expected one value per frame" in w for w in subject.warnings)
+    assert any("data.Behavior_full has shape (5, 300), expected 5 channels x 320 frames" in w for w in subject.warnings)
+    assert any("timelists{3} (OMR)" in w and "expected 1-based frames 1..320" in w for w in subject.warnings)
+    # periods that do not match the lists are left out, the conditions kept
+    folder = write_chen_fish(tmp_path / "subject_2", _atlas_positions(), 320, {**fields, "periods": np.array([4.0])})
+    subject = usp.load_subject(folder)
+    assert subject.covariates.condition is not None and len(subject.covariates.condition_periods) == 0
+    assert len(subject.warnings) == 1 and "data.periods" in subject.warnings[0]
+
+
+def test_generic_covariates_group_is_passed_through(tmp_path):
+    folder = tmp_path / "subject_1"
+    folder.mkdir()
+    with h5py.File(folder / "traces.h5", "w") as h5:
+        h5["traces"] = np.random.default_rng(0).normal(0, 0.05, (5, 80)).astype(np.float32)
+        h5["positions"] = np.arange(15, dtype=float).reshape(5, 3)
+        h5.attrs["frame_rate_hz"] = 2.5
+        h5["covariates/speed"] = np.arange(80.0)
+        h5["covariates/tail"] = np.ones((80, 3))
+        h5["covariates/short"] = np.ones(79)
+    subject = usp.load_subject(folder)
+    assert set(subject.covariates.extra) == {"speed", "tail"}
+    np.testing.assert_array_equal(subject.covariates.at_frames([2, 5])["speed"], [2.0, 5.0])
+    assert len(subject.warnings) == 1 and "covariates/short has shape (79,)" in subject.warnings[0]

@@ -1,9 +1,11 @@
 """The files of a run on sample_data: schema, contents, split, markers, combined metadata."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
-from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli
+from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli, same_datasets
 
 import unified_spike_processing_coo as usp
 
@@ -281,20 +283,8 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
     np.testing.assert_array_equal(spike_count, (usp.infer_discrete_spikes(rates, model) > 0).sum(axis=1))
 
 
-def test_quantised_rates_keep_nan_and_stay_within_a_step():
-    rates = np.array([[0.0, 0.1, 0.5, np.nan, 0.25], [0.0, 0.0, 0.0, 0.0, np.nan], [-0.1, 2.0, 1.0, 0.0, 0.0]])
-    quantised, scale = usp.quantise_rates(rates)
-    assert quantised.dtype == np.uint8 and quantised[0, 3] == 255 and quantised[1, 4] == 255
-    back = quantised * scale[:, None]
-    finite = ~np.isnan(rates)
-    assert np.all(
-        np.abs(back[finite] - np.maximum(rates, 0)[finite]) <= scale.repeat(5).reshape(3, 5)[finite] / 2 + 1e-7
-    )
-    assert quantised[2].max() == 254 and quantised[1, :4].max() == 0
-
-
 def test_a_cell_field_is_one_table_entry(tmp_path, monkeypatch):
-    """One CellField entry reaches the workers' results, cascade_results.h5, metadata.h5 cells/ and re-gridding."""
+    """One CellField entry reaches the workers' results, cell_activity.h5, metadata.h5 cells/ and re-gridding."""
     peak = usp.CellField("peak_rate", "float32", lambda chunk: np.nanmax(np.nan_to_num(chunk.rates), axis=1), True)
     monkeypatch.setattr(usp, "CELL_FIELDS", (*usp.CELL_FIELDS, peak))
     out, subject = tmp_path / "out", "subject_2"
@@ -302,11 +292,175 @@ def test_a_cell_field_is_one_table_entry(tmp_path, monkeypatch):
     assert usp.main([*args, *OFFLINE_BUILTIN]) == 0
     with h5py.File(out / subject / usp.METADATA_FILENAME, "r") as h5:
         written, spike_count = h5["cells/peak_rate"][()], h5["cells/spike_count"][()]
-    with h5py.File(out / subject / usp.CASCADE_FILENAME, "r") as h5:
-        np.testing.assert_array_equal(h5["peak_rate"][()], written)
+    with h5py.File(out / subject / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        np.testing.assert_array_equal(h5["cascade/peak_rate"][()], written)
     assert written.dtype == np.float32 and len(written) == len(spike_count)
     assert np.all(written >= 0) and np.all(written[spike_count > 0] > 0)  # sampled spikes need a positive rate
     assert usp.main([*args, "--grid_shape", "64", "32", *OFFLINE_BUILTIN]) == 0  # re-grids the saved results
     with h5py.File(out / subject / usp.METADATA_FILENAME, "r") as h5:
         np.testing.assert_array_equal(h5["cells/peak_rate"][()], written)
         assert tuple(h5.attrs["grid_shape"][2:]) == (64, 32)
+
+
+def test_covariates_at_timepoint_indices_in_coo_and_metadata(tmp_path):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    fields = chen_fish_fields(320)
+    positions = np.column_stack([np.arange(1, 13) * 100, np.arange(1, 13) * 50, np.arange(1, 13) * 10])
+    write_chen_fish(tmp_path / "in" / "subject_1", positions, 320, fields, v73=True)
+    run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--no_plots", *model_args())
+    expected_condition = np.full(320, -1)
+    for index, frames in enumerate(fields["timelists"]):
+        expected_condition[frames.astype(int) - 1] = index
+    for name in (usp.COO_FILENAME, usp.METADATA_FILENAME, usp.CELL_ACTIVITY_FILENAME):
+        with h5py.File(tmp_path / "out" / "subject_1" / name, "r") as h5:
+            frames = h5["timepoint_indices"][()]
+            group = h5["covariates"]
+            assert set(group) == {"stimulus", "condition", "behavior", "eye"}
+            np.testing.assert_array_equal(group["stimulus"][()], fields["stim_full"][frames])
+            np.testing.assert_array_equal(group["condition"][()], expected_condition[frames])
+            np.testing.assert_array_equal(group["behavior"][()], fields["Behavior_full"].T[frames].astype(np.float32))
+            np.testing.assert_array_equal(group["eye"][()], fields["Eye_full"].T[frames].astype(np.float32))
+            names = list(group["condition"].attrs["condition_names"])
+            assert names == ["Spontaneous", "PT", "OMR"]
+            np.testing.assert_array_equal(group["condition"].attrs["condition_periods"], [100, 30, 25])
+    window = usp.read_covariates(tmp_path / "out" / "subject_1" / usp.COO_FILENAME, 10, 20)
+    assert window["behavior"].shape == (10, 5) and window["condition_names"] == names
+
+
+# --- cell_activity.h5: per-cell rates on the grid's timepoints (issue 18) ---------------------------------------
+
+NAN_CELL, NAN_FRAMES = 3, slice(150, 153)  # a cell with a few NaN frames in the middle of the recording
+
+
+def write_activity_fish(folder, num_cells: int = 60, num_frames: int = 400, fpsec: float = 2.5, seed: int = 0):
+    """A Chen fish with covariates, registered positions and one cell with NaN frames."""
+    from conftest import chen_fish_fields, write_chen_fish
+
+    rng = np.random.default_rng(seed)
+    positions = np.column_stack([rng.integers(1, 1406, num_cells), rng.integers(1, 621, num_cells),
+                                 rng.integers(1, 138, num_cells)]).astype(float)  # fmt: skip
+    write_chen_fish(folder, positions, num_frames, chen_fish_fields(num_frames, seed=seed), seed=seed, fpsec=fpsec)
+    with h5py.File(folder / "TimeSeries.h5", "r+") as h5:
+        h5["CellResp"][NAN_FRAMES, NAN_CELL] = np.nan
+    return folder
+
+
+@pytest.fixture(scope="module")
+def activity_run(tmp_path_factory):
+    data, out = tmp_path_factory.mktemp("activity_in"), tmp_path_factory.mktemp("activity_out")
+    write_activity_fish(data / "subject_1")
+    write_activity_fish(data / "subject_2", num_cells=45, num_frames=330, fpsec=2.0, seed=1)
+    run_cli("--input_dir", data, "--output_dir", out, "--no_plots", *model_args())
+    return data, out
+
+
+def test_cell_activity_schema_dtypes_and_columns_match_metadata_cells(activity_run):
+    data, out = activity_run
+    with (
+        h5py.File(out / "subject_1" / usp.CELL_ACTIVITY_FILENAME, "r") as h5,
+        h5py.File(out / "subject_1" / usp.METADATA_FILENAME, "r") as meta,
+        h5py.File(out / "subject_1" / usp.COO_FILENAME, "r") as grid,
+        h5py.File(data / "subject_1" / "TimeSeries.h5", "r") as series,
+    ):
+        rates, num_cells = h5["spike_rates"], len(meta["cells/cell_id"])
+        assert rates.dtype == np.float16 and rates.shape == (grid["grid_shape"][0], num_cells)
+        assert rates.chunks[0] <= usp.CELL_RATE_CHUNK_TIMEPOINTS and rates.compression == "gzip"
+        np.testing.assert_array_equal(h5["cell_ids"][()], meta["cells/cell_id"][()])
+        np.testing.assert_array_equal(h5["cell_ids"][()], series["absIX"][0].astype(int))
+        np.testing.assert_array_equal(h5["positions"][()], meta["cells/position"][()])  # --coordinates raw
+        assert h5["positions"].shape == h5["positions_registered"].shape == (num_cells, 3)
+        for name in ("timepoint_indices", "is_train", "timepoint_times_s"):
+            np.testing.assert_array_equal(h5[name][()], grid[name][()])
+            np.testing.assert_array_equal(h5[name][()], meta[name][()])
+        np.testing.assert_allclose(h5["timepoint_times_s"][()], h5["timepoint_indices"][()] / 2.5)
+        assert h5.attrs["run_id"] == meta.attrs["run_id"] and h5.attrs["timepoint_rate_hz"] == 2.5
+        # spike counts per cell in the file's CASCADE results are the metadata's
+        np.testing.assert_array_equal(np.diff(h5["cascade/cell_offsets"][()]), meta["cells/spike_count"][()])
+
+
+def test_registered_positions_are_cellxyz_norm(activity_run):
+    import scipy.io
+
+    data, out = activity_run
+    norm = scipy.io.loadmat(data / "subject_1" / "data_full.mat", squeeze_me=True)["data"]["CellXYZ_norm"].item()
+    with h5py.File(out / "subject_1" / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        ids = h5["cell_ids"][()]
+        np.testing.assert_array_equal(h5["positions_registered"][()], norm[ids - 1])
+
+
+def test_cell_activity_is_nan_exactly_where_there_is_no_prediction(activity_run, tmp_path):
+    data, out = activity_run
+    with h5py.File(out / "subject_1" / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        kept_rates, kept_frames = h5["spike_rates"][()], h5["timepoint_indices"][()]
+    model = usp.read_model_folder(usp.BUILTIN_MODEL_DIR)
+    missing = np.isnan(kept_rates)
+    assert not np.delete(missing, NAN_CELL, axis=1).any()  # every other cell has a prediction at every timepoint
+    window_start = kept_frames - model.window_offset  # frame t is predicted from window_start + [0, W)
+    touched = (window_start < NAN_FRAMES.stop) & (window_start + model.window_size > NAN_FRAMES.start)
+    np.testing.assert_array_equal(missing[:, NAN_CELL], touched)
+    # with the edges kept (re-gridded from the same file): their rows are NaN for every cell
+    shutil.copytree(out / "subject_1", tmp_path / "out" / "subject_1")
+    run_cli("--input_dir", data, "--output_dir", tmp_path / "out", "--subjects", "subject_1", "--no_plots",
+            "--keep_edge_frames", *model_args())  # fmt: skip
+    with h5py.File(tmp_path / "out" / "subject_1" / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        all_rates, frames = h5["spike_rates"][()], h5["timepoint_indices"][()]
+    np.testing.assert_array_equal(frames, np.arange(len(frames)))
+    assert np.isnan(all_rates[np.setdiff1d(frames, kept_frames)]).all()
+    np.testing.assert_array_equal(all_rates[kept_frames], kept_rates)
+
+
+def test_no_cell_activity_skips_the_file_and_removes_an_earlier_one(activity_run, tmp_path):
+    data, out = activity_run
+    shutil.copytree(out / "subject_2", tmp_path / "out" / "subject_2")
+    run_cli("--input_dir", data, "--output_dir", tmp_path / "out", "--subjects", "subject_2", "--no_plots",
+            "--no_cell_activity", *model_args())  # fmt: skip
+    assert not (tmp_path / "out" / "subject_2" / usp.CELL_ACTIVITY_FILENAME).exists()
+    assert (tmp_path / "out" / "subject_2" / usp.METADATA_FILENAME).is_file()
+    same_datasets(out / "subject_2" / usp.COO_FILENAME, tmp_path / "out" / "subject_2" / usp.COO_FILENAME)
+
+
+def test_cell_activity_identical_whatever_workers_batch_size_and_shards(activity_run, tmp_path):
+    data, out = activity_run
+    args = ("--input_dir", data, "--no_plots", *model_args())
+    run_cli(*args, "--output_dir", tmp_path / "w2", "--workers", 2, "--batch_size", 7)
+    for shard in ("1/2", "2/2"):
+        run_cli(*args, "--output_dir", tmp_path / "shards", "--shard", shard, "--batch_size", 20)
+    for other in ("w2", "shards"):
+        for subject in ("subject_1", "subject_2"):
+            for name in (usp.CELL_ACTIVITY_FILENAME, usp.COO_FILENAME, usp.METADATA_FILENAME):
+                same_datasets(out / subject / name, tmp_path / other / subject / name)
+
+
+def test_target_rate_conserves_expected_spikes_and_sets_one_time_base(activity_run, tmp_path):
+    """Bins of 2 frames (2.5 Hz -> 1.25 Hz): each kept bin's rate is the sum of its two frames' rates."""
+    data, out = activity_run
+    run_cli("--input_dir", data, "--output_dir", tmp_path / "out", "--subjects", "subject_1", "--no_plots",
+            "--target_rate_hz", 1.25, "--keep_edge_frames", *model_args())  # fmt: skip
+    folder = tmp_path / "out" / "subject_1"
+    with h5py.File(folder / usp.CELL_ACTIVITY_FILENAME, "r") as h5, h5py.File(folder / usp.COO_FILENAME, "r") as grid:
+        binned, bins, times_s = (
+            h5["spike_rates"][()].astype(np.float64),
+            h5["timepoint_indices"][()],
+            h5["timepoint_times_s"][()],
+        )
+        behavior = h5["covariates/behavior"][()]
+        assert h5.attrs["timepoint_rate_hz"] == 1.25 and grid["grid_shape"][0] == len(bins) == 200
+        np.testing.assert_array_equal(grid["timepoint_times_s"][()], times_s)
+    np.testing.assert_allclose(times_s, bins / 1.25)
+    with h5py.File(out / "subject_1" / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        frames_kept, rates = h5["timepoint_indices"][()], h5["spike_rates"][()].astype(np.float64)
+    per_frame = np.full((400, rates.shape[1]), np.nan)
+    per_frame[frames_kept] = rates
+    expected = per_frame[0::2] + per_frame[1::2]  # NaN where either frame has no prediction
+    np.testing.assert_array_equal(np.isnan(binned), np.isnan(expected))
+    assert (~np.isnan(expected)).sum(axis=0).min() > 100
+    # per cell, over its fully covered bins: equal up to float16 storage of each value
+    np.testing.assert_allclose(np.nansum(binned, axis=0), np.nansum(expected, axis=0), rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(binned, expected, rtol=2e-3, atol=1e-4)
+    from conftest import chen_fish_fields
+
+    fields = chen_fish_fields(400, seed=0)
+    np.testing.assert_allclose(
+        behavior, fields["Behavior_full"].T.reshape(200, 2, 5).mean(axis=1), rtol=1e-5, atol=1e-6
+    )

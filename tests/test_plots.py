@@ -113,3 +113,17 @@ def test_pdf_has_every_page(tmp_path, monkeypatch, num_planes):
     for page, (texts, expected) in enumerate(zip(saved, EXPECTED_PAGES)):
         for text in expected:
             assert text in texts, (page, text, texts)
+
+
+def test_raster_page_shows_conditions_and_behaviour_when_present():
+    plain = plot_data(5)
+    (fig,) = list(usp._page_raster(plt, plain))
+    assert len(fig.axes) == 2
+    plt.close(fig)
+    spans = [("Spontaneous", 0, 80), ("PT", 84, 150), ("PT", 160, 200)]
+    behavior = np.random.default_rng(1).normal(size=(200, 5))
+    (fig,) = list(usp._page_raster(plt, usp.dataclasses.replace(plain, condition_spans=spans, behavior=behavior)))
+    raster_ax, band_ax, rate_ax, behavior_ax = fig.axes
+    assert [t.get_text() for t in band_ax.texts] == ["Spontaneous", "PT", "PT"]
+    assert len(band_ax.patches) == 3 and len(behavior_ax.lines) == 5
+    plt.close(fig)

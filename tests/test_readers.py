@@ -246,3 +246,70 @@ def test_a_chunk_stored_unfiltered_is_read_by_hdf5(tmp_path, monkeypatch):
         assert h5["spike_coords"].id.read_direct_chunk((0, 2))[0] == 0b11
     np.testing.assert_array_equal(usp.load_coo_window(path, 0, SHAPE[0]).coords, coords)
     np.testing.assert_array_equal(usp.load_coo_window(path, 2, 4).coords, expected_window(coords, 2, 4))
+
+
+# --- load_cell_window: windows of cell_activity.h5 (issue 18) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cell_activity_file(tmp_path_factory):
+    """A cell_activity.h5 as the pipeline writes it: a Chen fish with covariates (one cell with NaN frames)."""
+    from conftest import OFFLINE_BUILTIN, chen_fish_fields, run_cli, write_chen_fish
+
+    data, out = tmp_path_factory.mktemp("in"), tmp_path_factory.mktemp("out")
+    rng = np.random.default_rng(3)
+    positions = np.column_stack([rng.integers(1, 1400, 40), rng.integers(1, 600, 40), rng.integers(1, 130, 40)])
+    folder = write_chen_fish(data / "subject_1", positions.astype(float), 320, chen_fish_fields(320))
+    with h5py.File(folder / "TimeSeries.h5", "r+") as h5:
+        h5["CellResp"][100:103, 5] = np.nan
+    run_cli("--input_dir", data, "--output_dir", out, "--no_plots", *OFFLINE_BUILTIN)
+    return out / "subject_1" / usp.CELL_ACTIVITY_FILENAME
+
+
+def test_cell_window_equals_slicing_the_whole_file(cell_activity_file):
+    with h5py.File(cell_activity_file, "r") as h5:
+        whole = {name: h5[name][()] for name in ("spike_rates", "timepoint_indices", "timepoint_times_s", "is_train")}
+        covariates = {name: h5["covariates"][name][()] for name in h5["covariates"]}
+    num_timepoints = len(whole["spike_rates"])
+    assert np.isnan(whole["spike_rates"]).any() and set(covariates) == {"stimulus", "condition", "behavior", "eye"}
+    with h5py.File(cell_activity_file, "r") as h5:
+        for start, stop in [(0, 0), (0, 1), (5, 37), (num_timepoints - 1, num_timepoints), (0, num_timepoints)]:
+            for source in (cell_activity_file, h5):  # a path, or an open file read many times
+                window = usp.load_cell_window(source, start, stop)
+                assert window.rates.dtype == np.float32 and window.rates.shape == (stop - start, 40)
+                np.testing.assert_array_equal(window.rates, whole["spike_rates"][start:stop].astype(np.float32))
+                np.testing.assert_array_equal(window.timepoint_indices, whole["timepoint_indices"][start:stop])
+                np.testing.assert_array_equal(window.timepoint_times_s, whole["timepoint_times_s"][start:stop])
+                np.testing.assert_array_equal(window.is_train, whole["is_train"][start:stop])
+                for name, values in covariates.items():
+                    np.testing.assert_array_equal(window.covariates[name], values[start:stop])
+                assert (window.start, window.stop) == (start, stop)
+        assert h5.id.valid  # the reader does not close a file it was given
+
+
+def test_cell_windows_outside_the_file_or_not_integers_are_refused(cell_activity_file):
+    with h5py.File(cell_activity_file, "r") as h5:
+        num_timepoints = h5["spike_rates"].shape[0]
+    for start, stop in [(-1, 5), (5, 4), (0, num_timepoints + 1)]:
+        with pytest.raises(ValueError, match=rf"timepoint window \[{start}, {stop}\) is outside"):
+            usp.load_cell_window(cell_activity_file, start, stop)
+    for start, stop in [(0.0, 5), (True, 3), ("0", 3)]:
+        with pytest.raises(TypeError, match="must be an integer timepoint"):
+            usp.load_cell_window(cell_activity_file, start, stop)
+    assert usp.load_cell_window(cell_activity_file, np.int64(2), np.int32(7)).rates.shape[0] == 5
+
+
+def test_readme_torch_dataset_of_cell_windows(cell_activity_file):
+    """docs/outputs.md's PyTorch Dataset over load_cell_window runs as written (on this fish's file)."""
+    pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
+    from conftest import REPO_DIR
+
+    text = (REPO_DIR / "docs" / "outputs.md").read_text()
+    code = text.split("## Per-cell rates with their covariates", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    # this fish's 256 timepoints are one test block: read test windows, in this process
+    code = code.replace('"out/subject_1/cell_activity.h5"', f"{str(cell_activity_file)!r}, train=False")
+    code = code.replace("num_workers=2", "num_workers=0")
+    namespace: dict = {}
+    exec(compile(code, "docs/outputs.md", "exec"), namespace)
+    rates, covariates = next(iter(namespace["loader"]))
+    assert tuple(rates.shape) == (8, 64, 40) and tuple(covariates["behavior"].shape) == (8, 64, 5)

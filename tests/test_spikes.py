@@ -1,6 +1,9 @@
 """Spikes from rates: seeded sampling, thresholds, and recovery of true spikes."""
 
+import h5py
 import numpy as np
+import pytest
+from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli
 
 import unified_spike_processing_coo as usp
 from tools import synthetic_calcium as sc
@@ -100,3 +103,98 @@ def test_a_spike_mode_is_one_table_entry(monkeypatch):
     assert config.spike_mode == "positive" and "positive: every positive rate" in " ".join(parser.format_help().split())
     rates = np.array([[0.0, 0.2, np.nan, -0.1]])
     np.testing.assert_array_equal(usp.binarize_spikes(rates, [1], "positive"), [[False, True, False, False]])
+
+
+# --- the time base: rates re-binned to --target_rate_hz (issue 18) ---------------------------------------------
+
+
+def frame_coverage(time_base) -> np.ndarray:
+    """(frames,) the fraction of each frame inside the bins (the last frames may fall past the last whole bin)."""
+    end_in_frames = time_base.num_timepoints / time_base.rate_hz * time_base.frame_rate_hz
+    return np.clip(end_in_frames - np.arange(time_base.num_frames), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("frame_rate_hz, target_rate_hz", [(2.37, 1.0), (1.84, 2.0), (2.0, 5.0), (2.5, 1.25)])
+def test_rebinning_conserves_expected_spikes(frame_rate_hz, target_rate_hz):
+    rng = np.random.default_rng(0)
+    rates = rng.random((6, 501)) * 0.4
+    time_base = usp.TimeBase(frame_rate_hz, 501, target_rate_hz)
+    binned = time_base.rebin(rates)
+    assert binned.shape == (6, time_base.num_timepoints) and not np.isnan(binned).any()
+    assert time_base.num_timepoints == int(501 * target_rate_hz / frame_rate_hz + 1e-9)
+    np.testing.assert_allclose(binned.sum(axis=1), rates @ frame_coverage(time_base), rtol=1e-12)
+    np.testing.assert_allclose(time_base.times_s(), np.arange(time_base.num_timepoints) / target_rate_hz)
+    # a constant rate per frame becomes rate x frames per bin
+    np.testing.assert_allclose(time_base.rebin(np.full((1, 501), 0.3)), 0.3 * frame_rate_hz / target_rate_hz)
+
+
+def test_a_bin_touching_a_frame_without_prediction_is_nan():
+    time_base = usp.TimeBase(2.37, 200, 1.0)
+    rates = np.full((2, 200), 0.1)
+    rates[0, 50] = np.nan
+    binned = time_base.rebin(rates)
+    bins = np.arange(time_base.num_timepoints)
+    touches = (bins / 1.0 < 51 / 2.37) & ((bins + 1) / 1.0 > 50 / 2.37)  # bin j overlaps frame 50
+    np.testing.assert_array_equal(np.isnan(binned[0]), touches)
+    assert touches.sum() in (1, 2) and not np.isnan(binned[1]).any()
+    predicted = np.ones(200, bool)
+    predicted[:30] = predicted[-40:] = False  # CASCADE's edges
+    kept = time_base.predicted(predicted)
+    starts, ends = bins / 1.0 * 2.37, (bins + 1) / 1.0 * 2.37  # bins in frames
+    np.testing.assert_array_equal(kept, (starts >= 30 - 1e-9) & (ends <= 160 + 1e-9))
+
+
+def test_without_a_target_rate_the_time_base_is_the_recording():
+    time_base = usp.TimeBase(2.0, 50)
+    rates = np.random.default_rng(1).random((3, 50))
+    assert time_base.rebin(rates) is rates and time_base.num_timepoints == 50 and time_base.rate_hz == 2.0
+    covariates = usp.Covariates(stimulus=np.arange(50))
+    assert time_base.resample_covariates(covariates) is covariates
+
+
+def test_covariates_resampled_codes_at_the_bin_start_behaviour_by_mean():
+    time_base = usp.TimeBase(3.0, 30, 1.0)  # bins of 3 frames
+    behavior = np.arange(60, dtype=np.float32).reshape(30, 2)
+    covariates = usp.Covariates(stimulus=np.arange(30, dtype=np.int16), condition=np.repeat([0, 1, -1], 10).astype(np.int16),
+                                behavior=behavior, extra={"speed": np.arange(30.0), "code": np.arange(30)})  # fmt: skip
+    binned = time_base.resample_covariates(covariates)
+    np.testing.assert_array_equal(binned.stimulus, np.arange(0, 30, 3))
+    np.testing.assert_array_equal(binned.condition, np.repeat([0, 1, -1], 10)[::3])
+    np.testing.assert_allclose(binned.behavior, behavior.reshape(10, 3, 2).mean(axis=1))
+    np.testing.assert_allclose(binned.extra["speed"], np.arange(30.0).reshape(10, 3).mean(axis=1))
+    np.testing.assert_array_equal(binned.extra["code"], np.arange(0, 30, 3))
+    assert binned.behavior.dtype == np.float32 and binned.stimulus.dtype == np.int16
+
+
+# --- threshold mode: the grid's spikes are exactly cell_activity.h5's rates at or above the threshold ------------
+
+
+@pytest.mark.parametrize("target", [(), ("--target_rate_hz", "1.3")])
+def test_threshold_spikes_are_the_stored_rates_at_or_above_the_threshold(tmp_path, target):
+
+    threshold = 0.1
+    run_cli("--input_dir", SAMPLE_DIR, "--output_dir", tmp_path, "--subjects", "subject_2", "--no_plots", "--no_z_markers",
+            "--spike_mode", "threshold", "--spike_threshold", threshold, *target, *OFFLINE_BUILTIN)  # fmt: skip
+    folder = tmp_path / "subject_2"
+    with h5py.File(folder / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        rates, frames = h5["spike_rates"][()], h5["timepoint_indices"][()]
+        offsets, spike_frames = h5["cascade/cell_offsets"][()], h5["cascade/spike_frames"][()]
+    with h5py.File(folder / usp.METADATA_FILENAME, "r") as h5:
+        voxels = h5["cells/voxel_zxy"][()]
+    grid = usp.load_coo_grid(folder / usp.COO_FILENAME)
+    # per cell and timepoint: a spike where the stored rate is at or above the threshold
+    spikes = np.zeros(rates.shape, bool)
+    frame_to_row = np.full(frames.max() + 1, -1)
+    frame_to_row[frames] = np.arange(len(frames))
+    cells = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    inside = spike_frames <= frames.max()
+    rows = frame_to_row[spike_frames[inside]]
+    spikes[rows[rows >= 0], cells[inside][rows >= 0]] = True
+    at_or_above = np.nan_to_num(rates.astype(np.float64)) >= threshold
+    rounding = np.abs(rates.astype(np.float64) - threshold) <= threshold * 2.0**-10  # float16 storage
+    assert at_or_above.sum() > 100 and not (spikes != at_or_above)[~rounding].any()
+    # and the grid's active voxels at each timepoint are those of these cells (markers off)
+    expected = {(t, *voxels[c]) for t, c in zip(*np.nonzero(spikes))}
+    ambiguous = {(t, *voxels[c]) for t, c in zip(*np.nonzero(rounding))}
+    found = {tuple(row) for row in grid["spike_coords"].tolist()}
+    assert expected - ambiguous <= found and found - ambiguous <= expected
