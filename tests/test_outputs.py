@@ -102,7 +102,7 @@ def test_z_markers_and_edge_frames(sample_run):
         assert len(marker) == 2 * (z + 2)
     assert grid["attrs"]["marker_pixels"] == T * sum(2 * (z + 2) for z in range(Z))
     # 2 Hz model: 64-frame window, the first 32 and last 32 frames have no prediction
-    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(32, 400 - 32))
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(32, 1100 - 32))
 
 
 def test_split_matches_original_rule(sample_run):
@@ -114,8 +114,10 @@ def test_split_matches_original_rule(sample_run):
     with h5py.File(out / "subject_3" / usp.METADATA_FILENAME, "r") as meta:
         np.testing.assert_array_equal(meta["test_timepoints"][()], np.flatnonzero(is_train == 0))
         np.testing.assert_array_equal(meta["is_train"][()], is_train)
-    # by hand: 416 frames -> 1 block of 330, which is the test block; leftover frames train
-    assert T == 416 and is_train[:330].sum() == 0 and is_train[330:].all()
+    # by hand: 1136 frames -> 3 blocks of 330; permutation(3) of RandomState(42) starts with block 0, the test
+    # block; the other blocks and the 146 leftover frames train
+    assert T == 1136 and is_train[:330].sum() == 0 and is_train[330:].all()
+    assert grid["attrs"]["split_rule"].startswith("blocks: 330-frame blocks shuffled with RandomState(42)")
     big, blocks = usp.train_test_split(4000, 330, 0.95, 42)
     order = np.random.RandomState(42).permutation(12)
     assert list(blocks) == sorted(order[: max(1, int(12 * 0.05))]) and big.sum() == 4000 - 330
@@ -205,17 +207,20 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
         *model_args(),
     )
     grid = coo(tmp_path, "subject_2")
-    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(360))
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(1000))
     assert grid["attrs"]["marker_pixels"] == 0 and grid["attrs"]["param_spike_mode"] == "discrete"
     assert grid["attrs"]["param_cascade_threshold"] == "0"
     coords = grid["spike_coords"]
     # no spikes where CASCADE has no prediction (first/last 32 frames are kept but empty)
-    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 360 - 32
+    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 1000 - 32
     with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
         registered = truth["cells/CellXYZ_norm"][()]
     with h5py.File(tmp_path / "subject_2" / usp.METADATA_FILENAME, "r") as meta:
         np.testing.assert_array_equal(meta["cells/position"][()], registered)
         spike_count = meta["cells/spike_count"][()]
+        # the atlas frame: 1-based Z-Brain voxel v -> floor((v - 1) * size / extent), x -> H, y -> W, z -> 46 slabs
+        atlas = np.floor((registered - 1) * [256, 128, 46] / [1406, 621, 138]).astype(int)
+        np.testing.assert_array_equal(meta["cells/voxel_zxy"][()], atlas[:, [2, 0, 1]])
     # discrete mode: a cell's binary spikes are the frames with inferred spikes
     subject = usp.load_subject(SAMPLE / "subject_2")
     model = usp.resolve_model("builtin")
@@ -278,3 +283,43 @@ def test_covariates_at_timepoint_indices_in_coo_and_metadata(tmp_path):
             np.testing.assert_array_equal(group["condition"].attrs["condition_periods"], [100, 30, 25])
     window = usp.read_covariates(tmp_path / "out" / "subject_1" / usp.COO_FILENAME, 10, 20)
     assert window["behavior"].shape == (10, 5) and window["condition_names"] == names
+
+
+def _datasets(h5) -> list:
+    found = []
+    h5.visititems(lambda key, item: found.append(key) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def test_two_fish_in_one_atlas_conditions_split_and_holdout_whatever_workers_and_shards(tmp_path):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    rng = np.random.default_rng(5)
+    shared = np.array([[1, 1, 1], [1406, 621, 138], [700, 300, 70], [350, 150, 30], [1000, 500, 120]])
+    fish = {
+        "subject_1": np.vstack([shared, rng.integers(1, [1407, 622, 139], (7, 3))]),
+        "subject_2": np.vstack([rng.integers(1, [1407, 622, 139], (9, 3)), shared]),
+    }
+    fields = chen_fish_fields(320)
+    for (name, positions), v73 in zip(fish.items(), (False, True)):
+        write_chen_fish(tmp_path / "in" / name, positions, 320, fields, v73=v73, seed=len(positions))
+    options = ("--coordinates", "registered", "--split", "conditions", "--holdout_condition", "OMR", "--no_plots")
+    run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "a", *options, *model_args())
+    for shard in ("1/2", "2/2"):
+        run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "b", *options, "--workers", 2,
+                "--batch_size", 4, "--shard", shard, *model_args())  # fmt: skip
+    voxels = {}
+    for name in fish:
+        for file in (usp.COO_FILENAME, usp.METADATA_FILENAME):
+            with h5py.File(tmp_path / "a" / name / file, "r") as a, h5py.File(tmp_path / "b" / name / file, "r") as b:
+                for key in _datasets(a):
+                    np.testing.assert_array_equal(a[key][()], b[key][()], err_msg=f"{name} {file} {key}")
+        with h5py.File(tmp_path / "a" / name / usp.METADATA_FILENAME, "r") as meta:
+            voxels[name] = meta["cells/voxel_zxy"][()]
+            is_train, condition = meta["is_train"][()], meta["covariates/condition"][()]
+            assert meta.attrs["split_rule"].startswith("conditions") and "OMR is test" in meta.attrs["split_rule"]
+        assert not is_train[condition == 2].any() and is_train[condition == 0].sum() > 0.9 * (condition == 0).sum()
+        pt = np.flatnonzero(condition == 1)  # PT: 3 repetitions of 30 frames, the last one test
+        np.testing.assert_array_equal(is_train[pt], np.repeat([1, 1, 0], 30)[-len(pt) :])
+    # one atlas voxel, one grid voxel, in both fish
+    np.testing.assert_array_equal(voxels["subject_1"][:5], voxels["subject_2"][-5:])
