@@ -53,7 +53,7 @@ def test_load_errors_name_the_problem(tmp_path):
         h5["absIX"] = absix[:, :-5]
     with pytest.raises(usp.PipelineError, match="absIX lists"):
         usp.load_subject(folder)
-    with pytest.raises(usp.PipelineError, match="neither"):
+    with pytest.raises(usp.PipelineError, match="holds no layout this pipeline reads"):
         (tmp_path / "subject_9").mkdir()
         usp.load_subject(tmp_path / "subject_9")
 
