@@ -3443,9 +3443,12 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
 
 
 def load_coo_grid(path) -> dict:
-    """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes."""
+    """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes (and 'covariates', a dict
+    as read_covariates gives it, when the file has them)."""
     with h5py.File(path, "r") as h5:
-        return {**{key: h5[key][()] for key in h5}, "attrs": dict(h5.attrs)}
+        found = {key: h5[key][()] for key in h5 if isinstance(h5[key], h5py.Dataset)}
+        found["attrs"] = dict(h5.attrs)
+    return found | ({"covariates": covariates} if (covariates := read_covariates(path)) else {})
 
 
 # --- Readers of windows of timepoints ---------------------------------------------------------

@@ -17,7 +17,10 @@ Writes ``<out>/subject_<n>/``:
     1-based rows into ``data.CellXYZ``.
 ``data_full.mat``
     MATLAB v5 struct ``data``: ``CellXYZ`` and ``CellXYZ_norm`` (numcell_full x 3), ``IX_inval_anat``
-    (1-based), ``fpsec``, ``numcell_full``, ``numcell``, ``numplane``, ``periods``, names.
+    (1-based), ``fpsec``, ``numcell_full``, ``numcell``, ``numplane``, names, and the stimulus and behaviour
+    fields of ``tools/make_sample_data.make_covariates`` (``stim_full``, ``timelists``, ``timelists_names``,
+    ``periods``, ``stimset``, ``Behavior_full`` 5 x T, ``Eye_full`` 2 x T) for the stimulus sets of
+    ``STIMULUS_SETS`` that fit the recording, one after the other.
 ``ground_truth_spikes.h5`` (only with ``--ground_truth``)
     ``spike_counts`` (N, T) uint8 true spikes per frame, ``cells/cell_class``, ``cells/plane``,
     ``cells/F0``.
@@ -170,10 +173,29 @@ def block_fluorescence(spec, plane: np.ndarray, counts: np.ndarray, fish: dict, 
     return np.maximum(f, msd._QUANTUM).astype(np.float32), f0  # noqa: SLF001
 
 
+# A real fish's program (about 4,000 frames): (name, codes, period in frames, repetitions); those that fit are used
+STIMULUS_SETS = (
+    (*msd.SPONTANEOUS, 600, 1), (*msd.PHOTOTAXIS, 120, 8), (*msd.OMR, 96, 10), (*msd.DARK_FLASH, 60, 10),
+    (*msd.LOOMING, 80, 10),
+)  # fmt: skip
+
+
+def stimulus_program(num_frames: int) -> tuple:
+    """The first sets of STIMULUS_SETS that fit ``num_frames`` frames (at least one Spontaneous set of them all)."""
+    program, used = [], 0
+    for name, codes, period, repetitions in STIMULUS_SETS:
+        if used + period * repetitions > num_frames:
+            break
+        program.append((name, codes, period, repetitions))
+        used += period * repetitions
+    return tuple(program)
+
+
 def make_fish(args) -> Path:
     spec = msd.SubjectSpec(
-        args.subject, args.fps, args.frames, args.cells, args.planes, args.frac_invalid, args.frac_dropped
-    )
+        args.subject, args.fps, args.frames, args.cells, args.planes, args.frac_invalid, args.frac_dropped,
+        stimulus_program(args.frames),
+    )  # fmt: skip
     subject_dir = Path(args.out) / f"subject_{spec.subject}"
     subject_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -239,6 +261,7 @@ def make_fish(args) -> Path:
     msd.write_data_full(
         subject_dir / "data_full.mat", anat, spec, N, T, f"synthetic_whole_fish_{spec.subject}",
         "Synthetic whole fish in the Chen et al. 2018 layout (benchmarks/make_whole_fish.py)", _MAT_HEADER,
+        msd.make_covariates(spec, args.seed, fish["event_t"]),
     )  # fmt: skip
 
     elapsed = time.perf_counter() - started

@@ -182,3 +182,21 @@ def test_split_blocks_is_the_original_rule_and_conditions_fall_back_without_cond
         np.testing.assert_array_equal(is_train, original)
         np.testing.assert_array_equal(test_blocks, blocks)
         assert rule.startswith("blocks") and ("no stimulus conditions" in rule) == (split == "conditions")
+
+
+def test_cells_outside_the_atlas_warned_when_few_refused_when_many():
+    settings = _settings()
+    positions = np.tile([700.0, 300.0, 70.0], (100, 1))
+    positions[:3, 0] = 0  # 0-based or failed registrations
+    subject = usp.SubjectData("subject_1", ".", None, positions, 2.0, np.arange(100), "chen2018")
+    subject.trace_file = type("Traces", (), {"num_cells": 100, "num_frames": 10})()
+    usp.check_atlas_extent(subject, usp.make_atlas_grid_spec(positions, 10, settings), settings)
+    assert subject.warnings == [
+        "3 of 100 cells lie outside the atlas extent 1406x621x138 (registration failed?): "
+        "they are left out of the grid (voxel_zxy -1)"
+    ]
+    positions[:20, 2] = 200
+    with pytest.raises(
+        usp.PipelineError, match="20 of 100 registered positions .* outside the atlas extent 1406x621x138"
+    ):
+        usp.check_atlas_extent(subject, usp.make_atlas_grid_spec(positions, 10, settings), settings)

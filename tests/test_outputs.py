@@ -104,7 +104,7 @@ def test_z_markers_and_edge_frames(sample_run):
         assert len(marker) == 2 * (z + 2)
     assert grid["attrs"]["marker_pixels"] == T * sum(2 * (z + 2) for z in range(Z))
     # 2 Hz model: 64-frame window, the first 32 and last 32 frames have no prediction
-    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(32, 400 - 32))
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(32, 1100 - 32))
 
 
 def original_split(num_timepoints: int, block_frames: int, split_ratio: float, seed: int) -> tuple:
@@ -150,18 +150,20 @@ def check_written_split(folder, block_frames: int, split_ratio: float, seed: int
 
 def test_split_matches_original_rule(sample_run, tmp_path):
     out, _ = sample_run
-    for subject in ("subject_1", "subject_3"):  # defaults: blocks of 330, ratio 0.95, seed 42 (subject_2: below)
-        check_written_split(out / subject, 330, 0.95, 42)
-    # by hand: subject_3 keeps 416 frames -> 1 block of 330, which is the test block; leftover frames train
-    is_train = coo(out, "subject_3")["is_train"]
-    assert len(is_train) == 416 and is_train[:330].sum() == 0 and is_train[330:].all()
-    # non-default options reach the split: 336 kept frames in 6 blocks of 50 (36 leftover), 1 test block
-    split = ("--split_block", 50, "--split_ratio", 0.7, "--seed", 3)
-    run_cli(
-        "--input_dir", SAMPLE, "--output_dir", tmp_path, "--subjects", "subject_1", "--no_plots", *split, *model_args()
-    )
-    is_train = check_written_split(tmp_path / "subject_1", 50, 0.7, 3)
-    assert len(is_train) == 336 and is_train.sum() == 336 - int(6 * 0.3) * 50
+    grid = coo(out, "subject_3")
+    T = int(grid["grid_shape"][0])
+    is_train, test_blocks = usp.train_test_split(T, 330, 0.95, 42)
+    np.testing.assert_array_equal(grid["is_train"], is_train)
+    with h5py.File(out / "subject_3" / usp.METADATA_FILENAME, "r") as meta:
+        np.testing.assert_array_equal(meta["test_timepoints"][()], np.flatnonzero(is_train == 0))
+        np.testing.assert_array_equal(meta["is_train"][()], is_train)
+    # by hand: 1136 frames -> 3 blocks of 330; permutation(3) of RandomState(42) starts with block 0, the test
+    # block; the other blocks and the 146 leftover frames train
+    assert T == 1136 and is_train[:330].sum() == 0 and is_train[330:].all()
+    assert grid["attrs"]["split_rule"].startswith("blocks: 330-frame blocks shuffled with RandomState(42)")
+    big, blocks = usp.train_test_split(4000, 330, 0.95, 42)
+    order = np.random.RandomState(42).permutation(12)
+    assert list(blocks) == sorted(order[: max(1, int(12 * 0.05))]) and big.sum() == 4000 - 330
 
 
 def test_split_shorter_than_one_block_is_one_test_block_and_warned(sample_run):
@@ -265,17 +267,20 @@ def test_discrete_mode_edges_registered_coordinates_no_markers(tmp_path):
         *model_args(),
     )
     grid = coo(tmp_path, "subject_2")
-    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(360))
+    np.testing.assert_array_equal(grid["timepoint_indices"], np.arange(1000))
     assert grid["attrs"]["marker_pixels"] == 0 and grid["attrs"]["param_spike_mode"] == "discrete"
     assert grid["attrs"]["param_cascade_threshold"] == "0"
     coords = grid["spike_coords"]
     # no spikes where CASCADE has no prediction (first/last 32 frames are kept but empty)
-    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 360 - 32
+    assert coords[:, 0].min() >= 32 and coords[:, 0].max() < 1000 - 32
     with h5py.File(SAMPLE / "subject_2" / "ground_truth_spikes.h5", "r") as truth:
         registered = truth["cells/CellXYZ_norm"][()]
     with h5py.File(tmp_path / "subject_2" / usp.METADATA_FILENAME, "r") as meta:
         np.testing.assert_array_equal(meta["cells/position"][()], registered)
         spike_count = meta["cells/spike_count"][()]
+        # the atlas frame: 1-based Z-Brain voxel v -> floor((v - 1) * size / extent), x -> H, y -> W, z -> 46 slabs
+        atlas = np.floor((registered - 1) * [256, 128, 46] / [1406, 621, 138]).astype(int)
+        np.testing.assert_array_equal(meta["cells/voxel_zxy"][()], atlas[:, [2, 0, 1]])
     # discrete mode: a cell's binary spikes are the frames with inferred spikes
     subject = usp.load_subject(SAMPLE / "subject_2")
     model = usp.resolve_model("builtin")
@@ -464,3 +469,43 @@ def test_target_rate_conserves_expected_spikes_and_sets_one_time_base(activity_r
     np.testing.assert_allclose(
         behavior, fields["Behavior_full"].T.reshape(200, 2, 5).mean(axis=1), rtol=1e-5, atol=1e-6
     )
+
+
+def _datasets(h5) -> list:
+    found = []
+    h5.visititems(lambda key, item: found.append(key) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def test_two_fish_in_one_atlas_conditions_split_and_holdout_whatever_workers_and_shards(tmp_path):
+    from conftest import chen_fish_fields, write_chen_fish
+
+    rng = np.random.default_rng(5)
+    shared = np.array([[1, 1, 1], [1406, 621, 138], [700, 300, 70], [350, 150, 30], [1000, 500, 120]])
+    fish = {
+        "subject_1": np.vstack([shared, rng.integers(1, [1407, 622, 139], (7, 3))]),
+        "subject_2": np.vstack([rng.integers(1, [1407, 622, 139], (9, 3)), shared]),
+    }
+    fields = chen_fish_fields(320)
+    for (name, positions), v73 in zip(fish.items(), (False, True)):
+        write_chen_fish(tmp_path / "in" / name, positions, 320, fields, v73=v73, seed=len(positions))
+    options = ("--coordinates", "registered", "--split", "conditions", "--holdout_condition", "OMR", "--no_plots")
+    run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "a", *options, *model_args())
+    for shard in ("1/2", "2/2"):
+        run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "b", *options, "--workers", 2,
+                "--batch_size", 4, "--shard", shard, *model_args())  # fmt: skip
+    voxels = {}
+    for name in fish:
+        for file in (usp.COO_FILENAME, usp.METADATA_FILENAME):
+            with h5py.File(tmp_path / "a" / name / file, "r") as a, h5py.File(tmp_path / "b" / name / file, "r") as b:
+                for key in _datasets(a):
+                    np.testing.assert_array_equal(a[key][()], b[key][()], err_msg=f"{name} {file} {key}")
+        with h5py.File(tmp_path / "a" / name / usp.METADATA_FILENAME, "r") as meta:
+            voxels[name] = meta["cells/voxel_zxy"][()]
+            is_train, condition = meta["is_train"][()], meta["covariates/condition"][()]
+            assert meta.attrs["split_rule"].startswith("conditions") and "OMR is test" in meta.attrs["split_rule"]
+        assert not is_train[condition == 2].any() and is_train[condition == 0].sum() > 0.9 * (condition == 0).sum()
+        pt = np.flatnonzero(condition == 1)  # PT: 3 repetitions of 30 frames, the last one test
+        np.testing.assert_array_equal(is_train[pt], np.repeat([1, 1, 0], 30)[-len(pt) :])
+    # one atlas voxel, one grid voxel, in both fish
+    np.testing.assert_array_equal(voxels["subject_1"][:5], voxels["subject_2"][-5:])

@@ -243,3 +243,27 @@ def test_make_subject_is_deterministic():
     np.testing.assert_array_equal(a["CellResp"], b["CellResp"])
     np.testing.assert_array_equal(a["spike_counts"], b["spike_counts"])
     assert not np.array_equal(a["CellResp"], c["CellResp"])
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_stimulus_and_behaviour_fields(loaded, subject):
+    """stim_full, timelists, timelists_names, periods, stimset, Behavior_full and Eye_full as the real files
+    hold them, consistent with the subject's stimulus program and reproduced by the generator."""
+    spec = msd.SUBJECT_BY_ID[subject]
+    data, T = loaded[subject]["data"], spec.n_frames
+    program = spec.stimulus_sets or (("Spontaneous", (3,), T, 1),)
+    assert data["stim_full"].shape == (1, T) and data["Behavior_full"].shape == (5, T)
+    assert data["Eye_full"].shape == (2, T)
+    timelists, names = data["timelists"], data["timelists_names"]
+    assert timelists.shape == names.shape == data["periods"].shape == data["stimset"].shape == (1, len(program))
+    start = 1
+    for i, (name, codes, period, repetitions) in enumerate(program):
+        frames = timelists[0, i].ravel()
+        np.testing.assert_array_equal(frames, np.arange(start, start + period * repetitions))
+        assert names[0, i][0] == name and data["periods"][0, i] == period
+        assert set(np.unique(data["stim_full"][0, frames.astype(int) - 1])) == set(codes)
+        assert data["stimset"][0, i]["name"][0] == name
+        start += period * repetitions
+    fresh = msd.make_covariates(spec, msd.DEFAULT_SEED, loaded[subject]["truth"]["events"])
+    np.testing.assert_array_equal(fresh["Behavior_full"], data["Behavior_full"])
+    np.testing.assert_array_equal(fresh["stim_full"], data["stim_full"])

@@ -13,7 +13,10 @@ Writes, for each subject ``n`` in 1..3, into ``<out>/subject_<n>/``:
     (numcell_full x 3 float64: row pixel, column pixel, 1-based z-plane), ``CellXYZ_norm``
     (numcell_full x 3: the same cells in a common atlas-like frame shared by all fish),
     ``IX_inval_anat`` (column of 1-based indices of anatomically invalid cells), ``fpsec``,
-    ``numcell_full``, ``numcell``, ``numplane``, ``periods`` and a few names.
+    ``numcell_full``, ``numcell``, ``numplane``, a few names, and the stimulus and behaviour fields as the
+    real files hold them (``make_covariates``): ``stim_full`` (1 x T codes), ``timelists`` (1 x n cell of
+    1-based frames per stimulus set), ``timelists_names``, ``periods`` (frames per repetition), ``stimset``
+    (1 x n struct array: ``name``, ``pattern``), ``Behavior_full`` (5 x T), ``Eye_full`` (2 x T).
 ``ground_truth_spikes.h5``
     ``spike_counts`` (N, T) uint8 -- true spikes per CellResp column and frame; ``dff_true``
     (N, T) float32 noise-free dF/F; ``cells/*`` per-cell truth (class, plane, F0, spike amplitude,
@@ -64,12 +67,23 @@ class SubjectSpec:
     n_planes: int  # Z
     frac_invalid: float  # fraction of numcell_full flagged in IX_inval_anat
     frac_dropped: float  # further fraction of numcell_full absent from absIX (e.g. failed QC)
+    # The stimulus program: (name, stimulus codes, period in frames, repetitions) per stimulus set, shown one after
+    # the other from frame 1 (the frames after the last are in no set). Empty: one Spontaneous set of every frame.
+    stimulus_sets: tuple = ()
 
 
+# Stimulus sets as Chen et al. name them; code 3 is the blank (spontaneous) screen
+SPONTANEOUS, PHOTOTAXIS, OMR = ("Spontaneous", (3,)), ("PT", (1, 2)), ("OMR", (5, 6, 7, 8))
+DARK_FLASH, LOOMING = ("DF", (4, 3)), ("Looming", (9, 10, 3))
+
+# Long enough that the default split (330-frame blocks, 95 % train) leaves most timepoints for training; few
+# cells, so that the files stay small and a run quick.
 SUBJECTS = (
-    SubjectSpec(1, 1.97, 400, 1500, 14, 0.07, 0.10),
-    SubjectSpec(2, 2.00, 360, 1300, 12, 0.06, 0.12),
-    SubjectSpec(3, 2.56, 480, 1200, 17, 0.08, 0.09),
+    SubjectSpec(1, 1.97, 1100, 550, 14, 0.07, 0.10, ((*SPONTANEOUS, 360, 1), (*PHOTOTAXIS, 60, 5), (*OMR, 48, 8))),
+    SubjectSpec(2, 2.00, 1000, 500, 12, 0.06, 0.12),
+    SubjectSpec(
+        3, 2.56, 1200, 450, 17, 0.08, 0.09, ((*SPONTANEOUS, 240, 1), (*DARK_FLASH, 40, 10), (*LOOMING, 50, 10))
+    ),
 )
 SUBJECT_BY_ID = {s.subject: s for s in SUBJECTS}
 
@@ -190,8 +204,9 @@ def make_anatomy(spec: SubjectSpec, rng: np.random.Generator, plane_range: tuple
 
     cell_xyz = np.stack([row, col, plane + 1.0], axis=1).astype(np.float64)
     # Registered coordinates: the atlas position plus registration error.
+    # As Chen's: 1-based integer voxel indices into the atlas (Z-Brain: 1406 x 621 x 138 voxels).
     cell_xyz_norm = atlas + rng.normal(0.0, [3.0, 3.0, 1.5], atlas.shape)
-    cell_xyz_norm = np.round(np.clip(cell_xyz_norm, 0.0, ATLAS_SHAPE), 2)
+    cell_xyz_norm = np.clip(np.round(cell_xyz_norm), 1.0, ATLAS_SHAPE)
 
     ix_inval = np.flatnonzero(invalid) + 1  # 1-based
     valid_idx = np.flatnonzero(~invalid)
@@ -264,6 +279,49 @@ def make_spike_counts(spec: SubjectSpec, anat: dict, rng: np.random.Generator):
     return np.minimum(counts, 255).astype(np.uint8), cls, event_t
 
 
+# ----------------------------------------------------------------------------------------------
+# Stimulus and behaviour, as data_full.mat holds them: stim_full (1 x T codes), timelists (1 x n cell of 1-based
+# frames per stimulus set), timelists_names, periods (frames per repetition), stimset (struct array: name, pattern),
+# Behavior_full (5 x T motor channels) and Eye_full (2 x T). Drawn from their own random stream, so they change
+# nothing else; the activity does not respond to the stimulus, but swim bouts follow the population events.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_covariates(spec: SubjectSpec, seed: int, event_t: np.ndarray) -> dict:
+    """The stimulus and behaviour fields of one fish (its stimulus_sets, or one Spontaneous set of every frame)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(spec.subject), 1]))
+    T, fps = spec.n_frames, spec.fpsec
+    program = spec.stimulus_sets or ((*SPONTANEOUS, T, 1),)
+    stim, timelists, start = np.full(T, 3.0), [], 0
+    for _, codes, period, repetitions in program:
+        frames = np.arange(start, start + period * repetitions)
+        assert frames[-1] < T, f"subject {spec.subject}: the stimulus program needs more than {T} frames"
+        stim[frames] = np.asarray(codes, float)[(np.arange(frames.size) % period) * len(codes) // period]
+        timelists.append(frames + 1.0)  # 1-based, as MATLAB indexes
+        start = frames[-1] + 1
+    # Swim bouts (fictive motor output): at most population events and at random, 1-3 frames long.
+    onsets = np.concatenate([np.floor(event_t * fps), rng.uniform(0, T, rng.poisson(T / fps / 40.0))]).astype(int)
+    left, right = np.zeros(T), np.zeros(T)
+    for onset in onsets[(onsets >= 0) & (onsets < T)]:
+        length, strength, bias = rng.integers(1, 4), rng.lognormal(0.0, 0.4), rng.uniform(-0.6, 0.6)
+        left[onset : onset + length] += strength * (1 + bias)
+        right[onset : onset + length] += strength * (1 - bias)
+    left, right = (np.abs(c + rng.normal(0, 0.02, T)) for c in (left, right))
+    behavior = np.stack([left, right, np.minimum(left, right), left - right, left + right])
+    # Eye positions (degrees): slow drift with saccades every ~5 s, the eyes moving together.
+    saccades = np.cumsum(np.where(rng.uniform(size=T) < 1 / (5 * fps), rng.normal(0, 8, T), 0.0))
+    eye = np.stack([saccades + rng.normal(0, 0.5, T) + 10, saccades + rng.normal(0, 0.5, T) - 10])
+    return {
+        "stim_full": stim[None, :],
+        "timelists": timelists,
+        "timelists_names": [name for name, *_ in program],
+        "periods": np.array([float(period) for *_, period, _ in program]),
+        "stimset": [(name, np.asarray(codes, float)) for name, codes, *_ in program],
+        "Behavior_full": np.round(behavior, 4),
+        "Eye_full": np.round(eye, 3),
+    }
+
+
 def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
     """Generate every array of one subject (nothing is written)."""
     rng = subject_rng(seed, spec.subject)
@@ -308,6 +366,7 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
         "spec": spec,
         "seed": int(seed),
         "anat": anat,
+        "covariates": make_covariates(spec, seed, event_t),
         "CellResp": np.ascontiguousarray(f_raw.T),  # (T, N) as h5py sees Chen's files
         "spike_counts": counts,  # (N, T) uint8
         "dff_true": dff_true,
@@ -370,10 +429,28 @@ def fluorescence_drift(rng, num_cells: int, num_frames: int, fps: float, plane: 
     return f0, bleach, drift
 
 
+def mat_cells(covariates: dict) -> dict:
+    """The stimulus fields as savemat writes MATLAB's types: lists -> 1 x n cell arrays, stimset -> a 1 x n struct
+    array of name and pattern (a 1 x 1 cell or struct, when n is 1, is what the real single-set fish hold)."""
+    converted = dict(covariates)
+    for key in ("timelists", "timelists_names"):
+        cell = np.empty((1, len(covariates[key])), dtype=object)
+        for i, item in enumerate(covariates[key]):
+            cell[0, i] = item if isinstance(item, str) else np.atleast_2d(item)
+        converted[key] = cell
+    struct = np.zeros((1, len(covariates["stimset"])), dtype=[("name", object), ("pattern", object)])
+    for i, (name, pattern) in enumerate(covariates["stimset"]):
+        struct[0, i] = (name, np.atleast_2d(pattern))
+    converted["stimset"] = struct
+    converted["periods"] = np.atleast_2d(covariates["periods"])
+    return converted
+
+
 def write_data_full(mat_path, anat: dict, spec, num_cells: int, num_frames: int, fish_name: str, description: str,
-                    header: bytes) -> None:  # fmt: skip
-    """data_full.mat (MATLAB v5) with Chen's struct `data`, byte-identical from run to run: savemat
-    stamps the creation time into the 116-byte text header, which is overwritten with ``header``."""
+                    header: bytes, covariates: dict | None = None) -> None:  # fmt: skip
+    """data_full.mat (MATLAB v5) with Chen's struct `data` (and the stimulus and behaviour fields of
+    make_covariates, if given), byte-identical from run to run: savemat stamps the creation time into the
+    116-byte text header, which is overwritten with ``header``."""
     data = {
         "CellXYZ": anat["CellXYZ"],
         "CellXYZ_norm": anat["CellXYZ_norm"],
@@ -386,6 +463,7 @@ def write_data_full(mat_path, anat: dict, spec, num_cells: int, num_frames: int,
         "timeBlockStartIx": np.array([[1.0]]),
         "FishName": fish_name,
         "Description": description,
+        **(mat_cells(covariates) if covariates else {}),
     }
     scipy.io.savemat(mat_path, {"data": data}, do_compression=True, oned_as="column")
     with open(mat_path, "r+b") as fh:
@@ -409,7 +487,7 @@ def write_subject(out_dir: str, sub: dict) -> str:
 
     write_data_full(
         os.path.join(d, "data_full.mat"), anat, spec, N, T, f"synthetic_subject_{spec.subject}",
-        "Synthetic sample in the Chen et al. 2018 layout (tools/make_sample_data.py)", _MAT_HEADER,
+        "Synthetic sample in the Chen et al. 2018 layout (tools/make_sample_data.py)", _MAT_HEADER, sub["covariates"],
     )  # fmt: skip
 
     tr = sub["truth"]
