@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 import yaml
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 log = logging.getLogger("spike_grids")
 REPO_DIR = Path(__file__).resolve().parent
 BUILTIN_MODEL_DIR = REPO_DIR / "models" / "builtin_2Hz_smoothing500ms"
@@ -4739,9 +4739,11 @@ def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
         found.trace_type = subject_trace_type(subject, config.trace_type)
         grid_settings = settings_for(GridSettings, config)
         valid = np.ones(subject.num_cells, bool)  # the run leaves out all-NaN cells, known only after reading
-        check_split(
-            subject, plan_grid(subject.positions, valid, subject.num_frames, found.model, grid_settings), grid_settings
-        )
+        time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
+        covariates = time_base.resample_covariates(subject.covariates)
+        plan = plan_grid(subject.positions, valid, time_base, found.model, grid_settings, covariates)
+        check_atlas_extent(subject, plan.grid, grid_settings)
+        check_split(subject, plan, grid_settings)
     except PipelineError as exc:
         found.refusal = str(exc)
     return found

@@ -266,11 +266,11 @@ def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, signum, code):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    # room for the first sample subject's files (about 1.96 MB) but not for the second's too (1.7 MB more)
+    # room for the first sample subject's files (about 2.5 MB with cell_activity.h5) but not for the second's too (2.1 MB more)
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2400k", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=3200k", "tmpfs", str(mount_point)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")

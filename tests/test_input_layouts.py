@@ -19,9 +19,9 @@ CELLS = PLANES * CELLS_PER_PLANE
 
 
 def sample_fluorescence(cells: int = CELLS) -> np.ndarray:
-    """(cells, 360) raw fluorescence of the sample fish, 2 Hz."""
+    """(cells, 360) raw fluorescence of the sample fish (its first 360 frames), 2 Hz."""
     with h5py.File(SAMPLE_DIR / "subject_2" / "TimeSeries.h5", "r") as h5:
-        return h5["CellResp"][:, :cells].T.astype(np.float32)
+        return h5["CellResp"][:360, :cells].T.astype(np.float32)
 
 
 def grid_positions(cells: int = CELLS) -> np.ndarray:
@@ -320,8 +320,9 @@ def mixed_run(tmp_path_factory):
 
 
 def _results(out, name):
-    with h5py.File(out / name / usp.CASCADE_FILENAME, "r") as h5:
-        cascade = {key: h5[key][()] for key in ("cell_offsets", "spike_frames", "noise_level", "rates_uint8")}
+    with h5py.File(out / name / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+        cascade = {key: h5[f"cascade/{key}"][()] for key in ("cell_offsets", "spike_frames", "noise_level")}
+        cascade["spike_rates"] = h5["spike_rates"][()]
     with h5py.File(out / name / usp.METADATA_FILENAME, "r") as h5:
         meta = {"position": h5["cells/position"][()], "z_values": h5["z_values"][()], **dict(h5.attrs)}
     return cascade, meta
@@ -386,14 +387,13 @@ def test_nwb_output_reads_back_with_the_runs_rates(mixed_run):
     _, _, out = mixed_run
     for name in ("fish_suite2p", "fish_caiman"):
         path = out / name / f"{name}_cascade.nwb"
-        with h5py.File(out / name / usp.CASCADE_FILENAME, "r") as h5:
-            quantised, scale = h5["rates_uint8"][()], h5["rate_scale"][()]
-        rates = np.where(quantised == 255, np.float32(np.nan), quantised * scale[:, None]).astype(np.float32)
+        with h5py.File(out / name / usp.CELL_ACTIVITY_FILENAME, "r") as h5:
+            rates, frames = h5["spike_rates"][()].astype(np.float32), h5["timepoint_indices"][()]
         with NWBHDF5IO(str(path), "r") as io:
             nwb = io.read()
             ophys = nwb.processing["ophys"]
             deconvolved = ophys["Deconvolved"]
-            np.testing.assert_array_equal(deconvolved.data[:].T, rates)
+            np.testing.assert_array_equal(deconvolved.data[:][frames], rates)  # the grid's timepoints
             assert deconvolved.rate == RATE_HZ and "CASCADE" in deconvolved.description
             assert deconvolved.unit == "expected spikes per frame"
             dff = ophys["DfOverF"].roi_response_series["dff"].data[:]
