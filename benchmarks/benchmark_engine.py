@@ -1,0 +1,430 @@
+#!/usr/bin/env python
+"""The engine against the machine's limit: multiply-adds per second as a fraction of numpy's float32 matmul.
+
+For the builtin 2 Hz model (2 members) and the official OGB 7.5 Hz model (5 members), on seeded random
+traces (default 400 x 2,000), this measures in ONE process, repeats interleaved between methods:
+
+- the host: CPU model, its vector extensions (/proc/cpuinfo flags), the BLAS numpy uses and the kernel
+  it picked (OpenBLAS core name), oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``), load average before/after;
+- the ceiling: numpy float32 matrix products of the engine's shapes (conv 2 as im2col, polyphase and
+  plain; a square one for reference), best of repeats, with the same thread count as the engines;
+- the work: multiply-adds per neuron-frame per ensemble member, counted from the model's layer shapes
+  (conv 1 K1*F1, conv 2 K2*F1*F2, conv 3 K3*F2*F3, per-position dense F3*D, output positions*D): what
+  CASCADE's network needs per predicted frame when each layer is computed once per frame;
+- each engine: neuron-frames/s (best and median wall), CPU seconds, and the ceiling fraction
+  (multiply-adds/s over the conv-2-shaped matmul rate). Engines:
+    ``tf``   today's ConvolutionalCascade (TensorFlow/oneDNN, the script's engine, through _engine());
+    ``blas`` convolution as matrix products through numpy's BLAS (polyphase conv 1 and conv 2, im2col
+             conv 3, fixed 512-frame blocks per row so that every row's arithmetic is independent of its
+             chunk; threads over block groups, BLAS single-threaded);
+- exactness: ``blas`` against ``tf`` (max |diff|), and ``blas`` bit for bit across chunkings.
+
+``--isa avx2`` runs the same in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
+``OPENBLAS_CORETYPE=Haswell`` (an AVX2 host's kernels on this CPU); ``--isa both`` runs both children.
+
+Usage::
+
+    python benchmarks/benchmark_engine.py [--isa native|avx2|both] [--neurons 400] [--frames 2000]
+        [--threads 2] [--repeats 5] [--engines tf blas] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import itertools
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+VECTOR_FLAGS += ("amx_tile", "amx_bf16")
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("SPIKE_SHARED_DIR") or REPO_ROOT.parent / "shared")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ------------------------------------------------------------------------------------------------
+# The host
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_info() -> tuple:
+    """(model name, vector extensions present) from /proc/cpuinfo."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
+def openblas():
+    """numpy's OpenBLAS as a ctypes library (symbol prefix), or (None, '') for another BLAS."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None, ""
+    for path in sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}):
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                if hasattr(lib, f"{prefix}set_num_threads{suffix}"):
+                    return lib, (prefix, suffix)
+    return None, ""
+
+
+def blas_corename() -> str:
+    lib, names = openblas()
+    if lib is None:
+        return "not OpenBLAS"
+    prefix, suffix = names
+    get = getattr(lib, f"{prefix}get_corename{suffix}")
+    get.restype = ctypes.c_char_p
+    return f"OpenBLAS core {get().decode()}"
+
+
+def set_blas_threads(count: int) -> int:
+    """Set OpenBLAS's thread count; returns the previous one (0 where not OpenBLAS)."""
+    lib, names = openblas()
+    if lib is None:
+        return 0
+    prefix, suffix = names
+    previous = getattr(lib, f"{prefix}get_num_threads{suffix}")()
+    getattr(lib, f"{prefix}set_num_threads{suffix}")(int(count))
+    return previous
+
+
+# ------------------------------------------------------------------------------------------------
+# The work and the ceiling
+# ------------------------------------------------------------------------------------------------
+
+
+def macs_per_frame(model) -> dict:
+    """Multiply-adds per predicted frame per member, per layer, from the weights' shapes."""
+    w = model.ensembles[model.noise_levels[0]][0]
+    k1, c1, f1 = w.conv1_kernel.shape
+    k2, _, f2 = w.conv2_kernel.shape
+    k3, _, f3 = w.conv3_kernel.shape
+    dense = w.dense_kernel.shape[1]
+    positions = w.output_kernel.shape[0] // dense
+    return {
+        "conv 1": k1 * c1 * f1,
+        "conv 2": k2 * f1 * f2,
+        "conv 3": k3 * f2 * f3,
+        "dense": f3 * dense,
+        "output": positions * dense,
+    }
+
+
+def matmul_rate(shape: tuple, repeats: int) -> float:
+    """Best multiply-adds/s of a float32 (m, k) @ (k, n) numpy matmul."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a, b = rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    inner = max(1, int(2e9 // (m * k * n)))  # ~0.05 s per timing on a fast core
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / inner)
+    return m * k * n / best
+
+
+# ------------------------------------------------------------------------------------------------
+# The BLAS engine (an alternative measured here)
+# ------------------------------------------------------------------------------------------------
+
+
+def _windows(h: np.ndarray, taps: int, step: int = 1) -> tuple:
+    """im2col of (nb, n, C) contiguous: (nb * n_out, taps * C), taps-major, and n_out."""
+    nb, n, c = h.shape
+    out_n = n - (taps - 1) * step
+    s = h.strides
+    if step == 1:  # a window of taps frames is a contiguous run of taps * C values
+        view = as_strided(h, (nb, out_n, taps * c), (s[0], s[1], s[2]))
+    else:
+        view = as_strided(h, (nb, out_n, taps, c), (s[0], s[1], step * s[1], s[2]))
+    return np.ascontiguousarray(view).reshape(nb * out_n, taps * c), out_n
+
+
+def _polyphase(kernel: np.ndarray) -> np.ndarray:
+    """(K, C, F) -> (M * 2 * C, 2 * F): out[2i+q] = sum_{m,p} k[2m+p-q] x[2(i+m)+p] for both phases q."""
+    width, channels, filters = kernel.shape
+    taps = width // 2 + 1
+    poly = np.zeros((taps, 2, channels, 2, filters), np.float32)
+    for m, p, q in itertools.product(range(taps), range(2), range(2)):
+        if 0 <= 2 * m + p - q < width:
+            poly[m, p, :, q] = kernel[2 * m + p - q]
+    return poly.reshape(taps * 2 * channels, 2 * filters)
+
+
+class BlasCascade:
+    """CASCADE's network as matrix products through numpy's BLAS, on fixed blocks of each row.
+
+    Each row is cut at fixed offsets into blocks of BLOCK predicted frames (input BLOCK + 64 frames,
+    zero-padded at the end), so a frame's arithmetic depends only on its row and position. Blocks are
+    processed GROUP at a time (a fixed matmul shape: the last group is padded with zero blocks).
+    """
+
+    BLOCK, GROUP = 512, 4
+
+    def __init__(self, threads: int):
+        self.threads = max(1, int(threads))
+        self._prepared = {}
+
+    def _weights(self, members: tuple) -> list:
+        if id(members) not in self._prepared:
+            prepared = []
+            for w in members:
+                dense = w.dense_kernel.shape[1]
+                prepared.append(
+                    dict(
+                        w1=_polyphase(w.conv1_kernel),
+                        b1=np.tile(w.conv1_bias, 2),
+                        t1=w.conv1_kernel.shape[0] // 2 + 1,
+                        w2=_polyphase(w.conv2_kernel),
+                        b2=np.tile(w.conv2_bias, 2),
+                        t2=w.conv2_kernel.shape[0] // 2 + 1,
+                        w3=w.conv3_kernel.reshape(-1, w.conv3_kernel.shape[2]),
+                        b3=w.conv3_bias,
+                        t3=w.conv3_kernel.shape[0],
+                        wd=w.dense_kernel,
+                        bd=w.dense_bias,
+                        wo=np.ascontiguousarray(w.output_kernel.reshape(-1, dense).T),
+                        bo=w.output_bias,
+                    )
+                )
+            self._prepared[id(members)] = (members, prepared)
+        return self._prepared[id(members)][1]
+
+    @staticmethod
+    def _forward(blocks: np.ndarray, p: dict) -> np.ndarray:
+        nb, n = blocks.shape  # n even
+        a, half1 = _windows(blocks.reshape(nb, n // 2, 2), p["t1"])  # conv 1, polyphase
+        h = a @ p["w1"]
+        h += p["b1"]
+        np.maximum(h, 0, out=h)
+        a, half2 = _windows(h.reshape(nb, half1, -1), p["t2"])  # conv 2, polyphase on the same memory
+        h = a @ p["w2"]
+        h += p["b2"]
+        np.maximum(h, 0, out=h)
+        h = h.reshape(nb, 2 * half2, -1)
+        h = np.maximum(h[:, :-1], h[:, 1:])  # pool 1
+        a, n3 = _windows(h, p["t3"], 2)  # conv 3, dilation 2
+        h = a @ p["w3"]
+        h += p["b3"]
+        np.maximum(h, 0, out=h)
+        h = h.reshape(nb, n3, -1)
+        h = np.maximum(h[:, :-2], h[:, 2:])  # pool 2
+        nd = n3 - 2
+        d = h.reshape(nb * nd, -1) @ p["wd"]
+        d += p["bd"]
+        np.maximum(d, 0, out=d)
+        z = (d @ p["wo"]).reshape(nb, nd, -1)  # output: one column per position, read 4 frames apart
+        last = z.shape[2] - 1
+        out = z[:, : nd - 4 * last, 0].copy()
+        for pos in range(1, last + 1):
+            out += z[:, 4 * pos : nd - 4 * (last - pos), pos]
+        out += p["bo"]
+        return out
+
+    def __call__(self, traces: np.ndarray, members: tuple, dense_expansion: int = 0) -> np.ndarray:
+        rows, frames = traces.shape
+        block, group = self.BLOCK, self.GROUP
+        per_row = max(1, -(-(frames - 63) // block))
+        padded = np.zeros((rows, per_row * block + 64), np.float32)
+        padded[:, :frames] = traces
+        s = padded.strides
+        blocks = as_strided(padded, (rows, per_row, block + 64), (s[0], block * s[1], s[1])).reshape(-1, block + 64)
+        num_groups = -(-len(blocks) // group)
+        blocks = np.concatenate([blocks, np.zeros((num_groups * group - len(blocks), block + 64), np.float32)])
+        weights = self._weights(members)
+
+        def run(g):
+            part = blocks[g * group : (g + 1) * group]
+            total = None
+            for p in weights:
+                out = self._forward(part, p)[:, :block]
+                total = out.astype(np.float64) if total is None else total + out
+            return total
+
+        previous = set_blas_threads(1)
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                results = list(pool.map(run, range(num_groups)))
+        finally:
+            if previous:
+                set_blas_threads(previous)
+        return np.concatenate(results)[: rows * per_row].reshape(rows, per_row * block)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+
+
+def measure(args, say) -> None:
+    import unified_spike_processing_coo as usp
+
+    usp.configure_tensorflow_threads(args.threads)
+    name, extensions = cpu_info()
+    say(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    say(f"command: {' '.join([sys.executable, *sys.argv])}")
+    say(f"CPU: {name}, {os.cpu_count()} cores visible; vector extensions: {' '.join(extensions)}")
+    isa = {key: os.environ.get(key, "(unset)") for key in AVX2_ENV}
+    say(f"ISA settings: {', '.join(f'{k}={v}' for k, v in isa.items())}; numpy BLAS: {blas_corename()}")
+    say(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; threads: {args.threads}")
+    set_blas_threads(args.threads)
+
+    models = {
+        "builtin 2 Hz": REPO_ROOT / "models" / "builtin_2Hz_smoothing500ms",
+        "OGB 7.5 Hz": shared_dir() / "cascade" / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms",
+    }
+    models = {label: usp.load_cascade_model_folder(path) for label, path in models.items() if path.is_dir()}
+    shapes = {
+        "conv 2 im2col polyphase (8192, 600) @ (600, 80)": (8192, 600, 80),
+        "conv 2 im2col (8192, 570) @ (570, 40)": (8192, 570, 40),
+        "square (2048, 2048) @ (2048, 2048)": (2048, 2048, 2048),
+    }
+    rates = dict.fromkeys(shapes, 0.0)
+    single = [0.0]
+
+    def ceiling_round():
+        """One more timing of each matmul (threads as the engines, and one thread): keep the best."""
+        for label, shape in shapes.items():
+            rates[label] = max(rates[label], matmul_rate(shape, 1))
+        set_blas_threads(1)
+        single[0] = max(single[0], matmul_rate(next(iter(shapes.values())), 1))
+        set_blas_threads(args.threads)
+
+    rng = np.random.default_rng(args.seed)
+    traces = (
+        rng.normal(0, 0.05, (args.neurons, args.frames)) + (rng.random((args.neurons, args.frames)) < 0.01)
+    ).astype(np.float32)
+    engines = {"tf": usp._engine(), "blas": BlasCascade(args.threads)}
+    engines = {key: engines[key] for key in args.engines}
+    for label, model in models.items():
+        members = model.ensembles[model.noise_levels[len(model.noise_levels) // 2]]
+        macs = macs_per_frame(model)
+        per_frame = sum(macs.values())
+        say(
+            f"\n{label}: {model.name}, {len(members)} members; multiply-adds per neuron-frame per member: {per_frame:,}"
+        )
+        say("  (" + ", ".join(f"{k} {v:,}" for k, v in macs.items()) + ")")
+        outputs = {}
+        for key, engine in engines.items():  # warm-up: tracing, weight layouts
+            outputs[key] = engine(traces[: min(8, len(traces))], members, model.dense_expansion)
+        times = {key: [] for key in engines}
+        for _ in range(args.repeats):
+            ceiling_round()  # interleaved with the engines: the same load for both
+            for key, engine in engines.items():
+                cpu, wall = cpu_seconds(), time.perf_counter()
+                outputs[key] = engine(traces, members, model.dense_expansion)
+                times[key].append((time.perf_counter() - wall, cpu_seconds() - cpu))
+        num_windows = args.frames - model.window_size + 1
+        ceiling, per_cpu = next(iter(rates.values())), single[0]
+        say(
+            f"  ceiling so far (conv-2-shaped matmul, best of interleaved repeats): {ceiling / 1e9:.1f} G multiply-adds/s "
+            f"with {args.threads} threads, {per_cpu / 1e9:.1f} G with 1 thread; at the ceiling "
+            f"{ceiling / per_frame / len(members):,.0f} neuron-frames/s"
+        )
+        for key, runs in times.items():
+            walls = sorted(w for w, _ in runs)
+            best, median = walls[0], float(np.median(walls))
+            cpu = float(np.median([c for _, c in runs]))
+            rate = traces.size / best
+            fraction = rate * per_frame * len(members) / ceiling
+            cpu_fraction = traces.size * per_frame * len(members) / min(c for _, c in runs) / per_cpu
+            say(
+                f"  {key:5s} best {best:6.3f} s, median {median:6.3f} s, CPU {cpu:6.2f} s (median): "
+                f"{rate:>10,.0f} neuron-frames/s (median {traces.size / median:,.0f}); ceiling fraction {fraction:.2f} "
+                f"(wall), {cpu_fraction:.2f} per CPU second"
+            )
+        if "tf" in outputs and "blas" in outputs:
+            diff = np.abs(outputs["tf"][:, :num_windows] - outputs["blas"][:, :num_windows]).max() / len(members)
+            say(f"  blas vs tf: max |difference| of the ensemble mean {diff:.2e}")
+        if "blas" in outputs:
+            engine, whole = engines["blas"], outputs["blas"][:, :num_windows]
+            order = rng.permutation(min(64, len(traces)))
+            checks = {
+                "rows one at a time": np.concatenate([engine(traces[i : i + 1], members) for i in range(5)]),
+                "chunks of 3 rows": np.concatenate([engine(traces[i : i + 3], members) for i in range(0, 9, 3)]),
+                "a permutation": engine(traces[order], members)[np.argsort(order)],
+            }
+            for what, result in checks.items():
+                same = np.array_equal(result[:, :num_windows], whole[: len(result)])
+                say(f"  blas bit-identical across chunkings ({what}): {same}")
+    say(f"\nfloat32 matmul, numpy, best of {len(models) * args.repeats} timings interleaved with the engines:")
+    for label, rate in rates.items():
+        say(f"  {label:52s} {rate / 1e9:7.1f} G multiply-adds/s ({2 * rate / 1e9:.0f} GFLOP/s), {args.threads} threads")
+    say(f"  {'the first, 1 thread':52s} {single[0] / 1e9:7.1f} G multiply-adds/s")
+    say(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--isa", choices=["native", "avx2", "both"], default="both")
+    parser.add_argument("--neurons", type=int, default=400)
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engines", nargs="+", default=["tf", "blas"], choices=["tf", "blas"])
+    parser.add_argument("--markdown", help="also append the printed report to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    lines = []
+
+    def say(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    if args.child or (args.isa == "native" and not any(k in os.environ for k in AVX2_ENV)):
+        measure(args, say)
+    else:
+        settings = {"native": {}, "avx2": AVX2_ENV}
+        for label in ("native", "avx2") if args.isa == "both" else (args.isa,):
+            env = {k: v for k, v in os.environ.items() if k not in AVX2_ENV} | settings[label]
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            say(f"=== {label} ({' '.join(f'{k}={v}' for k, v in settings[label].items()) or 'no ISA cap'}) ===")
+            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child"]
+            child = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+            for line in child.stdout.splitlines():
+                say(line)
+            if child.returncode:
+                say(f"child failed ({child.returncode}): {child.stderr[-2000:]}")
+                return child.returncode
+    if args.markdown:
+        with open(args.markdown, "a") as handle:
+            handle.write("```\n" + "\n".join(lines) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
