@@ -306,7 +306,7 @@ def measure(args, say) -> None:
         "builtin 2 Hz": REPO_ROOT / "models" / "builtin_2Hz_smoothing500ms",
         "OGB 7.5 Hz": shared_dir() / "cascade" / "Pretrained_models" / "OGB_zf_pDp_7.5Hz_smoothing200ms",
     }
-    models = {label: usp.load_cascade_model_folder(path) for label, path in models.items() if path.is_dir()}
+    models = {label: usp.read_model_folder(path) for label, path in models.items() if path.is_dir()}
     shapes = {
         "conv 2 im2col polyphase (8192, 600) @ (600, 80)": (8192, 600, 80),
         "conv 2 im2col (8192, 570) @ (570, 40)": (8192, 570, 40),
