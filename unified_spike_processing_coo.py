@@ -2248,27 +2248,34 @@ def apply_cascade_threshold(rates: np.ndarray, model: CascadeModel, threshold) -
 
 
 def predict_spike_rates(
-    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19,
-    keep_nan=False,
-):  # fmt: skip
+    dff: np.ndarray, model: CascadeModel, threshold=0, padding=np.nan, *, return_noise=False, max_chunk_frames=1 << 19
+):
     """CASCADE spike rates (spikes per frame) for dF/F traces shaped (neurons, frames).
 
     As ``cascade2p.cascade.predict``: dF/F as fractions; each neuron uses the ensemble of its nearest model
     noise level; ensemble mean; ``threshold`` 0, 1 or False; the first int(before_frac*W) and last
     int((1-before_frac)*W) frames set to ``padding``. Unlike CASCADE (whose max-pooling can swallow a NaN),
     any NaN inside a window gives NaN. ``return_noise`` adds a report {'noise_level', 'model_noise_level'}.
-    ``keep_nan``: frames without a prediction stay NaN (threshold 1, as CASCADE's, sets those far from activity to 0).
     """
     rates, noise, model_noise = predict_raw_rates(dff, model, max_chunk_frames=max_chunk_frames)
-    missing = np.isnan(rates) if keep_nan else None
     apply_cascade_threshold(rates, model, threshold)
-    if missing is not None:
-        rates[missing] = np.nan
     num_frames = rates.shape[1]
     rates[:, : min(model.frames_before, num_frames)] = padding
     if model.frames_after > 0:
         rates[:, max(0, num_frames - model.frames_after) :] = padding
     return (rates, {"noise_level": noise, "model_noise_level": model_noise}) if return_noise else rates
+
+
+def predict_rates_keeping_nan(dff: np.ndarray, model: CascadeModel, threshold) -> tuple:
+    """predict_spike_rates(..., padding=NaN, return_noise=True), but frames without a prediction stay NaN after
+    the threshold (CASCADE's threshold 1 sets those far from activity to 0): what cell_activity.h5 records."""
+    rates, noise, model_noise = predict_raw_rates(dff, model)  # NaN at the edges and in windows touching NaN
+    missing = np.isnan(rates)
+    missing[:, : model.frames_before] = True  # CASCADE's padding (one frame more than the raw edges)
+    missing[:, max(0, rates.shape[1] - model.frames_after) :] = model.frames_after > 0
+    apply_cascade_threshold(rates, model, threshold)
+    rates[missing] = np.nan
+    return rates, {"noise_level": noise, "model_noise_level": model_noise}
 
 
 # =============================================================================================
@@ -2888,7 +2895,7 @@ def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> 
         dff = compute_dff(traces, settings.frame_rate_hz, window_s, percentile, threads=task.threads)
     threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
     # NaN kept where there is no prediction (cell_activity.h5 says so); spikes treat NaN as 0 as CASCADE's cut does
-    rates, report = predict_spike_rates(dff, model, threshold=threshold, return_noise=True, keep_nan=True)
+    rates, report = predict_rates_keeping_nan(dff, model, threshold)
     time_base = TimeBase(settings.frame_rate_hz, traces.shape[1], settings.target_rate_hz)
     rates = time_base.rebin(rates)
     if settings.target_rate_hz is not None:  # discrete spikes: the model's smoothing counted in bins
