@@ -14,13 +14,21 @@ import unified_spike_processing_coo as usp
 SAMPLE = SAMPLE_DIR
 
 
-def test_generic_layout_and_v73_mat(tmp_path):
-    generic = tmp_path / "subject_1"
-    generic.mkdir()
-    with h5py.File(generic / "traces.h5", "w") as h5:
+def write_generic_fish(folder, **datasets):
+    """A small generic-layout traces.h5 (5 cells x 80 frames of dF/F at 2.5 Hz) with further datasets."""
+    folder.mkdir()
+    with h5py.File(folder / "traces.h5", "w") as h5:
         h5["traces"] = np.random.default_rng(0).normal(0, 0.05, (5, 80)).astype(np.float32)
         h5["positions"] = np.arange(15, dtype=float).reshape(5, 3)
         h5.attrs["frame_rate_hz"] = 2.5
+        for name, data in datasets.items():
+            h5[name] = data
+
+
+def test_generic_layout_and_v73_mat(tmp_path):
+    generic = tmp_path / "subject_1"
+    write_generic_fish(generic)
+    with h5py.File(generic / "traces.h5", "a") as h5:
         h5.attrs["trace_type"] = "dff"
     subject = usp.load_subject(generic)
     assert subject.layout == "generic" and subject.read_traces().shape == (5, 80) and subject.frame_rate_hz == 2.5
@@ -274,14 +282,8 @@ def test_chen_covariates_of_the_wrong_length_are_left_out_with_a_warning(tmp_pat
 
 def test_generic_covariates_group_is_passed_through(tmp_path):
     folder = tmp_path / "subject_1"
-    folder.mkdir()
-    with h5py.File(folder / "traces.h5", "w") as h5:
-        h5["traces"] = np.random.default_rng(0).normal(0, 0.05, (5, 80)).astype(np.float32)
-        h5["positions"] = np.arange(15, dtype=float).reshape(5, 3)
-        h5.attrs["frame_rate_hz"] = 2.5
-        h5["covariates/speed"] = np.arange(80.0)
-        h5["covariates/tail"] = np.ones((80, 3))
-        h5["covariates/short"] = np.ones(79)
+    covariates = {"speed": np.arange(80.0), "tail": np.ones((80, 3)), "short": np.ones(79)}
+    write_generic_fish(folder, **{f"covariates/{name}": data for name, data in covariates.items()})
     subject = usp.load_subject(folder)
     assert set(subject.covariates.extra) == {"speed", "tail"}
     np.testing.assert_array_equal(subject.covariates.at_frames([2, 5])["speed"], [2.0, 5.0])
