@@ -41,12 +41,14 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
 import yaml
+from numpy.lib.stride_tricks import as_strided
 
 __version__ = "1.2.0"
 log = logging.getLogger("spike_grids")
@@ -144,6 +146,13 @@ class PipelineConfig:
         1, "worker processes for CASCADE inference; each uses cores/workers threads (workers x threads per worker = "
         "the cores this job may use), so workers never add cores, only memory (~2.4 GB each for a whole fish); on "
         "2 cores, 2 workers were fastest (benchmarks/RESULTS_pipeline.md)", RUN,
+    )  # fmt: skip
+    engine: str = option(
+        "auto", lambda: "how CASCADE's network is evaluated: " + "; ".join(
+            f"{name}: {engine.description}" for name, engine in CASCADE_ENGINES.items()
+        ) + "; auto: tensorflow on CPUs with AVX-512 and with a GPU, numpy on the rest (faster there: docs/performance.md). "
+        "Results agree to ~1e-6 and never depend on --workers or --batch_size", RUN,
+        choices=lambda: (AUTO_ENGINE, *CASCADE_ENGINES),
     )  # fmt: skip
     batch_size: int = option(30000, "cells per batch sent to a worker (a worker's memory does not grow with it)", RUN)
     overwrite: bool = option(False, "recompute subjects whose finished outputs are up to date", RUN)
@@ -1464,8 +1473,6 @@ def sliding_percentile(
 
     starts = range(0, len(traces), rows_per_block)
     if threads > 1 and len(starts) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(fill, starts))
     else:
@@ -2142,7 +2149,7 @@ class ConvolutionalCascade:
             h = conv(tf.maximum(h[:, :, :-2], h[:, :, 2:]), kd, bd)  # pool 2, per-position dense
             return tf.nn.bias_add(tf.nn.conv2d(h, ko, 1, "VALID", dilations=[1, 4]), bo)[:, 0, :, 0]
 
-        self._forward = tf.function(forward, reduce_retracing=True)
+        self._forward = tf.function(forward, reduce_retracing=True, autograph=False)  # plain ops: no autograph pass
         self._tf = tf
         self._prepared = {}
 
@@ -2179,10 +2186,198 @@ class ConvolutionalCascade:
         return total
 
 
-def _engine() -> ConvolutionalCascade:
+def _polyphase_kernel(kernel: np.ndarray) -> np.ndarray:
+    """(K, C, F) -> (M * 2C, 2F) with M = K // 2 + 1: out[2i+q] = sum over m, p of k[2m+p-q] x[2(i+m)+p], so one
+    product over pairs of frames gives both output phases (the same trick as ConvolutionalCascade's conv 2)."""
+    width, channels, filters = kernel.shape
+    taps = width // 2 + 1
+    poly = np.zeros((taps, 2, channels, 2, filters), np.float32)
+    for m, p, q in itertools.product(range(taps), range(2), range(2)):
+        if 0 <= 2 * m + p - q < width:
+            poly[m, p, :, q] = kernel[2 * m + p - q]
+    return poly.reshape(taps * 2 * channels, 2 * filters)
+
+
+def _im2col(h: np.ndarray, taps: int, step: int = 1) -> np.ndarray:
+    """(blocks, n, C) -> (blocks * n_out, taps * C): each output sample's input taps side by side, taps-major."""
+    blocks, n, channels = h.shape
+    out_n, s = n - (taps - 1) * step, h.strides
+    view = as_strided(h, (blocks, out_n, taps, channels), (s[0], s[1], step * s[1], s[2]))
+    return np.ascontiguousarray(view).reshape(blocks * out_n, taps * channels)
+
+
+def _relu_affine(x: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    h = x @ weights
+    h += bias
+    return np.maximum(h, 0, out=h)
+
+
+@dataclass(frozen=True)
+class MatmulWeights:
+    """One member's weights in MatmulCascade's layout: convs 1 and 2 polyphase, conv 3 im2col-shaped."""
+
+    conv1: np.ndarray
+    conv1_bias: np.ndarray
+    conv2: np.ndarray
+    conv2_bias: np.ndarray
+    conv3: np.ndarray
+    conv3_bias: np.ndarray
+    dense: np.ndarray
+    dense_bias: np.ndarray
+    output: np.ndarray  # (dense_expansion, positions)
+    output_bias: np.ndarray
+
+    @classmethod
+    def of(cls, w: NetworkWeights) -> MatmulWeights:
+        dense = w.dense_kernel.shape[1]
+        return cls(
+            _polyphase_kernel(w.conv1_kernel), np.tile(w.conv1_bias, 2),
+            _polyphase_kernel(w.conv2_kernel), np.tile(w.conv2_bias, 2),
+            w.conv3_kernel.reshape(-1, w.conv3_kernel.shape[2]), w.conv3_bias, w.dense_kernel, w.dense_bias,
+            np.ascontiguousarray(w.output_kernel.reshape(-1, dense).T), w.output_bias,
+        )  # fmt: skip
+
+    def forward(self, blocks: np.ndarray, taps: tuple) -> np.ndarray:
+        """Raw outputs (blocks, n') for float32 input blocks (blocks, n), n even; the layers of ConvolutionalCascade."""
+        num_blocks, n = blocks.shape
+        h = _relu_affine(_im2col(blocks.reshape(num_blocks, n // 2, 2), taps[0]), self.conv1, self.conv1_bias)
+        pairs = n // 2 - taps[0] + 1  # conv 2 reads conv 1's phases as they lie in memory: no reshuffle
+        h = _relu_affine(_im2col(h.reshape(num_blocks, pairs, -1), taps[1]), self.conv2, self.conv2_bias)
+        h = h.reshape(num_blocks, 2 * (pairs - taps[1] + 1), -1)
+        h = np.maximum(h[:, :-1], h[:, 1:])  # pool 1
+        length = h.shape[1] - 2 * (taps[2] - 1)
+        h = _relu_affine(_im2col(h, taps[2], 2), self.conv3, self.conv3_bias).reshape(num_blocks, length, -1)
+        h = np.maximum(h[:, :-2], h[:, 2:])  # pool 2
+        length -= 2
+        h = _relu_affine(h.reshape(num_blocks * length, -1), self.dense, self.dense_bias)
+        z = (h @ self.output).reshape(num_blocks, length, -1)  # one column per position, read 4 frames apart
+        last = z.shape[2] - 1
+        out = z[:, : length - 4 * last, 0].copy()
+        for position in range(1, last + 1):
+            out += z[:, 4 * position : length - 4 * (last - position), position]
+        return out + self.output_bias
+
+
+class MatmulCascade:
+    """The same network as float32 matrix products through numpy's BLAS (OpenBLAS), no TensorFlow.
+
+    Each row is cut at fixed offsets into blocks of predicted frames (input: the block plus the window), and
+    blocks go through the layers BLOCKS_PER_PRODUCT at a time, the last group padded with zero blocks: every
+    product has one shape, so a frame's arithmetic depends only on its row and the recording's length, never
+    on the other rows of a chunk. Groups run on ``threads`` threads, BLAS single-threaded inside each."""
+
+    BLOCK_FRAMES = 512  # predicted frames per block (fewer for short recordings)
+    BLOCKS_PER_PRODUCT = 4
+
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, int(threads))
+        self._prepared = {}
+
+    def _weights(self, members: tuple) -> list:
+        if id(members) not in self._prepared:  # holding members keeps their id unique
+            self._prepared[id(members)] = (members, [MatmulWeights.of(w) for w in members])
+        return self._prepared[id(members)][1]
+
+    def __call__(self, traces: np.ndarray, members: tuple, dense_expansion: int = 0) -> np.ndarray:
+        """Sum of the members' raw outputs, float64 (B, T - W + 1 or more), for float32 traces (B, T)."""
+        from threadpoolctl import threadpool_limits
+
+        first, (rows, frames) = members[0], traces.shape
+        taps = (first.conv1_kernel.shape[0] // 2 + 1, first.conv2_kernel.shape[0] // 2 + 1, first.conv3_kernel.shape[0])
+        positions = first.output_kernel.shape[0] // first.dense_kernel.shape[1]
+        window = 2 * sum(taps) + 4 * positions - 7  # input frames per predicted frame, polyphase taps included
+        window += window % 2  # blocks split into pairs of frames
+        predicted = max(1, frames - window + 1)
+        block = min(self.BLOCK_FRAMES, predicted + predicted % 2)  # even; one block covers a short recording
+        per_row = -(-predicted // block)
+        padded = np.zeros((rows, per_row * block + window), np.float32)
+        padded[:, :frames] = traces
+        s = padded.strides
+        blocks = as_strided(padded, (rows, per_row, block + window), (s[0], block * s[1], s[1]))
+        blocks = blocks.reshape(-1, block + window)  # a copy: each block with its window
+        group = self.BLOCKS_PER_PRODUCT
+        blocks = np.concatenate([blocks, np.zeros((-len(blocks) % group, block + window), np.float32)])
+        weights = self._weights(members)
+
+        def run(start: int) -> np.ndarray:
+            total = np.zeros((group, block))
+            for member in weights:
+                total += member.forward(blocks[start : start + group], taps)[:, :block]
+            return total
+
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(self.threads) as pool:
+            sums = np.concatenate(list(pool.map(run, range(0, len(blocks), group))))
+        return sums[: rows * per_row].reshape(rows, per_row * block)
+
+
+@dataclass(frozen=True)
+class CascadeEngine:
+    """A way to evaluate CASCADE's network (--engine): the only place to touch to add one. ``make`` takes the
+    process's thread count and returns a callable (float32 traces (B, T), members, dense_expansion) -> the
+    members' float64 sum; engines agree to ~1e-6 (tests/test_inference.py), each bit for bit across chunkings."""
+
+    description: str
+    make: Callable[[int], Callable]
+    needs_tensorflow: bool = False
+
+
+def _tensorflow_engine(threads: int) -> ConvolutionalCascade:
+    configure_tensorflow_threads(threads)
+    return ConvolutionalCascade()
+
+
+CASCADE_ENGINES = {
+    "tensorflow": CascadeEngine("TensorFlow's oneDNN convolutions (and a GPU where TensorFlow finds one)",
+                                _tensorflow_engine, needs_tensorflow=True),
+    "numpy": CascadeEngine("float32 matrix products through numpy's BLAS, without TensorFlow", MatmulCascade),
+}  # fmt: skip
+AUTO_ENGINE = "auto"
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str  # a key of CASCADE_ENGINES
+    why: str
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (/proc/cpuinfo; empty where the OS has none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def choose_engine(requested: str = AUTO_ENGINE) -> EngineChoice:
+    """--engine: a name, or auto. auto is the engine measured fastest on this kind of host (benchmarks/
+    RESULTS_inference.md): TensorFlow where there is a GPU or AVX-512 (oneDNN at the matrix-product rate), numpy
+    on the rest (on an AVX2-only EPYC oneDNN's convolutions reached about 0.3 of it). By the CPU's flags, never by
+    a timing, so every run on one host makes the same choice."""
+    if requested != AUTO_ENGINE:
+        return EngineChoice(requested, "--engine " + requested)
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()) and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1"):
+        return EngineChoice("tensorflow", "auto: an NVIDIA GPU is present")
+    flags = cpu_flags()
+    if "avx512f" in flags or not flags:
+        return EngineChoice("tensorflow", "auto: the CPU has AVX-512" if flags else "auto: the CPU's flags are unknown")
+    return EngineChoice("numpy", "auto: the CPU has no AVX-512 (oneDNN's convolutions are slow there)")
+
+
+def use_engine(name: str, threads: int):
+    """This process's engine from now on (made once per name and thread count)."""
+    key = (name, max(1, int(threads)))
+    if PROCESS_CACHE.get("engine", (None,))[0] != key:
+        PROCESS_CACHE["engine"] = (key, CASCADE_ENGINES[name].make(key[1]))
+    return PROCESS_CACHE["engine"][1]
+
+
+def _engine():
+    """The engine set by use_engine, else the automatic choice with all the CPUs."""
     if "engine" not in PROCESS_CACHE:
-        PROCESS_CACHE["engine"] = ConvolutionalCascade()
-    return PROCESS_CACHE["engine"]
+        use_engine(choose_engine().name, available_cpus())
+    return PROCESS_CACHE["engine"][1]
 
 
 def _nan_window_mask(nan_frames: np.ndarray, window_size: int, num_windows: int) -> np.ndarray:
@@ -2789,6 +2984,7 @@ class InferenceSettings:
     spike_threshold: float
     seed: int
     target_rate_hz: float | None  # None: spikes on the recording's frames (see TimeBase)
+    engine: str  # a key of CASCADE_ENGINES: the parent resolves --engine auto once (choose_engine)
 
 
 @dataclass(frozen=True)
@@ -2803,7 +2999,7 @@ class BatchTask:
     model_folder: str
     model_source: str
     settings: InferenceSettings
-    threads: int = 1  # the worker's share of the cores (for dF/F; results never depend on it)
+    threads: int = 1  # the worker's share of the cores (dF/F and the engine; results never depend on it)
 
 
 @dataclass(frozen=True)
@@ -2912,6 +3108,7 @@ def process_batch(task: BatchTask) -> BatchResult:
     """One batch, a chunk of cells at a time; only compact results leave the worker."""
     started = time.perf_counter()
     model, parts = read_model_folder_once(task.model_folder, task.model_source), []
+    use_engine(task.settings.engine, task.threads)
     for start in range(task.start, task.stop, CELLS_PER_CHUNK):
         stop = min(start + CELLS_PER_CHUNK, task.stop)
         chunk = infer_chunk(task, model, start, stop)
@@ -3053,13 +3250,12 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _init_worker(num_threads: int, log_level: int) -> None:
+def _init_worker(log_level: int) -> None:
     # The parent stops the workers itself: a Ctrl-C or SLURM's SIGTERM reaching the whole process
     # group must not print one traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
-    configure_tensorflow_threads(num_threads)
 
 
 class WorkerDied(PipelineError):
@@ -3076,11 +3272,16 @@ def _worker_context():
     return context
 
 
-def start_fork_server() -> None:
-    """Start the fork server's TensorFlow import now, in the background (see WorkerPool)."""
+PRELOAD_TENSORFLOW_ENV = "SPIKE_GRIDS_PRELOAD_TENSORFLOW"  # "0": the run's engine needs no TensorFlow
+
+
+def start_fork_server(preload_tensorflow: bool = True) -> None:
+    """Start the fork server now, in the background, with its TensorFlow import if the engine needs it (see
+    WorkerPool); the setting travels in the environment, the only thing a fork server inherits."""
     if _worker_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
+        os.environ[PRELOAD_TENSORFLOW_ENV] = "1" if preload_tensorflow else "0"
         forkserver.ensure_running()
 
 
@@ -3113,7 +3314,6 @@ class WorkerPool:
     def map(self, tasks: Iterator[BatchTask], progress: Progress) -> list:
         """Results of every task in order; at most workers + 1 tasks in flight."""
         if self.workers == 1:
-            configure_tensorflow_threads(available_cpus())  # here, not before: a rerun may need no TensorFlow
             results = []
             for task in tasks:
                 results.append(process_batch(task))
@@ -3123,7 +3323,7 @@ class WorkerPool:
         from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 
         if self._executor is None:
-            initargs = (self.threads_per_worker, logging.getLogger().level)
+            initargs = (logging.getLogger().level,)
             self._executor = ProcessPoolExecutor(
                 self.workers, mp_context=_worker_context(), initializer=_init_worker, initargs=initargs
             )
@@ -3190,7 +3390,8 @@ CELL_RATE_BLOCK_TIMEPOINTS = 256  # timepoints written or read at a time (~46 MB
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
 TEMPORARY_MARKER = ".tmp-"
-GZIP = dict(compression="gzip", compression_opts=4, shuffle=True)  # every compressed dataset
+# every compressed dataset; level 1: 1.6x faster to write than 4 for 2-5 % larger files (benchmarks/RESULTS_pipeline.md)
+GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 
 
 class WriteFailed(PipelineError):
@@ -4146,8 +4347,13 @@ def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool) ->
         record.trace_type = subject_trace_type(subject, config.trace_type)
         log.info(f"{subject.name}: traces treated as {record.trace_type.kind} ({record.trace_type.reason})")
         is_fluorescence = record.trace_type.kind == "fluorescence"
+        engine = choose_engine(config.engine).name
         record.inference = settings_for(
-            InferenceSettings, config, is_fluorescence=is_fluorescence, frame_rate_hz=subject.frame_rate_hz
+            InferenceSettings,
+            config,
+            is_fluorescence=is_fluorescence,
+            frame_rate_hz=subject.frame_rate_hz,
+            engine=engine,
         )
         record.spikes = infer_subject(subject, record.model, record.inference, config.batch_size, pool)
         seconds = time.perf_counter() - started
@@ -4258,6 +4464,7 @@ def subject_attrs(record: SubjectRun) -> dict:
         "run_id": record.run.run_id,
         "fingerprint": record.fingerprint,
         "timings": dict(record.timings),
+        "cascade_engine": record.inference.engine if record.inference else "",  # "": saved results re-gridded
         **record.model.provenance(),
         **record.params,
     }
@@ -4825,8 +5032,10 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
             metadata = [read_attrs(output_dir / name / METADATA_FILENAME) for name in totals["subjects"]]
             outcome = RunOutcome(done=[SubjectSummary.from_metadata(attrs) for attrs in metadata])
         else:
+            engine = choose_engine(config.engine)
+            log.info(f"CASCADE engine: {engine.name}, {CASCADE_ENGINES[engine.name].description} ({engine.why})")
             if config.workers > 1:  # the parent will mostly wait: start the workers' imports and its own now
-                start_fork_server()
+                start_fork_server(CASCADE_ENGINES[engine.name].needs_tensorflow)
                 if config.plots:
                     threading.Thread(target=_import_matplotlib).start()
             subjects = find_subjects(config.input_dir, config.subjects, config.skip)
@@ -4999,7 +5208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__mp_main__":  # multiprocessing's fork server, or a spawned worker: see WorkerPool
+if __name__ == "__mp_main__" and os.environ.get(PRELOAD_TENSORFLOW_ENV) != "0":  # the fork server: see WorkerPool
     _import_tensorflow()
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ def reference(shared_cascade):
     return ref
 
 
+@pytest.fixture(params=sorted(usp.CASCADE_ENGINES))
+def engine(request):
+    """Each test that takes it runs once per engine (--engine), restoring the process's engine after."""
+    previous = usp.PROCESS_CACHE.pop("engine", None)
+    usp.use_engine(request.param, 2)
+    yield request.param
+    usp.PROCESS_CACHE.pop("engine", None)
+    if previous is not None:
+        usp.PROCESS_CACHE["engine"] = previous
+
+
 # --- model loading -----------------------------------------------------------------------------
 
 
@@ -73,7 +84,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "threshold, key", [(0, "spike_rates_threshold0"), (1, "spike_rates_threshold1"), (False, "spike_rates_nothreshold")]
 )
-def test_rates_match_cascade_reference(reference, official_model, threshold, key):
+def test_rates_match_cascade_reference(reference, official_model, threshold, key, engine):
     rates = usp.predict_spike_rates(reference["dff"], official_model, threshold=threshold)
     expected = reference[key]
     assert rates.shape == expected.shape
@@ -121,7 +132,7 @@ def test_noise_level_definition_and_assignment():
     np.testing.assert_array_equal(levels, [2, 2, 3, 3, 4, 2])
 
 
-def test_nan_windows_edges_and_chunking(official_model):
+def test_nan_windows_edges_and_chunking(official_model, engine):
     rng = np.random.default_rng(1)
     dff = rng.normal(0, 0.03, (7, 300))
     dff[3, 150] = np.nan
@@ -139,7 +150,7 @@ def test_nan_windows_edges_and_chunking(official_model):
 
 
 @pytest.mark.parametrize("num_frames", [301, 300])  # odd and even: the engine pads odd lengths by a frame
-def test_rates_do_not_depend_on_chunking_bit_for_bit(official_model, num_frames):
+def test_rates_do_not_depend_on_chunking_bit_for_bit(official_model, num_frames, engine):
     """A row's rates are the same bits whichever rows share its chunk and however many there are."""
     rng = np.random.default_rng(7)
     dff = rng.normal(0, 1, (40, num_frames)) * rng.uniform(0.05, 0.21, (40, 1))  # levels 2..7
@@ -170,6 +181,40 @@ def test_tensorflow_start_names_its_device(caplog):
     finally:
         if saved is not None:
             usp.PROCESS_CACHE["tensorflow"] = saved
+
+
+@pytest.mark.parametrize("num_frames", [64, 65, 130, 577, 1100])  # one window, short rows, several blocks
+def test_engines_agree_and_chunk_alike(official_model, num_frames):
+    """numpy's matrix products and TensorFlow's convolutions give the same sums (float32 rounding apart), and the
+    numpy engine's bits do not depend on its thread count or on which rows share a call."""
+    rng = np.random.default_rng(num_frames)
+    traces = (rng.normal(0, 0.05, (9, num_frames)) + (rng.random((9, num_frames)) < 0.03)).astype(np.float32)
+    members, width = official_model.ensembles[official_model.noise_levels[2]], num_frames - 63
+    tensorflow = usp.CASCADE_ENGINES["tensorflow"].make(2)(traces, members, official_model.dense_expansion)
+    matmul = usp.MatmulCascade(2)(traces, members, official_model.dense_expansion)
+    assert matmul.shape[1] >= width and matmul.dtype == np.float64
+    np.testing.assert_allclose(matmul[:, :width], tensorflow[:, :width], rtol=0, atol=5e-6 * len(members))
+    one_thread = usp.MatmulCascade(1)
+    rows = [one_thread(traces[i : i + 1], members, official_model.dense_expansion) for i in range(len(traces))]
+    np.testing.assert_array_equal(np.concatenate(rows), matmul)
+    order = rng.permutation(len(traces))
+    np.testing.assert_array_equal(one_thread(traces[order], members, official_model.dense_expansion), matmul[order])
+
+
+def test_auto_engine_by_the_cpu(monkeypatch):
+    """--engine auto: TensorFlow with AVX-512 (or unknown flags), numpy on AVX2-only CPUs; a name is taken as is."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever this machine has
+    for flags, expected in [
+        ({"avx2", "fma", "avx512f"}, "tensorflow"),
+        ({"avx2", "fma"}, "numpy"),
+        (set(), "tensorflow"),
+    ]:
+        monkeypatch.setattr(usp, "cpu_flags", lambda flags=flags: flags)
+        choice = usp.choose_engine("auto")
+        assert choice.name == expected and choice.why.startswith("auto: ")
+    assert usp.choose_engine("tensorflow") == usp.EngineChoice("tensorflow", "--engine tensorflow")
+    monkeypatch.undo()
+    assert usp.choose_engine(usp.AUTO_ENGINE).name in usp.CASCADE_ENGINES  # this machine's own flags
 
 
 # --- the fast engine equals Keras's own windowed predict on a model Keras saved -------------------
@@ -223,7 +268,7 @@ def _save_keras_cascade_model(folder, noise_levels=(1, 2), ensemble_size=2, seed
 
 # (30, 18, 5): even widths, where the engine's polyphase conv 2 needs extra padding frames
 @pytest.mark.parametrize("filter_sizes", [(31, 19, 5), (30, 18, 5)])
-def test_engine_equals_keras_windowed_predict(tmp_path, filter_sizes):
+def test_engine_equals_keras_windowed_predict(tmp_path, filter_sizes, engine):
     folder = tmp_path / "keras_model"
     keras_models = _save_keras_cascade_model(folder, filter_sizes=filter_sizes)
     with h5py.File(folder / "Model_NoiseLevel_1_Ensemble_0.h5", "r") as h5:
