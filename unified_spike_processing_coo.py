@@ -3538,16 +3538,39 @@ CASCADE_GROUP = "cascade"  # cell_activity.h5's group of what re-gridding needs 
 CASCADE_DATASETS = ("cell_offsets", "spike_frames", "rate_sum_fixed", *PLOT_DATASETS)
 
 
+def _deflated_chunk(chunk: np.ndarray) -> bytes:
+    """A chunk as HDF5's shuffle then deflate filters store it (byte planes, then a zlib stream)."""
+    planes = np.frombuffer(np.ascontiguousarray(chunk).tobytes(), np.uint8).reshape(-1, chunk.itemsize).T
+    return zlib.compress(planes.tobytes(), GZIP["compression_opts"])
+
+
+def write_row_chunks(dataset, first: int, rows: np.ndarray, threads: int) -> None:
+    """dataset[first : first + len(rows)] = rows, for a GZIP dataset chunked (R, every column) with ``first`` a
+    multiple of R: the chunks are compressed here on ``threads`` threads (zlib lets go of the GIL; HDF5's own
+    filters run on one) and stored as they are, the same bytes HDF5 would store (the edge chunk zero-padded)."""
+    chunk_rows = dataset.chunks[0]
+    starts = range(0, len(rows), chunk_rows)
+    padded = [np.zeros(dataset.chunks, dataset.dtype) for _ in range(len(rows[starts[-1] :]) < chunk_rows)]
+    for chunk in padded:
+        chunk[: len(rows) - starts[-1]] = rows[starts[-1] :]
+    chunks = [rows[start : start + chunk_rows] for start in starts[: len(starts) - len(padded)]] + padded
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start, data in zip(starts, pool.map(_deflated_chunk, chunks)):
+            dataset.id.write_direct_chunk((first + start, 0), data)
+
+
 def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
     """spike_rates (T, N) float16, row t the time base's frame rows[t], written a block of timepoints at a time
     from the batches' (cells, frames) rates: memory holds one block, never a transposed copy of the fish."""
     shape = (len(rows), sum(batch.num_cells for batch in spikes.batches))
+    if not min(shape):
+        h5.create_dataset("spike_rates", shape, np.float16)
+        return
     chunks = (min(CELL_RATE_CHUNK_TIMEPOINTS, shape[0]), shape[1])
-    out = h5.create_dataset("spike_rates", shape, np.float16, **(dict(chunks=chunks, **GZIP) if min(shape) else {}))
-    for first in range(0, shape[0], CELL_RATE_BLOCK_TIMEPOINTS):
-        out[first : first + CELL_RATE_BLOCK_TIMEPOINTS] = spikes.rates_at(
-            rows[first : first + CELL_RATE_BLOCK_TIMEPOINTS]
-        )
+    out = h5.create_dataset("spike_rates", shape, np.float16, chunks=chunks, **GZIP)
+    for first in range(0, shape[0], CELL_RATE_BLOCK_TIMEPOINTS):  # a multiple of the chunks' rows
+        block = spikes.rates_at(rows[first : first + CELL_RATE_BLOCK_TIMEPOINTS])
+        write_row_chunks(out, first, block, available_cpus())
 
 
 def _write_cascade_group(group, spikes: SubjectSpikes) -> None:

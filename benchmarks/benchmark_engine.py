@@ -13,11 +13,11 @@ traces (default 400 x 2,000), this measures in ONE process, repeats interleaved 
   CASCADE's network needs per predicted frame when each layer is computed once per frame;
 - each engine: neuron-frames/s (best and median wall), CPU seconds, and the ceiling fraction
   (multiply-adds/s over the conv-2-shaped matmul rate). Engines:
-    ``tf``   today's ConvolutionalCascade (TensorFlow/oneDNN, the script's engine, through _engine());
-    ``blas`` convolution as matrix products through numpy's BLAS (polyphase conv 1 and conv 2, im2col
-             conv 3, fixed 512-frame blocks per row so that every row's arithmetic is independent of its
-             chunk; threads over block groups, BLAS single-threaded);
-- exactness: ``blas`` against ``tf`` (max |diff|), and ``blas`` bit for bit across chunkings.
+    ``tensorflow`` the script's ConvolutionalCascade (TensorFlow/oneDNN direct convolutions);
+    ``numpy``      the script's MatmulCascade: convolution as matrix products through numpy's BLAS (polyphase
+                   conv 1 and conv 2, im2col conv 3, fixed blocks per row so that every row's arithmetic is
+                   independent of its chunk; threads over block groups, BLAS single-threaded);
+- exactness: ``numpy`` against ``tensorflow`` (max |diff|), and ``numpy`` bit for bit across chunkings.
 
 ``--isa avx2`` runs the same in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
 ``OPENBLAS_CORETYPE=Haswell`` (an AVX2 host's kernels on this CPU); ``--isa both`` runs both children.
@@ -25,7 +25,7 @@ traces (default 400 x 2,000), this measures in ONE process, repeats interleaved 
 Usage::
 
     python benchmarks/benchmark_engine.py [--isa native|avx2|both] [--neurons 400] [--frames 2000]
-        [--threads 2] [--repeats 5] [--engines tf blas] [--markdown FILE]
+        [--threads 2] [--repeats 5] [--engines tensorflow numpy] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -33,17 +33,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import itertools
 import os
 import resource
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -157,134 +154,6 @@ def matmul_rate(shape: tuple, repeats: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# The BLAS engine (an alternative measured here)
-# ------------------------------------------------------------------------------------------------
-
-
-def _windows(h: np.ndarray, taps: int, step: int = 1) -> tuple:
-    """im2col of (nb, n, C) contiguous: (nb * n_out, taps * C), taps-major, and n_out."""
-    nb, n, c = h.shape
-    out_n = n - (taps - 1) * step
-    s = h.strides
-    if step == 1:  # a window of taps frames is a contiguous run of taps * C values
-        view = as_strided(h, (nb, out_n, taps * c), (s[0], s[1], s[2]))
-    else:
-        view = as_strided(h, (nb, out_n, taps, c), (s[0], s[1], step * s[1], s[2]))
-    return np.ascontiguousarray(view).reshape(nb * out_n, taps * c), out_n
-
-
-def _polyphase(kernel: np.ndarray) -> np.ndarray:
-    """(K, C, F) -> (M * 2 * C, 2 * F): out[2i+q] = sum_{m,p} k[2m+p-q] x[2(i+m)+p] for both phases q."""
-    width, channels, filters = kernel.shape
-    taps = width // 2 + 1
-    poly = np.zeros((taps, 2, channels, 2, filters), np.float32)
-    for m, p, q in itertools.product(range(taps), range(2), range(2)):
-        if 0 <= 2 * m + p - q < width:
-            poly[m, p, :, q] = kernel[2 * m + p - q]
-    return poly.reshape(taps * 2 * channels, 2 * filters)
-
-
-class BlasCascade:
-    """CASCADE's network as matrix products through numpy's BLAS, on fixed blocks of each row.
-
-    Each row is cut at fixed offsets into blocks of BLOCK predicted frames (input BLOCK + 64 frames,
-    zero-padded at the end), so a frame's arithmetic depends only on its row and position. Blocks are
-    processed GROUP at a time (a fixed matmul shape: the last group is padded with zero blocks).
-    """
-
-    BLOCK, GROUP = 512, 4
-
-    def __init__(self, threads: int):
-        self.threads = max(1, int(threads))
-        self._prepared = {}
-
-    def _weights(self, members: tuple) -> list:
-        if id(members) not in self._prepared:
-            prepared = []
-            for w in members:
-                dense = w.dense_kernel.shape[1]
-                prepared.append(
-                    dict(
-                        w1=_polyphase(w.conv1_kernel),
-                        b1=np.tile(w.conv1_bias, 2),
-                        t1=w.conv1_kernel.shape[0] // 2 + 1,
-                        w2=_polyphase(w.conv2_kernel),
-                        b2=np.tile(w.conv2_bias, 2),
-                        t2=w.conv2_kernel.shape[0] // 2 + 1,
-                        w3=w.conv3_kernel.reshape(-1, w.conv3_kernel.shape[2]),
-                        b3=w.conv3_bias,
-                        t3=w.conv3_kernel.shape[0],
-                        wd=w.dense_kernel,
-                        bd=w.dense_bias,
-                        wo=np.ascontiguousarray(w.output_kernel.reshape(-1, dense).T),
-                        bo=w.output_bias,
-                    )
-                )
-            self._prepared[id(members)] = (members, prepared)
-        return self._prepared[id(members)][1]
-
-    @staticmethod
-    def _forward(blocks: np.ndarray, p: dict) -> np.ndarray:
-        nb, n = blocks.shape  # n even
-        a, half1 = _windows(blocks.reshape(nb, n // 2, 2), p["t1"])  # conv 1, polyphase
-        h = a @ p["w1"]
-        h += p["b1"]
-        np.maximum(h, 0, out=h)
-        a, half2 = _windows(h.reshape(nb, half1, -1), p["t2"])  # conv 2, polyphase on the same memory
-        h = a @ p["w2"]
-        h += p["b2"]
-        np.maximum(h, 0, out=h)
-        h = h.reshape(nb, 2 * half2, -1)
-        h = np.maximum(h[:, :-1], h[:, 1:])  # pool 1
-        a, n3 = _windows(h, p["t3"], 2)  # conv 3, dilation 2
-        h = a @ p["w3"]
-        h += p["b3"]
-        np.maximum(h, 0, out=h)
-        h = h.reshape(nb, n3, -1)
-        h = np.maximum(h[:, :-2], h[:, 2:])  # pool 2
-        nd = n3 - 2
-        d = h.reshape(nb * nd, -1) @ p["wd"]
-        d += p["bd"]
-        np.maximum(d, 0, out=d)
-        z = (d @ p["wo"]).reshape(nb, nd, -1)  # output: one column per position, read 4 frames apart
-        last = z.shape[2] - 1
-        out = z[:, : nd - 4 * last, 0].copy()
-        for pos in range(1, last + 1):
-            out += z[:, 4 * pos : nd - 4 * (last - pos), pos]
-        out += p["bo"]
-        return out
-
-    def __call__(self, traces: np.ndarray, members: tuple, dense_expansion: int = 0) -> np.ndarray:
-        rows, frames = traces.shape
-        block, group = self.BLOCK, self.GROUP
-        per_row = max(1, -(-(frames - 63) // block))
-        padded = np.zeros((rows, per_row * block + 64), np.float32)
-        padded[:, :frames] = traces
-        s = padded.strides
-        blocks = as_strided(padded, (rows, per_row, block + 64), (s[0], block * s[1], s[1])).reshape(-1, block + 64)
-        num_groups = -(-len(blocks) // group)
-        blocks = np.concatenate([blocks, np.zeros((num_groups * group - len(blocks), block + 64), np.float32)])
-        weights = self._weights(members)
-
-        def run(g):
-            part = blocks[g * group : (g + 1) * group]
-            total = None
-            for p in weights:
-                out = self._forward(part, p)[:, :block]
-                total = out.astype(np.float64) if total is None else total + out
-            return total
-
-        previous = set_blas_threads(1)
-        try:
-            with ThreadPoolExecutor(self.threads) as pool:
-                results = list(pool.map(run, range(num_groups)))
-        finally:
-            if previous:
-                set_blas_threads(previous)
-        return np.concatenate(results)[: rows * per_row].reshape(rows, per_row * block)
-
-
-# ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
 
@@ -327,7 +196,7 @@ def measure(args, say) -> None:
     traces = (
         rng.normal(0, 0.05, (args.neurons, args.frames)) + (rng.random((args.neurons, args.frames)) < 0.01)
     ).astype(np.float32)
-    engines = {"tf": usp._engine(), "blas": BlasCascade(args.threads)}
+    engines = {name: usp.use_engine(name, args.threads) for name in usp.CASCADE_ENGINES}
     engines = {key: engines[key] for key in args.engines}
     for label, model in models.items():
         members = model.ensembles[model.noise_levels[len(model.noise_levels) // 2]]
@@ -362,24 +231,28 @@ def measure(args, say) -> None:
             fraction = rate * per_frame * len(members) / ceiling
             cpu_fraction = traces.size * per_frame * len(members) / min(c for _, c in runs) / per_cpu
             say(
-                f"  {key:5s} best {best:6.3f} s, median {median:6.3f} s, CPU {cpu:6.2f} s (median): "
+                f"  {key:10s} best {best:6.3f} s, median {median:6.3f} s, CPU {cpu:6.2f} s (median): "
                 f"{rate:>10,.0f} neuron-frames/s (median {traces.size / median:,.0f}); ceiling fraction {fraction:.2f} "
                 f"(wall), {cpu_fraction:.2f} per CPU second"
             )
-        if "tf" in outputs and "blas" in outputs:
-            diff = np.abs(outputs["tf"][:, :num_windows] - outputs["blas"][:, :num_windows]).max() / len(members)
-            say(f"  blas vs tf: max |difference| of the ensemble mean {diff:.2e}")
-        if "blas" in outputs:
-            engine, whole = engines["blas"], outputs["blas"][:, :num_windows]
+        if "tensorflow" in outputs and "numpy" in outputs:
+            diff = np.abs(outputs["tensorflow"][:, :num_windows] - outputs["numpy"][:, :num_windows]).max()
+            say(f"  numpy vs tensorflow: max |difference| of the ensemble mean {diff / len(members):.2e}")
+        if "numpy" in outputs:
+            engine, whole = engines["numpy"], outputs["numpy"][:, :num_windows]
             order = rng.permutation(min(64, len(traces)))
             checks = {
-                "rows one at a time": np.concatenate([engine(traces[i : i + 1], members) for i in range(5)]),
-                "chunks of 3 rows": np.concatenate([engine(traces[i : i + 3], members) for i in range(0, 9, 3)]),
-                "a permutation": engine(traces[order], members)[np.argsort(order)],
+                "rows one at a time": np.concatenate(
+                    [engine(traces[i : i + 1], members, model.dense_expansion) for i in range(5)]
+                ),
+                "chunks of 3 rows": np.concatenate(
+                    [engine(traces[i : i + 3], members, model.dense_expansion) for i in range(0, 9, 3)]
+                ),
+                "a permutation": engine(traces[order], members, model.dense_expansion)[np.argsort(order)],
             }
             for what, result in checks.items():
                 same = np.array_equal(result[:, :num_windows], whole[: len(result)])
-                say(f"  blas bit-identical across chunkings ({what}): {same}")
+                say(f"  numpy bit-identical across chunkings ({what}): {same}")
     say(f"\nfloat32 matmul, numpy, best of {len(models) * args.repeats} timings interleaved with the engines:")
     for label, rate in rates.items():
         say(f"  {label:52s} {rate / 1e9:7.1f} G multiply-adds/s ({2 * rate / 1e9:.0f} GFLOP/s), {args.threads} threads")
@@ -395,7 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engines", nargs="+", default=["tf", "blas"], choices=["tf", "blas"])
+    parser.add_argument("--engines", nargs="+", default=["tensorflow", "numpy"], choices=["tensorflow", "numpy"])
     parser.add_argument("--markdown", help="also append the printed report to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
