@@ -1571,6 +1571,14 @@ class CascadeModel:
         return self.smoothing_s * self.sampling_rate_hz
 
     @property
+    def multiply_adds_per_frame(self) -> int:
+        """The network's multiply-adds per predicted frame, every ensemble member (each layer once per frame)."""
+        w = self.ensembles[self.noise_levels[0]][0]
+        (k1, c1, f1), (k2, _, f2), (k3, _, f3) = w.conv1_kernel.shape, w.conv2_kernel.shape, w.conv3_kernel.shape
+        member = k1 * c1 * f1 + k2 * f1 * f2 + k3 * f2 * f3 + f3 * w.dense_kernel.shape[1] + w.output_kernel.shape[0]
+        return member * self.ensemble_size
+
+    @property
     def is_fallback(self) -> bool:
         """True when the builtin model stands in for a model that could not be had."""
         return self.source.startswith(FALLBACK_SOURCE_PREFIX)
@@ -4940,8 +4948,23 @@ WORKER_BYTES_PER_NEURON_FRAME = 28  # a worker's growth per neuron-frame of its 
 MAIN_BASE_GB = 1.5  # the main process outside inference
 GRID_BYTES_PER_VOXEL = 140  # build_coo's temporaries per active voxel (110-140 B measured)
 VOXELS_PER_NEURON_FRAME = 0.16  # active voxels per neuron-frame (11.9-16 % of neuron-frames were spikes)
-CASCADE_NEURON_FRAMES_PER_S = 356_000  # one worker (w1's CASCADE neuron-frames/s)
-GRID_S_PER_VOXEL = 3e-6  # grid build and writing, per active voxel
+# Time: an engine's multiply-adds/s as a fraction of the host's float32 matrix-product rate (benchmark_engine.py in
+# benchmarks/RESULTS_inference.md), and the whole run's neuron-frames/s as a fraction of the engine's
+# (benchmark_overhead.py in benchmarks/RESULTS_pipeline.md), so that the estimate follows the host it runs on.
+ENGINE_MATMUL_FRACTION = {"tensorflow": 0.95, "numpy": 0.8}
+PIPELINE_ENGINE_FRACTION = 0.75
+
+
+def matmul_rate() -> float:
+    """This host's float32 matrix-product rate (multiply-adds/s, numpy, every core; conv 2's shape; ~0.1 s)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((8192, 600), np.float32), rng.random((600, 80), np.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return a.shape[0] * a.shape[1] * b.shape[1] / best
 
 
 @dataclass
@@ -4962,9 +4985,12 @@ class Inspection:
         grid = GRID_BYTES_PER_VOXEL * VOXELS_PER_NEURON_FRAME * cells * frames / 1e9
         return MAIN_BASE_GB + grid + workers * (WORKER_BASE_GB + WORKER_BYTES_PER_NEURON_FRAME * batch * frames / 1e9)
 
-    def seconds(self, workers: int) -> float:
-        size = self.subject.num_cells * self.subject.num_frames if self.subject else 0
-        return size / (CASCADE_NEURON_FRAMES_PER_S * workers) + GRID_S_PER_VOXEL * VOXELS_PER_NEURON_FRAME * size
+    def seconds(self, engine_multiply_adds_per_s: float) -> float:
+        """The whole run on this subject, whatever --workers (they share the cores)."""
+        if self.subject is None or self.model is None:
+            return 0.0
+        size = self.subject.num_cells * self.subject.num_frames
+        return size * self.model.multiply_adds_per_frame / engine_multiply_adds_per_s / PIPELINE_ENGINE_FRACTION
 
 
 def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
@@ -4988,8 +5014,12 @@ def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
 
 def inspect_lines(found: list, config: PipelineConfig) -> list:
     """The --inspect report: a line per subject and its doubts, then totals and suggestions."""
+    engine = choose_engine(config.engine)
+    speed = ENGINE_MATMUL_FRACTION[engine.name] * matmul_rate()
     lines = [
-        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes"
+        f"this host: float32 matrix products at {speed / ENGINE_MATMUL_FRACTION[engine.name] / 1e9:.0f} G "
+        f"multiply-adds/s; engine {engine.name} ({engine.why}), expected at {speed / 1e9:.0f} G",
+        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes",
     ]
     for f in found:
         s = f.subject
@@ -4999,7 +5029,7 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
             lines.append(
                 f"{f.name} | {s.layout} | {s.num_cells:,} / {s.stored_cells or s.num_cells:,} | {s.num_frames:,} | "
                 f"{s.frame_rate_hz:.3g} | {s.num_frames / s.frame_rate_hz / 60:.1f} | {kind} | {model} | "
-                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(config.workers) / 60:.1f}"
+                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(speed) / 60:.1f}"
             )
             lines += [f"  ! WARNING: {w}" for w in s.warnings]
         lines += [f"{f.name}: REFUSED: {f.refusal}"] * bool(f.refusal)
@@ -5014,13 +5044,14 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
         or [1]
     )
     peak = max((f.peak_gb(workers, config.batch_size) for f in ok), default=0.0)
-    minutes = sum(f.seconds(workers) for f in ok) / 60
+    minutes = sum(f.seconds(speed) for f in ok) / 60
     lines += [
         f"Totals: {len(found)} subjects ({len(found) - len(ok)} refused), "
         f"{sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about {minutes:.0f} min with "
         f"--workers {workers} (peak {peak:.1f} GB; this machine: {cpus} CPUs, {memory_gb:.0f} GB available)",
-        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={workers} "
-        "(estimates from benchmarks/RESULTS_pipeline.md; doubts that only the traces reveal are found by the run)",
+        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={cpus} "
+        "(estimates: this host's matrix-product rate and the fractions in docs/performance.md; doubts that only the "
+        "traces reveal are found by the run)",
     ]
     return lines
 

@@ -48,6 +48,8 @@ def test_official_model_config_and_weights(official_model):
     assert w.conv1_kernel.shape == (31, 1, 30) and w.conv2_kernel.shape == (19, 30, 40)
     assert w.conv3_kernel.shape == (5, 40, 50) and w.dense_kernel.shape == (50, 30)
     assert w.output_kernel.shape == (60, 1)
+    # 31x30 + 19x30x40 + 5x40x50 + 50x30 + 60 per member (--inspect's time estimate counts them)
+    assert m.multiply_adds_per_frame == 35_290 * 5
 
 
 def test_missing_model_file_names_the_file(tmp_path, shared_cascade):
