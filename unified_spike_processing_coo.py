@@ -332,7 +332,7 @@ class BlockReads:
         parts = []
         for first in np.unique(rows // TRACE_READ_CELLS) * TRACE_READ_CELLS:
             wanted = rows[(rows >= first) & (rows < first + TRACE_READ_CELLS)]
-            parts.append(self.read(int(first), int(wanted[-1]) + 1)[wanted - first])
+            parts.append(self.read(int(wanted[0]), int(wanted[-1]) + 1)[wanted - wanted[0]])  # only their span
         return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
 
 
@@ -4316,13 +4316,19 @@ def outputs_out_of_date(out_dir: Path, fingerprint: dict, plots: bool, cell_acti
     return "CASCADE model changed" if old.get("model") != fingerprint["model"] else None
 
 
+TRACE_SAMPLE_CELLS, TRACE_SAMPLE_RUNS = 2000, 8  # cells that decide the trace type, in runs of neighbours
+
+
 def subject_trace_type(subject: SubjectData, trace_type_option: str) -> TraceType:
-    """--trace_type, or decided from a sample of up to 2,000 cells spread over the subject."""
+    """--trace_type, or decided from a sample of up to 2,000 cells: 8 runs of neighbours spread over the subject,
+    so that the parent reads a few of the file's chunks instead of decompressing every one (6 s for a whole fish)."""
     if trace_type_option != "auto":
         return TraceType(trace_type_option, "set by --trace_type")
     if subject.trace_type_reason:  # the layout says (suite2p's F, CaImAn's F_dff, NWB's DfOverF or Fluorescence)
         return TraceType(subject.trace_type_hint, subject.trace_type_reason)
-    sample_rows = np.unique(np.linspace(0, subject.num_cells - 1, min(subject.num_cells, 2000)).astype(int))
+    run_cells = min(subject.num_cells, TRACE_SAMPLE_CELLS) // TRACE_SAMPLE_RUNS or subject.num_cells
+    firsts = np.linspace(0, subject.num_cells - run_cells, TRACE_SAMPLE_RUNS).astype(int)
+    sample_rows = np.unique((firsts[:, None] + np.arange(run_cells)).ravel())
     return decide_trace_type(subject.trace_file.read_rows(sample_rows), subject.trace_type_hint)
 
 
