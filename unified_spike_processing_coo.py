@@ -2131,6 +2131,18 @@ def configure_tensorflow_threads(num_threads: int | None) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
+def _polyphase_kernel(kernel: np.ndarray) -> np.ndarray:
+    """(K, C, F) -> (M * 2C, 2F) with M = K // 2 + 1: out[2i+q] = sum over m, p of k[2m+p-q] x[2(i+m)+p], so one
+    product over pairs of frames gives both output phases (ConvolutionalCascade's conv 2, MatmulCascade's convs 1-2)."""
+    width, channels, filters = kernel.shape
+    taps = width // 2 + 1
+    poly = np.zeros((taps, 2, channels, 2, filters), np.float32)
+    for m, p, q in itertools.product(range(taps), range(2), range(2)):
+        if 0 <= 2 * m + p - q < width:
+            poly[m, p, :, q] = kernel[2 * m + p - q]
+    return poly.reshape(taps * 2 * channels, 2 * filters)
+
+
 class ConvolutionalCascade:
     """CASCADE's network evaluated on whole traces at once, never building windows.
 
@@ -2168,12 +2180,8 @@ class ConvolutionalCascade:
         if id(members) not in self._prepared:
             prepared = []
             for w in members:
-                k2 = w.conv2_kernel  # (K, C, C') -> polyphase (M, 2C, 2C'): out[2i+q] += k2[2m+p-q] x[2(i+m)+p]
-                width, channels, filters = k2.shape
-                poly = np.zeros((width // 2 + 1, 2 * channels, 2 * filters), np.float32)
-                for m, p, q in itertools.product(range(len(poly)), range(2), range(2)):
-                    if 0 <= 2 * m + p - q < width:
-                        poly[m, p * channels : (p + 1) * channels, q * filters : (q + 1) * filters] = k2[2 * m + p - q]
+                width, channels, filters = w.conv2_kernel.shape  # polyphase (M, 2C, 2C') as a conv kernel
+                poly = _polyphase_kernel(w.conv2_kernel).reshape(width // 2 + 1, 2 * channels, 2 * filters)
                 ko = w.output_kernel.reshape(-1, dense_expansion, 1)
                 arrays = (w.conv1_kernel, w.conv1_bias, poly, np.tile(w.conv2_bias, 2), w.conv3_kernel, w.conv3_bias)
                 arrays += (w.dense_kernel[None], w.dense_bias, ko, w.output_bias)
@@ -2194,18 +2202,6 @@ class ConvolutionalCascade:
         for output in outputs[1:]:
             total += output
         return total
-
-
-def _polyphase_kernel(kernel: np.ndarray) -> np.ndarray:
-    """(K, C, F) -> (M * 2C, 2F) with M = K // 2 + 1: out[2i+q] = sum over m, p of k[2m+p-q] x[2(i+m)+p], so one
-    product over pairs of frames gives both output phases (the same trick as ConvolutionalCascade's conv 2)."""
-    width, channels, filters = kernel.shape
-    taps = width // 2 + 1
-    poly = np.zeros((taps, 2, channels, 2, filters), np.float32)
-    for m, p, q in itertools.product(range(taps), range(2), range(2)):
-        if 0 <= 2 * m + p - q < width:
-            poly[m, p, :, q] = kernel[2 * m + p - q]
-    return poly.reshape(taps * 2 * channels, 2 * filters)
 
 
 def _im2col(h: np.ndarray, taps: int, step: int = 1) -> np.ndarray:
