@@ -3310,8 +3310,12 @@ class WorkerPool:
     def close(self, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (interrupts, dead pools)."""
         executor, self._executor, self._processes = self._executor, None, {}
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        # a worker that died while the pool was idle leaves the executor waiting forever for the others at
+        # shutdown (they ignore SIGTERM, see _init_worker): end them too
+        kill = kill or any(not process.is_alive() for process in processes)
         if kill:
-            for process in list((getattr(executor, "_processes", None) or {}).values()):
+            for process in processes:
                 with contextlib.suppress(Exception):
                     process.kill()
         if executor is not None:

@@ -367,3 +367,26 @@ def test_grid_parameters_regrid_saved_cascade_results_equal_to_a_full_run(tmp_pa
         "--input_dir", data, "--output_dir", out, "--no_plots", *changed, "--cascade_threshold", 0, *OFFLINE_BUILTIN
     )
     assert "CASCADE in" in rerun.stderr and "re-gridding" not in rerun.stderr
+
+
+def test_worker_that_dies_while_the_pool_is_idle_does_not_hang_the_end_of_the_run(tmp_path):
+    """The others ignore SIGTERM, so the executor's own shutdown would wait for them forever."""
+    script = tmp_path / "idle_death.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(usp.REPO_DIR)!r})\n"
+        "import unified_spike_processing_coo as usp\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "if __name__ == '__main__':\n"
+        "    pool = usp.WorkerPool(2)\n"
+        "    pool._executor = ProcessPoolExecutor(2, mp_context=usp._worker_context(), initializer=usp._init_worker,\n"
+        "                                         initargs=(30,))\n"
+        "    [f.result() for f in [pool._executor.submit(os.getpid) for _ in range(8)]]\n"
+        "    next(iter(pool._executor._processes.values())).kill()\n"
+        "    time.sleep(1)\n"
+        "    pool.close()\n"
+        "    print('closed')\n"
+    )
+    env = {**os.environ, usp.PRELOAD_TENSORFLOW_ENV: "0"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and "closed" in result.stdout, result.stderr[-2000:]
