@@ -536,3 +536,27 @@ def test_two_fish_in_one_atlas_conditions_split_and_holdout_whatever_workers_and
         np.testing.assert_array_equal(is_train[pt], np.repeat([1, 1, 0], 30)[-len(pt) :])
     # one atlas voxel, one grid voxel, in both fish
     np.testing.assert_array_equal(voxels["subject_1"][:5], voxels["subject_2"][-5:])
+
+
+@pytest.mark.parametrize(
+    "shape, chunks", [((150_001,), (1 << 16,)), ((70_000, 4), (1 << 14, 1)), ((37, 900), (8, 900))]
+)
+def test_chunks_compressed_on_every_core_are_stored_as_hdf5_stores_them(tmp_path, shape, chunks):
+    """write_chunks and ChunkAppender (edges, uneven appends) give the very bytes of HDF5's own filters."""
+    rows = np.random.default_rng(3).integers(0, 5000, shape).astype(np.int32)
+    with h5py.File(tmp_path / "chunks.h5", "w") as h5:
+        own = h5.create_dataset("own", data=rows, chunks=chunks, **usp.GZIP)
+        direct = h5.create_dataset("direct", shape, np.int32, chunks=chunks, **usp.GZIP)
+        usp.write_chunks(direct, 0, rows, threads=2)
+        appended = h5.create_dataset(
+            "appended", (0, *shape[1:]), np.int32, maxshape=(None, *shape[1:]), chunks=chunks, **usp.GZIP
+        )
+        appender = usp.ChunkAppender(appended, threads=2)
+        for part in np.array_split(rows, [1, 7, chunks[0] - 1, chunks[0] + 5, len(rows) - 3]):
+            appender.append(part)
+        appender.close()
+        for name in ("direct", "appended"):
+            np.testing.assert_array_equal(h5[name][()], rows)
+            for chunk in own.iter_chunks():
+                corner = tuple(piece.start for piece in chunk)
+                assert h5[name].id.read_direct_chunk(corner) == own.id.read_direct_chunk(corner), (name, corner)
