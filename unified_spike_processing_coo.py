@@ -3087,8 +3087,19 @@ class BatchResult:
         return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates, plot, seconds)
 
 
-def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> CellChunk:
-    """Cells [start, stop) of a batch: traces -> dF/F -> CASCADE rates -> binary spikes."""
+@dataclass
+class ChunkTraces:
+    """Cells [start, stop) of a batch as stored and as dF/F: the part of a chunk made on the reading thread."""
+
+    start: int
+    stop: int
+    traces: np.ndarray  # (B, T) float32 as stored, infinite values made NaN
+    infinite_values: np.ndarray  # (B,) int32 infinite values (treated as NaN)
+    dff: np.ndarray  # (B, T) float32
+
+
+def read_chunk(task: BatchTask, start: int, stop: int) -> ChunkTraces:
+    """Cells [start, stop) of a batch: traces -> dF/F."""
     settings = task.settings
     traces = task.trace_file.read_raw(start, stop)
     infinite_values = mark_infinite_as_missing(traces)
@@ -3096,37 +3107,57 @@ def infer_chunk(task: BatchTask, model: CascadeModel, start: int, stop: int) -> 
     if settings.is_fluorescence:
         window_s, percentile = settings.baseline_window_s, settings.baseline_percentile
         dff = compute_dff(traces, settings.frame_rate_hz, window_s, percentile, threads=task.threads)
+    return ChunkTraces(start, stop, traces, infinite_values, dff)
+
+
+def infer_chunk(task: BatchTask, model: CascadeModel, read: ChunkTraces) -> CellChunk:
+    """A chunk's dF/F -> CASCADE rates -> binary spikes."""
+    settings = task.settings
     threshold = CASCADE_THRESHOLDS[settings.cascade_threshold]
     # NaN kept where there is no prediction (cell_activity.h5 says so); spikes treat NaN as 0 as CASCADE's cut does
-    rates, report = predict_rates_keeping_nan(dff, model, threshold)
-    time_base = TimeBase(settings.frame_rate_hz, traces.shape[1], settings.target_rate_hz)
+    rates, report = predict_rates_keeping_nan(read.dff, model, threshold)
+    time_base = TimeBase(settings.frame_rate_hz, read.traces.shape[1], settings.target_rate_hz)
     rates = time_base.rebin(rates)
     if settings.target_rate_hz is not None:  # discrete spikes: the model's smoothing counted in bins
         model = dataclasses.replace(model, sampling_rate_hz=time_base.rate_hz)
-    ids = task.cell_ids[start - task.start : stop - task.start]
+    ids = task.cell_ids[read.start - task.start : read.stop - task.start]
     spikes = SPIKE_MODES[settings.spike_mode].binarize(
         rates, SpikeContext(ids, settings.seed, settings.spike_threshold, model)
     )
     noise = (report["noise_level"], report["model_noise_level"])
-    return CellChunk(traces, infinite_values, dff, rates, *noise, spikes)
+    return CellChunk(read.traces, read.infinite_values, read.dff, rates, *noise, spikes)
+
+
+def chunk_result(task: BatchTask, chunk: CellChunk, start: int) -> BatchResult:
+    """What leaves the worker of a chunk of cells from ``start``: spikes as (frame, cell) events, the per-cell
+    fields, the summed rates, float16 rates and the plotted cells' traces."""
+    frames, cells = np.nonzero(chunk.spikes.T)  # sorted by frame, then cell
+    per_cell = {f.name: np.asarray(f.compute(chunk)).astype(f.dtype) for f in CELL_FIELDS}
+    rate_sum_fixed = np.round(np.nan_to_num(chunk.rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
+    local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < start + len(chunk.rates))] - start
+    plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
+                      chunk.spikes[local])  # fmt: skip
+    events = (frames.astype(np.int32), (cells + start).astype(np.int32))
+    return BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates.astype(np.float16), plot)
 
 
 def process_batch(task: BatchTask) -> BatchResult:
-    """One batch, a chunk of cells at a time; only compact results leave the worker."""
-    started = time.perf_counter()
-    model, parts = read_model_folder_once(task.model_folder, task.model_source), []
-    use_engine(task.settings.engine, task.threads)
-    for start in range(task.start, task.stop, CELLS_PER_CHUNK):
-        stop = min(start + CELLS_PER_CHUNK, task.stop)
-        chunk = infer_chunk(task, model, start, stop)
-        frames, cells = np.nonzero(chunk.spikes.T)  # sorted by frame, then cell
-        per_cell = {f.name: np.asarray(f.compute(chunk)).astype(f.dtype) for f in CELL_FIELDS}
-        rate_sum_fixed = np.round(np.nan_to_num(chunk.rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
-        local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < stop)] - start
-        plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
-                          chunk.spikes[local])  # fmt: skip
-        events = (frames.astype(np.int32), (cells + start).astype(np.int32))
-        parts.append(BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates.astype(np.float16), plot))
+    """One batch, a chunk of cells at a time; only compact results leave the worker. The next chunk is read and
+    turned into dF/F on a second thread while CASCADE runs on this one: the network leaves part of the cores idle
+    between its layers, and the first read overlaps loading the engine (TensorFlow's import in one process)."""
+    started, parts = time.perf_counter(), []
+    bounds = [
+        (start, min(start + CELLS_PER_CHUNK, task.stop)) for start in range(task.start, task.stop, CELLS_PER_CHUNK)
+    ]
+    with ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(read_chunk, task, *bounds[0])
+        model = read_model_folder_once(task.model_folder, task.model_source)
+        use_engine(task.settings.engine, task.threads)
+        for following in [*bounds[1:], None]:
+            read = upcoming.result()
+            if following:
+                upcoming = reader.submit(read_chunk, task, *following)
+            parts.append(chunk_result(task, infer_chunk(task, model, read), read.start))
     return BatchResult.concatenate(parts, seconds=time.perf_counter() - started)
 
 
