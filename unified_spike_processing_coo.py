@@ -1456,22 +1456,69 @@ def decide_trace_type(traces: np.ndarray, hint: str | None = None, max_cells: in
     return TraceType("dff", f"baselines near zero (median baseline/noise {ratio:.1f}, positive in {positive:.0%})")
 
 
+# sliding_percentile's running minima below this rank (the 8th percentile of 600 frames), np.partition above:
+# measured faster up to rank ~60 (2,048 x 4,000 traces: 5x at rank 4, 2x at rank 24, 1.8x at rank 48)
+SMALL_RANK_MAX = 50
+
+
+def _running_smallest(blocks: np.ndarray, count: int, backwards: bool) -> np.ndarray:
+    """(W, R, B) frames of R rows cut into B blocks -> (count, R, B * W): at each frame, the ``count`` smallest
+    values of its block up to it (from it, ``backwards``), ascending; inf where the block has fewer."""
+    out = np.empty((len(blocks), count, *blocks.shape[1:]), blocks.dtype)
+    smallest = np.full((count, *blocks.shape[1:]), np.inf, blocks.dtype)
+    value, larger = np.empty(blocks.shape[1:], blocks.dtype), np.empty(blocks.shape[1:], blocks.dtype)
+    for frame in reversed(range(len(blocks))) if backwards else range(len(blocks)):
+        value[...] = blocks[frame]
+        for slot in smallest:  # insertion by exchange: each slot keeps the smaller value and passes the larger on
+            np.maximum(slot, value, out=larger)
+            np.minimum(slot, value, out=slot)
+            value, larger = larger, value
+        out[frame] = smallest
+    return out.transpose(1, 2, 3, 0).reshape(count, blocks.shape[1], -1)
+
+
+def _sliding_small_rank(padded: np.ndarray, window_frames: int, rank: int) -> np.ndarray:
+    """The rank-th smallest value (0-based) of every window of ``window_frames`` in (R, L) rows, for a small rank
+    (van Herk-Gil-Werman's trick for order statistics): cut into blocks of one window, each window is the end
+    of one block and the start of the next; the rank + 1 smallest of each, merged, hold its rank-th smallest."""
+    count, (rows, length) = rank + 1, padded.shape
+    blocks = np.full((rows, -(-length // window_frames) * window_frames), np.inf, padded.dtype)
+    blocks[:, :length] = padded
+    blocks = np.ascontiguousarray(blocks.reshape(rows, -1, window_frames).transpose(2, 0, 1))
+    num_windows = length - window_frames + 1
+    ends = _running_smallest(blocks, count, backwards=True)[:, :, :num_windows]  # window start -> end of its block
+    starts = _running_smallest(blocks, count, backwards=False)[:, :, window_frames - 1 :][:, :, :num_windows]
+    starts[:, :, ::window_frames] = np.inf  # a window that starts a block is that block: nothing from the next
+    # the count-th smallest of two ascending lists a, b: min over i of max(a[i - 1], b[count - 1 - i])
+    result = np.minimum(ends[count - 1], starts[count - 1])
+    for i in range(1, count):
+        np.minimum(result, np.maximum(ends[i - 1], starts[count - 1 - i]), out=result)
+    return result
+
+
 def sliding_percentile(
-    traces: np.ndarray, window_frames: int, percentile: float, max_chunk_values: int = 1 << 22, threads: int = 1
+    traces: np.ndarray, window_frames: int, percentile: float, max_chunk_values: int = 1 << 23, threads: int = 1
 ) -> np.ndarray:
     """Centred sliding percentile per row (edges repeat the end values), exactly as
-    scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') but ~3x faster: np.partition
-    over a strided window view, a block of rows at a time so memory stays bounded (``threads`` blocks
-    at once: NumPy's partition releases the GIL, and each row's result is the same whatever the blocks)."""
+    scipy.ndimage.percentile_filter(size=(1, w), mode='nearest') for rows without NaN, but faster: for low (or
+    high) ranks, running minima over blocks (_sliding_small_rank: 15x scipy for the 8th percentile of 30 s at
+    2 Hz), else np.partition over a strided window view (~3x). A block of rows at a time so memory stays
+    bounded (``threads`` blocks at once: NumPy lets go of the GIL; a row's result never depends on the blocks)."""
     window_frames = int(window_frames) | 1
-    half, rank = window_frames // 2, int(window_frames * percentile / 100.0)
+    half, rank = window_frames // 2, min(int(window_frames * percentile / 100.0), window_frames - 1)
+    sign, low_rank = (-1, window_frames - 1 - rank) if 2 * rank > window_frames else (1, rank)  # high: negated low
+    small = low_rank < SMALL_RANK_MAX
     out = np.empty(traces.shape, dtype=np.float32)
-    rows_per_block = max(1, max_chunk_values // max(1, traces.shape[1] * window_frames))
+    per_row = (traces.shape[1] + window_frames) * (4 * low_rank + 6) if small else traces.shape[1] * window_frames
+    rows_per_block = max(1, max_chunk_values // max(1, per_row))
 
     def fill(start: int) -> None:
         block = np.pad(traces[start : start + rows_per_block], ((0, 0), (half, half)), mode="edge")
-        windows = np.lib.stride_tricks.sliding_window_view(block, window_frames, axis=1)
-        out[start : start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
+        if small:
+            out[start : start + rows_per_block] = sign * _sliding_small_rank(sign * block, window_frames, low_rank)
+        else:
+            windows = np.lib.stride_tricks.sliding_window_view(block, window_frames, axis=1)
+            out[start : start + rows_per_block] = np.partition(windows, rank, axis=2)[:, :, rank]
 
     starts = range(0, len(traces), rows_per_block)
     if threads > 1 and len(starts) > 1:

@@ -32,18 +32,24 @@ def test_trace_type_decision():
     assert usp.decide_trace_type(fluorescence, hint="dff").kind == "dff"
 
 
-def test_sliding_percentile_equals_scipy():
+@pytest.mark.parametrize("percentile", [0, 1, 8, 13, 30, 50, 70, 92, 99, 100])
+def test_sliding_percentile_equals_scipy(percentile):
+    """Both paths (running minima for low and high ranks, np.partition in between), ties and constant runs too."""
     from scipy.ndimage import percentile_filter
 
     traces = np.random.default_rng(4).normal(0, 1, (13, 97)).astype(np.float32)
-    for window in (3, 15, 61):
-        expected = percentile_filter(traces, 8, size=(1, window), mode="nearest")
-        np.testing.assert_array_equal(usp.sliding_percentile(traces, window, 8, max_chunk_values=500), expected)
+    traces[2, 10:60], traces[5] = 0.5, 3.0  # ties, a constant row
+    traces[7] = np.round(traces[7])
+    for window in (3, 15, 59, 61, 97, 201):
+        expected = percentile_filter(traces, percentile, size=(1, window), mode="nearest")
+        got = usp.sliding_percentile(traces, window, percentile, max_chunk_values=5000)
+        np.testing.assert_array_equal(got, expected, err_msg=f"window {window}")
 
 
 def test_sliding_percentile_same_whatever_the_threads_and_blocks():
     traces = (100 + np.random.default_rng(3).normal(0, 5, (37, 500))).astype(np.float32)
-    one = usp.sliding_percentile(traces, 41, 8.0)
-    np.testing.assert_array_equal(
-        usp.sliding_percentile(traces, 41, 8.0, max_chunk_values=41 * 500 * 3, threads=3), one
-    )
+    for percentile in (8.0, 50.0):  # running minima, np.partition
+        one = usp.sliding_percentile(traces, 41, percentile)
+        np.testing.assert_array_equal(
+            usp.sliding_percentile(traces, 41, percentile, max_chunk_values=41 * 500 * 3, threads=3), one
+        )
