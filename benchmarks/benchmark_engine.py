@@ -17,6 +17,8 @@ traces (default 400 x 2,000), this measures in ONE process, repeats interleaved 
     ``numpy``      the script's MatmulCascade: convolution as matrix products through numpy's BLAS (polyphase
                    conv 1 and conv 2, im2col conv 3, fixed blocks per row so that every row's arithmetic is
                    independent of its chunk; threads over block groups, BLAS single-threaded);
+    ``onnxruntime`` (only when named in ``--engines``) a candidate runtime made for small CNNs: the
+                   same graph in ONNX, run by onnxruntime's CPU provider; measured here, not used by the script;
 - exactness: ``numpy`` against ``tensorflow`` (max |diff|), and ``numpy`` bit for bit across chunkings.
 
 ``--isa avx2`` runs the same in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
@@ -154,6 +156,66 @@ def matmul_rate(shape: tuple, repeats: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
+# A candidate runtime measured here only: onnxruntime (pip install onnx onnxruntime)
+# ------------------------------------------------------------------------------------------------
+
+
+class OnnxRuntimeCascade:
+    """CASCADE's network as one ONNX graph per ensemble (whole traces, poolings as dilations, as the script's
+    ConvolutionalCascade) run by onnxruntime's CPU provider (MLAS kernels); same call as the script's engines."""
+
+    def __init__(self, threads: int):
+        import onnxruntime
+
+        self.ort, self.threads, self.sessions = onnxruntime, threads, {}
+
+    def _session(self, members: tuple, dense_expansion: int):
+        from onnx import TensorProto, helper, numpy_helper
+
+        nodes, weights, outputs = [], [], []
+
+        def conv(name, source, kernel, bias, dilation=1, relu=True):  # Keras (K, C, F) -> ONNX (F, C, 1, K)
+            weights.append(
+                numpy_helper.from_array(np.ascontiguousarray(kernel.transpose(2, 1, 0)[:, :, None]), name + "w")
+            )
+            weights.append(numpy_helper.from_array(np.ascontiguousarray(bias, np.float32), name + "b"))
+            nodes.append(helper.make_node("Conv", [source, name + "w", name + "b"], [name], dilations=[1, dilation]))
+            if relu:
+                nodes.append(helper.make_node("Relu", [name], [name + "r"]))
+            return name + "r" if relu else name
+
+        for index, w in enumerate(members):
+            m = f"m{index}"
+            h = conv(m + "c2", conv(m + "c1", "x", w.conv1_kernel, w.conv1_bias), w.conv2_kernel, w.conv2_bias)
+            nodes.append(helper.make_node("MaxPool", [h], [m + "p1"], kernel_shape=[1, 2], strides=[1, 1]))
+            h = conv(m + "c3", m + "p1", w.conv3_kernel, w.conv3_bias, dilation=2)
+            nodes.append(helper.make_node("MaxPool", [h], [m + "p2"], kernel_shape=[1, 2], dilations=[1, 2]))
+            h = conv(m + "d", m + "p2", w.dense_kernel[None], w.dense_bias)
+            kernel = w.output_kernel.reshape(-1, dense_expansion, 1)
+            outputs.append(helper.make_tensor_value_info(conv(m + "o", h, kernel, w.output_bias, 4, False), 1, None))
+        graph = helper.make_graph(
+            nodes,
+            "cascade",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1, 1, "T"])],
+            outputs,
+            weights,
+        )
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return self.ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, traces: np.ndarray, members: tuple, dense_expansion: int) -> np.ndarray:
+        if id(members) not in self.sessions:
+            self.sessions[id(members)] = (members, self._session(members, dense_expansion))
+        outputs = self.sessions[id(members)][1].run(None, {"x": np.ascontiguousarray(traces[:, None, None, :])})
+        total = outputs[0][:, 0, 0].astype(np.float64)
+        for output in outputs[1:]:
+            total += output[:, 0, 0]
+        return total
+
+
+# ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
 
@@ -197,7 +259,12 @@ def measure(args, say) -> None:
         rng.normal(0, 0.05, (args.neurons, args.frames)) + (rng.random((args.neurons, args.frames)) < 0.01)
     ).astype(np.float32)
     engines = {name: usp.use_engine(name, args.threads) for name in usp.CASCADE_ENGINES}
-    engines = {key: engines[key] for key in args.engines}
+    if "onnxruntime" in args.engines:
+        try:
+            engines["onnxruntime"] = OnnxRuntimeCascade(args.threads)
+        except ImportError:
+            say("onnxruntime: not installed (pip install onnx onnxruntime), skipped")
+    engines = {key: engines[key] for key in args.engines if key in engines}
     for label, model in models.items():
         members = model.ensembles[model.noise_levels[len(model.noise_levels) // 2]]
         macs = macs_per_frame(model)
@@ -235,9 +302,10 @@ def measure(args, say) -> None:
                 f"{rate:>10,.0f} neuron-frames/s (median {traces.size / median:,.0f}); ceiling fraction {fraction:.2f} "
                 f"(wall), {cpu_fraction:.2f} per CPU second"
             )
-        if "tensorflow" in outputs and "numpy" in outputs:
-            diff = np.abs(outputs["tensorflow"][:, :num_windows] - outputs["numpy"][:, :num_windows]).max()
-            say(f"  numpy vs tensorflow: max |difference| of the ensemble mean {diff / len(members):.2e}")
+        for other in ("numpy", "onnxruntime"):
+            if "tensorflow" in outputs and other in outputs:
+                diff = np.abs(outputs["tensorflow"][:, :num_windows] - outputs[other][:, :num_windows]).max()
+                say(f"  {other} vs tensorflow: max |difference| of the ensemble mean {diff / len(members):.2e}")
         if "numpy" in outputs:
             engine, whole = engines["numpy"], outputs["numpy"][:, :num_windows]
             order = rng.permutation(min(64, len(traces)))
@@ -268,7 +336,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engines", nargs="+", default=["tensorflow", "numpy"], choices=["tensorflow", "numpy"])
+    parser.add_argument(
+        "--engines", nargs="+", default=["tensorflow", "numpy"], choices=["tensorflow", "numpy", "onnxruntime"],
+        help="onnxruntime: a candidate measured here only (needs pip install onnx onnxruntime)",
+    )  # fmt: skip
     parser.add_argument("--markdown", help="also append the printed report to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
