@@ -3702,11 +3702,14 @@ def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
     frames_out = group.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
     appender, offsets = ChunkAppender(frames_out, available_cpus()), [np.zeros(1, np.int64)]
     for batch in spikes.batches:
-        cells = (batch.spike_cells - batch.start).astype(np.int64)
-        # by cell, then frame; the events come frame by frame, runs that a stable sort (timsort) merges fast
-        by_cell = np.sort(cells * spikes.num_frames + batch.spike_frames, kind="stable")
-        appender.append((by_cell % spikes.num_frames).astype(np.int32))
-        offsets.append(offsets[-1][-1] + np.cumsum(np.bincount(cells, minlength=batch.num_cells)))
+        per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
+        offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
+        by_cell = batch.spike_cells.astype(np.int64)  # key cell * frames + frame, made and sorted in place
+        by_cell -= batch.start
+        by_cell *= spikes.num_frames
+        by_cell += batch.spike_frames
+        by_cell.sort(kind="stable")  # the events come frame by frame: runs that timsort merges fast
+        appender.append(np.remainder(by_cell, spikes.num_frames, out=by_cell).astype(np.int32))
     appender.close()
     rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
     cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
@@ -3753,10 +3756,12 @@ def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
             block = slice(first, first + CELL_RATE_BLOCK_TIMEPOINTS)
             rates[:, rows[block]] = stored[block].T
     num_cells = len(offsets) - 1
-    cell_rows = np.repeat(np.arange(num_cells, dtype=np.int64), np.diff(offsets))
-    by_frame = np.sort(frames.astype(np.int64) * num_cells + cell_rows, kind="stable")  # as the workers send them
+    by_frame = frames.astype(np.int64)  # key frame * cells + cell, made and sorted in place: as workers send them
+    by_frame *= num_cells
+    by_frame += np.repeat(np.arange(num_cells, dtype=np.int32), np.diff(offsets))
+    by_frame.sort(kind="stable")
     frames, cell_rows = np.empty(len(by_frame), np.int32), np.empty(len(by_frame), np.int32)
-    np.divmod(by_frame, num_cells, out=(frames, cell_rows), casting="unsafe")  # no int64 temporaries
+    np.divmod(by_frame, num_cells, out=(frames, cell_rows), casting="unsafe")
     batch = BatchResult(0, frames, cell_rows, cells, rate_sum_fixed, rates, plot)
     trace_type = TraceType(str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
     return SubjectSpikes([batch], rates.shape[1], int(attrs["num_original_frames"])), trace_type
