@@ -144,9 +144,9 @@ class PipelineConfig:
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(
         1, "worker processes for CASCADE inference; each uses cores/workers threads (workers x threads per worker = "
-        "the cores this job may use), so workers never add cores, only memory (~2.8 GB each for a whole fish). More "
-        "workers keep the cores busier while others read, compute dF/F and sample spikes: on 2 cores a whole fish "
-        "took 417 s with 2 workers, 458 s with 1. Choose the most that fit in memory, up to the cores "
+        "the cores this job may use), so workers never add cores, only memory (~2.7 GB each for a whole fish, 1.7 "
+        "with --engine numpy). More workers keep the cores busier between the network's layers: on 2 cores a whole "
+        "fish ran 9 %% faster with 2 workers than with 1. Choose the most that fit in memory, up to the cores "
         "(--inspect suggests a number; docs/performance.md)", RUN,
     )  # fmt: skip
     engine: str = option(
