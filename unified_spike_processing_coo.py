@@ -2315,12 +2315,12 @@ class MatmulCascade:
     """The same network as float32 matrix products through numpy's BLAS (OpenBLAS), no TensorFlow.
 
     Each row is cut at fixed offsets into blocks of predicted frames (input: the block plus the window), and
-    blocks go through the layers BLOCKS_PER_PRODUCT at a time, the last group padded with zero blocks: every
-    product has one shape, so a frame's arithmetic depends only on its row and the recording's length, never
-    on the other rows of a chunk. Groups run on ``threads`` threads, BLAS single-threaded inside each."""
+    each block goes through the layers as products of its own: a frame's arithmetic depends only on its row and
+    the recording's length, never on the other rows of a chunk, nor on how the BLAS tiles a larger product (with
+    two blocks per product, a short recording's row got other bits in the other slot). Blocks run on ``threads``
+    threads, BLAS single-threaded inside each."""
 
-    BLOCK_FRAMES = 512  # predicted frames per block (fewer for short recordings)
-    BLOCKS_PER_PRODUCT = 4
+    BLOCK_FRAMES = 2048  # most predicted frames per block: 4-7 % faster than four 512-frame blocks per product
 
     def __init__(self, threads: int = 1):
         self.threads = max(1, int(threads))
@@ -2341,26 +2341,25 @@ class MatmulCascade:
         window = 2 * sum(taps) + 4 * positions - 7  # input frames per predicted frame, polyphase taps included
         window += window % 2  # blocks split into pairs of frames
         predicted = max(1, frames - window + 1)
-        block = min(self.BLOCK_FRAMES, predicted + predicted % 2)  # even; one block covers a short recording
-        per_row = -(-predicted // block)
+        per_row = -(-predicted // self.BLOCK_FRAMES)
+        block = -(-predicted // per_row)  # blocks split a row evenly: little padding whatever its length
+        block += block % 2  # even, at most BLOCK_FRAMES
         padded = np.zeros((rows, per_row * block + window), np.float32)
         padded[:, :frames] = traces
         s = padded.strides
         blocks = as_strided(padded, (rows, per_row, block + window), (s[0], block * s[1], s[1]))
-        blocks = blocks.reshape(-1, block + window)  # a copy: each block with its window
-        group = self.BLOCKS_PER_PRODUCT
-        blocks = np.concatenate([blocks, np.zeros((-len(blocks) % group, block + window), np.float32)])
+        blocks = blocks.reshape(-1, 1, block + window)  # a copy: each block with its window
         weights = self._weights(members)
 
-        def run(start: int) -> np.ndarray:
-            total = np.zeros((group, block))
+        def run(one_block: np.ndarray) -> np.ndarray:
+            total = np.zeros((1, block))
             for member in weights:
-                total += member.forward(blocks[start : start + group], taps)[:, :block]
+                total += member.forward(one_block, taps)[:, :block]
             return total
 
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(self.threads) as pool:
-            sums = np.concatenate(list(pool.map(run, range(0, len(blocks), group))))
-        return sums[: rows * per_row].reshape(rows, per_row * block)
+            sums = np.concatenate(list(pool.map(run, blocks)))
+        return sums.reshape(rows, per_row * block)
 
 
 @dataclass(frozen=True)

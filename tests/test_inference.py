@@ -203,6 +203,39 @@ def test_engines_agree_and_chunk_alike(official_model, num_frames):
     np.testing.assert_array_equal(one_thread(traces[order], members, official_model.dense_expansion), matmul[order])
 
 
+NUMPY_ENGINE_CHUNKING_CHECK = """
+import sys
+import numpy as np
+import unified_spike_processing_coo as usp
+model = usp.read_model_folder(usp.BUILTIN_MODEL_DIR)
+members, ok = model.ensembles[model.noise_levels[1]], True
+for frames in (64, 65, 130, 2100, 4000):
+    rng = np.random.default_rng(frames)
+    traces = (rng.normal(0, 0.05, (7, frames)) + (rng.random((7, frames)) < 0.03)).astype(np.float32)
+    whole = usp.MatmulCascade(2)(traces, members, model.dense_expansion)
+    alone = np.concatenate([usp.MatmulCascade(1)(traces[i : i + 1], members, model.dense_expansion) for i in range(7)])
+    ok &= np.array_equal(alone, whole)
+print("identical" if ok else "DIFFERENT")
+"""
+
+
+@pytest.mark.parametrize("core", ["Haswell", "SkylakeX"])  # the BLAS kernels of AVX2-only and AVX-512 CPUs
+def test_numpy_engine_bits_never_depend_on_the_chunk_whatever_the_blas_kernel(core):
+    """Where auto picks the numpy engine (AVX2-only CPUs) OpenBLAS runs its Haswell kernels: a row's bits must not
+    depend on the other rows of a call with those kernels either (each block is its own product)."""
+    import subprocess
+    import sys
+
+    with open("/proc/cpuinfo") as cpuinfo:
+        if core == "SkylakeX" and "avx512f" not in cpuinfo.read():
+            pytest.skip("SkylakeX kernels need AVX-512 on this CPU")
+    environment = {**os.environ, "OPENBLAS_CORETYPE": core, "PYTHONPATH": str(usp.REPO_DIR)}
+    result = subprocess.run([sys.executable, "-c", NUMPY_ENGINE_CHUNKING_CHECK], env=environment,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "identical"
+
+
 def test_auto_engine_by_the_cpu(monkeypatch):
     """--engine auto: TensorFlow with AVX-512 (or unknown flags), numpy on AVX2-only CPUs; a name is taken as is."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever this machine has
