@@ -3695,6 +3695,16 @@ def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
         write_chunks(out, first, block, available_cpus())
 
 
+def _sorted_key(major: np.ndarray, minor: np.ndarray, minor_span: int) -> np.ndarray:
+    """major * minor_span + minor (int64, made in place, no temporaries) sorted: events in (major, minor) order.
+    Stable: timsort merges the runs that events sorted the other way round come in (1.7-3x the default sort)."""
+    key = major.astype(np.int64)
+    key *= minor_span
+    key += minor
+    key.sort(kind="stable")
+    return key
+
+
 def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
     """CASCADE's results besides the rates: spikes per cell (CSR: cell i's frames of the time base are
     spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every CELL_FIELDS result, the summed rates and the PDF's cells."""
@@ -3703,11 +3713,7 @@ def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
     for batch in spikes.batches:
         per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
         offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
-        by_cell = batch.spike_cells.astype(np.int64)  # key cell * frames + frame, made and sorted in place
-        by_cell -= batch.start
-        by_cell *= spikes.num_frames
-        by_cell += batch.spike_frames
-        by_cell.sort(kind="stable")  # the events come frame by frame: runs that timsort merges fast
+        by_cell = _sorted_key(batch.spike_cells - batch.start, batch.spike_frames, spikes.num_frames)
         appender.append(np.remainder(by_cell, spikes.num_frames, out=by_cell).astype(np.int32))
     appender.close()
     rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
@@ -3755,10 +3761,8 @@ def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
             block = slice(first, first + CELL_RATE_BLOCK_TIMEPOINTS)
             rates[:, rows[block]] = stored[block].T
     num_cells = len(offsets) - 1
-    by_frame = frames.astype(np.int64)  # key frame * cells + cell, made and sorted in place: as workers send them
-    by_frame *= num_cells
-    by_frame += np.repeat(np.arange(num_cells, dtype=np.int32), np.diff(offsets))
-    by_frame.sort(kind="stable")
+    cell_rows = np.repeat(np.arange(num_cells, dtype=np.int32), np.diff(offsets))
+    by_frame = _sorted_key(frames, cell_rows, num_cells)  # (frame, cell) order, as the workers send them
     frames, cell_rows = np.empty(len(by_frame), np.int32), np.empty(len(by_frame), np.int32)
     np.divmod(by_frame, num_cells, out=(frames, cell_rows), casting="unsafe")
     batch = BatchResult(0, frames, cell_rows, cells, rate_sum_fixed, rates, plot)
