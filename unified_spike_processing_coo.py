@@ -269,6 +269,8 @@ class PipelineConfig:
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
             f"--spike_mode must be one of {', '.join(SPIKE_MODES)}": self.spike_mode not in SPIKE_MODES,
+            "--inspect and --combine_only cannot go together (--inspect looks at the inputs, --combine_only gathers "
+            "finished outputs): run one, then the other": self.inspect and self.combine_only,
         }
         if any(checks.values()):
             raise PipelineError("; ".join(message for message, bad in checks.items() if bad))
@@ -432,8 +434,9 @@ class LoadOptions:
 
 @dataclass(frozen=True, eq=False)
 class Covariates:
-    """What the experiment showed and what the fish did, per ORIGINAL frame (row f is frame f); None or empty
-    where the input does not hold it. Writers take them at the grid's timepoints with at_frames."""
+    """What the experiment showed and what the fish did, row i at index i of their clock: the recording's frames as
+    loaded, or the run's timepoints once resampled to the time base (TimeBase.resample_covariates); None or empty
+    where the input does not hold it. Writers take them at the grid's rows with ``at``."""
 
     stimulus: np.ndarray | None = None  # (frames,) stimulus code per frame (Chen's stim_full)
     condition: np.ndarray | None = None  # (frames,) int16 index into condition_names, -1 in no list
@@ -443,16 +446,17 @@ class Covariates:
     eye: np.ndarray | None = None  # (frames, 2) float32 (Chen's Eye_full, 2 x T)
     extra: dict = dataclasses.field(default_factory=dict)  # name -> (frames, ...): the generic layout's covariates/
     stimulus_sets: tuple = ()  # (name, stimulus codes) per stimulus set (Chen's stimset), as recorded
+    clock: str = "frames"  # what a row is: "frames" (the recording's) or "timepoints" (the run's time base)
 
     def arrays(self) -> dict:
         """name -> (frames, ...) array of every covariate present."""
         named = {"stimulus": self.stimulus, "condition": self.condition, "behavior": self.behavior, "eye": self.eye}
         return {name: array for name, array in {**named, **self.extra}.items() if array is not None}
 
-    def at_frames(self, frames) -> dict:
-        """name -> array at the given original frames: row t is frame ``frames[t]`` (e.g. timepoint_indices)."""
-        frames = np.asarray(frames, dtype=np.int64)
-        return {name: np.asarray(array)[frames] for name, array in self.arrays().items()}
+    def at(self, indices) -> dict:
+        """name -> array at the given rows of their clock: row t is ``indices[t]`` (e.g. timepoint_indices)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return {name: np.asarray(array)[indices] for name, array in self.arrays().items()}
 
     def period_of(self, condition: int) -> int | None:
         """Frames of one repetition of a condition, or None when its period is unknown."""
@@ -471,7 +475,6 @@ class SubjectData:
     positions: np.ndarray  # (N, 3) float64: x (CellXYZ col 1), y (col 2), z (col 3)
     frame_rate_hz: float
     cell_ids: np.ndarray  # (N,) int64: 1-based row in CellXYZ (Chen) or 0-based index
-    layout: str  # the InputLayout's name
     trace_type_hint: str | None = None
     source_files: tuple = ()
     warnings: list = dataclasses.field(default_factory=list)
@@ -480,6 +483,8 @@ class SubjectData:
     covariates: Covariates = dataclasses.field(default_factory=Covariates)  # indexed by original frame
     raw_positions: np.ndarray | None = None  # (N, 3) as the layout stores them (Chen: CellXYZ), for cell_activity.h5
     registered_positions: np.ndarray | None = None  # (N, 3) in a shared frame where the layout has one (CellXYZ_norm)
+    doubts: list = dataclasses.field(default_factory=list)  # the loader's doubts, made warnings by load_subject
+    layout: str = ""  # the InputLayout's name (set by load_subject)
 
     @property
     def num_cells(self) -> int:
@@ -908,12 +913,10 @@ def load_chen2018_subject(folder: Path, options: LoadOptions) -> SubjectData:
     covariates = _chen_covariates(fields, trace_file.num_frames, str(anatomy_path), doubts)
     sources = (str(series_path), str(anatomy_path))
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "chen2018", None, sources,
-        covariates=covariates,
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, None, sources, covariates=covariates,
+        doubts=doubts,
     )  # fmt: skip
     subject.raw_positions, subject.registered_positions = _chen_position_sets(fields, cell_ids, anatomy_path)
-    for message in doubts:
-        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     return subject
 
 
@@ -943,8 +946,6 @@ def _generic_covariates(path: Path, num_frames: int, doubts: list) -> Covariates
 
 def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """The generic layout: traces.h5 with traces (N, T), positions (N, 3), attr frame_rate_hz."""
-    if options.coordinates == "registered":
-        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     path = folder / "traces.h5"
     _check_file(path, "an HDF5", "the generic layout needs traces.h5")
     trace_file, found = _open_trace_file(path, "traces", False, ("positions",), ("frame_rate_hz", "trace_type"))
@@ -967,18 +968,10 @@ def load_generic_subject(folder: Path, options: LoadOptions) -> SubjectData:
     cell_ids = np.arange(trace_file.num_cells, dtype=np.int64)
     covariates = _generic_covariates(path, trace_file.num_frames, doubts)
     subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, "generic", hint, (str(path),),
-        covariates=covariates,
+        folder.name, str(folder), trace_file, positions, frame_rate_hz, cell_ids, hint, (str(path),),
+        covariates=covariates, doubts=doubts,
     )  # fmt: skip
     subject.raw_positions = positions
-    for message in doubts:
-        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
-    return subject
-
-
-def _with_doubts(subject: SubjectData, doubts: list) -> SubjectData:
-    for message in doubts:
-        subject.warn(message.replace(f"{subject.folder}{os.sep}", ""))  # the subject's name says where
     return subject
 
 
@@ -1068,8 +1061,6 @@ def _suite2p_plane(index: int, plane: Path, options: LoadOptions, doubts: list) 
 
 def load_suite2p_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """suite2p's plane folders: every plane's accepted ROIs, traces F - c * Fneu (raw fluorescence)."""
-    if options.coordinates == "registered":
-        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     root, planes = _suite2p_planes(folder)
     if not planes:
         raise PipelineError(f"{root} has no plane<k> folders (suite2p writes suite2p/plane0, plane1, ...)")
@@ -1098,12 +1089,11 @@ def load_suite2p_subject(folder: Path, options: LoadOptions) -> SubjectData:
     files = ("F.npy", "Fneu.npy", "iscell.npy", "stat.npy", "ops.npy", "settings.npy", "db.npy")
     sources = tuple(str(p / name) for _, p in planes for name in files if (p / name).is_file())
     c_values = ", ".join(f"{c:g}" for c in dict.fromkeys(coefficients))
-    subject = SubjectData(
-        folder.name, str(folder), traces, positions, rates[0], np.arange(traces.num_cells), "suite2p",
-        "fluorescence", sources, trace_type_reason=f"suite2p's F - c * Fneu (c = {c_values}) is raw fluorescence",
-        stored_cells=_suite2p_size(folder) // max(min(frames), 1) if len(set(frames)) == 1 else None,
+    return SubjectData(
+        folder.name, str(folder), traces, positions, rates[0], np.arange(traces.num_cells), "fluorescence", sources,
+        trace_type_reason=f"suite2p's F - c * Fneu (c = {c_values}) is raw fluorescence",
+        stored_cells=_suite2p_size(folder) // max(min(frames), 1) if len(set(frames)) == 1 else None, doubts=doubts,
     )  # fmt: skip
-    return _with_doubts(subject, doubts)
 
 
 def _suite2p_size(folder: Path) -> int:
@@ -1162,8 +1152,6 @@ def _caiman_centres(h5, path: Path, dims: np.ndarray, components: np.ndarray) ->
 
 def load_caiman_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """CaImAn's results: estimates/F_dff (dF/F) of the accepted components, centres of estimates/A, params/data/fr."""
-    if options.coordinates == "registered":
-        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     path = _the_file(folder, ".hdf5", "CaImAn")
     _check_file(path, "an HDF5", "CaImAn's cnm.save('....hdf5')")
     with h5py.File(path, "r") as h5:
@@ -1197,11 +1185,10 @@ def load_caiman_subject(folder: Path, options: LoadOptions) -> SubjectData:
     trace_file = TraceFile(
         str(path), "estimates/F_dff", False, len(rows), int(shape[1]), None if accepted is None else rows
     )
-    subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, rate, np.arange(len(rows)), "caiman", "dff", (str(path),),
-        trace_type_reason="CaImAn's estimates/F_dff is dF/F", stored_cells=int(shape[0]),
+    return SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(len(rows)), "dff", (str(path),),
+        trace_type_reason="CaImAn's estimates/F_dff is dF/F", stored_cells=int(shape[0]), doubts=doubts,
     )  # fmt: skip
-    return _with_doubts(subject, doubts)
 
 
 def _caiman_size(folder: Path) -> int:
@@ -1312,8 +1299,6 @@ def _nwb_contents(nwb, path: Path, doubts: list) -> tuple:
 
 def load_nwb_subject(folder: Path, options: LoadOptions) -> SubjectData:
     """An NWB file: the ophys series of DfOverF (dF/F) or Fluorescence (raw), centres of its ROIs' masks."""
-    if options.coordinates == "registered":
-        raise PipelineError(f"{folder}: --coordinates registered needs the Chen 2018 layout (CellXYZ_norm)")
     from pynwb import NWBHDF5IO
 
     path, doubts = _the_file(folder, ".nwb", "NWB"), []
@@ -1327,11 +1312,11 @@ def load_nwb_subject(folder: Path, options: LoadOptions) -> SubjectData:
     except Exception as exc:
         raise PipelineError(f"cannot read {path} as NWB ({type(exc).__name__}: {exc})") from None
     _check_positions(positions, f"{path}: ROI mask centres", doubts)
-    subject = SubjectData(
-        folder.name, str(folder), trace_file, positions, rate, np.arange(trace_file.num_cells), "nwb", trace_type,
+    return SubjectData(
+        folder.name, str(folder), trace_file, positions, rate, np.arange(trace_file.num_cells), trace_type,
         (str(path),), trace_type_reason=f"NWB {where} is {'dF/F' if trace_type == 'dff' else 'raw fluorescence'}",
+        doubts=doubts,
     )  # fmt: skip
-    return _with_doubts(subject, doubts)
 
 
 def _nwb_size(folder: Path) -> int:
@@ -1360,15 +1345,16 @@ class InputLayout:
     name: str  # recorded as the outputs' `layout` attribute
     files: str  # what it reads, in words
     recognise: Callable[[set], bool]  # from the names of the entries of a subject folder
-    load: Callable[[Path, LoadOptions], SubjectData]  # open and validate (traces are not read)
+    load: Callable[[Path, LoadOptions], SubjectData]  # open and validate (traces are not read), doubts in .doubts
     size: Callable[[Path], int]  # cells x frames without reading traces (balances shards); 0 if unreadable
+    registered: bool = False  # holds positions in a shared (atlas) frame, for --coordinates registered
 
 
 INPUT_LAYOUTS = (  # the first that a folder holds is used
     InputLayout(
         "chen2018", "TimeSeries.h5 + data_full.mat (Chen et al. 2018)",
         lambda names: bool(names & {"TimeSeries.h5", "data_full.mat"}), load_chen2018_subject,
-        lambda folder: _dataset_size(folder / "TimeSeries.h5", "CellResp"),
+        lambda folder: _dataset_size(folder / "TimeSeries.h5", "CellResp"), registered=True,
     ),
     InputLayout(
         "generic", "traces.h5 (traces (N, T), positions (N, 3), attribute frame_rate_hz)",
@@ -1415,7 +1401,18 @@ def load_subject(folder, options: LoadOptions | None = None) -> SubjectData:
         raise PipelineError(
             f"{folder} holds no layout this pipeline reads ({known}); found: {', '.join(present[:5]) or 'nothing'}"
         )
-    subject = layouts[0].load(folder, options)
+    layout = layouts[0]
+    if options.coordinates == "registered" and not layout.registered:
+        with_positions = " or ".join(
+            f"{entry.name} ({entry.files.split(' (')[0]})" for entry in INPUT_LAYOUTS if entry.registered
+        )
+        raise PipelineError(
+            f"{folder}: --coordinates registered needs registered positions, which the {layout.name} layout does not "
+            f"hold (layouts that do: {with_positions}); use --coordinates raw for this subject"
+        )
+    subject = dataclasses.replace(layout.load(folder, options), layout=layout.name)
+    for message in subject.doubts:
+        subject.warn(message.replace(f"{folder}{os.sep}", ""))  # the subject's name says where
     if len(layouts) > 1:
         ignored = " and ".join(layout.files.split(" (")[0] for layout in layouts[1:])
         subject.warn(f"the folder holds several layouts: {layouts[0].files.split(' (')[0]} used, {ignored} ignored")
@@ -2612,7 +2609,7 @@ class TimeBase:
         codes (stimulus, condition, integer extras) are the value of the frame it starts in; behaviour, eye and
         real-valued extras their mean over the bin; condition periods are counted in bins (fractional)."""
         if self.target_rate_hz is None:
-            return covariates
+            return dataclasses.replace(covariates, clock="timepoints")  # the same rows: timepoints are the frames
         first = self.first_frames()
 
         def at_bins(array, codes: bool):
@@ -2625,6 +2622,7 @@ class TimeBase:
             behavior=at_bins(covariates.behavior, False), eye=at_bins(covariates.eye, False),
             extra={name: at_bins(array, False) for name, array in covariates.extra.items()},
             condition_periods=np.asarray(covariates.condition_periods) * (self.rate_hz / self.frame_rate_hz),
+            clock="timepoints",
         )  # fmt: skip
 
 
@@ -2856,12 +2854,14 @@ class CooCounts:
         return self
 
 
-def build_coo(spike_cells, spike_frames, grid: GridSpec, frame_to_timepoint, z_markers=True, timepoints=None) -> tuple:
-    """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts. ``spike_frames`` are
+def build_coo(
+    spike_cells, spike_timepoints, grid: GridSpec, row_of_timepoint, z_markers=True, timepoints=None
+) -> tuple:
+    """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts. ``spike_timepoints`` are
     original frame numbers (those mapped to -1, dropped, are skipped); several cells in one voxel at one time give
     one active voxel (counted as collisions). ``timepoints`` limits the z markers to a block of timepoints (all by
     default); the spikes given must then fall in that block."""
-    timepoint = frame_to_timepoint[spike_frames]
+    timepoint = row_of_timepoint[spike_timepoints]
     keep = timepoint >= 0
     if grid.cells_outside is not None:
         keep &= ~grid.cells_outside[spike_cells]
@@ -2899,14 +2899,14 @@ def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: 
     return is_train, test_blocks
 
 
-def condition_split(condition: np.ndarray, kept_frames: np.ndarray, periods, split_ratio: float) -> np.ndarray:
+def condition_split(condition: np.ndarray, kept_timepoints: np.ndarray, periods, split_ratio: float) -> np.ndarray:
     """--split conditions: (T,) uint8 is_train. ``condition`` is per original frame (-1: in no condition). Within
     each condition, its frames in order form repetitions of its period; of R repetitions the last
     max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut. A
     condition of one repetition (spontaneous activity) or without a period is split in two contiguous parts: its
     last round(n * (1 - split_ratio)) timepoints are test. Frames in no condition are train."""
-    is_train = np.ones(len(kept_frames), dtype=np.uint8)
-    kept_condition = condition[kept_frames]
+    is_train = np.ones(len(kept_timepoints), dtype=np.uint8)
+    kept_condition = condition[kept_timepoints]
     for index in np.unique(kept_condition[kept_condition >= 0]):
         frames = np.flatnonzero(condition == index)
         period = float(periods[index]) if index < len(periods) else len(frames)  # in bins: may be fractional
@@ -2916,9 +2916,9 @@ def condition_split(condition: np.ndarray, kept_frames: np.ndarray, periods, spl
             num_test = max(1, round(repetitions * (1 - split_ratio))) if split_ratio < 1 else 0
             test_frames[frames[np.arange(len(frames)) // period >= repetitions - num_test]] = True
         else:
-            kept = kept_frames[kept_condition == index]
+            kept = kept_timepoints[kept_condition == index]
             test_frames[kept[len(kept) - round(len(kept) * (1 - split_ratio)) :]] = True
-        is_train[test_frames[kept_frames]] = 0
+        is_train[test_frames[kept_timepoints]] = 0
     return is_train
 
 
@@ -2937,12 +2937,12 @@ def _condition_index(covariates: Covariates, name: str) -> int:
     return lowered.index(name.lower())
 
 
-def plan_split(kept_frames: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
+def plan_split(kept_timepoints: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
     """(is_train (T,) uint8, test blocks, the rule in words): --split and --holdout_condition. --split conditions
     for a subject without conditions falls back to blocks (the rule says so; check_split warns)."""
     ratio = settings.split_ratio
     if settings.split == "conditions" and covariates.condition is not None:
-        is_train = condition_split(covariates.condition, kept_frames, covariates.condition_periods, ratio)
+        is_train = condition_split(covariates.condition, kept_timepoints, covariates.condition_periods, ratio)
         test_blocks = np.zeros(0, np.int64)  # blocks are not used
         rule = (
             f"conditions: per condition its last max(1, round(R x {1 - ratio:.3g})) of R whole repetitions (its "
@@ -2950,7 +2950,7 @@ def plan_split(kept_frames: np.ndarray, covariates: Covariates, settings: GridSe
             "condition: train"
         )
     else:
-        is_train, test_blocks = train_test_split(len(kept_frames), settings.split_block, ratio, settings.seed)
+        is_train, test_blocks = train_test_split(len(kept_timepoints), settings.split_block, ratio, settings.seed)
         rule = (
             f"blocks: {settings.split_block}-frame blocks shuffled with RandomState({settings.seed}), the first "
             f"max(1, int(blocks x {1 - ratio:.3g})) are test, the rest and leftover frames train"
@@ -2959,7 +2959,7 @@ def plan_split(kept_frames: np.ndarray, covariates: Covariates, settings: GridSe
             rule += " (--split conditions asked, but the subject has no stimulus conditions)"
     if settings.holdout_condition:
         held = _condition_index(covariates, settings.holdout_condition)
-        is_train[covariates.condition[kept_frames] == held] = 0
+        is_train[covariates.condition[kept_timepoints] == held] = 0
         rule += f"; every timepoint of condition {covariates.condition_names[held]} is test (--holdout_condition)"
     return is_train, test_blocks, rule
 
@@ -2969,8 +2969,8 @@ class GridPlan:
     """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
 
     grid: GridSpec
-    kept_frames: np.ndarray  # (T,) frame of the time base of each timepoint (the original frame by default)
-    frame_to_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
+    kept_timepoints: np.ndarray  # (T,) frame of the time base of each timepoint (the original frame by default)
+    row_of_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
     predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
@@ -2989,17 +2989,17 @@ def plan_grid(
     frames_predicted[model.frames_before : time_base.num_frames - model.frames_after] = True
     predicted = time_base.predicted(frames_predicted)
     num_frames = time_base.num_timepoints
-    kept_frames = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
-    frame_to_timepoint = np.full(num_frames, -1, dtype=np.int64)
-    frame_to_timepoint[kept_frames] = np.arange(len(kept_frames))
+    kept_timepoints = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
+    row_of_timepoint = np.full(num_frames, -1, dtype=np.int64)
+    row_of_timepoint[kept_timepoints] = np.arange(len(kept_timepoints))
     if settings.coordinates == "registered":
-        grid = make_atlas_grid_spec(positions, len(kept_frames), settings)
+        grid = make_atlas_grid_spec(positions, len(kept_timepoints), settings)
     else:
-        grid = make_grid_spec(positions, len(kept_frames), *settings.grid_shape, settings.z_markers, valid)
-    is_train, test_blocks, rule = plan_split(kept_frames, covariates or Covariates(), settings)
-    times_s = time_base.times_s()[kept_frames]
+        grid = make_grid_spec(positions, len(kept_timepoints), *settings.grid_shape, settings.z_markers, valid)
+    is_train, test_blocks, rule = plan_split(kept_timepoints, covariates or Covariates(), settings)
+    times_s = time_base.times_s()[kept_timepoints]
     return GridPlan(
-        grid, kept_frames, frame_to_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s
+        grid, kept_timepoints, row_of_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s
     )
 
 
@@ -3053,6 +3053,8 @@ class BatchTask:
     model_source: str
     settings: InferenceSettings
     threads: int = 1  # the worker's share of the cores (dF/F and the engine; results never depend on it)
+    rates_out: ScratchArray | None = None  # (timepoints, cells) float16: each chunk's rates are written here
+    dff_out: ScratchArray | None = None  # (frames, cells) float32: each chunk's dF/F (for --nwb)
 
 
 @dataclass(frozen=True)
@@ -3106,14 +3108,14 @@ class PlotTraces:
 
 @dataclass
 class BatchResult:
-    """A batch's spikes as (frame, cell) events sorted by frame, and per-cell results (CELL_FIELDS)."""
+    """A batch's spikes as (timepoint, cell) events sorted by timepoint, and per-cell results (CELL_FIELDS). Its
+    rates (and dF/F for --nwb) do not travel back: the worker wrote them to the subject's scratch arrays."""
 
     start: int
-    spike_frames: np.ndarray  # (S,) int32, ascending
-    spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a frame
+    spike_timepoints: np.ndarray  # (S,) int32 timepoints of the time base, ascending
+    spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a timepoint
     cells: dict  # CELL_FIELDS name -> (B,) array of that field's dtype
-    rate_sum_fixed: np.ndarray  # (T,) int64 sum of rates over cells * RATE_SUM_SCALE
-    rates: np.ndarray  # (B, T) float16 rates (spikes per timepoint), NaN where there is no prediction
+    rate_sum_fixed: np.ndarray  # (timepoints,) int64 sum of rates over cells * RATE_SUM_SCALE
     plot: PlotTraces
     seconds: float = 0.0
 
@@ -3123,14 +3125,66 @@ class BatchResult:
 
     @classmethod
     def concatenate(cls, parts: list, seconds: float = 0.0) -> BatchResult:
-        """Consecutive parts (ascending cells) as one result, its events in (frame, cell) order."""
-        frames, cells = (np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_frames", "spike_cells"))
-        order = np.argsort(frames, kind="stable")  # parts ascend in cell: (frame, cell) order overall
+        """Consecutive parts (ascending cells) as one result, its events in (timepoint, cell) order."""
+        timepoints, cells = (
+            np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_timepoints", "spike_cells")
+        )
+        order = np.argsort(timepoints, kind="stable")  # parts ascend in cell: (timepoint, cell) order overall
         per_cell = {f.name: np.concatenate([p.cells[f.name] for p in parts]) for f in CELL_FIELDS}
-        rates = np.concatenate([p.rates for p in parts])
         rate_sum_fixed = sum(p.rate_sum_fixed for p in parts)
         plot = PlotTraces.concatenate([p.plot for p in parts])
-        return cls(parts[0].start, frames[order], cells[order], per_cell, rate_sum_fixed, rates, plot, seconds)
+        return cls(parts[0].start, timepoints[order], cells[order], per_cell, rate_sum_fixed, plot, seconds)
+
+
+@dataclass(frozen=True)
+class ScratchArray:
+    """A (rows, columns) array in a raw file beside the outputs, for what would otherwise be held whole in memory
+    (a whole fish's rates are 720 MB): workers write their cells' columns into it as they finish a chunk (pwrite:
+    disjoint regions, any process), the writers read it back a block of rows at a time (preadv into the block).
+    Named like a temporary of this run, so that a killed run's scratch is found and removed (remove_stale_temporaries)."""
+
+    path: Path
+    shape: tuple  # (rows, columns)
+    dtype: str
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple, dtype: str) -> ScratchArray:
+        with open(path, "wb") as handle:
+            handle.truncate(math.prod(shape) * np.dtype(dtype).itemsize)  # sparse: takes disk as it is written
+        return cls(path, tuple(int(size) for size in shape), dtype)
+
+    def write_columns(self, first: int, block: np.ndarray) -> None:
+        """Columns [first, first + len(block)) from ``block`` (columns, rows), as a chunk of cells is held."""
+        rows = np.ascontiguousarray(np.asarray(block, self.dtype).T)  # (rows, columns of the block)
+        itemsize, width = rows.itemsize, self.shape[1]
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for row, values in enumerate(rows):
+                os.pwrite(fd, values.data, (row * width + first) * itemsize)
+        finally:
+            os.close(fd)
+
+    def write_rows(self, first: int, block: np.ndarray) -> None:
+        """Rows [first, first + len(block)), every column."""
+        data = np.ascontiguousarray(np.asarray(block, self.dtype))
+        with open(self.path, "r+b") as handle:
+            handle.seek(first * self.shape[1] * data.itemsize)
+            handle.write(data.data)
+
+    def read_rows(self, first: int, stop: int) -> np.ndarray:
+        """(stop - first, columns) rows [first, stop)."""
+        out = np.empty((max(stop - first, 0), self.shape[1]), self.dtype)
+        view, offset = memoryview(out.reshape(-1).view(np.uint8)), first * self.shape[1] * out.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while len(view):
+                done = os.preadv(fd, [view], offset)
+                if done <= 0:
+                    raise OSError(errno.EIO, f"{self.path} is shorter than expected")
+                view, offset = view[done:], offset + done
+        finally:
+            os.close(fd)
+        return out
 
 
 @dataclass
@@ -3175,16 +3229,20 @@ def infer_chunk(task: BatchTask, model: CascadeModel, read: ChunkTraces) -> Cell
 
 
 def chunk_result(task: BatchTask, chunk: CellChunk, start: int) -> BatchResult:
-    """What leaves the worker of a chunk of cells from ``start``: spikes as (frame, cell) events, the per-cell
-    fields, the summed rates, float16 rates and the plotted cells' traces."""
-    frames, cells = np.nonzero(chunk.spikes.T)  # sorted by frame, then cell
+    """What leaves the worker of a chunk of cells from ``start``: spikes as (timepoint, cell) events, the per-cell
+    fields, the summed rates and the plotted cells' traces. The rates (and dF/F) go to the scratch arrays."""
+    timepoints, cells = np.nonzero(chunk.spikes.T)  # sorted by timepoint, then cell
     per_cell = {f.name: np.asarray(f.compute(chunk)).astype(f.dtype) for f in CELL_FIELDS}
     rate_sum_fixed = np.round(np.nan_to_num(chunk.rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
     local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < start + len(chunk.rates))] - start
     plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
                       chunk.spikes[local])  # fmt: skip
-    events = (frames.astype(np.int32), (cells + start).astype(np.int32))
-    return BatchResult(start, *events, per_cell, rate_sum_fixed, chunk.rates.astype(np.float16), plot)
+    if task.rates_out is not None:
+        task.rates_out.write_columns(start, chunk.rates)
+    if task.dff_out is not None:
+        task.dff_out.write_columns(start, chunk.dff)
+    events = (timepoints.astype(np.int32), (cells + start).astype(np.int32))
+    return BatchResult(start, *events, per_cell, rate_sum_fixed, plot)
 
 
 def process_batch(task: BatchTask) -> BatchResult:
@@ -3209,67 +3267,70 @@ def process_batch(task: BatchTask) -> BatchResult:
 
 @dataclass
 class SubjectSpikes:
-    """A subject's inference results, gathered from its batches in order of their cells."""
+    """A subject's inference results, gathered from its batches in order of their cells: spike events on the time
+    base's timepoints, per-cell results, and the scratch arrays that hold the rates (and dF/F) of every cell."""
 
-    batches: list  # BatchResult per batch, ascending cells; each holds its frame-sorted events
-    num_frames: int  # timepoints of the time base (the recording's frames without --target_rate_hz)
-    recorded_frames: int | None = None  # the recording's frames, when they differ
+    batches: list  # BatchResult per batch, ascending cells; each holds its timepoint-sorted events
+    num_timepoints: int  # of the time base (the recording's frames without --target_rate_hz)
+    num_frames: int  # of the recording
+    rates: ScratchArray | None = None  # (timepoints, cells) float16 spikes per timepoint, NaN: no prediction
+    dff: ScratchArray | None = None  # (frames, cells) float32 the traces as dF/F, when --nwb asked for them
 
     def cells(self, key: str) -> np.ndarray:
         """A per-cell result (a CELL_FIELDS name) over all batches, e.g. cells('spike_count')."""
         return np.concatenate([batch.cells[key] for batch in self.batches])
 
     @property
-    def valid(self) -> np.ndarray:
-        """Cells with at least one value (all-NaN cells are left out of the grid)."""
-        return self.cells("nan_frames") < (self.recorded_frames or self.num_frames)
+    def num_cells(self) -> int:
+        return sum(batch.num_cells for batch in self.batches)
 
     @property
-    def frame_counts(self) -> np.ndarray:
-        """(frames,) spikes per frame over all cells."""
-        return sum(np.bincount(b.spike_frames, minlength=self.num_frames) for b in self.batches)
+    def valid(self) -> np.ndarray:
+        """Cells with at least one value (all-NaN cells are left out of the grid)."""
+        return self.cells("nan_frames") < self.num_frames
+
+    @property
+    def timepoint_counts(self) -> np.ndarray:
+        """(timepoints,) spikes per timepoint over all cells."""
+        return sum(np.bincount(b.spike_timepoints, minlength=self.num_timepoints) for b in self.batches)
 
     @property
     def rate_sum(self) -> np.ndarray:
-        """(frames,) sum of CASCADE rates over cells (spikes/frame), identical whatever the batching."""
+        """(timepoints,) sum of CASCADE rates over cells (spikes per timepoint), identical whatever the batching."""
         return sum(b.rate_sum_fixed for b in self.batches) / RATE_SUM_SCALE
 
-    def _events(self, frame_span: tuple = (), rows: np.ndarray | None = None) -> Iterator[tuple]:
-        """Per batch, (cells, frames) of its spikes in frames [first, stop), or of the given cells (rows)."""
+    def _events(self, span: tuple = (), rows: np.ndarray | None = None) -> Iterator[tuple]:
+        """Per batch, (cells, timepoints) of its spikes in timepoints [first, stop), or of the given cells (rows)."""
         for batch in self.batches:
             if rows is None:
                 # bounds in the events' own dtype: others make NumPy cast every event first (7 s on a whole fish)
-                mine = slice(*np.searchsorted(batch.spike_frames, np.asarray(frame_span, batch.spike_frames.dtype)))
+                mine = slice(*np.searchsorted(batch.spike_timepoints, np.asarray(span, batch.spike_timepoints.dtype)))
             else:
                 mine = np.isin(batch.spike_cells, rows)
-            yield batch.spike_cells[mine], batch.spike_frames[mine]
+            yield batch.spike_cells[mine], batch.spike_timepoints[mine]
 
-    def events_in_frames(self, first: int, stop: int) -> tuple:
-        """(cells, frames) of every spike in frames [first, stop)."""
+    def events_in_timepoints(self, first: int, stop: int) -> tuple:
+        """(cells, timepoints) of every spike in timepoints [first, stop)."""
         return tuple(np.concatenate(parts) for parts in zip(*self._events((first, stop))))
 
-    def spikes_per_cell(self, first: int, stop: int, num_cells: int) -> np.ndarray:
-        """(cells,) spikes of each cell in frames [first, stop), without gathering the events."""
-        counts = np.zeros(num_cells, dtype=np.int64)
-        return sum((np.bincount(cells, minlength=num_cells) for cells, _ in self._events((first, stop))), counts)
+    def spikes_per_cell(self, first: int, stop: int) -> np.ndarray:
+        """(cells,) spikes of each cell in timepoints [first, stop), without gathering the events."""
+        counts = np.zeros(self.num_cells, dtype=np.int64)
+        return sum((np.bincount(cells, minlength=self.num_cells) for cells, _ in self._events((first, stop))), counts)
 
     def events_of_cells(self, rows: np.ndarray) -> tuple:
-        """(cells, frames) of every spike of the given cells."""
+        """(cells, timepoints) of every spike of the given cells."""
         return tuple(np.concatenate(parts) for parts in zip(*self._events(rows=rows)))
 
-    def rates(self, first: int, stop: int) -> np.ndarray:
-        """(stop - first, frames) float32 CASCADE rates (spikes/frame) of cells [first, stop), NaN where there is
-        no prediction, as kept and as cell_activity.h5 stores them (float16: within 0.05 % of the rate)."""
-        parts = []
-        for batch in self.batches:
-            lo, hi = max(first, batch.start), min(stop, batch.start + batch.num_cells)
-            if lo < hi:
-                parts.append(batch.rates[lo - batch.start : hi - batch.start].astype(np.float32))
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_frames), np.float32)
-
-    def rates_at(self, frames: np.ndarray) -> np.ndarray:
-        """(len(frames), cells) float16 rates of every cell at the given frames: rows of cell_activity.h5."""
-        return np.concatenate([batch.rates[:, frames].T for batch in self.batches], axis=1)
+    def rates_at(self, timepoints: np.ndarray) -> np.ndarray:
+        """(len(timepoints), cells) float16 rates of every cell at the given ascending timepoints: rows of
+        cell_activity.h5, read from the scratch array (one read of the span they cover)."""
+        timepoints = np.asarray(timepoints, np.int64)
+        if not len(timepoints):
+            return np.zeros((0, self.num_cells), np.float16)
+        first = int(timepoints[0])
+        block = self.rates.read_rows(first, int(timepoints[-1]) + 1)
+        return block if len(block) == len(timepoints) else block[timepoints - first]
 
     def plot_traces(self) -> PlotTraces:
         """The cells whose traces the workers sent back for the PDF."""
@@ -3279,16 +3340,16 @@ class SubjectSpikes:
 def coo_blocks(spikes: SubjectSpikes, plan: GridPlan) -> Iterator[tuple]:
     """build_coo over consecutive blocks of timepoints: yields (coords, counts) in sorted order."""
     bounds, budget = [0], 0
-    for t, count in enumerate(spikes.frame_counts[plan.kept_frames]):
+    for t, count in enumerate(spikes.timepoint_counts[plan.kept_timepoints]):
         if budget + count > SPIKES_PER_GRID_BLOCK and t > bounds[-1]:
             bounds.append(t)
             budget = 0
         budget += count
-    bounds.append(len(plan.kept_frames))
+    bounds.append(len(plan.kept_timepoints))
     for t0, t1 in itertools.pairwise(bounds):
         if t1 > t0:
-            cells, frames = spikes.events_in_frames(plan.kept_frames[t0], plan.kept_frames[t1 - 1] + 1)
-            yield build_coo(cells, frames, plan.grid, plan.frame_to_timepoint, plan.z_markers, range(t0, t1))
+            cells, frames = spikes.events_in_timepoints(plan.kept_timepoints[t0], plan.kept_timepoints[t1 - 1] + 1)
+            yield build_coo(cells, frames, plan.grid, plan.row_of_timepoint, plan.z_markers, range(t0, t1))
 
 
 class Progress:
@@ -3498,8 +3559,14 @@ def temporary_path(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def new_h5_file(path: Path):
-    """A new HDF5 file, built in memory and written to ``path`` when the block ends (see above)."""
+def new_h5_file(path: Path, in_memory: bool = True):
+    """A new HDF5 file, built in memory and written to ``path`` when the block ends (see above); or, for a file
+    too large to hold (``in_memory`` False), built in ``path`` itself through a Python file object, so that a
+    failed write still reaches us as one plain OSError."""
+    if not in_memory:
+        with open(path, "w+b") as handle, h5py.File(handle, "w") as h5:
+            yield h5
+        return
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         yield h5
@@ -3526,12 +3593,15 @@ def _write_datasets(h5, **datasets) -> None:
 COVARIATES_GROUP = "covariates"
 
 
-def write_covariates(h5, covariates: Covariates, frames: np.ndarray) -> None:
-    """The covariates/ group of an output file, aligned to its timepoints: row t of each dataset is frame
-    ``frames[t]`` (timepoint_indices) of the covariates' time base (bins of --target_rate_hz: see TimeBase). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
+def write_covariates(h5, covariates: Covariates, timepoints: np.ndarray) -> None:
+    """The covariates/ group of an output file, aligned to its rows: row t of each dataset is the time base's
+    timepoint ``timepoints[t]`` (timepoint_indices; bins of --target_rate_hz: see TimeBase), so ``covariates`` must be
+    on the time base (clock "timepoints"). stimulus (T,), condition (T,) int16 (-1: in no condition; attributes
     condition_names, condition_periods), behavior (T, 5), eye (T, 2) and the generic layout's own covariates;
     attribute stimulus_sets (JSON, Chen's stimset). Nothing is written for a subject without covariates."""
-    arrays = covariates.at_frames(frames)
+    if covariates.clock != "timepoints" and covariates.arrays():
+        raise ValueError("covariates must be resampled to the time base (TimeBase.resample_covariates) first")
+    arrays = covariates.at(timepoints)
     if not arrays:
         return
     group = h5.create_group(COVARIATES_GROUP)
@@ -3560,14 +3630,16 @@ def read_covariates(path, start: int = 0, stop: int | None = None) -> dict:
     return found
 
 
-def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: dict, covariates=None) -> tuple:
-    """Stream COO blocks (coords, counts) into ``path``; returns (CooCounts, per-plane entries). Datasets:
+def write_coo_file(
+    path: Path | io.BytesIO, blocks: Iterable[tuple], plan: GridPlan, attrs: dict, covariates=None
+) -> tuple:
+    """Stream COO blocks (coords, counts) into ``path`` (or a buffer); returns (CooCounts, per-plane entries). Datasets:
     spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
     (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (original frame of
     each t), is_train, and the subject's Covariates at those timepoints (write_covariates)."""
     grid, counts = plan.grid, CooCounts()
     plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
-    with new_h5_file(path) as h5:
+    with h5py.File(path, "w") if isinstance(path, io.BytesIO) else new_h5_file(path) as h5:
         out = h5.create_dataset("spike_coords", (0, 4), "<i4", maxshape=(None, 4), chunks=(COO_CHUNK_ROWS, 1), **GZIP)
         appender = ChunkAppender(out, available_cpus())
         for coords, block_counts in blocks:
@@ -3585,11 +3657,11 @@ def write_coo_file(path: Path, blocks: Iterable[tuple], plan: GridPlan, attrs: d
         _write_datasets(h5, timepoint_offsets=np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
         h5.create_dataset("grid_shape", data=np.asarray(grid.shape, dtype=np.int32))
         _write_datasets(
-            h5, timepoint_indices=plan.kept_frames.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
+            h5, timepoint_indices=plan.kept_timepoints.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
         )
         if plan.timepoint_times_s is not None:
             _write_datasets(h5, timepoint_times_s=plan.timepoint_times_s)
-        write_covariates(h5, covariates or Covariates(), plan.kept_frames)
+        write_covariates(h5, covariates or Covariates(), plan.kept_timepoints)
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
 
@@ -3599,32 +3671,6 @@ def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
     num_voxels = int(np.prod(grid.shape, dtype=np.int64))
     totals = {"total_spikes": num_entries, "total_pixels": num_voxels}
     return {**totals, "sparsity_percent": 100.0 * num_entries / max(num_voxels, 1), **dataclasses.asdict(counts)}
-
-
-def input_keys(paths) -> list:
-    """Each input file's key in a fingerprint: its name, or <folder>/<name> where names repeat (suite2p's planes)."""
-    names = [Path(p).name for p in paths]
-    repeated = {name for name in names if names.count(name) > 1}
-    return [f"{Path(p).parent.name}/{name}" if name in repeated else name for p, name in zip(paths, names)]
-
-
-def input_signature(paths) -> dict:
-    """{file key: [size, modification time in ns]} of the input files that exist."""
-    return {
-        key: [os.stat(p).st_size, os.stat(p).st_mtime_ns]
-        for key, p in zip(input_keys(paths), paths)
-        if os.path.exists(p)
-    }
-
-
-def changed_params(old: dict, params: dict) -> list:
-    """The parameters whose value differs from those recorded in fingerprint ``old``."""
-    return [key for key in params if old.get("params", {}).get(key) != params[key]]
-
-
-def cascade_fingerprint(fingerprint: dict) -> dict:
-    """The part of a subject's fingerprint that CASCADE's results depend on (not the grid's)."""
-    return {key: fingerprint[key] for key in ("inputs", "cascade_params", "model", "software_version")}
 
 
 PLOT_DATASETS = ("plot_rows", "plot_dff", "plot_rates", "plot_spikes")  # PlotTraces' fields, in order
@@ -3682,9 +3728,9 @@ class ChunkAppender:
 
 
 def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
-    """spike_rates (T, N) float16, row t the time base's frame rows[t], written a block of timepoints at a time
-    from the batches' (cells, frames) rates: memory holds one block, never a transposed copy of the fish."""
-    shape = (len(rows), sum(batch.num_cells for batch in spikes.batches))
+    """spike_rates (T, N) float16, row t the time base's timepoint rows[t], written a block of timepoints at a time
+    from the rates' scratch array: memory holds one block, never the fish."""
+    shape = (len(rows), spikes.num_cells)
     if not min(shape):
         h5.create_dataset("spike_rates", shape, np.float16)
         return
@@ -3706,15 +3752,15 @@ def _sorted_key(major: np.ndarray, minor: np.ndarray, minor_span: int) -> np.nda
 
 
 def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
-    """CASCADE's results besides the rates: spikes per cell (CSR: cell i's frames of the time base are
+    """CASCADE's results besides the rates: spikes per cell (CSR: cell i's timepoints of the time base are
     spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every CELL_FIELDS result, the summed rates and the PDF's cells."""
     frames_out = group.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
     appender, offsets = ChunkAppender(frames_out, available_cpus()), [np.zeros(1, np.int64)]
     for batch in spikes.batches:
         per_cell = np.bincount(batch.spike_cells - batch.start, minlength=batch.num_cells)
         offsets.append(offsets[-1][-1] + np.cumsum(per_cell))
-        by_cell = _sorted_key(batch.spike_cells - batch.start, batch.spike_frames, spikes.num_frames)
-        appender.append(np.remainder(by_cell, spikes.num_frames, out=by_cell).astype(np.int32))
+        by_cell = _sorted_key(batch.spike_cells - batch.start, batch.spike_timepoints, spikes.num_timepoints)
+        appender.append(np.remainder(by_cell, spikes.num_timepoints, out=by_cell).astype(np.int32))
     appender.close()
     rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
     cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
@@ -3727,23 +3773,24 @@ def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subje
     """cell_activity.h5 (schema in the README): per-cell CASCADE rates on the grid's timepoints with the cells'
     positions and ids and the split, for models that read neurons; and in cascade/ the rest of CASCADE's results,
     which a later run that changes only grid parameters re-grids (read_cell_activity) instead of running CASCADE."""
-    with new_h5_file(path) as h5:
-        _write_cell_rates(h5, spikes, plan.kept_frames)
+    with new_h5_file(path, in_memory=False) as h5:  # a whole fish's is ~600 MB: built on disk, not in memory
+        _write_cell_rates(h5, spikes, plan.kept_timepoints)
         positions = {"positions": subject.raw_positions, "positions_registered": subject.registered_positions}
         _write_datasets(
             h5, **{name: value for name, value in positions.items() if value is not None}, cell_ids=subject.cell_ids,
-            timepoint_indices=plan.kept_frames.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
+            timepoint_indices=plan.kept_timepoints.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
             is_train=plan.is_train.astype(np.uint8),
         )  # fmt: skip
-        write_covariates(h5, covariates, plan.kept_frames)
+        write_covariates(h5, covariates, plan.kept_timepoints)
         _write_cascade_group(h5.create_group(CASCADE_GROUP), spikes)
         _set_attrs(h5, {**attrs, "cascade_fingerprint": cascade_fingerprint(attrs["fingerprint"])})
 
 
-def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
+def read_cell_activity(path: Path, fingerprint: dict, rates_path: Path | None = None) -> tuple | None:
     """(SubjectSpikes, TraceType) from a cell_activity.h5 made with the same inputs, dF/F and CASCADE settings
-    and model as ``fingerprint`` says; None if absent, unreadable or different. Rates of the time base's frames
-    that were not grid timepoints are NaN: those are exactly CASCADE's edges, which have no prediction."""
+    and model as ``fingerprint`` says; None if absent, unreadable or different. The rates go to a scratch array at
+    ``rates_path`` (None: not needed), a block of timepoints at a time; those of the time base's timepoints that
+    were not grid timepoints are NaN: those are exactly CASCADE's edges, which have no prediction."""
     attrs = read_attrs(path)
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
@@ -3752,22 +3799,32 @@ def read_cell_activity(path: Path, fingerprint: dict) -> tuple | None:
         group = h5.get(CASCADE_GROUP)
         if group is None or "spike_rates" not in h5 or any(key not in group for key in (*CASCADE_DATASETS, *names)):
             return None  # made by an earlier development version: compute afresh
-        offsets, frames, rate_sum_fixed = (group[key][()] for key in CASCADE_DATASETS[:3])
+        offsets, timepoints, rate_sum_fixed = (group[key][()] for key in CASCADE_DATASETS[:3])
         cells = {name: group[name][()] for name in names}
         plot = PlotTraces(*(group[key][()] for key in PLOT_DATASETS))
-        rows, stored = h5["timepoint_indices"][()], h5["spike_rates"]
-        rates = np.full((stored.shape[1], len(rate_sum_fixed)), np.nan, np.float16)
-        for first in range(0, len(rows), CELL_RATE_BLOCK_TIMEPOINTS):
-            block = slice(first, first + CELL_RATE_BLOCK_TIMEPOINTS)
-            rates[:, rows[block]] = stored[block].T
+        rates = None if rates_path is None else _saved_rates(h5, rates_path, len(rate_sum_fixed))
     num_cells = len(offsets) - 1
     cell_rows = np.repeat(np.arange(num_cells, dtype=np.int32), np.diff(offsets))
-    by_frame = _sorted_key(frames, cell_rows, num_cells)  # (frame, cell) order, as the workers send them
-    frames, cell_rows = np.empty(len(by_frame), np.int32), np.empty(len(by_frame), np.int32)
-    np.divmod(by_frame, num_cells, out=(frames, cell_rows), casting="unsafe")
-    batch = BatchResult(0, frames, cell_rows, cells, rate_sum_fixed, rates, plot)
+    by_timepoint = _sorted_key(timepoints, cell_rows, num_cells)  # (timepoint, cell) order, as the workers send them
+    timepoints, cell_rows = np.empty(len(by_timepoint), np.int32), np.empty(len(by_timepoint), np.int32)
+    np.divmod(by_timepoint, num_cells, out=(timepoints, cell_rows), casting="unsafe")
+    batch = BatchResult(0, timepoints, cell_rows, cells, rate_sum_fixed, plot)
     trace_type = TraceType(str(attrs["trace_type"]), str(attrs["trace_type_reason"]))
-    return SubjectSpikes([batch], rates.shape[1], int(attrs["num_original_frames"])), trace_type
+    return SubjectSpikes([batch], len(rate_sum_fixed), int(attrs["num_original_frames"]), rates), trace_type
+
+
+def _saved_rates(h5, path: Path, num_timepoints: int) -> ScratchArray:
+    """cell_activity.h5's spike_rates back on every timepoint of the time base (NaN where it has no row)."""
+    rows, stored = h5["timepoint_indices"][()].astype(np.int64), h5["spike_rates"]
+    rates = ScratchArray.create(path, (num_timepoints, stored.shape[1]), "float16")
+    for first in range(0, num_timepoints, CELL_RATE_BLOCK_TIMEPOINTS):
+        stop = min(first + CELL_RATE_BLOCK_TIMEPOINTS, num_timepoints)
+        block = np.full((stop - first, stored.shape[1]), np.nan, np.float16)
+        lo, hi = np.searchsorted(rows, [first, stop])
+        if hi > lo:
+            block[rows[lo:hi] - first] = stored[lo:hi]
+        rates.write_rows(first, block)
+    return rates
 
 
 def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict, covariates=None, frames=()) -> None:
@@ -3806,6 +3863,354 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
     finally:
         remove_quietly(temporary)
     return totals
+
+
+# --- one subject's files: the finished record, the table of outputs, the commit ---------------------------------
+
+
+@dataclass(frozen=True)
+class GridResult:
+    """The COO grid file built in memory, and what building it found (entries, collisions): a stage's result
+    before any file is written, which the grid file's writer, metadata.h5 and the PDF all read."""
+
+    counts: CooCounts
+    plane_entries: np.ndarray  # (Z,) active voxels per plane
+    file: io.BytesIO  # the whole preaugmented_grids_coo.h5
+
+    @property
+    def file_bytes(self) -> int:
+        return self.file.getbuffer().nbytes
+
+
+@dataclass
+class SubjectRun:
+    """One subject's run, filled in by the stages of process_subject in turn; the writers read it finished."""
+
+    subject: SubjectData
+    out_dir: Path
+    run_id: str
+    params: dict  # param_<name> of every option, as every file records them
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage (load_s, inference_s, grid_s)
+    time_base: TimeBase | None = None  # filled by the stages in this order
+    model: CascadeModel | None = None
+    fingerprint: dict | None = None
+    trace_type: TraceType | None = None
+    inference: InferenceSettings | None = None  # None when CASCADE's saved results were re-gridded
+    spikes: SubjectSpikes | None = None
+    plan: GridPlan | None = None
+    attrs: dict | None = None  # what every output file records (subject_attrs), made once before the grid
+    grid: GridResult | None = None
+
+    @property
+    def name(self) -> str:
+        return self.subject.name
+
+    @functools.cached_property
+    def covariates(self) -> Covariates:
+        """The subject's covariates per timepoint of the time base (see TimeBase.resample_covariates)."""
+        return self.time_base.resample_covariates(self.subject.covariates)
+
+    def population_rate_hz(self) -> np.ndarray:
+        """(timepoints,) mean CASCADE rate per valid cell, in Hz."""
+        valid_cells = max(int(self.spikes.valid.sum()), 1)
+        return self.spikes.rate_sum / valid_cells * self.time_base.rate_hz
+
+
+def subject_attrs(record: SubjectRun) -> dict:
+    """Attributes every output file of the subject records: how it was made."""
+    subject, grid = record.subject, record.plan.grid
+    return {
+        "format": "COO_sparse",
+        "subject": subject.name,
+        "frame_rate_hz": subject.frame_rate_hz,
+        "timepoint_rate_hz": record.time_base.rate_hz,  # --target_rate_hz, or the recording's frame rate
+        **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), grid.shape)),
+        "grid_shape": grid.shape,
+        "num_cells": subject.num_cells,
+        "num_valid_cells": int(record.spikes.valid.sum()),
+        "num_original_frames": subject.num_frames,
+        "trace_type": record.trace_type.kind,
+        "trace_type_reason": record.trace_type.reason,
+        "layout": subject.layout,
+        "source_files": list(subject.source_files),
+        "software_version": __version__,
+        "coordinate_order": "t,z,x,y",
+        "split_rule": record.plan.split_rule,
+        "warnings": "; ".join(subject.warnings),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_id": record.run_id,
+        "fingerprint": record.fingerprint,
+        "timings": dict(record.timings),
+        "cascade_engine": record.inference.engine if record.inference else "",  # "": saved results re-gridded
+        **record.model.provenance(),
+        **record.params,
+    }
+
+
+def build_grid(record: SubjectRun, safe_points: Callable[[Iterable], Iterable] = iter) -> GridResult:
+    """Stage: the COO grid file, built in memory block by block (``safe_points`` may stop between blocks)."""
+    buffer = io.BytesIO()
+    blocks = safe_points(coo_blocks(record.spikes, record.plan))
+    counts, plane_entries = write_coo_file(buffer, blocks, record.plan, record.attrs, record.covariates)
+    return GridResult(counts, plane_entries, buffer)
+
+
+@dataclass(frozen=True)
+class PlotSettings:
+    """What the PDF takes from the command line (fields named after the options)."""
+
+    plots: bool
+    num_neurons: int  # cells whose traces are drawn (the first of plot_candidates)
+    seed: int
+    spike_mode: str  # named on the pages
+    cascade_threshold: str
+
+
+@dataclass(frozen=True)
+class CellActivitySettings:
+    """What cell_activity.h5's writer takes from the command line (fields named after the options)."""
+
+    cell_activity: bool
+
+
+@dataclass(frozen=True)
+class NwbSettings:
+    """What the NWB writer takes from the command line (fields named after the options)."""
+
+    nwb: bool
+    nwb_subject_id: str | None
+    nwb_species: str | None
+    nwb_experimenter: tuple
+    cascade_threshold: str
+
+
+def write_cell_activity_file(path: Path, record: SubjectRun, _settings: CellActivitySettings) -> Path:
+    write_cell_activity(path, record.spikes, record.plan, record.subject, record.attrs, record.covariates)
+    return path
+
+
+def write_grid_file(path: Path, record: SubjectRun, _settings: None) -> Path:
+    write_file(path, record.grid.file)
+    return path
+
+
+def write_pdf_file(path: Path, record: SubjectRun, settings: PlotSettings) -> Path:
+    plot_subject_pdf(path, plot_data(record, settings))
+    return path
+
+
+def write_metadata(path: Path, record: SubjectRun, _settings: None) -> Path:
+    """metadata.h5: the subject's attributes, per-timepoint and per-plane arrays, and cells/."""
+    grid, plan, built, spikes = record.plan.grid, record.plan, record.grid, record.spikes
+    counts = coo_attrs(built.counts, built.plane_entries.sum(), grid)
+    attrs = {**record.attrs, **counts, "coo_file_bytes": built.file_bytes, "timings": record.timings, **record.timings}
+    plane_voxels = max(grid.num_timepoints * grid.height * grid.width, 1)
+    datasets = {
+        "z_values": grid.z_values,
+        "is_train": plan.is_train,
+        "train_timepoints": np.flatnonzero(plan.is_train == 1),
+        "test_timepoints": np.flatnonzero(plan.is_train == 0),
+        "test_blocks": plan.test_blocks,
+        "timepoint_indices": plan.kept_timepoints.astype(np.int32),
+        "timepoint_times_s": plan.timepoint_times_s,
+        "per_plane_active_pixels": built.plane_entries,
+        "per_plane_sparsity_percent": 100.0 * built.plane_entries / plane_voxels,
+        "population_rate_hz": record.population_rate_hz(),
+    }
+    cells = {
+        "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
+        "cell_id": record.subject.cell_ids,
+        "position": record.subject.positions,
+        "voxel_zxy": grid.cell_voxels
+        if grid.cells_outside is None
+        else np.where(grid.cells_outside[:, None], -1, grid.cell_voxels),
+        **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
+        "valid": spikes.valid.astype(np.uint8),
+    }
+    write_metadata_file(path, attrs, datasets, cells, record.covariates, plan.kept_timepoints)
+    return path
+
+
+NWB_FILENAME_SUFFIX = "_cascade.nwb"
+NWB_ROWS_PER_BLOCK = 256  # frames or timepoints of every cell handed to pynwb at a time (~90 MB for 90k cells)
+
+
+class _RowBlocks:
+    """A (rows, cells) scratch array for pynwb, handed over NWB_ROWS_PER_BLOCK rows at a time as float32."""
+
+    def __new__(cls, array: ScratchArray):
+        from hdmf.data_utils import AbstractDataChunkIterator, DataChunk
+
+        num_rows, num_cells = array.shape
+
+        class Blocks(AbstractDataChunkIterator):
+            def __init__(self):
+                self.first = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if self.first >= num_rows:
+                    raise StopIteration
+                first, self.first = self.first, min(self.first + NWB_ROWS_PER_BLOCK, num_rows)
+                rows = array.read_rows(first, self.first).astype(np.float32)
+                return DataChunk(rows, np.s_[first : self.first, :])
+
+            def recommended_chunk_shape(self):
+                return None
+
+            def recommended_data_shape(self):
+                return (num_rows, num_cells)
+
+            dtype = property(lambda self: np.dtype(np.float32))
+            maxshape = property(lambda self: (num_rows, num_cells))
+
+        return Blocks()
+
+
+def _nwb_cells(nwb, subject: SubjectData):
+    """The cells as a plane segmentation, one voxel at each position, made as whole columns (add_roi per cell takes
+    minutes for a whole fish)."""
+    from hdmf.common import ElementIdentifiers, VectorData, VectorIndex
+    from pynwb.ophys import ImageSegmentation, OpticalChannel, PlaneSegmentation
+
+    device = nwb.create_device(name="microscope", description="as recorded in the input")
+    plane = nwb.create_imaging_plane(
+        name="imaging_plane", optical_channel=OpticalChannel(name="channel", description="unknown", emission_lambda=float("nan")),
+        description="the recording's cells, positions as in the input", device=device, excitation_lambda=float("nan"),
+        imaging_rate=subject.frame_rate_hz, indicator="unknown", location="unknown",
+    )  # fmt: skip
+    voxels = np.clip(np.round(subject.positions), 0, None).astype(np.uint32)
+    mask_type = np.dtype([("x", np.uint32), ("y", np.uint32), ("z", np.uint32), ("weight", np.float32)])
+    masks = np.zeros(subject.num_cells, mask_type)
+    masks["x"], masks["y"], masks["z"], masks["weight"] = voxels[:, 0], voxels[:, 1], voxels[:, 2], 1.0
+    voxel_mask = VectorData(name="voxel_mask", description="Voxel masks for each ROI", data=masks)
+    index = VectorIndex(name="voxel_mask_index", data=np.arange(1, subject.num_cells + 1), target=voxel_mask)
+    cells = PlaneSegmentation(
+        name="cells", description="one voxel at each cell's position [x, y, z] (rounded)", imaging_plane=plane,
+        columns=[voxel_mask, index], colnames=["voxel_mask"], id=ElementIdentifiers(name="id", data=np.arange(subject.num_cells)),
+    )  # fmt: skip
+    segmentation = ImageSegmentation(name="ImageSegmentation")
+    segmentation.add_plane_segmentation(cells)
+    return segmentation, cells
+
+
+def nwb_rate_unit(time_base: TimeBase) -> str:
+    """The unit of CASCADE's rates in the NWB file: per frame, or per bin of --target_rate_hz."""
+    if time_base.target_rate_hz is None:
+        return "expected spikes per frame"
+    return f"expected spikes per timepoint (bins of 1/{time_base.rate_hz:g} s)"
+
+
+def write_nwb_file(path: Path, record: SubjectRun, settings: NwbSettings) -> Path:
+    """<subject>_cascade.nwb: the cells (a voxel mask at each position), the input dF/F (DfOverF, on the recording's
+    frames at its rate) and CASCADE's rates (RoiResponseSeries 'Deconvolved', on the run's time base at its rate:
+    the recording's frames, or bins of --target_rate_hz), from the run's scratch arrays a block of rows at a time."""
+    with warnings.catch_warnings():
+        # pynwb's notes: on orientation (whole-brain data has more cells than frames), on a region made before its
+        # series joins the file, and on the temporary's name (it is renamed to .nwb)
+        warnings.simplefilter("ignore", UserWarning)
+        _write_nwb(path, record, settings)
+    return path
+
+
+def _write_nwb(path: Path, record: SubjectRun, settings: NwbSettings) -> None:
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.file import Subject
+    from pynwb.ophys import DfOverF, RoiResponseSeries
+
+    subject, model, time_base = record.subject, record.model, record.time_base
+    created = datetime.datetime.now(datetime.timezone.utc)
+    nwb = NWBFile(
+        session_description=f"CASCADE spike inference of {subject.name} ({subject.layout} layout)",
+        identifier=f"{record.run_id}-{subject.name}", session_start_time=created,
+        experimenter=list(settings.nwb_experimenter) or None,
+        subject=Subject(subject_id=settings.nwb_subject_id or subject.name, species=settings.nwb_species),
+        source_script=f"unified_spike_processing_coo {__version__}", source_script_file_name=Path(__file__).name,
+    )  # fmt: skip
+    ophys = nwb.create_processing_module(name="ophys", description="calcium traces and CASCADE spike inference")
+    segmentation, cells = _nwb_cells(nwb, subject)
+    ophys.add(segmentation)
+    rois = cells.create_roi_table_region(description="every cell", region=list(range(subject.num_cells)))
+    dff = RoiResponseSeries(
+        name="dff", data=_RowBlocks(record.spikes.dff), rois=rois, unit="n.a.", rate=subject.frame_rate_hz,
+        description=f"dF/F of the input ({record.trace_type.kind}: {record.trace_type.reason})",
+    )  # fmt: skip
+    ophys.add(DfOverF(name="DfOverF", roi_response_series=dff))
+    unit = nwb_rate_unit(time_base)
+    ophys.add(RoiResponseSeries(
+        name="Deconvolved", data=_RowBlocks(record.spikes.rates), rois=rois, unit=unit, rate=time_base.rate_hz,
+        description=f"CASCADE spike inference (model {model.name}, threshold {settings.cascade_threshold}): {unit}, "
+        "NaN where CASCADE predicts nothing",
+    ))  # fmt: skip
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+
+
+@dataclass(frozen=True)
+class SubjectOutput:
+    """One file of a subject's outputs: the only place to touch to add one. Each takes the finished record and
+    its own settings (made by settings_for from ``settings``) and returns what it wrote; none reads what another
+    set, so the table's order changes nothing in the files. The commit record is renamed into place last."""
+
+    filename: Callable[[str], str]  # subject name -> file name
+    settings: type | None  # the settings its writer takes, None: none
+    wanted: Callable[[object], bool]  # settings -> does this run write it?
+    write: Callable[[Path, SubjectRun, object], Path]  # (temporary path, record, settings) -> what it wrote
+    commit_record: bool = False  # its presence (with this run's id) says the subject's set of files is complete
+
+
+SUBJECT_OUTPUTS = (
+    SubjectOutput(lambda _: CELL_ACTIVITY_FILENAME, CellActivitySettings, lambda s: s.cell_activity,
+                  write_cell_activity_file),
+    SubjectOutput(lambda _: COO_FILENAME, None, lambda _: True, write_grid_file),
+    SubjectOutput(pdf_filename, PlotSettings, lambda s: s.plots, write_pdf_file),
+    SubjectOutput(lambda name: name + NWB_FILENAME_SUFFIX, NwbSettings, lambda s: s.nwb, write_nwb_file),
+    SubjectOutput(lambda _: METADATA_FILENAME, None, lambda _: True, write_metadata, commit_record=True),
+)  # fmt: skip
+
+
+def write_subject(record: SubjectRun, settings: Sequence) -> list:
+    """Stage: the SUBJECT_OUTPUTS this run makes (``settings``: each one's, in the table's order), each written to
+    a temporary and renamed into place, the commit record last; a file of an earlier run that this run does not
+    make is removed (e.g. an old PDF after --no_plots). A failure removes this subject's temporaries and leaves its
+    earlier files as they were. Returns the final paths written."""
+    record.out_dir.mkdir(parents=True, exist_ok=True)
+    finals = [record.out_dir / output.filename(record.name) for output in SUBJECT_OUTPUTS]
+    temporaries = [temporary_path(final) for final in finals]
+    wanted = [output.wanted(options) for output, options in zip(SUBJECT_OUTPUTS, settings)]
+    try:
+        for output, options, temporary, make in zip(SUBJECT_OUTPUTS, settings, temporaries, wanted):
+            if make:
+                output.write(temporary, record, options)
+        commits = [output.commit_record for output in SUBJECT_OUTPUTS]
+        for final, commit in zip(finals, commits):
+            if commit:
+                remove_quietly(final)  # without the commit record the renames count all together or not at all
+        for final, temporary, make, _ in sorted(zip(finals, temporaries, wanted, commits), key=lambda f: f[3]):
+            if make:
+                os.replace(temporary, final)
+            else:
+                remove_quietly(final)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write to {record.out_dir}: {describe_os_error(exc, record.out_dir)}") from None
+    finally:
+        for temporary in temporaries:
+            remove_quietly(temporary)
+    return [final for final, make in zip(finals, wanted) if make]
+
+
+def describe_os_error(exc: OSError, folder: Path) -> str:
+    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
+    nearly_full = False
+    with contextlib.suppress(OSError):
+        nearly_full = shutil.disk_usage(folder).free < 1 << 20
+    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or nearly_full:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({exc.strerror})"
+    return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
 
 
 def load_coo_grid(path) -> dict:
@@ -3983,46 +4388,36 @@ def load_cell_window(path, start: int, stop: int) -> CellWindow:
 # =============================================================================================
 
 
-@dataclass(frozen=True)
-class PlotSettings:
-    """What the PDF takes from the command line (fields named after the options)."""
-
-    num_neurons: int  # cells whose traces are drawn (the first of plot_candidates)
-    seed: int
-    spike_mode: str  # named on the pages
-    cascade_threshold: str
-
-
 @dataclass
 class PlotData:
     """What the PDF shows: small arrays gathered from a subject's results."""
 
     subject: str
-    frame_rate_hz: float
+    timepoint_rate_hz: float  # the time base's: rates, spikes, raster and population rate are on it
     summary_lines: list  # first page: what was run, and every warning
     cell_ids: np.ndarray  # the few cells whose traces are drawn
-    dff: np.ndarray
-    rates: np.ndarray
-    spikes: np.ndarray
+    dff: np.ndarray  # (cells, frames) on the recording's frames (dff_rate_hz)
+    rates: np.ndarray  # (cells, timepoints)
+    spikes: np.ndarray  # (cells, timepoints)
     spike_mode: str
     raster_cells: np.ndarray  # rank of the cell in the raster (sorted by plane)
-    raster_frames: np.ndarray
+    raster_timepoints: np.ndarray
     raster_size: int
     population_rate_hz: np.ndarray
-    test_spans_frames: list
-    edge_spans_frames: list
+    test_spans: list  # [start, stop) timepoints of the test split
+    edge_spans: list  # [start, stop) timepoints without a prediction
     cell_voxels: np.ndarray
     cell_spike_counts: np.ndarray
     grid: GridSpec
     noise_level: np.ndarray
     model: CascadeModel
-    condition_spans: list = dataclasses.field(default_factory=list)  # (name, start, stop) frames per condition run
-    behavior: np.ndarray | None = None  # (frames, channels) per original frame, or None
+    condition_spans: list = dataclasses.field(default_factory=list)  # (name, start, stop) timepoints per condition run
+    behavior: np.ndarray | None = None  # (timepoints, channels), or None
     dff_rate_hz: float | None = None  # the recording's frame rate, when rates are on another time base
 
 
 def _spans(mask: np.ndarray) -> list:
-    """[start, stop) frame spans where mask is True."""
+    """[start, stop) index spans where mask is True."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
@@ -4058,8 +4453,8 @@ def _page_summary(plt, plot: PlotData):
 
 def _page_traces(plt, plot: PlotData):
     pages = (
-        (plot.dff, "dF/F", "dF/F", plot.dff_rate_hz or plot.frame_rate_hz),
-        (plot.rates, "CASCADE spike rate", "spikes/frame", plot.frame_rate_hz),
+        (plot.dff, "dF/F", "dF/F", plot.dff_rate_hz or plot.timepoint_rate_hz),
+        (plot.rates, "CASCADE spike rate", "spikes per timepoint", plot.timepoint_rate_hz),
     )
     for traces, title, unit, rate_hz in pages:
         time_s = np.arange(traces.shape[1]) / rate_hz
@@ -4078,7 +4473,7 @@ def _page_traces(plt, plot: PlotData):
 
 
 def _page_spikes(plt, plot: PlotData):
-    time_s = np.arange(plot.spikes.shape[1]) / plot.frame_rate_hz
+    time_s = np.arange(plot.spikes.shape[1]) / plot.timepoint_rate_hz
     fig, ax = plt.subplots(figsize=(11, 8.5))
     for i, row in enumerate(plot.spikes):
         ax.vlines(time_s[np.flatnonzero(row)], i + 0.1, i + 0.9, lw=1.0)
@@ -4100,14 +4495,14 @@ def _page_raster(plt, plot: PlotData):
     heights = {"raster": 3, "conditions": 0.35, "rate": 1, "behavior": 1}
     fig, axes = plt.subplots(len(rows), 1, figsize=(11, 8.5), sharex=True, height_ratios=[heights[r] for r in rows])
     axes = dict(zip(rows, axes))
-    raster_ax, rate_ax, rate = axes["raster"], axes["rate"], plot.frame_rate_hz
-    raster_ax.plot(plot.raster_frames / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
+    raster_ax, rate_ax, rate = axes["raster"], axes["rate"], plot.timepoint_rate_hz
+    raster_ax.plot(plot.raster_timepoints / rate, plot.raster_cells, "|", ms=2, color="k", alpha=0.6, rasterized=True)
     raster_ax.set(ylabel="cell (sorted by z-plane)", title=f"{plot.subject}: spikes of {plot.raster_size} random cells")
     rate_ax.plot(np.arange(len(plot.population_rate_hz)) / rate, plot.population_rate_hz, lw=0.8, color="C3")
-    for start, stop in plot.test_spans_frames:
+    for start, stop in plot.test_spans:
         rate_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.15, lw=0)
         raster_ax.axvspan(start / rate, stop / rate, color="C0", alpha=0.08, lw=0)
-    for start, stop in plot.edge_spans_frames:
+    for start, stop in plot.edge_spans:
         rate_ax.axvspan(start / rate, stop / rate, color="0.6", alpha=0.3, lw=0)
     rate_ax.set(ylabel="mean rate (Hz/cell)")
     if "conditions" in axes:
@@ -4120,7 +4515,7 @@ def _page_raster(plt, plot: PlotData):
             axes["behavior"].plot(np.arange(len(behavior)) / rate, scaled[:, channel] + 4 * channel, lw=0.5)
         axes["behavior"].set(ylabel="behaviour (z-scored)", yticks=4 * np.arange(behavior.shape[1]))
         axes["behavior"].set_yticklabels([str(channel + 1) for channel in range(behavior.shape[1])])
-    axes[rows[-1]].set_xlabel("time (s); blue: test timepoints, grey: frames without prediction")
+    axes[rows[-1]].set_xlabel("time (s); blue: test timepoints, grey: timepoints without prediction")
     fig.tight_layout()
     yield fig
 
@@ -4130,8 +4525,10 @@ def _condition_bands(ax, plot: PlotData):
     names = list(dict.fromkeys(name for name, _, _ in plot.condition_spans))
     for name, start, stop in plot.condition_spans:
         colour = f"C{names.index(name) % 10}"
-        ax.axvspan(start / plot.frame_rate_hz, stop / plot.frame_rate_hz, color=colour, alpha=0.5, lw=0)
-        ax.text((start + stop) / 2 / plot.frame_rate_hz, 0.5, name, ha="center", va="center", fontsize=7, clip_on=True)
+        ax.axvspan(start / plot.timepoint_rate_hz, stop / plot.timepoint_rate_hz, color=colour, alpha=0.5, lw=0)
+        ax.text(
+            (start + stop) / 2 / plot.timepoint_rate_hz, 0.5, name, ha="center", va="center", fontsize=7, clip_on=True
+        )
     ax.set(yticks=[], ylim=(0, 1), ylabel="stimulus")
 
 
@@ -4164,7 +4561,7 @@ def _page_planes(plt, plot: PlotData):
             f"plane {first} (z={z_first:g})" if first == last else f"planes {first}-{last} (z={z_first:g}-{z_last:g})"
         )
         ax.set_title(title, fontsize=8)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept frames)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="spikes per cell (kept timepoints)")
     fig.suptitle(f"{plot.subject}: spike counts per cell in each plane (x down, y across)")
     yield fig
 
@@ -4181,6 +4578,75 @@ def _page_noise(plt, plot: PlotData):
     ax.set_title(f"{plot.subject}: noise levels of {noise.size} cells vs model {plot.model.name}")
     fig.tight_layout()
     yield fig
+
+
+def plot_data(record: SubjectRun, settings: PlotSettings) -> PlotData:
+    """The PDF's content, from the subject's results (small arrays only)."""
+    subject, spikes, plan = record.subject, record.spikes, record.plan
+    valid_rows = np.flatnonzero(spikes.valid)
+    rng = np.random.default_rng([settings.seed, 11])
+    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
+    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
+    rank = np.full(subject.num_cells, -1)
+    rank[order] = np.arange(len(order))
+    raster_cells, raster_timepoints = spikes.events_of_cells(order)
+    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_timepoints[0], plan.kept_timepoints[-1] + 1)
+    test_mask = np.zeros(record.time_base.num_timepoints, bool)
+    test_mask[plan.kept_timepoints[plan.is_train == 0]] = True
+    in_grid = spikes.valid if plan.grid.cells_outside is None else spikes.valid & ~plan.grid.cells_outside
+    traces = spikes.plot_traces()
+    shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
+    return PlotData(
+        subject=subject.name,
+        timepoint_rate_hz=record.time_base.rate_hz,
+        summary_lines=_summary_page_lines(record, settings),
+        cell_ids=subject.cell_ids[traces.rows[shown]],
+        dff=traces.dff[shown],
+        rates=traces.rates[shown],
+        spikes=traces.spikes[shown],
+        spike_mode=settings.spike_mode,
+        raster_cells=rank[raster_cells],
+        raster_timepoints=raster_timepoints,
+        raster_size=len(order),
+        population_rate_hz=record.population_rate_hz(),
+        test_spans=_spans(test_mask),
+        edge_spans=_spans(~plan.predicted),
+        cell_voxels=plan.grid.cell_voxels[in_grid],
+        cell_spike_counts=cell_spikes_kept[in_grid],
+        grid=plan.grid,
+        noise_level=spikes.cells("noise_level"),
+        model=record.model,
+        dff_rate_hz=subject.frame_rate_hz,
+        condition_spans=_condition_spans(record.covariates),
+        behavior=record.covariates.behavior,
+    )
+
+
+def _condition_spans(covariates: Covariates) -> list:
+    """(name, start, stop) timepoints of each run of one stimulus condition, for the PDF."""
+    if covariates.condition is None:
+        return []
+    spans = []
+    for index, name in enumerate(covariates.condition_names):
+        spans += [(name, start, stop) for start, stop in _spans(covariates.condition == index)]
+    return spans
+
+
+def _summary_page_lines(record: SubjectRun, settings: PlotSettings) -> list:
+    subject, model, counts = record.subject, record.model, record.grid.counts
+    entries = int(record.grid.plane_entries.sum())
+    return [
+        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
+        f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
+        f"CASCADE model {model.name} ({model.source}), threshold {settings.cascade_threshold}",
+        f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
+        f"({counts.spike_pixels:,} spike pixels, {counts.marker_pixels:,} marker pixels, "
+        f"{counts.collisions:,} collisions)",
+        f"software {__version__}, run {record.run_id}, {record.attrs['created_utc']}",
+        "",
+        "Warnings:" if subject.warnings else "No warnings.",
+        *(f"  - {w}" for w in subject.warnings),
+    ]
 
 
 # =============================================================================================
@@ -4323,52 +4789,33 @@ def remove_stale_temporaries(output_dir: Path) -> None:
                 log.info("removed %s, left by a run that died", path)
 
 
-# --- one subject: the record the stages fill, the stages, the files it writes ---------------------
+# --- resume: what made a subject's outputs, and whether they are still up to date --------------------------
 
 
-@dataclass(frozen=True)
-class GridWritten:
-    """What writing the COO grid found."""
-
-    counts: CooCounts
-    plane_entries: np.ndarray  # (Z,) active voxels per plane
-    file_bytes: int
+def input_keys(paths) -> list:
+    """Each input file's key in a fingerprint: its name, or <folder>/<name> where names repeat (suite2p's planes)."""
+    names = [Path(p).name for p in paths]
+    repeated = {name for name in names if names.count(name) > 1}
+    return [f"{Path(p).parent.name}/{name}" if name in repeated else name for p, name in zip(paths, names)]
 
 
-@dataclass
-class SubjectRun:
-    """One subject's run, filled in by the stages of process_subject in turn. The attributes every
-    output file records are built from it once (subject_attrs), when the files are written."""
+def input_signature(paths) -> dict:
+    """{file key: [size, modification time in ns]} of the input files that exist."""
+    return {
+        key: [os.stat(p).st_size, os.stat(p).st_mtime_ns]
+        for key, p in zip(input_keys(paths), paths)
+        if os.path.exists(p)
+    }
 
-    subject: SubjectData
-    out_dir: Path
-    run: RunContext  # this run's id, its signals and locks
-    params: dict  # param_<name> of every option, as every file records them
-    plot_settings: PlotSettings | None  # None: --no_plots
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage (load_s, inference_s, ...)
-    time_base: TimeBase | None = None  # filled by the stages in this order
-    model: CascadeModel | None = None
-    fingerprint: dict | None = None
-    trace_type: TraceType | None = None
-    inference: InferenceSettings | None = None  # None when CASCADE's saved results were re-gridded
-    spikes: SubjectSpikes | None = None
-    plan: GridPlan | None = None
-    grid_written: GridWritten | None = None
 
-    @property
-    def name(self) -> str:
-        return self.subject.name
+def changed_params(old: dict, params: dict) -> list:
+    """The parameters whose value differs from those recorded in fingerprint ``old``."""
+    return [key for key in params if old.get("params", {}).get(key) != params[key]]
 
-    @functools.cached_property
-    def covariates(self) -> Covariates:
-        """The subject's covariates per timepoint of the time base (see TimeBase.resample_covariates)."""
-        return self.time_base.resample_covariates(self.subject.covariates)
 
-    def population_rate_hz(self) -> np.ndarray:
-        """(frames,) mean CASCADE rate per valid cell, in Hz."""
-        valid_cells = max(int(self.spikes.valid.sum()), 1)
-        return self.spikes.rate_sum / valid_cells * self.time_base.rate_hz
+def cascade_fingerprint(fingerprint: dict) -> dict:
+    """The part of a subject's fingerprint that CASCADE's results depend on (not the grid's)."""
+    return {key: fingerprint[key] for key in ("inputs", "cascade_params", "model", "software_version")}
 
 
 @dataclass
@@ -4401,12 +4848,11 @@ class SubjectSummary:
         return cls(str(attrs["subject"]), *counts, int(attrs["coo_file_bytes"]), *model, warnings, seconds, True)
 
     @classmethod
-    def of_run(cls, record: SubjectRun) -> SubjectSummary:
-        written, model = record.grid_written, record.model
-        entries, counts = int(written.plane_entries.sum()), written.counts
+    def of_run(cls, record: SubjectRun, seconds: float) -> SubjectSummary:
+        built, model = record.grid, record.model
         total_pixels = int(np.prod(record.plan.grid.shape, dtype=np.int64))
-        summary = (entries, counts.spike_pixels, counts.marker_pixels, total_pixels, written.file_bytes)
-        seconds = record.timings["total_s"]
+        counts = (int(built.plane_entries.sum()), built.counts.spike_pixels, built.counts.marker_pixels)
+        summary = (*counts, total_pixels, built.file_bytes)
         return cls(record.name, *summary, model.name, model.source, list(record.subject.warnings), seconds)
 
 
@@ -4465,8 +4911,19 @@ def plot_candidates(num_cells: int, seed: int) -> np.ndarray:
     return rng.choice(num_cells, size=min(PLOT_CELLS_MAX, num_cells), replace=False)
 
 
-def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, pool: WorkerPool) -> SubjectSpikes:
-    """CASCADE over the subject's cells in batches (at least one per worker) across the pool."""
+SCRATCH_RATES, SCRATCH_DFF = "cell_rates.scratch", "cell_dff.scratch"  # beside a subject's outputs, while it runs
+
+
+def scratch_path(out_dir: Path, name: str) -> Path:
+    """A scratch array's file: a temporary of this run in the subject's folder (removed when the subject ends)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return temporary_path(out_dir / name)
+
+
+def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, pool: WorkerPool,
+                  scratch: tuple = (None, None)) -> SubjectSpikes:  # fmt: skip
+    """CASCADE over the subject's cells in batches (at least one per worker) across the pool. ``scratch``: the
+    (rates, dF/F) ScratchArrays the workers fill, or None where this run needs none."""
     plot_rows = np.sort(plot_candidates(subject.num_cells, settings.seed))
     # a multiple of --workers batches of equal size, none above --batch_size: every worker stays busy
     num_batches = pool.workers * math.ceil(math.ceil(subject.num_cells / batch_size) / pool.workers)
@@ -4485,7 +4942,8 @@ def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, 
             model.source,
             settings,
             pool.threads_per_worker,
-        )
+            *scratch,
+        )  # fmt: skip
         for start, stop, rows in zip(starts, stops, in_plot)
     )
     progress = Progress(subject.name, len(starts), subject.num_frames, pool.workers)
@@ -4494,32 +4952,51 @@ def infer_subject(subject, model, settings: InferenceSettings, batch_size: int, 
     finally:
         progress.close()
     time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, settings.target_rate_hz)
-    return SubjectSpikes(batches, time_base.num_timepoints, subject.num_frames)
+    return SubjectSpikes(batches, time_base.num_timepoints, subject.num_frames, *scratch)
 
 
-def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool) -> None:
+def dff_scratch(subject: SubjectData, trace_type: TraceType, settings: InferenceSettings, path: Path) -> ScratchArray:
+    """(frames, cells) dF/F of every cell as the workers make it, streamed once from the traces: the NWB file's,
+    when CASCADE's saved results are re-gridded (a CASCADE run has its workers write it)."""
+    dff = ScratchArray.create(path, (subject.num_frames, subject.num_cells), "float32")
+    for first in range(0, subject.num_cells, CELLS_PER_CHUNK):
+        traces = subject.trace_file.read(first, min(first + CELLS_PER_CHUNK, subject.num_cells))
+        if trace_type.kind == "fluorescence":
+            traces = compute_dff(
+                traces, subject.frame_rate_hz, settings.baseline_window_s, settings.baseline_percentile
+            )
+        dff.write_columns(first, traces)
+    return dff
+
+
+def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool, scratch: tuple) -> None:
     """Stage: CASCADE's saved results when only grid parameters changed, else dF/F -> CASCADE -> spikes
-    over the worker pool. Fills the record's trace type, inference settings and spikes."""
+    over the worker pool. Fills the record's trace type, inference settings and spikes; the rates (for
+    cell_activity.h5 and the NWB file) and dF/F (for the NWB file) go to the ``scratch`` (rates, dF/F) paths
+    (None: not needed), not to memory."""
     subject, started = record.subject, time.perf_counter()
-    saved = (
-        None if config.overwrite else read_cell_activity(record.out_dir / CELL_ACTIVITY_FILENAME, record.fingerprint)
-    )
+    rates_path, dff_path = scratch
+    engine = choose_engine(config.engine).name
+    inference = settings_for(InferenceSettings, config, is_fluorescence=False, frame_rate_hz=subject.frame_rate_hz,
+                             engine=engine)  # fmt: skip
+    saved = None
+    if not config.overwrite:
+        saved = read_cell_activity(record.out_dir / CELL_ACTIVITY_FILENAME, record.fingerprint, rates_path)
     if saved is not None:
         log.info(f"{subject.name}: re-gridding CASCADE's saved results ({CELL_ACTIVITY_FILENAME}): CASCADE not rerun")
         record.spikes, record.trace_type = saved
+        if dff_path is not None:
+            record.spikes.dff = dff_scratch(subject, record.trace_type, inference, dff_path)
     else:
         record.trace_type = subject_trace_type(subject, config.trace_type)
         log.info(f"{subject.name}: traces treated as {record.trace_type.kind} ({record.trace_type.reason})")
-        is_fluorescence = record.trace_type.kind == "fluorescence"
-        engine = choose_engine(config.engine).name
-        record.inference = settings_for(
-            InferenceSettings,
-            config,
-            is_fluorescence=is_fluorescence,
-            frame_rate_hz=subject.frame_rate_hz,
-            engine=engine,
+        record.inference = dataclasses.replace(inference, is_fluorescence=record.trace_type.kind == "fluorescence")
+        time_base, cells = record.time_base, subject.num_cells
+        scratch = (
+            rates_path and ScratchArray.create(rates_path, (time_base.num_timepoints, cells), "float16"),
+            dff_path and ScratchArray.create(dff_path, (subject.num_frames, cells), "float32"),
         )
-        record.spikes = infer_subject(subject, record.model, record.inference, config.batch_size, pool)
+        record.spikes = infer_subject(subject, record.model, record.inference, config.batch_size, pool, scratch)
         seconds = time.perf_counter() - started
         rate = subject.num_cells * subject.num_frames / max(seconds, 1e-9)
         log.info(f"{subject.name}: CASCADE in {seconds:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
@@ -4603,319 +5080,12 @@ def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) ->
     )
 
 
-def subject_attrs(record: SubjectRun) -> dict:
-    """Attributes every output file of the subject records: how it was made."""
-    subject, grid = record.subject, record.plan.grid
-    return {
-        "format": "COO_sparse",
-        "subject": subject.name,
-        "frame_rate_hz": subject.frame_rate_hz,
-        "timepoint_rate_hz": record.time_base.rate_hz,  # --target_rate_hz, or the recording's frame rate
-        **dict(zip(("num_timepoints", "num_z_planes", "grid_height", "grid_width"), grid.shape)),
-        "grid_shape": grid.shape,
-        "num_cells": subject.num_cells,
-        "num_valid_cells": int(record.spikes.valid.sum()),
-        "num_original_frames": subject.num_frames,
-        "trace_type": record.trace_type.kind,
-        "trace_type_reason": record.trace_type.reason,
-        "layout": subject.layout,
-        "source_files": list(subject.source_files),
-        "software_version": __version__,
-        "coordinate_order": "t,z,x,y",
-        "split_rule": record.plan.split_rule,
-        "warnings": "; ".join(subject.warnings),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run_id": record.run.run_id,
-        "fingerprint": record.fingerprint,
-        "timings": dict(record.timings),
-        "cascade_engine": record.inference.engine if record.inference else "",  # "": saved results re-gridded
-        **record.model.provenance(),
-        **record.params,
-    }
-
-
-def write_cell_activity_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    write_cell_activity(path, record.spikes, record.plan, record.subject, attrs, record.covariates)
-
-
-def write_grid_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    blocks = record.run.safe_points(coo_blocks(record.spikes, record.plan))
-    counts, plane_entries = write_coo_file(path, blocks, record.plan, attrs, record.covariates)
-    record.grid_written = GridWritten(counts, plane_entries, path.stat().st_size)
-
-
-def write_pdf_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    plot_subject_pdf(path, plot_data(record, attrs))
-
-
-def write_metadata(path: Path, record: SubjectRun, attrs: dict) -> None:
-    """metadata.h5: the subject's attributes, per-timepoint and per-plane arrays, and cells/."""
-    grid, plan, written, spikes = record.plan.grid, record.plan, record.grid_written, record.spikes
-    record.timings["total_s"] = time.perf_counter() - record.started
-    counts = coo_attrs(written.counts, written.plane_entries.sum(), grid)
-    attrs = {**attrs, **counts, "coo_file_bytes": written.file_bytes, "timings": record.timings, **record.timings}
-    plane_voxels = max(grid.num_timepoints * grid.height * grid.width, 1)
-    datasets = {
-        "z_values": grid.z_values,
-        "is_train": plan.is_train,
-        "train_timepoints": np.flatnonzero(plan.is_train == 1),
-        "test_timepoints": np.flatnonzero(plan.is_train == 0),
-        "test_blocks": plan.test_blocks,
-        "timepoint_indices": plan.kept_frames.astype(np.int32),
-        "timepoint_times_s": plan.timepoint_times_s,
-        "per_plane_active_pixels": written.plane_entries,
-        "per_plane_sparsity_percent": 100.0 * written.plane_entries / plane_voxels,
-        "population_rate_hz": record.population_rate_hz(),
-    }
-    cells = {
-        "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
-        "cell_id": record.subject.cell_ids,
-        "position": record.subject.positions,
-        "voxel_zxy": grid.cell_voxels
-        if grid.cells_outside is None
-        else np.where(grid.cells_outside[:, None], -1, grid.cell_voxels),
-        **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
-        "valid": spikes.valid.astype(np.uint8),
-    }
-    write_metadata_file(path, attrs, datasets, cells, record.covariates, plan.kept_frames)
-
-
-NWB_FILENAME_SUFFIX = "_cascade.nwb"
-
-
-class _CellBlocks:
-    """(time, cells) data for pynwb, made a block of cells at a time by ``block(first, stop)`` -> (cells, T)."""
-
-    def __new__(cls, block: Callable, num_cells: int, num_frames: int):
-        from hdmf.data_utils import AbstractDataChunkIterator, DataChunk
-
-        class Blocks(AbstractDataChunkIterator):
-            def __init__(self):
-                self.first = 0
-
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                if self.first >= num_cells:
-                    raise StopIteration
-                first, self.first = self.first, min(self.first + CELLS_PER_CHUNK, num_cells)
-                return DataChunk(np.ascontiguousarray(block(first, self.first).T), np.s_[:, first : self.first])
-
-            def recommended_chunk_shape(self):
-                return None
-
-            def recommended_data_shape(self):
-                return (num_frames, num_cells)
-
-            dtype = property(lambda self: np.dtype(np.float32))
-            maxshape = property(lambda self: (num_frames, num_cells))
-
-        return Blocks()
-
-
-def _nwb_dff_block(record: SubjectRun):
-    """The input as dF/F, as the run computed it, for cells [first, stop)."""
-    subject, params = record.subject, record.params
-
-    def block(first: int, stop: int) -> np.ndarray:
-        traces = subject.trace_file.read(first, stop)
-        if record.trace_type.kind != "fluorescence":
-            return traces
-        window_s, percentile = params["param_baseline_window_s"], params["param_baseline_percentile"]
-        return compute_dff(traces, subject.frame_rate_hz, window_s, percentile)
-
-    return block
-
-
-def write_nwb_file(path: Path, record: SubjectRun, attrs: dict) -> None:
-    """<subject>_cascade.nwb: the cells (a voxel mask at each position), the input dF/F (DfOverF) and CASCADE's
-    rates (RoiResponseSeries 'Deconvolved'), at the recording's rate; written a block of cells at a time."""
-    from pynwb import NWBHDF5IO, NWBFile
-    from pynwb.file import Subject
-    from pynwb.ophys import DfOverF, ImageSegmentation, OpticalChannel, RoiResponseSeries
-
-    subject, params, model = record.subject, record.params, record.model
-    created = datetime.datetime.now(datetime.timezone.utc)
-    nwb = NWBFile(
-        session_description=f"CASCADE spike inference of {subject.name} ({subject.layout} layout)",
-        identifier=f"{attrs['run_id']}-{subject.name}", session_start_time=created,
-        experimenter=list(params["param_nwb_experimenter"]) or None,
-        subject=Subject(subject_id=params["param_nwb_subject_id"] or subject.name, species=params["param_nwb_species"]),
-        source_script=f"unified_spike_processing_coo {__version__}", source_script_file_name=Path(__file__).name,
-    )  # fmt: skip
-    device = nwb.create_device(name="microscope", description="as recorded in the input")
-    plane = nwb.create_imaging_plane(
-        name="imaging_plane", optical_channel=OpticalChannel(name="channel", description="unknown", emission_lambda=float("nan")),
-        description="the recording's cells, positions as in the input", device=device, excitation_lambda=float("nan"),
-        imaging_rate=subject.frame_rate_hz, indicator="unknown", location="unknown",
-    )  # fmt: skip
-    ophys = nwb.create_processing_module(name="ophys", description="calcium traces and CASCADE spike inference")
-    segmentation = ImageSegmentation(name="ImageSegmentation")
-    ophys.add(segmentation)
-    cells = segmentation.create_plane_segmentation(
-        name="cells", description="one voxel at each cell's position [x, y, z] (rounded)", imaging_plane=plane
-    )
-    for x, y, z in np.clip(np.round(subject.positions), 0, None).astype(np.uint32):
-        cells.add_roi(voxel_mask=[(x, y, z, 1.0)])
-    rois = cells.create_roi_table_region(description="every cell", region=list(range(subject.num_cells)))
-    shape = (subject.num_cells, subject.num_frames)
-    dff = RoiResponseSeries(
-        name="dff", data=_CellBlocks(_nwb_dff_block(record), *shape), rois=rois, unit="n.a.",
-        rate=subject.frame_rate_hz, description=f"dF/F of the input ({record.trace_type.kind}: {record.trace_type.reason})",
-    )  # fmt: skip
-    ophys.add(DfOverF(name="DfOverF", roi_response_series=dff))
-    ophys.add(RoiResponseSeries(
-        name="Deconvolved", data=_CellBlocks(record.spikes.rates, *shape), rois=rois, unit="expected spikes per frame",
-        rate=subject.frame_rate_hz, description=f"CASCADE spike inference (model {model.name}, threshold "
-        f"{params['param_cascade_threshold']}): expected spikes per frame, NaN where CASCADE predicts nothing",
-    ))  # fmt: skip
-    with warnings.catch_warnings(), NWBHDF5IO(str(path), "w") as io:
-        warnings.simplefilter("ignore")  # pynwb's notes on orientation: whole-brain data has more cells than frames
-        io.write(nwb)
-
-
-@dataclass(frozen=True)
-class SubjectOutput:
-    """One file of a subject's outputs: the only place to touch to add one. Written in this table's
-    order, each to a temporary, then all renamed into place together; the last is the commit record."""
-
-    filename: Callable[[str], str]  # subject name -> file name
-    wanted: Callable[[SubjectRun], bool]  # does this run write it?
-    write: Callable[[Path, SubjectRun, dict], None]  # (temporary path, record, attributes)
-    timing: str | None  # the record's timing it counts towards
-    keep_unwritten: bool  # a file from an earlier run is kept when this run does not write it (else removed)
-
-
-SUBJECT_OUTPUTS = (
-    # per-cell rates and CASCADE's results (re-gridding reads them back before this rewrites the file)
-    SubjectOutput(lambda _: CELL_ACTIVITY_FILENAME, lambda r: bool(r.params["param_cell_activity"]),
-                  write_cell_activity_file, "grid_and_write_s", keep_unwritten=False),
-    SubjectOutput(lambda _: COO_FILENAME, lambda r: True, write_grid_file, "grid_and_write_s", keep_unwritten=False),
-    SubjectOutput(pdf_filename, lambda r: r.plot_settings is not None, write_pdf_file, "plots_s", keep_unwritten=False),
-    SubjectOutput(lambda name: name + NWB_FILENAME_SUFFIX, lambda r: bool(r.params["param_nwb"]), write_nwb_file,
-                  "nwb_s", keep_unwritten=False),
-    SubjectOutput(lambda _: METADATA_FILENAME, lambda r: True, write_metadata, None, keep_unwritten=False),
-)  # fmt: skip
-
-
-def write_subject(record: SubjectRun) -> None:
-    """Stage: the SUBJECT_OUTPUTS this run makes, each written to a temporary and renamed into place, the
-    commit record last. A failure removes this subject's temporaries and leaves its earlier files as they were."""
-    record.out_dir.mkdir(parents=True, exist_ok=True)
-    finals = [record.out_dir / output.filename(record.name) for output in SUBJECT_OUTPUTS]
-    temporaries = [temporary_path(final) for final in finals]
-    attrs = subject_attrs(record)
-    try:
-        with record.run.signals_held():
-            for output, temporary in zip(SUBJECT_OUTPUTS, temporaries):
-                if output.wanted(record):
-                    started = time.perf_counter()
-                    output.write(temporary, record, attrs)
-                    if output.timing:
-                        spent = time.perf_counter() - started
-                        record.timings[output.timing] = record.timings.get(output.timing, 0.0) + spent
-            remove_quietly(finals[-1])  # without the commit record the renames count all together or not at all
-            for output, temporary, final in zip(SUBJECT_OUTPUTS, temporaries, finals):
-                if temporary.exists():
-                    os.replace(temporary, final)
-                elif not output.keep_unwritten:
-                    remove_quietly(final)  # e.g. an old PDF after --no_plots: not from this run
-    except OSError as exc:
-        raise WriteFailed(f"cannot write to {record.out_dir}: {describe_os_error(exc, record.out_dir)}") from None
-    finally:
-        for temporary in temporaries:
-            remove_quietly(temporary)
-
-
-def describe_os_error(exc: OSError, folder: Path) -> str:
-    """Plain words for a write error; HDF5's own message often hides the cause (a full disk)."""
-    nearly_full = False
-    with contextlib.suppress(OSError):
-        nearly_full = shutil.disk_usage(folder).free < 1 << 20
-    if exc.errno == errno.ENOSPC or "No space left" in str(exc) or nearly_full:
-        return "no space left on device"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied ({exc.strerror})"
-    return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
-
-
-def plot_data(record: SubjectRun, attrs: dict) -> PlotData:
-    """The PDF's content, from the subject's results (small arrays only)."""
-    subject, spikes, plan, settings = record.subject, record.spikes, record.plan, record.plot_settings
-    valid_rows = np.flatnonzero(spikes.valid)
-    rng = np.random.default_rng([settings.seed, 11])
-    raster_pool = valid_rows if len(valid_rows) <= 300 else np.sort(rng.choice(valid_rows, 300, replace=False))
-    order = raster_pool[np.lexsort((raster_pool, plan.grid.cell_voxels[raster_pool, 0]))]  # by plane
-    rank = np.full(subject.num_cells, -1)
-    rank[order] = np.arange(len(order))
-    raster_cells, raster_frames = spikes.events_of_cells(order)
-    cell_spikes_kept = spikes.spikes_per_cell(plan.kept_frames[0], plan.kept_frames[-1] + 1, subject.num_cells)
-    test_mask = np.zeros(record.time_base.num_timepoints, bool)
-    test_mask[plan.kept_frames[plan.is_train == 0]] = True
-    in_grid = spikes.valid if plan.grid.cells_outside is None else spikes.valid & ~plan.grid.cells_outside
-    traces = spikes.plot_traces()
-    shown = np.isin(traces.rows, plot_candidates(subject.num_cells, settings.seed)[: settings.num_neurons])
-    return PlotData(
-        subject=subject.name,
-        frame_rate_hz=record.time_base.rate_hz,
-        summary_lines=_summary_page_lines(record, attrs),
-        cell_ids=subject.cell_ids[traces.rows[shown]],
-        dff=traces.dff[shown],
-        rates=traces.rates[shown],
-        spikes=traces.spikes[shown],
-        spike_mode=settings.spike_mode,
-        raster_cells=rank[raster_cells],
-        raster_frames=raster_frames,
-        raster_size=len(order),
-        population_rate_hz=record.population_rate_hz(),
-        test_spans_frames=_spans(test_mask),
-        edge_spans_frames=_spans(~plan.predicted),
-        cell_voxels=plan.grid.cell_voxels[in_grid],
-        cell_spike_counts=cell_spikes_kept[in_grid],
-        grid=plan.grid,
-        noise_level=spikes.cells("noise_level"),
-        model=record.model,
-        dff_rate_hz=subject.frame_rate_hz,
-        condition_spans=_condition_spans(record.covariates),
-        behavior=record.covariates.behavior,
-    )
-
-
-def _condition_spans(covariates: Covariates) -> list:
-    """(name, start, stop) frames of each run of one stimulus condition, for the PDF."""
-    if covariates.condition is None:
-        return []
-    spans = []
-    for index, name in enumerate(covariates.condition_names):
-        spans += [(name, start, stop) for start, stop in _spans(covariates.condition == index)]
-    return spans
-
-
-def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
-    subject, model, counts, settings = record.subject, record.model, record.grid_written.counts, record.plot_settings
-    entries = int(record.grid_written.plane_entries.sum())
-    return [
-        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
-        f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
-        f"CASCADE model {model.name} ({model.source}), threshold {settings.cascade_threshold}",
-        f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
-        f"({counts.spike_pixels:,} spike pixels, {counts.marker_pixels:,} marker pixels, "
-        f"{counts.collisions:,} collisions)",
-        f"software {__version__}, run {attrs['run_id']}, {attrs['created_utc']}",
-        "",
-        "Warnings:" if subject.warnings else "No warnings.",
-        *(f"  - {w}" for w in subject.warnings),
-    ]
-
-
 def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run: RunContext) -> SubjectSummary:
     """One subject, stage by stage: load -> model -> skip if up to date -> CASCADE (or its saved results)
-    -> check the traces -> plan the grid -> check the split -> write the files."""
+    -> check the traces -> plan the grid -> check the split -> build the grid -> write the files."""
     started = time.perf_counter()
     subject = load_subject(folder, settings_for(LoadOptions, config))
-    plots = settings_for(PlotSettings, config) if config.plots else None
-    record = SubjectRun(subject, Path(config.output_dir) / subject.name, run, config.as_attrs(), plots, started)
+    record = SubjectRun(subject, Path(config.output_dir) / subject.name, run.run_id, config.as_attrs())
     record.time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
     log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
              f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
@@ -4931,16 +5101,32 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
         return SubjectSummary.from_metadata(read_attrs(record.out_dir / METADATA_FILENAME))
     log.info(f"{subject.name}: computing ({reason})")
     record.timings["load_s"] = time.perf_counter() - started
-    run_cascade(record, config, pool)
-    check_inferred_traces(subject, record.spikes, record.trace_type.kind)
-    grid_settings = settings_for(GridSettings, config)
-    record.plan = plan_grid(
-        subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings, record.covariates
+    existed = record.out_dir.exists()
+    scratch = (
+        scratch_path(record.out_dir, SCRATCH_RATES) if config.cell_activity or config.nwb else None,
+        scratch_path(record.out_dir, SCRATCH_DFF) if config.nwb else None,
     )
-    check_atlas_extent(subject, record.plan.grid, grid_settings)
-    check_split(subject, record.plan, grid_settings)
-    write_subject(record)
-    summary = SubjectSummary.of_run(record)
+    try:
+        run_cascade(record, config, pool, scratch)
+        check_inferred_traces(subject, record.spikes, record.trace_type.kind)
+        stage_started, grid_settings = time.perf_counter(), settings_for(GridSettings, config)
+        record.plan = plan_grid(
+            subject.positions, record.spikes.valid, record.time_base, record.model, grid_settings, record.covariates
+        )
+        check_atlas_extent(subject, record.plan.grid, grid_settings)
+        check_split(subject, record.plan, grid_settings)
+        record.attrs = subject_attrs(record)
+        with run.signals_held():  # HDF5 in memory and on disk: see RunContext.signals_held
+            record.grid = build_grid(record, run.safe_points)
+            record.timings["grid_s"] = time.perf_counter() - stage_started
+            settings = [output.settings and settings_for(output.settings, config) for output in SUBJECT_OUTPUTS]
+            write_subject(record, settings)
+    finally:
+        for path in filter(None, scratch):
+            remove_quietly(path)
+        if not existed and record.out_dir.is_dir() and not any(record.out_dir.iterdir()):
+            record.out_dir.rmdir()  # a subject refused after CASCADE leaves no empty folder
+    summary = SubjectSummary.of_run(record, time.perf_counter() - started)
     log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
              f"{summary.marker_pixels} marker) in a {'x'.join(map(str, record.plan.grid.shape))} grid, written to "
              f"{record.out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
@@ -5366,8 +5552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = PipelineConfig(**vars(parser.parse_args(argv)))
         shard = resolve_shard(config.shard)
-    except PipelineError as exc:
-        parser.error(str(exc))  # exit 2, before anything is created
+    except PipelineError as exc:  # options that cannot go together: one line, exit 2, before anything is created
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     output_dir = Path(config.output_dir)
     default_log = f"processing_shard{shard[0]}of{shard[1]}.log" if shard else "processing.log"
     try:

@@ -190,3 +190,67 @@ def same_datasets(a, b, skip: tuple = ()) -> None:
         other = right[name]
         assert value.dtype == other.dtype and value.shape == other.shape, f"{name}: {value.dtype} {other.dtype}"
         np.testing.assert_array_equal(value, other, err_msg=f"{a} {name}")
+
+
+VOLATILE_ATTRS = (
+    "run_id",
+    "created_utc",
+    "timings",
+    "object_id",
+    "param_output_dir",
+    "param_input_dir",
+    "param_log_file",
+)
+# (the first three differ between any two runs, by design; the paths between runs in two folders)
+VOLATILE_NWB_DATASETS = ("identifier", "session_start_time", "file_create_date", "timestamps_reference_time")
+
+
+def same_outputs(a, b) -> None:
+    """Two output folders hold the same files with the same datasets and attributes (values, dtypes, shapes),
+    apart from what differs between any two runs (run ids, creation times, timings; a PDF's bytes)."""
+    import h5py
+    import numpy as np
+
+    def files(folder):
+        return sorted(p.relative_to(folder) for p in Path(folder).rglob("*") if p.is_file() and p.suffix != ".log")
+
+    def attrs(node) -> dict:
+        return {
+            key: value
+            for key, value in node.attrs.items()
+            if key not in VOLATILE_ATTRS and not key.endswith("_s") and not isinstance(value, h5py.Reference)
+        }
+
+    def contents(path) -> dict:
+        found = {}
+
+        def visit(name, node):
+            if isinstance(node, h5py.Dataset) and name.split("/")[-1] not in VOLATILE_NWB_DATASETS:
+                value = node[()]
+                if node.dtype.kind == "O" and node.dtype.metadata and "ref" in node.dtype.metadata:
+                    value = None  # object references: their targets are compared by name
+                found[name] = (value, node.dtype, attrs(node))
+            elif isinstance(node, h5py.Group):
+                found[name + "/"] = (None, None, attrs(node))
+
+        with h5py.File(path, "r") as h5:
+            h5.visititems(visit)
+            found["/"] = (None, None, attrs(h5))
+        return found
+
+    assert files(a) == files(b), f"{a} and {b} hold different files"
+    for relative in files(a):
+        if relative.suffix not in (".h5", ".nwb"):
+            continue
+        left, right = contents(Path(a) / relative), contents(Path(b) / relative)
+        assert sorted(left) == sorted(right), f"{relative}: different datasets or groups"
+        for name, (value, dtype, node_attrs) in left.items():
+            other, other_dtype, other_attrs = right[name]
+            assert dtype == other_dtype, f"{relative} {name}: {dtype} != {other_dtype}"
+            if value is not None or other is not None:
+                np.testing.assert_array_equal(value, other, err_msg=f"{relative} {name}")
+            assert sorted(node_attrs) == sorted(other_attrs), f"{relative} {name}: attributes differ"
+            for key in node_attrs:
+                if key == "fingerprint" or key == "cascade_fingerprint":
+                    continue  # input files' modification times differ between copies of the inputs
+                np.testing.assert_array_equal(node_attrs[key], other_attrs[key], err_msg=f"{relative} {name} {key}")

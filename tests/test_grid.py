@@ -31,16 +31,15 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
         batches.append(
             usp.BatchResult(
                 start=start,
-                spike_frames=frames.astype(np.int32),
+                spike_timepoints=frames.astype(np.int32),
                 spike_cells=(cells + start).astype(np.int32),
                 cells={field.name: zeros.astype(field.dtype) for field in usp.CELL_FIELDS}
                 | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)},
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
-                rates=np.zeros((stop - start, num_frames), np.float16),
                 plot=usp.PlotTraces(zeros[:0], *(np.zeros((0, num_frames), dtype) for dtype in ("f4", "f4", bool))),
             )
         )
-    return spikes, usp.SubjectSpikes(batches, num_frames)
+    return spikes, usp.SubjectSpikes(batches, num_frames, num_frames)
 
 
 def test_grid_blocks_equal_one_pass(monkeypatch):
@@ -67,7 +66,7 @@ def test_grid_blocks_equal_one_pass(monkeypatch):
 
 def test_events_of_subject_spikes_match_dense():
     spikes, subject_spikes = _random_spikes()
-    cells, frames = subject_spikes.events_in_frames(30, 60)
+    cells, frames = subject_spikes.events_in_timepoints(30, 60)
     assert len(cells) == spikes[:, 30:60].sum()
     assert np.all(spikes[cells, frames]), "every returned event is a spike"
     # exactly the window's spikes, each once (len above + a set equal to the dense one: no duplicates)
@@ -79,7 +78,7 @@ def test_events_of_subject_spikes_match_dense():
     batch = np.searchsorted([17, 40], cells, side="right")
     assert np.all(np.diff(batch) >= 0), "batches in order"
     assert np.all(np.diff(frames)[np.diff(batch) == 0] >= 0), "frame-sorted within a batch"
-    np.testing.assert_array_equal(subject_spikes.frame_counts, spikes.sum(axis=0))
+    np.testing.assert_array_equal(subject_spikes.timepoint_counts, spikes.sum(axis=0))
     chosen = np.array([3, 20, 45])
     cells, frames = subject_spikes.events_of_cells(chosen)
     assert len(cells) == spikes[chosen].sum() and set(cells) <= set(chosen)
@@ -188,7 +187,7 @@ def test_cells_outside_the_atlas_warned_when_few_refused_when_many():
     settings = _settings()
     positions = np.tile([700.0, 300.0, 70.0], (100, 1))
     positions[:3, 0] = 0  # 0-based or failed registrations
-    subject = usp.SubjectData("subject_1", ".", None, positions, 2.0, np.arange(100), "chen2018")
+    subject = usp.SubjectData("subject_1", ".", None, positions, 2.0, np.arange(100), layout="chen2018")
     subject.trace_file = type("Traces", (), {"num_cells": 100, "num_frames": 10})()
     usp.check_atlas_extent(subject, usp.make_atlas_grid_spec(positions, 10, settings), settings)
     assert subject.warnings == [

@@ -181,7 +181,7 @@ def test_an_input_layout_is_one_table_entry(tmp_path, monkeypatch):
         trace_file, found = usp._open_trace_file(folder / "cells.h5", "F", True, extra=("xyz",), attrs=("fs",))
         positions, rate = np.asarray(found["xyz"], float), float(found["fs"])
         ids = np.arange(trace_file.num_cells)
-        return usp.SubjectData(folder.name, str(folder), trace_file, positions, rate, ids, "toy", "dff")
+        return usp.SubjectData(folder.name, str(folder), trace_file, positions, rate, ids, "dff")
 
     toy = usp.InputLayout(
         "toy", "cells.h5 (F (T, N), xyz (N, 3), attribute fs)", lambda names: "cells.h5" in names, load_toy,
@@ -231,7 +231,7 @@ def test_chen_covariates_read_as_the_file_holds_them(tmp_path, v73):
     np.testing.assert_array_equal(covariates.condition, expected)
     assert covariates.stimulus_sets[1] == ("PT", (5.0, 6.0))
     frames = np.array([3, 0, 200])
-    at = covariates.at_frames(frames)
+    at = covariates.at(frames)
     np.testing.assert_array_equal(at["behavior"], fields["Behavior_full"].T[frames].astype(np.float32))
     assert set(at) == {"stimulus", "condition", "behavior", "eye"}
 
@@ -286,5 +286,5 @@ def test_generic_covariates_group_is_passed_through(tmp_path):
     write_generic_fish(folder, **{f"covariates/{name}": data for name, data in covariates.items()})
     subject = usp.load_subject(folder)
     assert set(subject.covariates.extra) == {"speed", "tail"}
-    np.testing.assert_array_equal(subject.covariates.at_frames([2, 5])["speed"], [2.0, 5.0])
+    np.testing.assert_array_equal(subject.covariates.at([2, 5])["speed"], [2.0, 5.0])
     assert len(subject.warnings) == 1 and "covariates/short has shape (79,)" in subject.warnings[0]

@@ -22,7 +22,7 @@ def plot_data(num_planes: int, num_cells: int = 600, num_frames: int = 200) -> u
     raster_cells, raster_frames = np.nonzero(rng.random((num_cells, num_frames)) < 0.01)
     return usp.PlotData(
         subject="subject_9",
-        frame_rate_hz=2.0,
+        timepoint_rate_hz=2.0,
         summary_lines=["a test"],
         cell_ids=np.arange(4),
         dff=rng.normal(size=(4, num_frames)),
@@ -30,11 +30,11 @@ def plot_data(num_planes: int, num_cells: int = 600, num_frames: int = 200) -> u
         spikes=spikes,
         spike_mode="sample",
         raster_cells=raster_cells,
-        raster_frames=raster_frames,
+        raster_timepoints=raster_frames,
         raster_size=num_cells,
         population_rate_hz=rng.random(num_frames),
-        test_spans_frames=[(100, 150)],
-        edge_spans_frames=[(0, 10)],
+        test_spans=[(100, 150)],
+        edge_spans=[(0, 10)],
         cell_voxels=grid.cell_voxels,
         cell_spike_counts=rng.poisson(3, num_cells),
         grid=grid,
