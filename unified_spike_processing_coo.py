@@ -3070,10 +3070,54 @@ class CellChunk:
     spikes: np.ndarray  # (B, T') bool, on the time base
 
 
+@dataclass
+class CellResults:
+    """Per-cell results of the workers, by subject row: those every subject has, read by name by the checks, the
+    grid and the files; and the optional ones of CELL_FIELDS (``extra``). cell_activity.h5's cascade/ saves them
+    all (re-gridding reads them back); metadata.h5's cells/ has spike_count, noise_level and the in_metadata ones."""
+
+    spike_count: np.ndarray  # (N,) int32 spikes over every timepoint of the time base
+    noise_level: np.ndarray  # (N,) float64 CASCADE's noise level of the cell's dF/F
+    nan_frames: np.ndarray  # (N,) int32 frames without a value (NaN or infinite)
+    infinite_values: np.ndarray  # (N,) int32 infinite values (treated as NaN)
+    min_value: np.ndarray  # (N,) float32 smallest value as stored, NaN: no value (fmin skips NaN)
+    max_value: np.ndarray  # (N,) float32 largest; = min_value: a constant trace
+    extra: dict = dataclasses.field(default_factory=dict)  # CELL_FIELDS name -> (N,) array of its dtype
+
+    @classmethod
+    def of_chunk(cls, chunk: CellChunk) -> CellResults:
+        traces = chunk.traces
+        return cls(
+            chunk.spikes.sum(axis=1).astype(np.int32), np.asarray(chunk.noise_level, np.float64),
+            np.isnan(traces).sum(axis=1).astype(np.int32), np.asarray(chunk.infinite_values, np.int32),
+            np.fmin.reduce(traces, axis=1).astype(np.float32), np.fmax.reduce(traces, axis=1).astype(np.float32),
+            {field.name: np.asarray(field.compute(chunk)).astype(field.dtype) for field in CELL_FIELDS},
+        )  # fmt: skip
+
+    def arrays(self) -> dict:
+        """name -> (N,) array of every result, the required ones and CELL_FIELDS'."""
+        required = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**required, **self.extra}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> CellResults:
+        """The results from arrays(), e.g. read back from cell_activity.h5."""
+        required = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return cls(*(arrays[name] for name in required), {f.name: arrays[f.name] for f in CELL_FIELDS})
+
+    @classmethod
+    def names(cls) -> list:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"] + [f.name for f in CELL_FIELDS]
+
+    @classmethod
+    def concatenate(cls, parts: list) -> CellResults:
+        return cls.from_arrays({name: np.concatenate([p.arrays()[name] for p in parts]) for name in cls.names()})
+
+
 @dataclass(frozen=True)
 class CellField:
-    """A per-cell result of the workers: the only place to touch to add one. Workers compute it for each
-    chunk, cell_activity.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
+    """An optional per-cell result of the workers: the only place to touch to add one. Workers compute it for
+    each chunk, cell_activity.h5 saves it (re-gridding reads it back), metadata.h5 cells/ has it if in_metadata."""
 
     name: str
     dtype: str
@@ -3081,15 +3125,7 @@ class CellField:
     in_metadata: bool = False
 
 
-CELL_FIELDS = (
-    CellField("spike_count", "int32", lambda c: c.spikes.sum(axis=1), in_metadata=True),  # all frames
-    CellField("noise_level", "float64", lambda c: c.noise_level, in_metadata=True),
-    CellField("model_noise_level", "int64", lambda c: c.model_noise_level, in_metadata=True),
-    CellField("nan_frames", "int32", lambda c: np.isnan(c.traces).sum(axis=1)),  # frames without a value
-    CellField("infinite_values", "int32", lambda c: c.infinite_values),
-    CellField("min_value", "float32", lambda c: np.fmin.reduce(c.traces, axis=1)),  # NaN: no value (fmin skips NaN)
-    CellField("max_value", "float32", lambda c: np.fmax.reduce(c.traces, axis=1)),  # = min_value: constant
-)
+CELL_FIELDS = (CellField("model_noise_level", "int64", lambda c: c.model_noise_level, in_metadata=True),)
 
 
 @dataclass(frozen=True)
@@ -3114,14 +3150,14 @@ class BatchResult:
     start: int
     spike_timepoints: np.ndarray  # (S,) int32 timepoints of the time base, ascending
     spike_cells: np.ndarray  # (S,) int32 subject rows, ascending within a timepoint
-    cells: dict  # CELL_FIELDS name -> (B,) array of that field's dtype
+    cells: CellResults  # of the batch's cells
     rate_sum_fixed: np.ndarray  # (timepoints,) int64 sum of rates over cells * RATE_SUM_SCALE
     plot: PlotTraces
     seconds: float = 0.0
 
     @property
     def num_cells(self) -> int:
-        return len(self.cells["spike_count"])
+        return len(self.cells.spike_count)
 
     @classmethod
     def concatenate(cls, parts: list, seconds: float = 0.0) -> BatchResult:
@@ -3130,7 +3166,7 @@ class BatchResult:
             np.concatenate([getattr(p, key) for p in parts]) for key in ("spike_timepoints", "spike_cells")
         )
         order = np.argsort(timepoints, kind="stable")  # parts ascend in cell: (timepoint, cell) order overall
-        per_cell = {f.name: np.concatenate([p.cells[f.name] for p in parts]) for f in CELL_FIELDS}
+        per_cell = CellResults.concatenate([p.cells for p in parts])
         rate_sum_fixed = sum(p.rate_sum_fixed for p in parts)
         plot = PlotTraces.concatenate([p.plot for p in parts])
         return cls(parts[0].start, timepoints[order], cells[order], per_cell, rate_sum_fixed, plot, seconds)
@@ -3232,7 +3268,7 @@ def chunk_result(task: BatchTask, chunk: CellChunk, start: int) -> BatchResult:
     """What leaves the worker of a chunk of cells from ``start``: spikes as (timepoint, cell) events, the per-cell
     fields, the summed rates and the plotted cells' traces. The rates (and dF/F) go to the scratch arrays."""
     timepoints, cells = np.nonzero(chunk.spikes.T)  # sorted by timepoint, then cell
-    per_cell = {f.name: np.asarray(f.compute(chunk)).astype(f.dtype) for f in CELL_FIELDS}
+    per_cell = CellResults.of_chunk(chunk)
     rate_sum_fixed = np.round(np.nan_to_num(chunk.rates) * RATE_SUM_SCALE).astype(np.int64).sum(axis=0)
     local = task.plot_rows[(task.plot_rows >= start) & (task.plot_rows < start + len(chunk.rates))] - start
     plot = PlotTraces(local + start, chunk.dff[local].astype(np.float32), chunk.rates[local].astype(np.float32),
@@ -3276,9 +3312,10 @@ class SubjectSpikes:
     rates: ScratchArray | None = None  # (timepoints, cells) float16 spikes per timepoint, NaN: no prediction
     dff: ScratchArray | None = None  # (frames, cells) float32 the traces as dF/F, when --nwb asked for them
 
-    def cells(self, key: str) -> np.ndarray:
-        """A per-cell result (a CELL_FIELDS name) over all batches, e.g. cells('spike_count')."""
-        return np.concatenate([batch.cells[key] for batch in self.batches])
+    @functools.cached_property
+    def cells(self) -> CellResults:
+        """The per-cell results of every batch, by subject row."""
+        return CellResults.concatenate([batch.cells for batch in self.batches])
 
     @property
     def num_cells(self) -> int:
@@ -3287,7 +3324,7 @@ class SubjectSpikes:
     @property
     def valid(self) -> np.ndarray:
         """Cells with at least one value (all-NaN cells are left out of the grid)."""
-        return self.cells("nan_frames") < self.num_frames
+        return self.cells.nan_frames < self.num_frames
 
     @property
     def timepoint_counts(self) -> np.ndarray:
@@ -3753,7 +3790,7 @@ def _sorted_key(major: np.ndarray, minor: np.ndarray, minor_span: int) -> np.nda
 
 def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
     """CASCADE's results besides the rates: spikes per cell (CSR: cell i's timepoints of the time base are
-    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every CELL_FIELDS result, the summed rates and the PDF's cells."""
+    spike_frames[cell_offsets[i]:cell_offsets[i+1]]), every per-cell result, the summed rates and the PDF's cells."""
     frames_out = group.create_dataset("spike_frames", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,), **GZIP)
     appender, offsets = ChunkAppender(frames_out, available_cpus()), [np.zeros(1, np.int64)]
     for batch in spikes.batches:
@@ -3763,7 +3800,7 @@ def _write_cascade_group(group, spikes: SubjectSpikes) -> None:
         appender.append(np.remainder(by_cell, spikes.num_timepoints, out=by_cell).astype(np.int32))
     appender.close()
     rate_sum_fixed = sum(batch.rate_sum_fixed for batch in spikes.batches)
-    cells = {field.name: spikes.cells(field.name) for field in CELL_FIELDS}
+    cells = spikes.cells.arrays()
     plot = dict(zip(PLOT_DATASETS, dataclasses.astuple(spikes.plot_traces())))
     _write_datasets(group, cell_offsets=np.concatenate(offsets), rate_sum_fixed=rate_sum_fixed, **cells, **plot)
 
@@ -3794,13 +3831,13 @@ def read_cell_activity(path: Path, fingerprint: dict, rates_path: Path | None = 
     attrs = read_attrs(path)
     if attrs is None or json.loads(attrs.get("cascade_fingerprint", "{}")) != cascade_fingerprint(fingerprint):
         return None
-    names = [field.name for field in CELL_FIELDS]
+    names = CellResults.names()
     with h5py.File(path, "r") as h5:
         group = h5.get(CASCADE_GROUP)
         if group is None or "spike_rates" not in h5 or any(key not in group for key in (*CASCADE_DATASETS, *names)):
             return None  # made by an earlier development version: compute afresh
         offsets, timepoints, rate_sum_fixed = (group[key][()] for key in CASCADE_DATASETS[:3])
-        cells = {name: group[name][()] for name in names}
+        cells = CellResults.from_arrays({name: group[name][()] for name in names})
         plot = PlotTraces(*(group[key][()] for key in PLOT_DATASETS))
         rates = None if rates_path is None else _saved_rates(h5, rates_path, len(rate_sum_fixed))
     num_cells = len(offsets) - 1
@@ -4024,7 +4061,9 @@ def write_metadata(path: Path, record: SubjectRun, _settings: None) -> Path:
         "voxel_zxy": grid.cell_voxels
         if grid.cells_outside is None
         else np.where(grid.cells_outside[:, None], -1, grid.cell_voxels),
-        **{field.name: spikes.cells(field.name) for field in CELL_FIELDS if field.in_metadata},
+        "spike_count": spikes.cells.spike_count,
+        "noise_level": spikes.cells.noise_level,
+        **{field.name: spikes.cells.extra[field.name] for field in CELL_FIELDS if field.in_metadata},
         "valid": spikes.valid.astype(np.uint8),
     }
     write_metadata_file(path, attrs, datasets, cells, record.covariates, plan.kept_timepoints)
@@ -4614,7 +4653,7 @@ def plot_data(record: SubjectRun, settings: PlotSettings) -> PlotData:
         cell_voxels=plan.grid.cell_voxels[in_grid],
         cell_spike_counts=cell_spikes_kept[in_grid],
         grid=plan.grid,
-        noise_level=spikes.cells("noise_level"),
+        noise_level=spikes.cells.noise_level,
         model=record.model,
         dff_rate_hz=subject.frame_rate_hz,
         condition_spans=_condition_spans(record.covariates),
@@ -5011,15 +5050,15 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
     valid, path = spikes.valid, f"{subject.trace_file.path}: {subject.trace_file.dataset}"
     if not valid.any():
         raise PipelineError(f"{path}: every trace value is NaN")
-    low, high = spikes.cells("min_value"), spikes.cells("max_value")
+    low, high = spikes.cells.min_value, spikes.cells.max_value
     constant = valid & (low == high)
     if constant[valid].all():
         raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
-    if infinite := int(spikes.cells("infinite_values").sum()):
+    if infinite := int(spikes.cells.infinite_values.sum()):
         subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
     if (~valid).any():
         subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
-    if partial := int(((spikes.cells("nan_frames") > 0) & valid).sum()):
+    if partial := int(((spikes.cells.nan_frames > 0) & valid).sum()):
         subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
     if constant.any():
         subject.warn(
@@ -5033,7 +5072,7 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
             f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
             f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
         )
-    if (level := float(np.nanmedian(spikes.cells("noise_level")[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
+    if (level := float(np.nanmedian(spikes.cells.noise_level[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
         subject.warn(
             f"median CASCADE noise level {level:.0f} is far above the models' (1-9): traces treated as "
             f"{label or trace_type} do not look like {label or trace_type} (set --trace_type)"

@@ -33,8 +33,10 @@ def _random_spikes(num_cells=50, num_frames=120, seed=0):
                 start=start,
                 spike_timepoints=frames.astype(np.int32),
                 spike_cells=(cells + start).astype(np.int32),
-                cells={field.name: zeros.astype(field.dtype) for field in usp.CELL_FIELDS}
-                | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)},
+                cells=usp.CellResults.from_arrays(
+                    dict.fromkeys(usp.CellResults.names(), zeros)
+                    | {"spike_count": spikes[start:stop].sum(1).astype(np.int32)}
+                ),
                 rate_sum_fixed=np.zeros(num_frames, np.int64),
                 plot=usp.PlotTraces(zeros[:0], *(np.zeros((0, num_frames), dtype) for dtype in ("f4", "f4", bool))),
             )

@@ -1,6 +1,8 @@
 """The files of a run on sample_data: schema, contents, split, markers, combined metadata."""
 
+import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -560,3 +562,20 @@ def test_chunks_compressed_on_every_core_are_stored_as_hdf5_stores_them(tmp_path
             for chunk in own.iter_chunks():
                 corner = tuple(piece.start for piece in chunk)
                 assert h5[name].id.read_direct_chunk(corner) == own.id.read_direct_chunk(corner), (name, corner)
+
+
+def test_outputs_table_in_reverse_order_writes_the_same_files(tmp_path, monkeypatch):
+    """No writer reads what another set: written in the reverse of SUBJECT_OUTPUTS' order (the commit record first in
+    the table), every file holds the same, and the commit record is still renamed into place last."""
+    from conftest import same_outputs
+
+    args = ["--input_dir", str(SAMPLE), "--subjects", "subject_2", "--nwb", "--target_rate_hz", "1.5"]
+    assert usp.main([*args, "--output_dir", str(tmp_path / "normal"), *OFFLINE_BUILTIN]) == 0
+    renamed = []
+    monkeypatch.setattr(usp, "SUBJECT_OUTPUTS", usp.SUBJECT_OUTPUTS[::-1])
+    monkeypatch.setattr(
+        usp.os, "replace", lambda source, final: renamed.append(Path(final).name) or os.rename(source, final)
+    )
+    assert usp.main([*args, "--output_dir", str(tmp_path / "reversed"), *OFFLINE_BUILTIN]) == 0
+    assert renamed[-2] == usp.METADATA_FILENAME and len(renamed) == 6  # five files, then combined_metadata.h5
+    same_outputs(tmp_path / "normal", tmp_path / "reversed")
