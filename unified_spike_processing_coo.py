@@ -5014,10 +5014,19 @@ def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool, sc
     cell_activity.h5 and the NWB file) and dF/F (for the NWB file) go to the ``scratch`` (rates, dF/F) paths
     (None: not needed), not to memory."""
     subject, started = record.subject, time.perf_counter()
-    rates_path, dff_path = scratch
     engine = choose_engine(config.engine).name
     inference = settings_for(InferenceSettings, config, is_fluorescence=False, frame_rate_hz=subject.frame_rate_hz,
                              engine=engine)  # fmt: skip
+    try:
+        _cascade_or_saved(record, config, pool, inference, scratch)
+    except OSError as exc:  # the scratch arrays (a worker's write comes back as its OSError): a full disk
+        raise WriteFailed(f"cannot write to {record.out_dir}: {describe_os_error(exc, record.out_dir)}") from None
+    record.timings["inference_s"] = time.perf_counter() - started
+
+
+def _cascade_or_saved(record: SubjectRun, config: PipelineConfig, pool: WorkerPool, inference, scratch: tuple):
+    """run_cascade's two ways: the saved results read back, or the workers."""
+    subject, started, (rates_path, dff_path) = record.subject, time.perf_counter(), scratch
     saved = None
     if not config.overwrite:
         saved = read_cell_activity(record.out_dir / CELL_ACTIVITY_FILENAME, record.fingerprint, rates_path)
@@ -5039,7 +5048,6 @@ def run_cascade(record: SubjectRun, config: PipelineConfig, pool: WorkerPool, sc
         seconds = time.perf_counter() - started
         rate = subject.num_cells * subject.num_frames / max(seconds, 1e-9)
         log.info(f"{subject.name}: CASCADE in {seconds:.1f} s ({rate:.0f} neuron-frames/s); RSS {rss_gb():.2f} GB")
-    record.timings["inference_s"] = time.perf_counter() - started
 
 
 IMPLAUSIBLE_NOISE_LEVEL = 100  # CASCADE's models span noise levels 1-9: a median of 100 is not dF/F
