@@ -3559,12 +3559,13 @@ def rss_gb() -> float:
 
 
 # =============================================================================================
-# 9. Outputs: atomic writers for the COO grid, metadata and combined metadata; readers
+# 9. Outputs: the files' writers, the finished record and the table of a subject's outputs (SUBJECT_OUTPUTS);
+# combined metadata; readers
 # =============================================================================================
-# Every file is built in memory, written with one Python write to a temporary name in its final
-# folder and renamed into place: a crash, a kill or a full disk never leaves half a file under a
-# final name, and a failed write is one plain OSError (HDF5 left holding a file whose writes fail
-# prints errors at every garbage collection and can crash the interpreter at exit). A subject's
+# Every file is built in memory (or, too large for that, through a Python file object), written to a
+# temporary name in its final folder and renamed into place: a crash, a kill or a full disk never leaves half
+# a file under a final name, and a failed write is one plain OSError (HDF5 left holding a file whose writes
+# fail prints errors at every garbage collection and can crash the interpreter at exit). A subject's
 # metadata is its commit record: it is removed before and renamed last after the other files, so
 # the presence of metadata.h5 with a matching run id means the subject's set of files is complete.
 
@@ -4689,7 +4690,7 @@ def _summary_page_lines(record: SubjectRun, settings: PlotSettings) -> list:
 
 
 # =============================================================================================
-# 11. Driver: a run's context (signals, locks); one subject as a sequence of stages; a run over many
+# 11. Driver: a run's context (signals, locks); resume; one subject as a sequence of stages; a run over many
 # =============================================================================================
 
 LOCK_DIRNAME = ".locks"
