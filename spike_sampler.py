@@ -28,6 +28,7 @@ numpy and h5py only; torch is imported by the torch adapters alone (``torch_batc
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,31 +222,26 @@ class WindowSampler:
     def __getstate__(self) -> dict:  # pickled to spawned workers: without open files
         return {**self.__dict__, "_handles": _Handles()}
 
-    def empty_batch(self, size: int) -> dict:
-        """Arrays for ``size`` windows (dense kinds and cells), to fill with read(..., out=batch, slot=b)."""
-        rows = self.window_rows
-        batch = {
-            "subject": np.zeros(size, np.int64),
-            "start": np.zeros(size, np.int64),
-            "split": np.zeros((size, rows), np.int8),
-            "target_mask": np.zeros((size, rows), bool),
-        }
+    def empty_batch(self, size: int, allocate=np.empty) -> dict:
+        """Arrays for ``size`` windows (dense kinds and cells), to fill with read(..., out=batch, slot=b); read
+        writes every element of a slot. ``allocate(shape, dtype)``: where they live (e.g. shared memory)."""
+        rows, z, h, w = self.window_rows, *(self.grid_shape or (0, 0, 0))
+        shapes = {"subject": ((size,), np.int64), "start": ((size,), np.int64), "split": ((size, rows), np.int8),
+                  "target_mask": ((size, rows), np.bool_)}  # fmt: skip
         if self.kind == "cells":
-            batch["rates"] = np.zeros((size, rows, self.max_cells), self.dtype)
-            batch["cell_mask"] = np.zeros((size, self.max_cells), bool)
-            batch["timepoint_times_s"] = np.zeros((size, rows), np.float64)
+            shapes["rates"] = (size, rows, self.max_cells), self.dtype
+            shapes["cell_mask"] = (size, self.max_cells), np.bool_
+            shapes["timepoint_times_s"] = (size, rows), np.float64
             if self.global_ids:
-                batch["cell_global_ids"] = np.full((size, self.max_cells), -1, np.int64)
+                shapes["cell_global_ids"] = (size, self.max_cells), np.int64
             for name, (shape, dtype) in self.covariates.items():
-                batch[f"covariates/{name}"] = np.zeros((size, rows, *shape), dtype)
+                shapes[f"covariates/{name}"] = (size, rows, *shape), dtype
         elif self.dense:
-            z, h, w = self.grid_shape
-            batch["grid" if self.kind == "grid" else "planes"] = np.zeros(
-                (size, rows, z, h, w) if self.kind == "grid" else (size, rows, h, w), np.uint8
-            )
+            dense = ("grid", (size, rows, z, h, w)) if self.kind == "grid" else ("planes", (size, rows, h, w))
+            shapes[dense[0]] = dense[1], np.uint8
         if self.kind == "planes":
-            batch["timepoint"], batch["z"] = np.zeros((size, rows), np.int64), np.zeros((size, rows), np.int64)
-        return batch
+            shapes["timepoint"] = shapes["z"] = (size, rows), np.int64
+        return {name: allocate(shape, np.dtype(dtype)) for name, (shape, dtype) in shapes.items()}
 
     def read(self, subject: int, start: int, out: dict | None = None, slot: int = 0) -> dict:
         """The window of ``subject`` starting at ``start`` (a timepoint, or a plane for "planes"): a dict of
@@ -323,10 +319,11 @@ class WindowSampler:
         block.reshape(-1)[flat] = 1
         return {}
 
-    def read_batch(self, indices) -> dict:
-        """Windows ``indices`` of this epoch stacked (cells and dense grids): each read straight into its slot."""
+    def read_batch(self, indices, allocate=np.empty) -> dict:
+        """Windows ``indices`` of this epoch stacked (cells and dense grids): each read straight into its slot of
+        arrays made by ``allocate`` (empty_batch)."""
         subjects, starts = self.plan()
-        batch = self.empty_batch(len(indices))
+        batch = self.empty_batch(len(indices), allocate)
         for slot, index in enumerate(indices):
             self.read(int(subjects[index]), int(starts[index]), out=batch, slot=slot)
         return batch
@@ -339,6 +336,131 @@ def _stacked_rows(columns: list) -> np.ndarray:
     for row, column in zip(stacked, columns):
         row[...] = column
     return stacked
+
+
+# --- the sampler's own workers -------------------------------------------------------------------------------
+# torch's DataLoader hands every batch over in fresh shared memory: ~34,000 new 4 KiB pages for a batch of 16
+# whole-fish windows, which costs the worker ~4x reading the rates (benchmarks/RESULTS_pipeline.md). Here forked
+# workers read batches into a ring of shared slots mapped once, so pages are touched once per run.
+
+
+class WindowLoader:
+    """Batches of a sampler (cells, or dense grids) read by ``workers`` forked processes into a ring of ``slots``
+    shared buffers: batch b is windows b*B .. b*B + B - 1 of the sampler's epoch, in order, whatever the number of
+    workers. A batch is a dict of numpy arrays valid until the next one is asked for (copy what you keep; moving it
+    to a GPU copies it). workers=0 reads in this process. Use ``with WindowLoader(...) as loader`` or close()."""
+
+    def __init__(self, sampler: WindowSampler, batch_size: int, workers: int = 2, slots: int | None = None):
+        if sampler.kind != "cells" and not sampler.dense:
+            raise ValueError("WindowLoader reads cells or dense grids; read sparse windows with sampler[i]")
+        self.sampler, self.batch_size, self.workers = sampler, batch_size, workers
+        self.slots = max(2, slots or 2 * workers + 1)
+        self._processes, self._buffers, self._tasks, self._done, self._active = [], [], None, None, None
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def _layout(self) -> list:
+        """[(name, shape, dtype, byte offset)] of a batch in a slot, 64-byte aligned."""
+        layout, offset = [], 0
+        for name, array in self.sampler.empty_batch(0).items():
+            shape = (self.batch_size, *array.shape[1:])
+            layout.append((name, shape, array.dtype, offset))
+            offset += -(-int(np.prod(shape)) * array.dtype.itemsize // 64) * 64
+        return layout
+
+    def _views(self, slot: int) -> dict:
+        buffer = self._buffers[slot]
+        return {name: np.ndarray(shape, dtype, buffer, offset) for name, shape, dtype, offset in self._layout_cache}
+
+    def _start(self) -> None:
+        import mmap
+        import multiprocessing
+
+        self._layout_cache = self._layout()
+        name, shape, dtype, offset = self._layout_cache[-1]
+        size = offset + int(np.prod(shape)) * dtype.itemsize
+        self._buffers = [mmap.mmap(-1, max(1, size)) for _ in range(self.slots)]  # shared with forked workers
+        context = multiprocessing.get_context("fork")
+        self._tasks, self._done = context.SimpleQueue(), context.SimpleQueue()
+        for _ in range(self.workers):
+            process = context.Process(target=self._work, daemon=True)
+            process.start()
+            self._processes.append(process)
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            slot, epoch, index = task
+            try:
+                if epoch != self.sampler.epoch:
+                    self.sampler.set_epoch(epoch)
+                self._fill(self._views(slot), index)
+                self._done.put((slot, index, None))
+            except Exception as error:  # reported in the main process
+                self._done.put((slot, index, f"{type(error).__name__}: {error}"))
+
+    def _fill(self, batch: dict, index: int) -> None:
+        subjects, starts = self.sampler.plan()
+        for b, window in enumerate(range(index * self.batch_size, (index + 1) * self.batch_size)):
+            self.sampler.read(int(subjects[window]), int(starts[window]), out=batch, slot=b)
+
+    def __iter__(self):
+        if self._active is not None:  # one iteration at a time: the earlier one's batches in flight are drained
+            self._active.close()
+        self._active = self._batches()
+        return self._active
+
+    def _batches(self):
+        count = len(self)
+        if not self.workers:
+            batch = self.sampler.empty_batch(self.batch_size)
+            for index in range(count):
+                self._fill(batch, index)
+                yield batch
+            return
+        if not self._processes:
+            self._start()
+        epoch, free, ready, sent, received = self.sampler.epoch, list(range(self.slots)), {}, 0, 0
+        try:
+            for index in range(count):
+                while sent < count and free:  # keep every free slot busy
+                    self._tasks.put((free.pop(), epoch, sent))
+                    sent += 1
+                while index not in ready:
+                    slot, done, error = self._done.get()
+                    received += 1
+                    if error:
+                        raise RuntimeError(f"a WindowLoader worker failed on batch {done}: {error}")
+                    ready[done] = slot
+                slot = ready.pop(index)
+                yield self._views(slot)
+                free.append(slot)  # the consumer asked for the next batch: this one is free again
+        finally:
+            while received < sent:  # no worker may still write into a slot when the next iteration starts
+                self._done.get()
+                received += 1
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        for _ in self._processes:
+            self._tasks.put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+        self._processes, self._buffers = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._processes:
+            self.close()
 
 
 # --- torch adapters (torch imported here only) -------------------------------------------------------------
@@ -378,7 +500,23 @@ def torch_batches(sampler: WindowSampler, batch_size: int):
             indices = range(index * self.batch_size, (index + 1) * self.batch_size)
             if self.sampler.kind != "cells" and not self.sampler.dense:
                 return [{k: torch.as_tensor(v) for k, v in self.sampler[i].items()} for i in indices]
-            return {key: torch.from_numpy(value) for key, value in self.sampler.read_batch(indices).items()}
+            tensors = {}
+
+            def allocate(shape: tuple, dtype: np.dtype) -> np.ndarray:
+                # in a worker, the batch is made in shared memory: the DataLoader then sends it without a copy
+                tensor = torch.from_numpy(np.empty(0, dtype))
+                if torch.utils.data.get_worker_info() is not None:
+                    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape) * dtype.itemsize))
+                    tensor = tensor.new_empty(0).set_(storage, 0, shape)
+                else:
+                    tensor = tensor.new_empty(shape)
+                array = tensor.numpy()
+                tensors[array.ctypes.data] = tensor
+                return array
+
+            batch = self.sampler.read_batch(indices, allocate)
+            return {key: tensors.get(value.ctypes.data) if value.size else torch.from_numpy(value)
+                    for key, value in batch.items()}  # fmt: skip
 
     if len(sampler) < batch_size:
         raise ValueError(f"{len(sampler)} windows per epoch make no batch of {batch_size}")

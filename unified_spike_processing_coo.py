@@ -4027,12 +4027,15 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int, def
         return coords[first:last, column]
     rows = coords.chunks[0]
     num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # the low bytes that hold the values
-    chunks = []
-    for chunk in range(first // rows, (last - 1) // rows + 1):
+    chunks, final = [], (last - 1) // rows
+    for chunk in range(first // rows, final + 1):
         filter_mask, stored = coords.id.read_direct_chunk((chunk * rows, column))
-        chunks.append(zlib.decompressobj().decompress(stored, num_bytes * rows) if filter_mask == 0 else b"")
-        if len(chunks[-1]) != num_bytes * rows:  # stored unfiltered, or damaged: HDF5 decodes (or reports) it
+        # the last chunk is inflated only up to the window's last row (deflate streams are read from the start)
+        wanted = num_bytes * rows if chunk < final else (num_bytes - 1) * rows + last - chunk * rows
+        chunks.append(zlib.decompressobj().decompress(stored, wanted) if filter_mask == 0 else b"")
+        if len(chunks[-1]) != wanted:  # stored unfiltered, or damaged: HDF5 decodes (or reports) it
             return coords[first:last, column]
+    chunks[-1] += bytes(num_bytes * rows - len(chunks[-1]))
     planes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), num_bytes, rows)
     planes = planes.transpose(1, 0, 2).reshape(num_bytes, -1)[:, first % rows : first % rows + last - first]
     if num_bytes == 1:

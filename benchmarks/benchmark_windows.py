@@ -292,6 +292,22 @@ def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.n
     return 1e3 * np.array(times)
 
 
+def through_window_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
+    """ms per window of the sampler's own workers (spike_sampler.WindowLoader), as through_loader."""
+    import spike_sampler
+
+    with spike_sampler.WindowLoader(sampler, batch_size, workers=workers) as loader:
+        batches_in = iter(loader)
+        next(batches_in)
+        times, began = [], time.perf_counter()
+        for _ in range(batches):
+            next(batches_in)
+            now = time.perf_counter()
+            times.append((now - began) / batch_size)
+            began = now
+    return 1e3 * np.array(times)
+
+
 def row(label: str, times_ms: np.ndarray, window_bytes: int, copy_ms: float) -> None:
     median = float(np.median(times_ms))
     print(f"| {label} | {median:.2f} | {times_ms.max():.2f} | {1e3 / median:.0f} | {window_bytes / 1e6:.2f} | "
@@ -369,22 +385,25 @@ def training_speed(args, coo_path: Path) -> None:
     subjects_drawn, starts = sampler.plan()
     times = per_process(lambda i: sampler.read(int(subjects_drawn[i]), int(starts[i]), out=batch), np.arange(n))
     row("sampler, 3 subjects, cells 48 tp, this process (float16)", times, nbytes, copy_ms)
-    for batch_size in (16,):
-        times = through_loader(sampler, batch_size, workers, max(10, n // 2))
-        row(f"sampler, 3 subjects, cells 48 tp, DataLoader {workers} workers, batches of {batch_size}",
-            times, nbytes, copy_ms)  # fmt: skip
-    for length in (1, 16, 256):
+    both = (("DataLoader", through_loader), ("own workers (WindowLoader)", through_window_loader))
+    for label, measure in both:
+        times = measure(sampler, 16, workers, max(10, n // 2))
+        row(f"sampler, 3 subjects, cells 48 tp, {label}, {workers} workers, batches of 16", times, nbytes, copy_ms)
+    for length, batch_size in ((1, 16), (16, 16), (256, 4)):
         try:
             loader_sampler = spike_sampler.WindowSampler(subjects, "cells", length=length, seed=1, num_windows=100_000)
         except ValueError as error:  # subjects too short for the window
             print(f"| sampler, cells {length} tp | {error} |")
             continue
-        times = through_loader(loader_sampler, 16, workers, max(6, n // 4))
-        row(f"sampler, 3 subjects, cells {length} tp, DataLoader {workers} workers, batches of 16", times,
-            2 * length * args.cells, bandwidth_ms(2 * length * args.cells))  # fmt: skip
+        nbytes = 2 * length * args.cells
+        for label, measure in both:
+            times = measure(loader_sampler, batch_size, workers, max(6, n // 4))
+            row(f"sampler, 3 subjects, cells {length} tp, {label}, {workers} workers, batches of {batch_size}",
+                times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
     planes = spike_sampler.WindowSampler([grid_folder], "planes", length=64, seed=1, num_windows=100_000)
-    row(f"sampler, 64-plane sequences dense, DataLoader {workers} workers, batches of 16",
-        through_loader(planes, 16, workers, max(6, n // 4)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
+    for label, measure in both:
+        row(f"sampler, 64-plane sequences dense, {label}, {workers} workers, batches of 16",
+            measure(planes, 16, workers, max(6, n // 4)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
     sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
                                          dense=False)  # fmt: skip
     row(f"sampler, grid {args.length} tp sparse, DataLoader {workers} workers, batches of 4",

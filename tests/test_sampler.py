@@ -37,13 +37,13 @@ def fish_spikes(num_cells: int, num_timepoints: int, rng) -> usp.SubjectSpikes:
     return usp.SubjectSpikes(batches, num_timepoints)
 
 
-def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=True, legacy=False):
+def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=True, legacy=False, codes=None):
     """A subject folder with cell_activity.h5 and preaugmented_grids_coo.h5 written by the pipeline's writers
     (write_cell_activity, write_coo_file), covariates included; ``split``: add issue 25's `split` dataset;
     ``legacy``: spike_rates as 1.2 wrote it (16 timepoints x all cells, gzip + shuffle) and no `split`."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    codes = split_codes(num_timepoints, seed)
+    codes = split_codes(num_timepoints, seed) if codes is None else codes
     frames = np.arange(num_timepoints)
     grid = usp.GridSpec(num_timepoints, *GRID, np.arange(GRID[0], dtype=float), np.zeros((num_cells, 3), np.int32))
     plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), (codes == 0).astype(np.uint8),
@@ -273,6 +273,32 @@ def test_dataloader_with_two_workers_gives_the_same_batches(outputs):
     assert sampler._handles.pid in (-1, __import__("os").getpid())  # the parent kept no worker's handles
 
 
+@pytest.mark.parametrize("kind", ["cells", "planes"])
+def test_window_loader_workers_give_the_batches_read_in_process(outputs, kind):
+    """The sampler's own workers: batch b is windows b*B .. b*B + B - 1 of the epoch, whatever the workers; an
+    iteration left early is drained before the next starts (its slots hold the next iteration's batches)."""
+    sampler = ss.WindowSampler(outputs, kind, length=10, context=3, seed=4, num_windows=40)
+    in_process = [{k: v.copy() for k, v in batch.items()} for batch in ss.WindowLoader(sampler, 5, workers=0)]
+    assert len(in_process) == 8
+    with ss.WindowLoader(sampler, 5, workers=2, slots=3) as loader:
+        for _ in range(2):
+            for index, batch in enumerate(loader):
+                expected = in_process[index]
+                assert batch.keys() == expected.keys()
+                for key in batch:
+                    np.testing.assert_array_equal(batch[key], expected[key], err_msg=f"batch {index} {key}")
+        iterator = iter(loader)
+        next(iterator)  # left early
+        sampler.set_epoch(1)
+        again = [{k: v.copy() for k, v in batch.items()} for batch in loader]
+    sampler_copy = ss.WindowSampler(outputs, kind, length=10, context=3, seed=4, num_windows=40)
+    sampler_copy.set_epoch(1)
+    for index, batch in enumerate(again):
+        for key, value in sampler_copy.read_batch(range(5 * index, 5 * index + 5)).items():
+            np.testing.assert_array_equal(batch[key], value)
+    assert not np.array_equal(again[0]["start"], in_process[0]["start"])
+
+
 def test_sparse_windows_as_torch_tensors(outputs):
     torch = pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
     sampler = ss.WindowSampler(outputs, "grid", length=5, dense=False, num_windows=8)
@@ -307,3 +333,33 @@ def test_a_tiny_model_trains_over_three_fish_on_cpu(outputs):
             seen.update(batch["subject"].tolist())
     assert seen == {0, 1, 2} and len(losses) == 24
     assert np.mean(losses[-6:]) < np.mean(losses[:3])
+
+
+@pytest.fixture(scope="module")
+def docs_outputs(tmp_path_factory):
+    """Three fish long enough for the docs' windows: 900 train timepoints, then 50 validation and 50 test."""
+    out = tmp_path_factory.mktemp("docs_outputs")
+    codes = np.repeat(np.array([0, 1, 2], np.int8), [900, 50, 50])
+    for index, cells in enumerate((30, 45, 60)):
+        write_fish(out / f"fish_{index}", cells, 1000, seed=10 + index, codes=codes)
+    return out
+
+
+def test_docs_training_examples_run(docs_outputs):
+    """docs/outputs.md's "Training with it" examples run as written (on CPU here; "out" is these three fish)."""
+    torch = pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
+    from conftest import REPO_DIR
+
+    text = (REPO_DIR / "docs" / "outputs.md").read_text().split("## Training with it", 1)[1]
+    blocks = [block.split("```", 1)[0] for block in text.split("```python")[1:]]
+    assert len(blocks) == 2
+    namespaces = []
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block.replace('"out"', repr(str(docs_outputs))), "docs/outputs.md", "exec"), namespace)
+        namespaces.append(namespace)
+    first, second = namespaces
+    assert first["device"] in ("cpu", "cuda") and torch.isfinite(first["loss"])
+    assert first["rates"].shape == (16, 64, 60) and first["sampler"].max_cells == 60
+    assert tuple(second["images"].shape) == (8, 64, *GRID[1:])
+    assert len(second["grids"]) == 4 and second["grids"][0].shape == (100, *GRID)
