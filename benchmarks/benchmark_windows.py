@@ -266,14 +266,20 @@ def warm(path: Path) -> None:
 
 
 def per_process(read, starts) -> np.ndarray:
-    """ms of read(start) for each start (after one untimed read)."""
+    """ms of read(start) for each start (after one untimed read); its attribute-free twin of CPU ms is
+    recorded in CPU_MS for the row printed next (the machine is shared: wall times include waiting)."""
     read(int(starts[0]))
-    times = []
+    times, cpu = [], []
     for start in starts:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         read(int(start))
         times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+    CPU_MS[:] = [1e3 * float(np.median(cpu))]
     return 1e3 * np.array(times)
+
+
+CPU_MS: list = []  # median CPU ms of the last per_process measurement (empty for DataLoader rows)
 
 
 def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
@@ -309,9 +315,9 @@ def through_window_loader(sampler, batch_size: int, workers: int, batches: int) 
 
 
 def row(label: str, times_ms: np.ndarray, window_bytes: int, copy_ms: float) -> None:
-    median = float(np.median(times_ms))
-    print(f"| {label} | {median:.2f} | {times_ms.max():.2f} | {1e3 / median:.0f} | {window_bytes / 1e6:.2f} | "
-          f"{copy_ms:.3f} | {median / copy_ms:.1f} |", flush=True)  # fmt: skip
+    median, cpu = float(np.median(times_ms)), f"{CPU_MS.pop():.2f}" if CPU_MS else "-"
+    print(f"| {label} | {median:.2f} | {cpu} | {times_ms.max():.2f} | {1e3 / median:.0f} | "
+          f"{window_bytes / 1e6:.2f} | {copy_ms:.3f} | {median / copy_ms:.1f} |", flush=True)  # fmt: skip
 
 
 def training_speed(args, coo_path: Path) -> None:
@@ -332,8 +338,9 @@ def training_speed(args, coo_path: Path) -> None:
     n, workers = args.windows, args.workers
     print(f"\nTraining speed: {args.cells:,} cells x {args.timepoints:,} timepoints per subject, {n} windows per "
           f"case, load average {os.getloadavg()[0]:.1f} (the machine is shared)")  # fmt: skip
-    print("| case | median ms/window | worst ms | windows/s | MB/window | copy ms (same bytes) | x copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | median ms/window | CPU ms (median) | worst ms | windows/s | MB/window | copy ms (same bytes) "
+          "| x copy (median / copy) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     cells = usp.CellFile(subjects[0] / usp.CELL_ACTIVITY_FILENAME)
     legacy = usp.CellFile(old)
     for length in args.cell_lengths:
@@ -377,6 +384,24 @@ def training_speed(args, coo_path: Path) -> None:
     for label, read, nbytes in cases:
         row(f"grid {args.length} tp, {label}", per_process(read, starts), nbytes, bandwidth_ms(nbytes))
     grid.close()
+    cache = args.folder / "decoded"
+    began = time.perf_counter()
+    spike_sampler.decoded_columns(coo_path, cache)
+    print(f"| (decoded z, x, y of the COO file into {cache}: {time.perf_counter() - began:.1f} s, once) |")
+    for kind, length in (("grid", args.length), ("planes", 64)):
+        for dense in (False, True):
+            cached = spike_sampler.WindowSampler([grid_folder], kind, length=length, seed=args.seed, num_windows=n,
+                                                 dense=dense, cache_dir=cache)  # fmt: skip
+            batch = cached.empty_batch(1) if dense else None
+            read = functools.partial(cached.read, 0, out=batch) if dense else functools.partial(cached.read, 0)
+            if kind == "grid":
+                nbytes = dense_buffer.nbytes if dense else 3 * entries
+            else:
+                nbytes = 64 * height * width if dense else int(64 * per_plane)
+            label = f"{'grid 100 tp' if kind == 'grid' else '64-plane sequence'}, {'dense' if dense else 'sparse'}"
+            row(
+                f"{label}, decoded cache (cache_dir)", per_process(read, cached.plan()[1]), nbytes, bandwidth_ms(nbytes)
+            )
     # the sampler over three subjects, in this process and through the DataLoader
     sampler = spike_sampler.WindowSampler(subjects, "cells", length=48, seed=args.seed, num_windows=100_000)
     nbytes = 2 * 48 * args.cells
@@ -404,10 +429,12 @@ def training_speed(args, coo_path: Path) -> None:
     for label, measure in both:
         row(f"sampler, 64-plane sequences dense, {label}, {workers} workers, batches of 16",
             measure(planes, 16, workers, max(6, n // 4)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
-    sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
-                                         dense=False)  # fmt: skip
-    row(f"sampler, grid {args.length} tp sparse, DataLoader {workers} workers, batches of 4",
-        through_loader(sparse, 4, workers, max(6, n // 4)), 3 * entries, bandwidth_ms(3 * entries))  # fmt: skip
+    for cache_dir in (None, cache):
+        sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
+                                             dense=False, cache_dir=cache_dir)  # fmt: skip
+        label = "decoded cache, " if cache_dir else ""
+        row(f"sampler, grid {args.length} tp sparse, {label}DataLoader {workers} workers, batches of 4",
+            through_loader(sparse, 4, workers, max(6, n // 4)), 3 * entries, bandwidth_ms(3 * entries))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -185,6 +185,26 @@ def test_grid_and_plane_windows_equal_slicing_the_grid(outputs, kind, dense):
             np.testing.assert_array_equal(coords, np.argwhere(expected))
 
 
+@pytest.mark.parametrize("kind", ["grid", "planes"])
+def test_decoded_cache_gives_the_same_windows(outputs, tmp_path, kind):
+    """cache_dir: z, x, y decoded once into a .npy per file; windows equal those inflated from the file."""
+    for dense in (True, False):
+        options = dict(length=7, context=2, seed=8, num_windows=30, dense=dense)
+        plain = ss.WindowSampler(outputs, kind, **options)
+        cached = ss.WindowSampler(outputs, kind, cache_dir=tmp_path / "cache", **options)
+        assert all(path is not None and path.parent == tmp_path / "cache" for path in cached.decoded)
+        assert isinstance(cached.reader(0), ss.DecodedGrid)
+        for index in range(len(plain)):
+            a, b = plain[index], cached[index]
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind} dense={dense} {key}")
+    decoded = np.load(cached.decoded[0])
+    with h5py.File(cached.subjects[0].path, "r") as h5:
+        np.testing.assert_array_equal(decoded, h5["spike_coords"][:, 1:].T)
+    assert ss.decoded_columns(cached.subjects[0].path, tmp_path / "cache") == cached.decoded[0]  # made once
+
+
 def test_same_seed_same_windows_and_subjects_weighted_by_usable_windows(outputs):
     make = lambda seed: ss.WindowSampler(outputs, "cells", length=8, seed=seed, num_windows=3000)  # noqa: E731
     a, b, c = make(5), make(5), make(6)
@@ -352,13 +372,14 @@ def test_docs_training_examples_run(docs_outputs):
 
     text = (REPO_DIR / "docs" / "outputs.md").read_text().split("## Training with it", 1)[1]
     blocks = [block.split("```", 1)[0] for block in text.split("```python")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespaces = []
     for block in blocks:
         namespace: dict = {}
         exec(compile(block.replace('"out"', repr(str(docs_outputs))), "docs/outputs.md", "exec"), namespace)
         namespaces.append(namespace)
-    first, second = namespaces
+    first, second, third = namespaces
+    assert third["rates"].shape == (16, 48, 60) and third["rates"].dtype == torch.float32
     assert first["device"] in ("cpu", "cuda") and torch.isfinite(first["loss"])
     assert first["rates"].shape == (16, 64, 60) and first["sampler"].max_cells == 60
     assert tuple(second["images"].shape) == (8, 64, *GRID[1:])
