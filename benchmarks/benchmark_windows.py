@@ -265,9 +265,9 @@ def warm(path: Path) -> None:
             pass
 
 
-def per_process(read, starts) -> np.ndarray:
-    """ms of read(start) for each start (after one untimed read); its attribute-free twin of CPU ms is
-    recorded in CPU_MS for the row printed next (the machine is shared: wall times include waiting)."""
+def per_process(read, starts) -> tuple:
+    """(wall ms of read(start) for each start, median CPU ms) after one untimed read: the machine is shared, so
+    wall times include waiting for a core."""
     read(int(starts[0]))
     times, cpu = [], []
     for start in starts:
@@ -275,11 +275,7 @@ def per_process(read, starts) -> np.ndarray:
         read(int(start))
         times.append(time.perf_counter() - began)
         cpu.append(time.process_time() - began_cpu)
-    CPU_MS[:] = [1e3 * float(np.median(cpu))]
-    return 1e3 * np.array(times)
-
-
-CPU_MS: list = []  # median CPU ms of the last per_process measurement (empty for DataLoader rows)
+    return 1e3 * np.array(times), 1e3 * float(np.median(cpu))
 
 
 def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
@@ -314,9 +310,12 @@ def through_window_loader(sampler, batch_size: int, workers: int, batches: int) 
     return 1e3 * np.array(times)
 
 
-def row(label: str, times_ms: np.ndarray, window_bytes: int, copy_ms: float) -> None:
-    median, cpu = float(np.median(times_ms)), f"{CPU_MS.pop():.2f}" if CPU_MS else "-"
-    print(f"| {label} | {median:.2f} | {cpu} | {times_ms.max():.2f} | {1e3 / median:.0f} | "
+def row(label: str, measured, window_bytes: int, copy_ms: float) -> None:
+    """A table row; ``measured``: per_process's (wall ms, CPU ms), or the wall ms of a loader (no CPU ms)."""
+    times_ms, cpu = measured if isinstance(measured, tuple) else (measured, None)
+    median, cpu = float(np.median(times_ms)), "-" if cpu is None else f"{cpu:.2f}"
+    per_second = 1e3 / float(np.mean(times_ms))  # windows over the whole time: a loader's prefetched batches count
+    print(f"| {label} | {median:.2f} | {cpu} | {times_ms.max():.2f} | {per_second:.0f} | "
           f"{window_bytes / 1e6:.2f} | {copy_ms:.3f} | {median / copy_ms:.1f} |", flush=True)  # fmt: skip
 
 
@@ -412,7 +411,7 @@ def training_speed(args, coo_path: Path) -> None:
     row("sampler, 3 subjects, cells 48 tp, this process (float16)", times, nbytes, copy_ms)
     both = (("DataLoader", through_loader), ("own workers (WindowLoader)", through_window_loader))
     for label, measure in both:
-        times = measure(sampler, 16, workers, max(10, n // 2))
+        times = measure(sampler, 16, workers, max(10, n))
         row(f"sampler, 3 subjects, cells 48 tp, {label}, {workers} workers, batches of 16", times, nbytes, copy_ms)
     for length, batch_size in ((1, 16), (16, 16), (256, 4)):
         try:
@@ -422,13 +421,13 @@ def training_speed(args, coo_path: Path) -> None:
             continue
         nbytes = 2 * length * args.cells
         for label, measure in both:
-            times = measure(loader_sampler, batch_size, workers, max(6, n // 4))
+            times = measure(loader_sampler, batch_size, workers, max(6, n // 2))
             row(f"sampler, 3 subjects, cells {length} tp, {label}, {workers} workers, batches of {batch_size}",
                 times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
     planes = spike_sampler.WindowSampler([grid_folder], "planes", length=64, seed=1, num_windows=100_000)
     for label, measure in both:
         row(f"sampler, 64-plane sequences dense, {label}, {workers} workers, batches of 16",
-            measure(planes, 16, workers, max(6, n // 4)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
+            measure(planes, 16, workers, max(6, n // 2)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
     for cache_dir in (None, cache):
         sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
                                              dense=False, cache_dir=cache_dir)  # fmt: skip
