@@ -58,7 +58,8 @@ def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=Tru
         cell_ids=np.arange(1, num_cells + 1, dtype=np.int64),
     )  # fmt: skip
     fingerprint = {"inputs": {}, "cascade_params": {}, "model": "test", "software_version": usp.__version__}
-    attrs = {"subject": folder.name, "fingerprint": fingerprint}
+    attrs = {"subject": folder.name, "fingerprint": fingerprint, "trace_type": "dff", "trace_type_reason": "test",
+             "num_original_frames": num_timepoints}  # fmt: skip
     usp.write_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, fish_spikes(num_cells, num_timepoints, rng), plan,
                             subject, attrs, covariates)  # fmt: skip
     shape = (num_timepoints, *GRID)
@@ -242,6 +243,19 @@ def test_a_1_2_file_is_read(tmp_path):
         cells = g["spike_rates"].shape[1]
         np.testing.assert_array_equal(window["rates"][:, :cells], g["spike_rates"][window["start"] :][:5])
         assert np.all(window["split"] == 2)
+
+
+def test_resume_reads_the_1_2_layout_as_the_new_one(tmp_path):
+    """read_cell_activity (re-gridding without CASCADE) takes a 1.2 file (gzip rates) as up to date: the layout is
+    not in the fingerprint, and it gives the same SubjectSpikes as the new layout."""
+    fingerprint = {"inputs": {}, "cascade_params": {}, "model": "test", "software_version": usp.__version__}
+    found = []
+    for name, legacy in (("old", True), ("new", False)):
+        folder = write_fish(tmp_path / name, 30, 120, seed=6, legacy=legacy)
+        found.append(usp.read_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, fingerprint))
+    (old, old_type), (new, new_type) = found
+    assert old_type == new_type
+    np.testing.assert_array_equal(old.rates(0, 30), new.rates(0, 30))
 
 
 def test_new_files_are_read_straight_from_the_file(outputs):
