@@ -4076,6 +4076,8 @@ def _stored_rows(rates, h5) -> list | None:
     plist = rates.id.get_create_plist()
     if rates.dtype != "<f2" or plist.get_nfilters() or h5.file.driver != "sec2" or rates.shape[0] == 0:
         return None
+    if not hasattr(os, "preadv"):  # Windows: read through HDF5
+        return None
     if rates.chunks is None:
         offset = rates.id.get_offset()
         return None if offset is None else [(0, offset)]
