@@ -3573,7 +3573,9 @@ COO_FILENAME = "preaugmented_grids_coo.h5"
 METADATA_FILENAME = "metadata.h5"
 COMBINED_FILENAME = "combined_metadata.h5"
 CELL_ACTIVITY_FILENAME = "cell_activity.h5"  # per-cell rates for models; CASCADE's results for re-gridding
-CELL_RATE_CHUNK_TIMEPOINTS = 16  # spike_rates chunks: 16 timepoints x every cell (benchmarks/RESULTS_pipeline.md)
+CELL_RATE_CHUNK_TIMEPOINTS = 16  # spike_rates chunks: 16 timepoints x every cell, stored unfiltered: real rates
+# compress by 18 % only, and inflating them made a 48-timepoint window 63-76 ms against ~1 ms read raw (issue 26,
+# benchmarks/RESULTS_pipeline.md); files of 1.2 (gzip) are still read, through HDF5
 CELL_RATE_BLOCK_TIMEPOINTS = 256  # timepoints written or read at a time (~46 MB of float16 for 90k cells)
 COO_BYTES_PER_ENTRY = 4 * 4 + 1  # four int32 coordinates + one uint8 value
 COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its own chunks
@@ -3773,10 +3775,10 @@ def _write_cell_rates(h5, spikes: SubjectSpikes, rows: np.ndarray) -> None:
         h5.create_dataset("spike_rates", shape, np.float16)
         return
     chunks = (min(CELL_RATE_CHUNK_TIMEPOINTS, shape[0]), shape[1])
-    out = h5.create_dataset("spike_rates", shape, np.float16, chunks=chunks, **GZIP)
+    out = h5.create_dataset("spike_rates", shape, np.float16, chunks=chunks)  # unfiltered: read at copy speed
     for first in range(0, shape[0], CELL_RATE_BLOCK_TIMEPOINTS):  # a multiple of the chunks' rows
         block = spikes.rates_at(rows[first : first + CELL_RATE_BLOCK_TIMEPOINTS])
-        write_chunks(out, first, block, available_cpus())
+        out[first : first + len(block)] = block
 
 
 def _sorted_key(major: np.ndarray, minor: np.ndarray, minor_span: int) -> np.ndarray:
@@ -4270,6 +4272,8 @@ def load_coo_grid(path) -> dict:
 # values fit in k bytes is the first k*R bytes of its inflated chunk; inflating only those is ~4x
 # faster than letting HDF5 inflate and unshuffle it all. Other layouts are read by h5py. Files made
 # before timepoint_offsets existed (1.0) are bisected on their t column (~2*log2(E/R) chunk reads).
+# CooFile and CellFile look a file's shape, offsets and layout up once per open handle: a window
+# then costs only its own rows (training reads thousands of windows through one handle).
 
 
 @dataclass(frozen=True)
@@ -4287,34 +4291,154 @@ class CooWindow:
         return coo_to_dense_grid(self.coords, self.shape)
 
 
+def _open_h5(source):
+    """(h5py group, whether this call opened it): ``source`` is a path or an open h5py file or group."""
+    return (source, False) if isinstance(source, h5py.Group) else (h5py.File(source, "r"), True)
+
+
+def _is_deflated_columns(coords) -> bool:
+    """spike_coords as write_coo_file writes it: (R, 1) chunks of little-endian int32, shuffle then deflate."""
+    plist = coords.id.get_create_plist()
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # chunked whenever filtered
+    return (
+        filters == [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE]
+        and coords.chunks[1] == 1
+        and (coords.dtype == "<i4")
+    )
+
+
+class CooFile:
+    """A preaugmented_grids_coo.h5 read window after window: grid_shape, timepoint_offsets (checked) and the
+    layout are read once here, not per window. ``source``: a path (opened read-only, closed by close()) or an
+    open h5py file (left open). The load_coo_window* functions take one in place of a path."""
+
+    def __init__(self, source):
+        self.h5, self._owned = _open_h5(source)
+        try:
+            h5 = self.h5
+            self.filename = h5.file.filename
+            self.grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
+            self.coords = h5["spike_coords"]
+            self.num_timepoints, self.num_entries = self.grid_shape[0], self.coords.shape[0]
+            self.offsets = h5["timepoint_offsets"][()].astype(np.int64) if "timepoint_offsets" in h5 else None
+            offsets = self.offsets
+            if offsets is not None and (
+                offsets.shape != (self.num_timepoints + 1,)
+                or offsets[0] < 0
+                or offsets[-1] > self.num_entries
+                or np.any(np.diff(offsets) < 0)
+            ):
+                raise ValueError(
+                    f"timepoint_offsets of {self.filename} do not match its {self.num_timepoints} timepoints and "
+                    f"{self.num_entries} entries: the file is damaged, rerun the pipeline for this subject"
+                )
+            self.deflated_columns = self.num_entries > 0 and _is_deflated_columns(self.coords)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._owned and self.h5.id.valid:
+            self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def rows(self, start: int, stop: int) -> tuple:
+        """(first, last) rows of spike_coords holding timepoints [start, stop) (a checked window)."""
+        if self.offsets is not None:
+            return int(self.offsets[start]), int(self.offsets[stop])
+        first = _first_row_from(self.coords, start, 0)  # written before 1.1: bisect the t column
+        return first, _first_row_from(self.coords, stop, first)
+
+    def column(self, first: int, last: int, column: int) -> np.ndarray:
+        """spike_coords[first:last, column]: uint8 when the grid's axis fits a byte, else int32."""
+        return _read_column(self.coords, first, last, column, self.grid_shape[column] - 1, self.deflated_columns)
+
+    def entries(self, start, stop) -> tuple:
+        """(window offsets, [z, x, y] columns) of timepoints [start, stop): window timepoint i is rows
+        offsets[i]:offsets[i + 1] of the columns (the compact form: t is never stored per entry)."""
+        start, stop = _check_window(start, stop, self.num_timepoints, self.filename)
+        first, last = self.rows(start, stop)
+        if self.offsets is not None:
+            offsets = self.offsets[start : stop + 1] - first
+        else:
+            t = _read_column(self.coords, first, last, 0, self.num_timepoints - 1, self.deflated_columns)
+            t = t.astype(np.int32) - np.int32(start)
+            offsets = np.searchsorted(t, np.arange(stop - start + 1), side="left").astype(np.int64)
+            if len(t) and (t[0] < 0 or t[-1] >= stop - start):
+                raise ValueError(f"spike_coords of {self.filename} is not sorted by t: rerun the pipeline")
+        return offsets, [self.column(first, last, j) for j in (1, 2, 3)]
+
+    def columns(self, start, stop) -> tuple:
+        """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
+        offsets, columns = self.entries(start, stop)
+        t = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+        return (len(offsets) - 1, *self.grid_shape[1:]), [t, *columns], offsets
+
+    def window(self, start, stop) -> CooWindow:
+        shape, columns, offsets = self.columns(start, stop)
+        return CooWindow(_stacked_coords(columns), shape, offsets, int(start), int(stop))
+
+    def dense(self, start, stop, out: np.ndarray | None = None) -> np.ndarray:
+        shape, columns, _ = self.columns(start, stop)
+        out = _dense_buffer(out, shape)
+        out.reshape(-1)[_linear_index(columns, shape)] = 1
+        return out
+
+
+def _stacked_coords(columns: list) -> np.ndarray:
+    """(n, 4) int32 from four columns (uint8 or int32), a column at a time (~1.6x np.column_stack's speed)."""
+    coords = np.empty((len(columns[0]), 4), np.int32)
+    for j, column in enumerate(columns):
+        coords[:, j] = column
+    return coords
+
+
+def _dense_buffer(out: np.ndarray | None, shape: tuple) -> np.ndarray:
+    """A zeroed uint8 block of ``shape``: ``out`` (checked, then zeroed) or a new one."""
+    if out is None:
+        return np.zeros(shape, dtype=np.uint8)
+    if out.shape != shape or out.dtype != np.uint8 or not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(
+            f"out must be a writeable C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}"
+        )
+    out.fill(0)
+    return out
+
+
+def _linear_index(columns: list, shape: tuple) -> np.ndarray:
+    """Row-major linear index of [t, z, x, y] columns in ``shape``, by Horner's rule (one int64 array)."""
+    flat = np.multiply(columns[0], shape[1], dtype=np.int64)
+    for column, size in zip(columns[1:], shape[2:]):
+        flat += column
+        flat *= size
+    flat += columns[3]
+    return flat
+
+
 def load_coo_window(path, start: int, stop: int) -> CooWindow:
     """The entries of timepoints [start, stop) of a preaugmented_grids_coo.h5, t relative to start. ``path`` is
-    the file or an open h5py.File (to read many windows of one file, e.g. in a PyTorch Dataset). Reads only the
-    rows of the window. 0 <= start <= stop <= T, else ValueError (TypeError when not integers)."""
-    shape, columns, offsets = _read_window(path, start, stop)
-    return CooWindow(np.column_stack(columns), shape, offsets, int(start), int(stop))
+    the file, an open h5py.File or a CooFile (to read many windows of one file, e.g. in a PyTorch Dataset: a
+    CooFile reads the file's offsets once). Reads only the rows of the window. 0 <= start <= stop <= T, else
+    ValueError (TypeError when not integers)."""
+    if isinstance(path, CooFile):
+        return path.window(start, stop)
+    with CooFile(path) as grid:
+        return grid.window(start, stop)
 
 
 def load_coo_window_dense(path, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """Timepoints [start, stop) as a dense (stop - start, Z, H, W) uint8 block of ones and zeros. ``out``: a
     C-contiguous uint8 array of that shape to fill (zeroed first) and return; reusing one buffer for window after
     window spares the kernel allocating and zeroing fresh pages each time (and its occasional stalls doing so)."""
-    shape, columns, _ = _read_window(path, start, stop)
-    if out is None:
-        out = np.zeros(shape, dtype=np.uint8)
-    elif out.shape != shape or out.dtype != np.uint8 or not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(
-            f"out must be a writeable C-contiguous uint8 array of shape {shape}, got {out.dtype} {out.shape}"
-        )
-    else:
-        out.fill(0)
-    flat = np.multiply(columns[0], shape[1], dtype=np.int64)  # row-major linear index, by Horner's rule
-    for column, size in zip(columns[1:], shape[2:]):
-        flat += column
-        flat *= size
-    flat += columns[3]
-    out.reshape(-1)[flat] = 1
-    return out
+    if isinstance(path, CooFile):
+        return path.dense(start, stop, out)
+    with CooFile(path) as grid:
+        return grid.dense(start, stop, out)
 
 
 def _check_window(start, stop, num_timepoints: int, filename: str) -> tuple:
@@ -4330,34 +4454,6 @@ def _check_window(start, stop, num_timepoints: int, filename: str) -> tuple:
     return int(start), int(stop)
 
 
-def _read_window(path, start, stop) -> tuple:
-    """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
-    with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
-        grid_shape = tuple(int(s) for s in h5["grid_shape"][()])
-        num_timepoints, coords = grid_shape[0], h5["spike_coords"]
-        start, stop = _check_window(start, stop, num_timepoints, h5.filename)
-        if "timepoint_offsets" in h5:
-            stored = h5["timepoint_offsets"]
-            offsets = stored[start : stop + 1].astype(np.int64) if stored.shape == (num_timepoints + 1,) else None
-            if offsets is None or offsets[0] < 0 or offsets[-1] > len(coords) or np.any(np.diff(offsets) < 0):
-                raise ValueError(
-                    f"timepoint_offsets of {h5.filename} do not match its {num_timepoints} timepoints and "
-                    f"{len(coords)} entries: the file is damaged, rerun the pipeline for this subject"
-                )
-            first, last = int(offsets[0]), int(offsets[-1])
-            offsets -= first
-            t = np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(offsets))
-        else:  # written before 1.1: bisect the t column, and check it
-            first = _first_row_from(coords, start, 0)
-            last = _first_row_from(coords, stop, first)
-            t = _read_column(coords, first, last, 0, num_timepoints - 1) - np.int32(start)
-            offsets = np.searchsorted(t, np.arange(stop - start + 1), side="left").astype(np.int64)
-            if len(t) and (t[0] < 0 or t[-1] >= stop - start):
-                raise ValueError(f"spike_coords of {h5.filename} is not sorted by t: rerun the pipeline")
-        columns = [t, *(_read_column(coords, first, last, j, grid_shape[j] - 1) for j in (1, 2, 3))]
-    return (stop - start, *grid_shape[1:]), columns, offsets
-
-
 def _first_row_from(coords, timepoint: int, low: int) -> int:
     """The first row at or after ``low`` whose t is at least ``timepoint`` (rows sorted by t)."""
     high = coords.shape[0]
@@ -4367,22 +4463,24 @@ def _first_row_from(coords, timepoint: int, low: int) -> int:
     return low
 
 
-def _read_column(coords, first: int, last: int, column: int, max_value: int) -> np.ndarray:
-    """spike_coords[first:last, column], values in [0, max_value]: uint8 when they fit, else int32."""
+def _read_column(coords, first: int, last: int, column: int, max_value: int, deflated_columns: bool) -> np.ndarray:
+    """spike_coords[first:last, column], values in [0, max_value]: uint8 when they fit, else int32.
+    ``deflated_columns``: the file has write_coo_file's layout (_is_deflated_columns), read by the fast path."""
     if last <= first:
         return np.zeros(0, dtype=np.uint8 if max_value < 256 else np.int32)
-    plist = coords.id.get_create_plist()
-    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # chunked whenever filtered
-    if filters != [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE] or coords.chunks[1] != 1 or coords.dtype != "<i4":
+    if not deflated_columns:
         return coords[first:last, column]
     rows = coords.chunks[0]
     num_bytes = max(1, (int(max_value).bit_length() + 7) // 8)  # the low bytes that hold the values
-    chunks = []
-    for chunk in range(first // rows, (last - 1) // rows + 1):
+    chunks, final = [], (last - 1) // rows
+    for chunk in range(first // rows, final + 1):
         filter_mask, stored = coords.id.read_direct_chunk((chunk * rows, column))
-        chunks.append(zlib.decompressobj().decompress(stored, num_bytes * rows) if filter_mask == 0 else b"")
-        if len(chunks[-1]) != num_bytes * rows:  # stored unfiltered, or damaged: HDF5 decodes (or reports) it
+        # the last chunk is inflated only up to the window's last row (deflate streams are read from the start)
+        wanted = num_bytes * rows if chunk < final else (num_bytes - 1) * rows + last - chunk * rows
+        chunks.append(zlib.decompressobj().decompress(stored, wanted) if filter_mask == 0 else b"")
+        if len(chunks[-1]) != wanted:  # stored unfiltered, or damaged: HDF5 decodes (or reports) it
             return coords[first:last, column]
+    chunks[-1] += bytes(num_bytes * rows - len(chunks[-1]))
     planes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), num_bytes, rows)
     planes = planes.transpose(1, 0, 2).reshape(num_bytes, -1)[:, first % rows : first % rows + last - first]
     if num_bytes == 1:
@@ -4391,6 +4489,17 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int) -> 
 
 
 # --- Reader of windows of per-cell rates (cell_activity.h5) ---------------------------------------
+# spike_rates is (T, N) float16 in chunks of timepoints x every cell. Unfiltered (since 1.3), a window of rows
+# is a few byte ranges of the file: read with os.preadv straight into the caller's array (HDF5 adds ~50 %
+# per window and a per-call cost). Files of 1.2 (gzip) and other drivers are read through h5py.
+
+
+def split_of(h5) -> np.ndarray:
+    """(T,) int8 split codes of an output file (0 train, 1 validation, 2 test, -1 none): its `split`, or, in
+    files of 1.2 that have only is_train, 0 where is_train is 1 and 2 elsewhere."""
+    if "split" in h5:
+        return h5["split"][()].astype(np.int8)
+    return np.where(h5["is_train"][()] == 1, 0, 2).astype(np.int8)
 
 
 @dataclass(frozen=True)
@@ -4406,21 +4515,126 @@ class CellWindow:
     stop: int
 
 
+def _stored_rows(rates, h5) -> list | None:
+    """[(first row, byte offset)] of each stored piece (chunk, or the whole contiguous dataset) of an unfiltered
+    little-endian float16 (T, N) dataset of rows of every cell, in row order; None for any other layout."""
+    plist = rates.id.get_create_plist()
+    if rates.dtype != "<f2" or plist.get_nfilters() or h5.file.driver != "sec2" or rates.shape[0] == 0:
+        return None
+    if not hasattr(os, "preadv"):  # Windows: read through HDF5
+        return None
+    if rates.chunks is None:
+        offset = rates.id.get_offset()
+        return None if offset is None else [(0, offset)]
+    if rates.chunks[1] != rates.shape[1]:
+        return None
+    pieces = []
+    rates.id.chunk_iter(lambda info: pieces.append((info.chunk_offset[0], info.byte_offset)))
+    pieces.sort()
+    expected = range(0, rates.shape[0], rates.chunks[0])
+    return pieces if [first for first, _ in pieces] == list(expected) else None  # every chunk written
+
+
+class CellFile:
+    """A cell_activity.h5 read window after window: its per-timepoint datasets and covariates (small) are read
+    once, and windows of spike_rates read only their rows (straight from the file where it is unfiltered).
+    ``source``: a path (opened read-only, closed by close()) or an open h5py file (left open)."""
+
+    def __init__(self, source):
+        self.h5, self._owned = _open_h5(source)
+        try:
+            h5 = self.h5
+            self.filename, self.rates_dataset = h5.file.filename, h5["spike_rates"]
+            self.num_timepoints, self.num_cells = self.rates_dataset.shape
+            per_timepoint = ("timepoint_indices", "timepoint_times_s", "is_train")
+            self.per_timepoint = {name: h5[name][()] for name in per_timepoint}
+            self.split = split_of(h5)
+            self.cell_global_ids = h5["cell_global_ids"][()] if "cell_global_ids" in h5 else None
+            group = h5.get(COVARIATES_GROUP)
+            datasets = group.items() if isinstance(group, h5py.Group) else ()
+            self.covariates = {name: data[()] for name, data in datasets if isinstance(data, h5py.Dataset)}
+            self._pieces = _stored_rows(self.rates_dataset, h5)
+            self._fd = h5.file.id.get_vfd_handle() if self._pieces is not None else None
+            self._piece_rows = self.rates_dataset.chunks[0] if self.rates_dataset.chunks else self.num_timepoints
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._owned and self.h5.id.valid:
+            self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def rates(self, start, stop, out: np.ndarray | None = None) -> np.ndarray:
+        """spike_rates[start:stop] (float16, as stored), into ``out`` when given: a writeable float16 array of
+        (stop - start) rows of at least N columns whose rows are each contiguous (e.g. a slot of a batch with
+        room for the largest fish: columns N and beyond are left as they are)."""
+        start, stop = _check_window(start, stop, self.num_timepoints, self.filename)
+        shape = (stop - start, self.num_cells)
+        if out is None:
+            out = np.empty(shape, np.float16)
+        elif (
+            out.dtype != np.float16
+            or out.ndim != 2
+            or out.shape[0] != shape[0]
+            or out.shape[1] < shape[1]
+            or not out.flags.writeable
+            or (shape[1] > 1 and out.strides[1] != 2)
+        ):
+            raise ValueError(f"out must be a writeable float16 array of {shape[0]} rows of at least {shape[1]} "
+                             f"contiguous values, got {out.dtype} {out.shape}")  # fmt: skip
+        target = out[:, : shape[1]]
+        if stop == start or not self.num_cells:
+            return out
+        if self._pieces is None:
+            target[...] = self.rates_dataset[start:stop]
+            return out
+        row_bytes, whole = 2 * self.num_cells, target.flags.c_contiguous
+        buffer = memoryview(target).cast("B") if whole else None
+        row = start
+        while row < stop:  # a piece (chunk) at a time: consecutive rows of a piece are consecutive bytes
+            piece = row // self._piece_rows
+            first, byte_offset = self._pieces[piece]
+            end = min(stop, first + self._piece_rows)
+            if whole:
+                self._pread(buffer[(row - start) * row_bytes : (end - start) * row_bytes], byte_offset, row - first)
+            else:
+                for r in range(row, end):
+                    self._pread(memoryview(target[r - start]).cast("B"), byte_offset, r - first)
+            row = end
+        return out
+
+    def _pread(self, buffer: memoryview, byte_offset: int, first_row: int) -> None:
+        position, done = byte_offset + first_row * 2 * self.num_cells, 0
+        while done < len(buffer):
+            got = os.preadv(self._fd, [buffer[done:]], position + done)
+            if got <= 0:
+                raise OSError(f"{self.filename}: spike_rates ends early (file truncated?): rerun the pipeline")
+            done += got
+
+    def window(self, start, stop) -> CellWindow:
+        start, stop = _check_window(start, stop, self.num_timepoints, self.filename)
+        rows = slice(start, stop)
+        covariates = {name: values[rows] for name, values in self.covariates.items()}
+        timepoints = {name: values[rows] for name, values in self.per_timepoint.items()}
+        return CellWindow(self.rates(start, stop).astype(np.float32), **timepoints, covariates=covariates,
+                          start=start, stop=stop)  # fmt: skip
+
+
 def load_cell_window(path, start: int, stop: int) -> CellWindow:
     """Rows [start, stop) of a cell_activity.h5's spike_rates with what a model reads alongside (times, split,
-    covariates). ``path`` is the file or an open h5py.File (to read many windows, e.g. in a PyTorch Dataset); reads
-    only the chunks of the window. 0 <= start <= stop <= T, else ValueError (TypeError when not integers)."""
-    with contextlib.nullcontext(path) if isinstance(path, h5py.Group) else h5py.File(path, "r") as h5:
-        rates = h5["spike_rates"]
-        start, stop = _check_window(start, stop, rates.shape[0], h5.filename)
-        window = slice(start, stop)
-        covariates = {}
-        if isinstance(group := h5.get("covariates"), h5py.Group):
-            covariates = {name: data[window] for name, data in group.items() if isinstance(data, h5py.Dataset)}
-        return CellWindow(
-            rates[window].astype(np.float32), h5["timepoint_indices"][window], h5["timepoint_times_s"][window],
-            h5["is_train"][window], covariates, start, stop,
-        )  # fmt: skip
+    covariates). ``path`` is the file, an open h5py.File or a CellFile (to read many windows, e.g. in a PyTorch
+    Dataset: a CellFile looks the file up once); reads only the rows of the window. 0 <= start <= stop <= T, else
+    ValueError (TypeError when not integers)."""
+    if isinstance(path, CellFile):
+        return path.window(start, stop)
+    with CellFile(path) as cells:
+        return cells.window(start, stop)
 
 
 # =============================================================================================

@@ -15,15 +15,29 @@ densifying them, the same through h5py's ordinary slicing plus coo_to_dense_grid
 The file stays in the OS page cache between reads (it is ~80 MB): the figures are those of a
 training loop reading one fish, not of a cold disk. Wall times depend on what else runs on the
 machine (the load average is printed); CPU times much less.
+
+Training speed (issue 26, after the readers above; --training_only skips them): three whole-fish-sized
+subjects' cell_activity.h5 (--cells x --timepoints float16, CASCADE-like rates 74 % nonzero as the real fish's,
+covariates) written with the pipeline's own write_cell_activity, the COO file above beside the first. From the
+page cache, per process (windows read into one reused buffer, random starts) and through torch's DataLoader
+with --workers processes (spike_sampler.make_loader): median and worst ms per window, windows/s, and the ratio
+to a plain numpy copy of the same bytes timed in the same run (the memory-bandwidth limit), for per-cell windows
+of --cell_lengths timepoints (float16 as stored; float32 for 48), the 1.2 layout (gzip 1 + shuffle) beside the
+new one, 64-plane sequences, --length-timepoint grid windows sparse and dense, and the sampler over the three
+subjects. Generated files stay in --folder (several GB): delete it afterwards.
+
+    python benchmarks/benchmark_windows.py --training_only [--workers 2] [--windows 40]
 """
 
 import argparse
+import functools
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -34,7 +48,8 @@ sys.path.insert(0, str(REPO))
 import unified_spike_processing_coo as usp  # noqa: E402
 
 WHOLE_FISH_SHAPE = (3900, 29, 256, 128)
-WHOLE_FISH_ENTRIES = 62_500_000
+WHOLE_FISH_ENTRIES = 107_000_000  # the pipeline's whole-fish output (issue 26; 62.5 M before)
+WHOLE_FISH_CELLS, WHOLE_FISH_TIMEPOINTS = 90_000, 4_000
 TIMEPOINTS_PER_BLOCK = 256  # ~4 M entries (~70 MB of coordinates) generated at a time
 
 
@@ -114,6 +129,11 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "usp_benchmark_windows")
     parser.add_argument("--skip_h5py", action="store_true", help="do not time h5py's ordinary slicing")
     parser.add_argument("--v1_0", action="store_true", help="also time a copy without timepoint_offsets (a 1.0 file)")
+    parser.add_argument("--training_only", action="store_true", help="only the training-speed part (issue 26)")
+    parser.add_argument("--cells", type=int, default=WHOLE_FISH_CELLS)
+    parser.add_argument("--timepoints", type=int, default=WHOLE_FISH_TIMEPOINTS)
+    parser.add_argument("--cell_lengths", type=int, nargs="+", default=[1, 16, 48, 256])
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     args = parser.parse_args()
 
     usp.COO_CHUNK_ROWS = args.chunk_rows
@@ -121,6 +141,9 @@ def main() -> None:
     name = f"coo_{'x'.join(map(str, shape))}_{args.entries}_seed{args.seed}_rows{args.chunk_rows}.h5"
     path = args.folder / name
     make_file(path, shape, args.entries, args.seed)
+    if args.training_only:
+        training_speed(args, path)
+        return
 
     with h5py.File(path, "r") as h5:
         dataset = h5["spike_coords"]
@@ -158,6 +181,259 @@ def main() -> None:
     print(
         f"  (a window: ~{entries_per_window / 1e6:.1f} M entries, dense block {length * np.prod(shape[1:]) / 1e6:.0f} MB)"
     )
+
+    training_speed(args, path)
+
+
+# --- training speed (issue 26) ------------------------------------------------------------------------------
+
+
+def synthetic_spikes(num_cells: int, num_timepoints: int, seed: int) -> usp.SubjectSpikes:
+    """SubjectSpikes holding (cells, timepoints) float16 rates like the real fish's (74 % nonzero; NaN first rows
+    of a few cells) in four batches, and nothing else (no spikes: only the rates are read here)."""
+    rng, batches = np.random.default_rng(seed), []
+    bounds = np.linspace(0, num_cells, 5).astype(int)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rates = rng.random((stop - start, num_timepoints), np.float32)
+        rates *= rates > 0.26
+        rates = rates.astype(np.float16)
+        rates[:50, :2] = np.nan
+        cells = {field.name: np.zeros(stop - start, field.dtype) for field in usp.CELL_FIELDS}
+        plot = usp.PlotTraces(np.zeros(0, np.int64), *(np.zeros((0, num_timepoints), d) for d in ("f4", "f4", bool)))
+        no_spikes = np.zeros(0, np.int32)
+        batches.append(
+            usp.BatchResult(start, no_spikes, no_spikes, cells, np.zeros(num_timepoints, np.int64), rates, plot)
+        )
+    return usp.SubjectSpikes(batches, num_timepoints)
+
+
+def make_cell_activity(path: Path, num_cells: int, num_timepoints: int, seed: int) -> None:
+    """A whole-fish-sized cell_activity.h5 written by the pipeline's write_cell_activity (made once)."""
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started, rng = time.perf_counter(), np.random.default_rng(seed)
+    frames = np.arange(num_timepoints)
+    is_train, test_blocks = usp.train_test_split(num_timepoints)
+    grid = usp.GridSpec(num_timepoints, 29, 256, 128, np.arange(29.0), np.zeros((num_cells, 3), np.int32))
+    plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks, True, "blocks",
+                        frames / 3.0)  # fmt: skip
+    covariates = usp.Covariates(stimulus=rng.integers(0, 9, num_timepoints).astype(np.float64),
+                                behavior=rng.normal(size=(num_timepoints, 5)).astype(np.float32))  # fmt: skip
+    subject = SimpleNamespace(raw_positions=rng.uniform(0, 500, (num_cells, 3)), registered_positions=None,
+                              cell_ids=np.arange(1, num_cells + 1))  # fmt: skip
+    fingerprint = {"inputs": {}, "cascade_params": {}, "model": "synthetic", "software_version": usp.__version__}
+    temporary = usp.temporary_path(path)
+    try:
+        spikes = synthetic_spikes(num_cells, num_timepoints, seed)
+        usp.write_cell_activity(temporary, spikes, plan, subject, {"fingerprint": fingerprint}, covariates)
+        os.replace(temporary, path)
+    finally:
+        usp.remove_quietly(temporary)
+    print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s")
+
+
+def legacy_copy(path: Path) -> Path:
+    """The file with spike_rates as 1.2 wrote it (16 timepoints x all cells, gzip 1 + shuffle), made once."""
+    copy = path.with_name("cell_activity_v1.2.h5")
+    if not copy.is_file():
+        with h5py.File(path, "r") as source, h5py.File(copy, "w") as h5:
+            rates = source["spike_rates"]
+            out = h5.create_dataset("spike_rates", rates.shape, np.float16, chunks=(16, rates.shape[1]), **usp.GZIP)
+            for first in range(0, rates.shape[0], usp.CELL_RATE_BLOCK_TIMEPOINTS):
+                usp.write_chunks(out, first, rates[first : first + usp.CELL_RATE_BLOCK_TIMEPOINTS], 2)
+            for name in ("timepoint_indices", "timepoint_times_s", "is_train"):
+                h5[name] = source[name][()]
+    return copy
+
+
+def bandwidth_ms(num_bytes: int, repeats: int = 20) -> float:
+    """Median ms of a plain numpy copy of ``num_bytes`` between two preallocated, touched arrays."""
+    source, target = np.ones(max(1, num_bytes), np.uint8), np.zeros(max(1, num_bytes), np.uint8)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - started)
+    return 1e3 * float(np.median(times))
+
+
+def warm(path: Path) -> None:
+    """Read the file once, so that it is in the page cache."""
+    with open(path, "rb") as handle:
+        while handle.read(1 << 24):
+            pass
+
+
+def per_process(read, starts) -> tuple:
+    """(wall ms of read(start) for each start, median CPU ms) after one untimed read: the machine is shared, so
+    wall times include waiting for a core."""
+    read(int(starts[0]))
+    times, cpu = [], []
+    for start in starts:
+        began, began_cpu = time.perf_counter(), time.process_time()
+        read(int(start))
+        times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - began_cpu)
+    return 1e3 * np.array(times), 1e3 * float(np.median(cpu))
+
+
+def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
+    """ms per window of a DataLoader over the sampler (batch arrival times / batch size, first batch untimed)."""
+    import spike_sampler
+
+    loader = iter(spike_sampler.make_loader(sampler, batch_size, num_workers=workers))
+    next(loader)
+    times, began = [], time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+        now = time.perf_counter()
+        times.append((now - began) / batch_size)
+        began = now
+    del loader
+    return 1e3 * np.array(times)
+
+
+def through_window_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
+    """ms per window of the sampler's own workers (spike_sampler.WindowLoader), as through_loader."""
+    import spike_sampler
+
+    with spike_sampler.WindowLoader(sampler, batch_size, workers=workers) as loader:
+        batches_in = iter(loader)
+        next(batches_in)
+        times, began = [], time.perf_counter()
+        for _ in range(batches):
+            next(batches_in)
+            now = time.perf_counter()
+            times.append((now - began) / batch_size)
+            began = now
+    return 1e3 * np.array(times)
+
+
+def row(label: str, measured, window_bytes: int, copy_ms: float) -> None:
+    """A table row; ``measured``: per_process's (wall ms, CPU ms), or the wall ms of a loader (no CPU ms)."""
+    times_ms, cpu = measured if isinstance(measured, tuple) else (measured, None)
+    median, cpu = float(np.median(times_ms)), "-" if cpu is None else f"{cpu:.2f}"
+    per_second = 1e3 / float(np.mean(times_ms))  # windows over the whole time: a loader's prefetched batches count
+    print(f"| {label} | {median:.2f} | {cpu} | {times_ms.max():.2f} | {per_second:.0f} | "
+          f"{window_bytes / 1e6:.2f} | {copy_ms:.3f} | {median / copy_ms:.1f} |", flush=True)  # fmt: skip
+
+
+def training_speed(args, coo_path: Path) -> None:
+    import spike_sampler
+
+    folder = args.folder / f"fish_{args.cells}x{args.timepoints}"
+    subjects = [folder / f"subject_{k}" for k in range(3)]
+    for k, subject in enumerate(subjects):
+        make_cell_activity(subject / usp.CELL_ACTIVITY_FILENAME, args.cells, args.timepoints, args.seed + k)
+    grid_folder = folder / "grid_subject"
+    grid_folder.mkdir(exist_ok=True)
+    if not (grid_folder / usp.COO_FILENAME).exists():
+        os.symlink(coo_path, grid_folder / usp.COO_FILENAME)
+    old = legacy_copy(subjects[0] / usp.CELL_ACTIVITY_FILENAME)
+    for path in [*(s / usp.CELL_ACTIVITY_FILENAME for s in subjects), old, coo_path]:
+        warm(path)
+    rng = np.random.default_rng(args.seed + 2)
+    n, workers = args.windows, args.workers
+    print(f"\nTraining speed: {args.cells:,} cells x {args.timepoints:,} timepoints per subject, {n} windows per "
+          f"case, load average {os.getloadavg()[0]:.1f} (the machine is shared)")  # fmt: skip
+    print("| case | median ms/window | CPU ms (median) | worst ms | windows/s | MB/window | copy ms (same bytes) "
+          "| x copy (median / copy) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    cells = usp.CellFile(subjects[0] / usp.CELL_ACTIVITY_FILENAME)
+    legacy = usp.CellFile(old)
+    for length in args.cell_lengths:
+        starts = rng.integers(0, args.timepoints - length + 1, n)
+        buffer, nbytes = np.empty((length, args.cells), np.float16), 2 * length * args.cells
+        copy_ms = bandwidth_ms(nbytes)
+        row(f"cells {length} tp, float16 into a reused buffer", per_process(
+            lambda s, length=length, buffer=buffer: cells.rates(s, s + length, out=buffer), starts), nbytes, copy_ms)  # fmt: skip
+        if length == 48:
+            as_float = np.empty((length, args.cells), np.float32)
+            row("cells 48 tp, float32 into a reused buffer", per_process(
+                lambda s, length=length, out=as_float, buffer=buffer: np.copyto(out, cells.rates(s, s + length, out=buffer)), starts), nbytes, copy_ms)  # fmt: skip
+            row("cells 48 tp, load_cell_window(path) (float32, new arrays)", per_process(
+                lambda s, length=length: usp.load_cell_window(cells.filename, s, s + length), starts), nbytes, copy_ms)  # fmt: skip
+        if length in (1, 48):
+            row(f"cells {length} tp, 1.2 layout (gzip 1 + shuffle)", per_process(
+                lambda s, length=length, buffer=buffer: legacy.rates(s, s + length, out=buffer), starts[: max(5, n // 4)]), nbytes, copy_ms)  # fmt: skip
+    cells.close()
+    legacy.close()
+    # grids: 64-plane sequences, windows of --length timepoints
+    num_timepoints, z, height, width = args.shape
+    per_plane = 2 * args.entries / (num_timepoints * z)  # bytes of x, y per plane, sparse
+    for dense in (True, False):
+        planes = spike_sampler.WindowSampler([grid_folder], "planes", length=64, seed=args.seed, num_windows=n,
+                                             dense=dense)  # fmt: skip
+        batch = planes.empty_batch(1) if dense else None
+        read = functools.partial(planes.read, 0, out=batch) if dense else functools.partial(planes.read, 0)
+        nbytes = 64 * height * width if dense else int(64 * per_plane)
+        times = per_process(read, planes.plan()[1])
+        row(f"64-plane sequence, {'dense into a reused buffer' if dense else 'sparse (offsets + x, y)'}",
+            times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
+    grid = usp.CooFile(coo_path)
+    starts = rng.integers(0, num_timepoints - args.length + 1, n)
+    dense_buffer = np.empty((args.length, z, height, width), np.uint8)
+    entries = int(np.median([grid.offsets[s + args.length] - grid.offsets[s] for s in starts]))
+    cases = [
+        ("sparse, compact (offsets + z, x, y uint8)", lambda s: grid.entries(s, s + args.length), 3 * entries),
+        ("sparse, CooWindow (n, 4) int32", lambda s: grid.window(s, s + args.length), 16 * entries),
+        ("dense into a reused buffer", lambda s: grid.dense(s, s + args.length, out=dense_buffer), dense_buffer.nbytes),
+    ]
+    for label, read, nbytes in cases:
+        row(f"grid {args.length} tp, {label}", per_process(read, starts), nbytes, bandwidth_ms(nbytes))
+    grid.close()
+    cache = args.folder / "decoded"
+    began = time.perf_counter()
+    spike_sampler.decoded_columns(coo_path, cache)
+    print(f"| (decoded z, x, y of the COO file into {cache}: {time.perf_counter() - began:.1f} s, once) |")
+    for kind, length in (("grid", args.length), ("planes", 64)):
+        for dense in (False, True):
+            cached = spike_sampler.WindowSampler([grid_folder], kind, length=length, seed=args.seed, num_windows=n,
+                                                 dense=dense, cache_dir=cache)  # fmt: skip
+            batch = cached.empty_batch(1) if dense else None
+            read = functools.partial(cached.read, 0, out=batch) if dense else functools.partial(cached.read, 0)
+            if kind == "grid":
+                nbytes = dense_buffer.nbytes if dense else 3 * entries
+            else:
+                nbytes = 64 * height * width if dense else int(64 * per_plane)
+            label = f"{'grid 100 tp' if kind == 'grid' else '64-plane sequence'}, {'dense' if dense else 'sparse'}"
+            row(
+                f"{label}, decoded cache (cache_dir)", per_process(read, cached.plan()[1]), nbytes, bandwidth_ms(nbytes)
+            )
+    # the sampler over three subjects, in this process and through the DataLoader
+    sampler = spike_sampler.WindowSampler(subjects, "cells", length=48, seed=args.seed, num_windows=100_000)
+    nbytes = 2 * 48 * args.cells
+    copy_ms = bandwidth_ms(nbytes)
+    batch = sampler.empty_batch(1)
+    subjects_drawn, starts = sampler.plan()
+    times = per_process(lambda i: sampler.read(int(subjects_drawn[i]), int(starts[i]), out=batch), np.arange(n))
+    row("sampler, 3 subjects, cells 48 tp, this process (float16)", times, nbytes, copy_ms)
+    both = (("DataLoader", through_loader), ("own workers (WindowLoader)", through_window_loader))
+    for label, measure in both:
+        times = measure(sampler, 16, workers, max(10, n))
+        row(f"sampler, 3 subjects, cells 48 tp, {label}, {workers} workers, batches of 16", times, nbytes, copy_ms)
+    for length, batch_size in ((1, 16), (16, 16), (256, 4)):
+        try:
+            loader_sampler = spike_sampler.WindowSampler(subjects, "cells", length=length, seed=1, num_windows=100_000)
+        except ValueError as error:  # subjects too short for the window
+            print(f"| sampler, cells {length} tp | {error} |")
+            continue
+        nbytes = 2 * length * args.cells
+        for label, measure in both:
+            times = measure(loader_sampler, batch_size, workers, max(6, n // 2))
+            row(f"sampler, 3 subjects, cells {length} tp, {label}, {workers} workers, batches of {batch_size}",
+                times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
+    planes = spike_sampler.WindowSampler([grid_folder], "planes", length=64, seed=1, num_windows=100_000)
+    for label, measure in both:
+        row(f"sampler, 64-plane sequences dense, {label}, {workers} workers, batches of 16",
+            measure(planes, 16, workers, max(6, n // 2)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
+    for cache_dir in (None, cache):
+        sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
+                                             dense=False, cache_dir=cache_dir)  # fmt: skip
+        label = "decoded cache, " if cache_dir else ""
+        row(f"sampler, grid {args.length} tp sparse, {label}DataLoader {workers} workers, batches of 4",
+            through_loader(sparse, 4, workers, max(6, n // 4)), 3 * entries, bandwidth_ms(3 * entries))  # fmt: skip
 
 
 if __name__ == "__main__":
