@@ -22,19 +22,22 @@ def split_codes(num_timepoints: int, seed: int) -> np.ndarray:
     return np.array(codes[:num_timepoints], np.int8)
 
 
-def fish_spikes(num_cells: int, num_timepoints: int, rng) -> usp.SubjectSpikes:
-    """CASCADE-like float16 rates (some NaN) in two batches of cells, as the workers send them."""
+def fish_spikes(num_cells: int, num_timepoints: int, rng, scratch) -> usp.SubjectSpikes:
+    """CASCADE-like float16 rates (some NaN) of two batches of cells, as the workers leave them: the rates in a
+    scratch array at ``scratch``, the rest in the batches' results."""
     rates = rng.gamma(0.3, 0.2, (num_cells, num_timepoints)).astype(np.float16)
     rates[rng.random(rates.shape) < 0.3] = 0
     rates[: num_cells // 5, :3] = np.nan  # no prediction
+    store = usp.ScratchArray.create(scratch, (num_timepoints, num_cells), "float16")
     batches, bounds = [], [0, num_cells // 2, num_cells]
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        cells = {f.name: np.zeros(stop - start, f.dtype) for f in usp.CELL_FIELDS}
+        cells = usp.CellResults.from_arrays(dict.fromkeys(usp.CellResults.names(), np.zeros(stop - start)))
         plot = usp.PlotTraces(np.zeros(0, np.int64), *(np.zeros((0, num_timepoints), d) for d in ("f4", "f4", bool)))
         empty = np.zeros(0, np.int32)
         rate_sum = np.zeros(num_timepoints, np.int64)
-        batches.append(usp.BatchResult(start, empty, empty, cells, rate_sum, rates[start:stop], plot))
-    return usp.SubjectSpikes(batches, num_timepoints)
+        batches.append(usp.BatchResult(start, empty, empty, cells, rate_sum, plot))
+        store.write_columns(start, rates[start:stop])
+    return usp.SubjectSpikes(batches, num_timepoints, num_timepoints, store)
 
 
 def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=True, legacy=False, codes=None):
@@ -52,6 +55,7 @@ def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=Tru
     covariates = usp.Covariates(
         stimulus=rng.integers(0, 5, num_timepoints).astype(np.float64), condition=condition,
         condition_names=("a", "b"), behavior=rng.normal(size=(num_timepoints, 5)).astype(np.float32),
+        clock="timepoints",
     )  # fmt: skip
     subject = SimpleNamespace(
         raw_positions=rng.uniform(0, 100, (num_cells, 3)), registered_positions=None,
@@ -60,8 +64,10 @@ def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=Tru
     fingerprint = {"inputs": {}, "cascade_params": {}, "model": "test", "software_version": usp.__version__}
     attrs = {"subject": folder.name, "fingerprint": fingerprint, "trace_type": "dff", "trace_type_reason": "test",
              "num_original_frames": num_timepoints}  # fmt: skip
-    usp.write_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, fish_spikes(num_cells, num_timepoints, rng), plan,
-                            subject, attrs, covariates)  # fmt: skip
+    scratch = folder / ".rates.scratch"
+    spikes = fish_spikes(num_cells, num_timepoints, rng, scratch)
+    usp.write_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, spikes, plan, subject, attrs, covariates)
+    scratch.unlink()
     shape = (num_timepoints, *GRID)
     linear = np.flatnonzero(rng.random(int(np.prod(shape))) < 0.03)
     coords = np.stack(np.unravel_index(linear, shape), axis=1).astype(np.int32)
@@ -252,10 +258,12 @@ def test_resume_reads_the_1_2_layout_as_the_new_one(tmp_path):
     found = []
     for name, legacy in (("old", True), ("new", False)):
         folder = write_fish(tmp_path / name, 30, 120, seed=6, legacy=legacy)
-        found.append(usp.read_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, fingerprint))
+        found.append(
+            usp.read_cell_activity(folder / usp.CELL_ACTIVITY_FILENAME, fingerprint, tmp_path / name / "rates")
+        )
     (old, old_type), (new, new_type) = found
     assert old_type == new_type
-    np.testing.assert_array_equal(old.rates(0, 30), new.rates(0, 30))
+    np.testing.assert_array_equal(old.rates.read_rows(0, 120), new.rates.read_rows(0, 120))
 
 
 def test_new_files_are_read_straight_from_the_file(outputs):
