@@ -21,6 +21,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 import warnings
@@ -66,6 +68,11 @@ def remove_quietly(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def plural(count: int, word: str, plural_word: str = "") -> str:
+    """'1 worker', '2 workers', '1,100 frames': a count and its noun in agreement, for log lines."""
+    return f"{count:,} {word if count == 1 else plural_word or word + 's'}"
 
 
 # =============================================================================================
@@ -1801,7 +1808,23 @@ class ModelResolutionError(PipelineError):
 
 
 class ModelDownloadError(ModelResolutionError):
-    """Fetching, checking or installing a model download failed."""
+    """Fetching, checking or installing a model download failed; ``short`` says why in a few words (the
+    model's source and the fallback WARNING), the message says it all (DEBUG, --strict_model's error)."""
+
+    def __init__(self, message: str, short: str = "invalid download"):
+        super().__init__(message)
+        self.short = short
+
+
+def _download_failure(exc: BaseException) -> str:
+    """Why a download failed, in a few words: 'HTTP 404', 'no connection', 'cache not writable' or 'invalid download'."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)):
+        return "no connection"  # DNS, refused, timed out, cut: the usual offline node
+    if isinstance(exc, OSError):
+        return "cache not writable"  # mkdir, a full disk, permissions
+    return "invalid download"  # a short, oversized, unsafe or corrupt zip, or no valid model in it
 
 
 def rate_mismatch(model: CascadeModel, frame_rate_hz: float) -> float:
@@ -1890,16 +1913,22 @@ def read_model_folder_once(folder, source: str = "model_dir", requested: str = "
 
 
 def _chosen_model(folder: Path, source: str, requested: str, why: str = "") -> CascadeModel:
-    """The model in ``folder`` with its provenance; each choice is made and logged once per process."""
-    choices = PROCESS_CACHE.setdefault("choices", {})
+    """The model in ``folder`` with its provenance; each choice is made and logged once per process.
+
+    A fallback (``why``: the official name it stands in for) is one short WARNING per run, not one per
+    builtin model: the sample's subjects at 2 and 2.6 Hz use two builtin models for one missing model."""
+    choices, fallbacks = PROCESS_CACHE.setdefault("choices", {}), PROCESS_CACHE.setdefault("fallbacks", set())
     key = (str(Path(folder).resolve()), source, requested)
     if key not in choices:
         model = choices[key] = read_model_folder_once(folder, source, requested)
-        if model.is_fallback:
+        if model.is_fallback and (source, requested) not in fallbacks:
+            fallbacks.add((source, requested))
             log.warning(
-                f"CASCADE model '{requested}' is unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): "
-                f"falling back to the builtin model {model.name} (--strict_model makes this an error)"
+                f"CASCADE model {why} unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): using {model.name}; "
+                "to avoid this, run once online (the model is then cached) or pass --cascade_model builtin"
             )
+        elif model.is_fallback:
+            log.info(f"CASCADE model {model.name} stands in for {why} too (the builtin nearest the frame rate)")
         else:
             log.info(
                 f"CASCADE model {model.name} (source: {source}{'; ' + why if why else ''}; "
@@ -1968,30 +1997,35 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
             return _install_folder(folder, cache_dir / name)
     except Exception as exc:  # URLError, HTTPException, BadZipFile, the checks' errors, ...
         raise ModelDownloadError(
-            f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}",
+            short=_download_failure(exc),
         ) from None
 
 
 def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
-    """(folder, 'cache' or 'downloaded'), or (None, why not); per process: a failed download is not retried."""
+    """(folder, 'cache' or 'downloaded', ''), or (None, why not, why not in a few words); per process: a
+    failed download is not retried. Why not in full is logged at DEBUG (--verbose)."""
     fetched = PROCESS_CACHE.setdefault("fetched", {})
-    key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
+    key, target, problem, short_problem = (name, str(cache_dir), offline), cache_dir / name, "", "not cached"
     if key not in fetched and target.exists():
         try:
-            fetched[key] = Path(read_model_folder_once(find_model_folder(target)).folder), "cache"
+            fetched[key] = Path(read_model_folder_once(find_model_folder(target)).folder), "cache", ""
         except PipelineError as exc:
-            problem = f"cache entry {target} is incomplete ({exc}); "
+            problem, short_problem = f"cache entry {target} is incomplete ({exc}); ", "cache entry incomplete"
             log.warning(f"{problem}it will be replaced by a fresh download")
     if key not in fetched:
         link = official_models(cache_dir).get(name)
         if offline or link is None:
             why = "--offline forbids downloads" if offline else "it is not an official CASCADE model"
-            fetched[key] = None, f"{problem}'{name}' is not in the cache {cache_dir} and {why}"
+            short = f"{short_problem}, " + ("--offline" if offline else "no download link")
+            fetched[key] = None, f"{problem}'{name}' is not in the cache {cache_dir} and {why}", short
         else:
             try:
-                fetched[key] = download_model(name, link, cache_dir), "downloaded"
+                fetched[key] = download_model(name, link, cache_dir), "downloaded", ""
             except ModelDownloadError as exc:
-                fetched[key] = None, f"{problem}{exc}"
+                fetched[key] = None, f"{problem}{exc}", f"{short_problem}, download failed: {exc.short}"
+        if fetched[key][0] is None:
+            log.debug(f"CASCADE model '{name}' unavailable: {fetched[key][1]}")
     return fetched[key]
 
 
@@ -2047,7 +2081,7 @@ def resolve_model(
         return _builtin(frame_rate_hz, "builtin", name)
     cache, is_auto = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser(), name.lower() == AUTO_MODEL_KEYWORD
     name = _official_name(name, cache, frame_rate_hz)
-    folder, found = _cached_or_downloaded(name, cache, offline)
+    folder, found, short = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
         return _chosen_model(folder, found, str(requested))
     if is_auto and offline:  # by design, not a fallback: the best model this machine has
@@ -2058,7 +2092,7 @@ def resolve_model(
             f"can be reached (without --offline), or unzip the model's download into {cache / name} (copy that "
             "folder to machines without internet), or pass --model_dir DIR"
         )
-    return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{found})", str(requested))
+    return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{short})", str(requested), why=name)
 
 
 @dataclass(frozen=True)
@@ -2085,7 +2119,8 @@ def model_for_subject(subject: SubjectData, request: ModelRequest) -> CascadeMod
     """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
     model = request.resolve(subject.frame_rate_hz)
     if model.is_fallback:
-        subject.warnings.append(f"model fallback: {model.source}")
+        reason = model.source[len(FALLBACK_SOURCE_PREFIX) : -1]
+        subject.warnings.append(f"model fallback: {model.name} used instead of {model.requested} ({reason})")
     mismatch = rate_mismatch(model, subject.frame_rate_hz)
     rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
     model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
@@ -5259,13 +5294,17 @@ def _format_bytes(num_bytes: float) -> str:
 def summary_lines(outcome: RunOutcome, totals: dict) -> list:
     """The end-of-run summary, in the original's form but with honest memory figures."""
     done, lines = outcome.done, ["", "=" * 72]
+    fallbacks: dict = {}  # reason -> builtin models: one line however many builtin models stood in
     for model, source in dict.fromkeys((s.model, s.model_source) for s in done):
         if source.startswith(FALLBACK_SOURCE_PREFIX):
-            lines.append(
-                f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
-            )
+            fallbacks.setdefault(source[len(FALLBACK_SOURCE_PREFIX) : -1], []).append(model)
         else:
             lines.append(f"CASCADE model: {model} ({source})")
+    lines += [
+        f"! WARNING: builtin CASCADE {'model' if len(models) == 1 else 'models'} {', '.join(models)} used as a "
+        f"FALLBACK ({reason}; see the log)"
+        for reason, models in fallbacks.items()
+    ]
     lines.append("Processed subjects:")
     for s in done:
         coo_bytes = COO_BYTES_PER_ENTRY * s.total_spikes
