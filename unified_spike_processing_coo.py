@@ -627,7 +627,9 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
         )
     shared = num_cells - len(np.unique(positions, axis=0))
     if num_cells > 1 and shared > SHARED_POSITION_FRACTION * num_cells:
-        doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
+        doubts.append(
+            f"{where}: {plural(shared, 'cell')} share their x, y, z position with another (positions copied?)"
+        )
 
 
 def _v73_value(node):
@@ -3356,7 +3358,7 @@ class Progress:
             total_s = self.num_batches * per_batch_s / min(self.workers, self.num_batches)  # batches in parallel
             left_s = max(0.0, total_s - (now - self.started))
             log.info(
-                f"{self.subject}: CASCADE {self.done_batches}/{self.num_batches} batches, {rate:.0f} "
+                f"{self.subject}: CASCADE {self.done_batches} of {plural(self.num_batches, 'batch', 'batches')}, {rate:.0f} "
                 f"neuron-frames/s, about {left_s / 60:.0f} min left, RSS {rss_gb():.2f} GB"
             )
 
@@ -4574,21 +4576,24 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
     if constant[valid].all():
         raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
     if infinite := int(spikes.cells("infinite_values").sum()):
-        subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
-    if (~valid).any():
-        subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
+        subject.warn(f"{plural(infinite, 'infinite trace value')} treated as missing (NaN)")
+    have = {True: "has", False: "have"}  # the verb after plural(n, 'cell'), by n == 1
+    if dead := int((~valid).sum()):
+        subject.warn(f"{plural(dead, 'cell')} {have[dead == 1]} all-NaN traces and are left out")
     if partial := int(((spikes.cells("nan_frames") > 0) & valid).sum()):
-        subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
-    if constant.any():
         subject.warn(
-            f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
+            f"{plural(partial, 'cell')} {have[partial == 1]} some NaN frames (no spikes in windows touching them)"
+        )
+    if flat := int(constant.sum()):
+        subject.warn(
+            f"{plural(flat, 'cell')} {have[flat == 1]} constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
         )
     varying = valid & ~constant
     bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
     below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
     if below > 0.01 * varying.sum():
         subject.warn(
-            f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
+            f"{plural(below, 'cell')} treated as {label} {'goes' if below == 1 else 'go'} below {bound} (down to {low[varying].min():.3g}), impossible "
             f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
         )
     if (level := float(np.nanmedian(spikes.cells("noise_level")[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
@@ -4931,7 +4936,7 @@ def _summary_page_lines(record: SubjectRun, attrs: dict) -> list:
     subject, model, counts, settings = record.subject, record.model, record.grid_written.counts, record.plot_settings
     entries = int(record.grid_written.plane_entries.sum())
     return [
-        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
+        f"{plural(subject.num_cells, 'cell')} x {plural(subject.num_frames, 'frame')} at {subject.frame_rate_hz:.3g} Hz "
         f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
         f"CASCADE model {model.name} ({model.source}), threshold {settings.cascade_threshold}",
         f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
@@ -4952,7 +4957,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     plots = settings_for(PlotSettings, config) if config.plots else None
     record = SubjectRun(subject, Path(config.output_dir) / subject.name, run, config.as_attrs(), plots, started)
     record.time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
-    log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
+    log.info(f"{subject.name}: {plural(subject.num_cells, 'cell')} x {plural(subject.num_frames, 'frame')} at "
              f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
     record.model = model_for_subject(subject, settings_for(ModelRequest, config))
     record.fingerprint = subject_fingerprint(subject, config, record.model)
@@ -5270,9 +5275,9 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
                 settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
             log.info(
-                f"unified_spike_processing_coo {__version__}: {len(mine)} of {len(subjects)} subjects"
+                f"unified_spike_processing_coo {__version__}: {len(mine)} of {plural(len(subjects), 'subject')}"
                 + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-                + f" from {config.input_dir} -> {output_dir} ({config.workers} workers, batches of up to {config.batch_size} cells)"
+                + f" from {config.input_dir} -> {output_dir} ({plural(config.workers, 'worker')}, batches of up to {plural(config.batch_size, 'cell')})"
             )
             outcome = run_subjects(mine, config, run)
             combine = shard is None and outcome.done and not outcome.not_processed
@@ -5338,7 +5343,7 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
             f"({_format_bytes(file_bytes)})",
         ]
     if totals:
-        lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects")
+        lines.append(f"  combined_metadata.h5: {plural(totals['total_subjects'], 'subject')}")
     lines.append("=" * 72)
     return lines
 
