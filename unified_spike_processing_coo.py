@@ -235,7 +235,7 @@ class PipelineConfig:
     )
     split: str = option(
         "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule) or conditions (per "
-        "stimulus condition, whole repetitions: its last ones are test; see the README)", GRID, "grid",
+        "stimulus condition, whole repetitions: its last ones are test; see 'Train/test splits' in docs/outputs.md)", GRID, "grid",
         choices=("blocks", "conditions"),
     )  # fmt: skip
     split_block: int = option(330, "frames per train/test block", GRID, "grid")
@@ -5353,10 +5353,25 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
 # =============================================================================================
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the 40-line usage buried the error, and a typo deserves a 'did you mean'."""
+
+    def error(self, message: str):
+        if unknown := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            options = [flag for action in self._actions for flag in action.option_strings]
+            typos = [token.split("=")[0] for token in unknown[1].split() if token.startswith("-")]
+            if typos:
+                close = difflib.get_close_matches(typos[0], options, n=1)
+                message = f"unknown option {', '.join(typos)}" + (f": did you mean {close[0]}?" if close else "")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, built from PipelineConfig's declarations (defaults shown are the real ones)."""
-    parser = argparse.ArgumentParser(
+    """The command line, built from PipelineConfig's declarations (defaults shown are the real ones); abbreviations
+    are refused (--worker is not --workers: a typo must not run with another meaning)."""
+    parser = _Parser(
         prog="unified_spike_processing_coo.py",
+        allow_abbrev=False,
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
         "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
         "on a rerun.",
@@ -5420,7 +5435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file = Path(config.log_file) if config.log_file else None if config.inspect else output_dir / default_log
         _setup_logging(log_file, config.verbose)
     except OSError as exc:
-        print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        files = [p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()]
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and files:  # mkdir's "File exists" says too little
+            where = "" if files[0] == output_dir else f" is inside {files[0]}, which"
+            print(f"error: --output_dir {output_dir}{where} is a file, not a folder: pass a folder", file=sys.stderr)
+        else:
+            print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if config.inspect:
         try:
