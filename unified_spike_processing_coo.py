@@ -5114,13 +5114,20 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
 
 
 # --- --inspect: what a run would do, without CASCADE and without writing -----------------------------------
-# Figures measured in benchmarks/RESULTS_pipeline.md ("1/10 fish": 9,000 cells x 4,000 frames, 2 CPUs, builtin
-# model, sections "Memory to plan" and "Notes"); other machines and models differ: estimates, not promises.
-WORKER_BASE_GB = 1.4  # a pool worker with TensorFlow loaded, before its batch
-WORKER_BYTES_PER_NEURON_FRAME = 28  # a worker's growth per neuron-frame of its batch
-MAIN_BASE_GB = 1.5  # the main process outside inference
-GRID_BYTES_PER_VOXEL = 140  # build_coo's temporaries per active voxel (110-140 B measured)
-VOXELS_PER_NEURON_FRAME = 0.16  # active voxels per neuron-frame (11.9-16 % of neuron-frames were spikes)
+# Peak memory = the main process's peak + each worker's peak (they peak at different stages: a bound within 2x).
+# Peak RSS (psutil, every 0.05 s), 2-core AVX-512 EPYC, builtin model, PDF included:
+#   sample_data/ (1.65 M neuron-frames; version 1.2.0 + issue 27): main 0.34 GB with --workers 2; a worker 0.94 GB
+#     (tensorflow), 0.13 GB (numpy); the whole tree 1.28 / 2.21 GB (tensorflow, --workers 1 / 2), 0.38 / 0.58 GB
+#     (numpy). Estimates: 1.27 / 2.17 GB and 0.50 / 0.64 GB.
+#   a whole fish (90,000 cells x 4,000 frames, batches of 30,000 cells, --workers 2; benchmarks/RESULTS_pipeline.md,
+#     issue 20 third part, 6f80809): main 2.72 GB, a worker 2.65 GB (tensorflow) / 1.67 GB (numpy), the tree
+#     6.10 / 3.81 GB (6.8 GB was seen with tensorflow since; --workers 1, before 6f80809: 4.56 GB). Estimates: 8.0 /
+#     6.1 GB (5.4 GB).
+# Remeasure these when the memory of the stages changes: other machines, models and inputs differ.
+MAIN_BASE_GB = 0.35  # the main process before its subject (numpy, h5py, the module; no TensorFlow)
+MAIN_BYTES_PER_NEURON_FRAME = 6.6  # the main's growth: the batches' rates and spikes, the grid and its files
+WORKER_BASE_GB = {"tensorflow": 0.9, "numpy": 0.13}  # a worker with its engine loaded (--workers 1: in the main)
+WORKER_BYTES_PER_NEURON_FRAME = {"tensorflow": 14.6, "numpy": 12.8}  # a worker's growth per neuron-frame of its batch
 # Time: an engine's multiply-adds/s as a fraction of the host's float32 matrix-product rate (benchmark_engine.py in
 # benchmarks/RESULTS_inference.md), and the whole run's neuron-frames/s as a fraction of the engine's
 # (benchmark_overhead.py in benchmarks/RESULTS_pipeline.md), so that the estimate follows the host it runs on.
@@ -5150,13 +5157,14 @@ class Inspection:
     trace_type: TraceType | None = None
     refusal: str = ""
 
-    def peak_gb(self, workers: int, batch_size: int) -> float:
+    def peak_gb(self, workers: int, batch_size: int, engine: str = "tensorflow") -> float:
+        """All processes together (--workers 1: the one worker is the main process), by the figures above."""
         if self.subject is None:
             return 0.0
         cells, frames = self.subject.num_cells, self.subject.num_frames
         batch = min(batch_size, math.ceil(cells / workers))
-        grid = GRID_BYTES_PER_VOXEL * VOXELS_PER_NEURON_FRAME * cells * frames / 1e9
-        return MAIN_BASE_GB + grid + workers * (WORKER_BASE_GB + WORKER_BYTES_PER_NEURON_FRAME * batch * frames / 1e9)
+        worker = WORKER_BASE_GB[engine] + WORKER_BYTES_PER_NEURON_FRAME[engine] * batch * frames / 1e9
+        return MAIN_BASE_GB + MAIN_BYTES_PER_NEURON_FRAME * cells * frames / 1e9 + workers * worker
 
     def seconds(self, engine_multiply_adds_per_s: float) -> float:
         """The whole run on this subject, whatever --workers (they share the cores)."""
@@ -5185,6 +5193,11 @@ def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
     return found
 
 
+def _about(seconds: float) -> str:
+    """A run time as --inspect says it: '<1 s', '40 s', '12 min' (a sample's seconds are not '0 min')."""
+    return "<1 s" if seconds < 1 else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def inspect_lines(found: list, config: PipelineConfig) -> list:
     """The --inspect report: a line per subject and its doubts, then totals and suggestions."""
     engine = choose_engine(config.engine)
@@ -5192,7 +5205,7 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
     lines = [
         f"this host: float32 matrix products at {speed / ENGINE_MATMUL_FRACTION[engine.name] / 1e9:.0f} G "
         f"multiply-adds/s; engine {engine.name} ({engine.why}), expected at {speed / 1e9:.0f} G",
-        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes",
+        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | time",
     ]
     for f in found:
         s = f.subject
@@ -5202,29 +5215,27 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
             lines.append(
                 f"{f.name} | {s.layout} | {s.num_cells:,} / {s.stored_cells or s.num_cells:,} | {s.num_frames:,} | "
                 f"{s.frame_rate_hz:.3g} | {s.num_frames / s.frame_rate_hz / 60:.1f} | {kind} | {model} | "
-                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(speed) / 60:.1f}"
+                f"{f.peak_gb(config.workers, config.batch_size, engine.name):.1f} | {_about(f.seconds(speed))}"
             )
             lines += [f"  ! WARNING: {w}" for w in s.warnings]
         lines += [f"{f.name}: REFUSED: {f.refusal}"] * bool(f.refusal)
     ok = [f for f in found if not f.refusal]
+    refused = f"{plural(len(found), 'subject')} ({len(found) - len(ok)} refused)"
+    if not ok:  # no --mem=0G: there is nothing to size
+        return [*lines, f"Totals: {refused}: nothing would run; fix the refusals above"]
     cpus, memory_gb = available_cpus(), _available_memory_gb()
-    workers = max(
-        [
-            w
-            for w in range(1, cpus + 1)
-            if max((f.peak_gb(w, config.batch_size) for f in ok), default=0) <= 0.8 * memory_gb
-        ]
-        or [1]
-    )
-    peak = max((f.peak_gb(workers, config.batch_size) for f in ok), default=0.0)
-    minutes = sum(f.seconds(speed) for f in ok) / 60
+
+    def peak(workers: int) -> float:
+        return max(f.peak_gb(workers, config.batch_size, engine.name) for f in ok)
+
+    workers = max([w for w in range(1, cpus + 1) if peak(w) <= 0.8 * memory_gb] or [1])
     lines += [
-        f"Totals: {len(found)} subjects ({len(found) - len(ok)} refused), "
-        f"{sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about {minutes:.0f} min with "
-        f"--workers {workers} (peak {peak:.1f} GB; this machine: {cpus} CPUs, {memory_gb:.0f} GB available)",
-        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={cpus} "
-        "(estimates: this host's matrix-product rate and the fractions in docs/performance.md; doubts that only the "
-        "traces reveal are found by the run)",
+        f"Totals: {refused}, {sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about "
+        f"{_about(sum(f.seconds(speed) for f in ok))} with --workers {workers} (peak {peak(workers):.1f} GB; this "
+        f"machine: {plural(cpus, 'CPU')}, {memory_gb:.0f} GB available)",
+        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak(workers))}G --cpus-per-task={cpus} "
+        "(estimates: this host's matrix-product rate and the fractions in docs/performance.md, memory as measured "
+        "in benchmarks/RESULTS_pipeline.md; doubts that only the traces reveal are found by the run)",
     ]
     return lines
 

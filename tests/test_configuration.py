@@ -124,3 +124,46 @@ def test_sample_run_with_the_official_model_unavailable_warns_once_and_briefly(t
     assert str(tmp_path / "cache") not in result.stderr  # the full reason only at DEBUG
     verbose = run_cli(*args, "--subjects", "subject_1", "--overwrite", "--verbose")
     assert any(" DEBUG " in line and str(tmp_path / "cache") in line for line in verbose.stderr.splitlines())
+
+
+# Peak RSS of all processes together (GB) measured on the 2-core AVX-512 EPYC, as the comment above the --inspect
+# constants says: (cells, frames, --workers, engine) -> GB. The sample's subjects (the largest, 550 x 1,100) with
+# psutil polling (issue 27); the whole fish from benchmarks/RESULTS_pipeline.md (issue 20, 6f80809; --workers 1
+# before it), and the 6.8 GB seen since with tensorflow.
+MEASURED_PEAK_GB = [
+    ((550, 1100, 1, "tensorflow"), 1.28),
+    ((550, 1100, 2, "tensorflow"), 2.21),
+    ((550, 1100, 1, "numpy"), 0.38),
+    ((550, 1100, 2, "numpy"), 0.58),
+    ((90_000, 4_000, 2, "tensorflow"), 6.10),
+    ((90_000, 4_000, 2, "tensorflow"), 6.8),
+    ((90_000, 4_000, 2, "numpy"), 3.81),
+    ((90_000, 4_000, 1, "tensorflow"), 4.56),
+]
+
+
+def test_inspect_memory_estimates_are_within_2x_of_measured_peaks():
+    from types import SimpleNamespace
+
+    import unified_spike_processing_coo as usp
+
+    for (cells, frames, workers, engine), measured in MEASURED_PEAK_GB:
+        found = usp.Inspection("fish", subject=SimpleNamespace(num_cells=cells, num_frames=frames))
+        estimate = found.peak_gb(workers, 30_000, engine)
+        assert measured / 2 <= estimate <= 2 * measured, (cells, frames, workers, engine, estimate, measured)
+    # the engine's workers: numpy has no TensorFlow
+    fish = usp.Inspection("fish", subject=SimpleNamespace(num_cells=90_000, num_frames=4_000))
+    assert fish.peak_gb(2, 30_000, "numpy") < fish.peak_gb(2, 30_000, "tensorflow")
+
+
+def test_inspect_of_the_sample_says_seconds_and_sizes_nothing_when_all_are_refused(tmp_path):
+    result = run_cli("--inspect", "--input_dir", SAMPLE, "--output_dir", tmp_path / "out", "--cascade_model", "builtin")
+    totals = next(line for line in result.stderr.splitlines() if "Totals: 3 subjects (0 refused)" in line)
+    assert " s with --workers " in totals and "0 min" not in totals, totals
+    rows = [line for line in result.stderr.splitlines() if line.split(" INFO ")[-1].startswith("subject_")]
+    assert len(rows) == 3 and all(row.endswith(" s") for row in rows), rows
+    # every subject refused (a frame rate far from the one model given): no --mem to suggest
+    args = ("--inspect", "--input_dir", SAMPLE, "--output_dir", tmp_path / "out", "--max_rate_mismatch", "0.01")
+    result = run_cli(*args, "--cascade_model", "builtin", "--subjects", "subject_1,subject_3", check=False)
+    assert result.returncode == 1 and "--mem=" not in result.stderr
+    assert "Totals: 2 subjects (2 refused): nothing would run" in result.stderr
