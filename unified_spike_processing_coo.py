@@ -821,7 +821,7 @@ def _chen_conditions(fields: dict, num_frames: int, where: str, doubts: list) ->
         frames = frames.astype(np.int64) - 1
         if (taken := condition[frames] >= 0).any():
             doubts.append(
-                f"{where}: {int(taken.sum())} frames of timelists{{{index + 1}}} ({names[index]}) are in an earlier list: kept there"
+                f"{where}: {plural(int(taken.sum()), 'frame')} of timelists{{{index + 1}}} ({names[index]}) {'is' if taken.sum() == 1 else 'are'} in an earlier list: kept there"
             )
         condition[frames[~taken]] = index
     periods = np.zeros(0, np.int64)
@@ -4620,7 +4620,7 @@ def check_atlas_extent(subject: SubjectData, grid: GridSpec, settings: GridSetti
             "or use --coordinates raw"
         )
     subject.warn(
-        f"{outside} of {subject.num_cells} cells lie outside the atlas extent {shape} (registration failed?): "
+        f"{outside} of {subject.num_cells} cells {'lies' if outside == 1 else 'lie'} outside the atlas extent {shape} (registration failed?): "
         "they are left out of the grid (voxel_zxy -1)"
     )
 
@@ -4981,7 +4981,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     check_split(subject, record.plan, grid_settings)
     write_subject(record)
     summary = SubjectSummary.of_run(record)
-    log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
+    log.info(f"{subject.name}: {plural(summary.total_spikes, 'active voxel')} ({summary.spike_pixels} spike, "
              f"{summary.marker_pixels} marker) in a {'x'.join(map(str, record.plan.grid.shape))} grid, written to "
              f"{record.out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
     return summary

@@ -122,6 +122,8 @@ def test_sample_run_with_the_official_model_unavailable_warns_once_and_briefly(t
     summary = [line for line in result.stderr.splitlines() if "! WARNING" in line]
     assert len(summary) == 1 and "builtin_2Hz_smoothing500ms, builtin_2.6Hz_smoothing500ms" in summary[0]
     assert str(tmp_path / "cache") not in result.stderr  # the full reason only at DEBUG
+    assert "2 of 2 subjects" in result.stderr and "(1 worker, batches of up to 30,000 cells)" in result.stderr
+    assert "combined_metadata.h5: 2 subjects" in result.stderr and " 1 workers" not in result.stderr
     verbose = run_cli(*args, "--subjects", "subject_1", "--overwrite", "--verbose")
     assert any(" DEBUG " in line and str(tmp_path / "cache") in line for line in verbose.stderr.splitlines())
 
@@ -167,3 +169,10 @@ def test_inspect_of_the_sample_says_seconds_and_sizes_nothing_when_all_are_refus
     result = run_cli(*args, "--cascade_model", "builtin", "--subjects", "subject_1,subject_3", check=False)
     assert result.returncode == 1 and "--mem=" not in result.stderr
     assert "Totals: 2 subjects (2 refused): nothing would run" in result.stderr
+
+
+def test_plural_agrees_with_its_count():
+    import unified_spike_processing_coo as usp
+
+    assert [usp.plural(n, "worker") for n in (0, 1, 2)] == ["0 workers", "1 worker", "2 workers"]
+    assert usp.plural(1, "batch", "batches") == "1 batch" and usp.plural(30000, "batch", "batches") == "30,000 batches"
