@@ -1927,7 +1927,7 @@ def _chosen_model(folder: Path, source: str, requested: str, why: str = "") -> C
             fallbacks.add((source, requested))
             log.warning(
                 f"CASCADE model {why} unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): using {model.name}; "
-                "to avoid this, run once online (the model is then cached) or pass --cascade_model builtin"
+                "to avoid this, pass --cascade_model builtin or run once online to cache it"
             )
         elif model.is_fallback:
             log.info(f"CASCADE model {model.name} stands in for {why} too (the builtin nearest the frame rate)")
