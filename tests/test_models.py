@@ -583,9 +583,9 @@ def test_failed_download_is_tried_once_per_process(cache, server, models_dir, ca
     assert len([m for m in warnings_in(caplog) if "unavailable" in m]) == 1  # the choice is logged once
 
 
-def test_one_warning_for_one_missing_model_whatever_the_builtin_models_standing_in(cache, server, models_dir, caplog):
+def test_one_warning_for_one_missing_model_whatever_the_builtin_models_standing_in(cache, server, family, caplog):
     """The sample's subjects at 2 and 2.6 Hz use two builtin models for one missing model: one WARNING."""
-    set_official(models_dir, {MODEL: server.url("/missing.zip")})
+    set_official(family, {MODEL: server.url("/missing.zip")})
     with caplog.at_level(logging.INFO):
         first, second = resolve(MODEL, cache, frame_rate_hz=2.0), resolve(MODEL, cache, frame_rate_hz=2.6)
     assert first.name != second.name and first.source == second.source and second.is_fallback
