@@ -3358,7 +3358,7 @@ class Progress:
             total_s = self.num_batches * per_batch_s / min(self.workers, self.num_batches)  # batches in parallel
             left_s = max(0.0, total_s - (now - self.started))
             log.info(
-                f"{self.subject}: CASCADE {self.done_batches} of {plural(self.num_batches, 'batch', 'batches')}, {rate:.0f} "
+                f"{self.subject}: CASCADE {self.done_batches}/{self.num_batches} batches, {rate:.0f} "
                 f"neuron-frames/s, about {left_s / 60:.0f} min left, RSS {rss_gb():.2f} GB"
             )
 
