@@ -627,9 +627,7 @@ def _check_positions(positions: np.ndarray, where: str, doubts: list) -> None:
         )
     shared = num_cells - len(np.unique(positions, axis=0))
     if num_cells > 1 and shared > SHARED_POSITION_FRACTION * num_cells:
-        doubts.append(
-            f"{where}: {plural(shared, 'cell')} share their x, y, z position with another (positions copied?)"
-        )
+        doubts.append(f"{where}: {shared} cells share their x, y, z position with another cell (positions copied?)")
 
 
 def _v73_value(node):
