@@ -21,6 +21,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 import warnings
@@ -66,6 +68,11 @@ def remove_quietly(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def plural(count: int, word: str, plural_word: str = "") -> str:
+    """'1 worker', '2 workers', '1,100 frames': a count and its noun in agreement, for log lines."""
+    return f"{count:,} {word if count == 1 else plural_word or word + 's'}"
 
 
 # =============================================================================================
@@ -228,7 +235,7 @@ class PipelineConfig:
     )
     split: str = option(
         "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule) or conditions (per "
-        "stimulus condition, whole repetitions: its last ones are test; see the README)", GRID, "grid",
+        "stimulus condition, whole repetitions: its last ones are test; see 'Train/test splits' in docs/outputs.md)", GRID, "grid",
         choices=("blocks", "conditions"),
     )  # fmt: skip
     split_block: int = option(330, "frames per train/test block", GRID, "grid")
@@ -817,7 +824,7 @@ def _chen_conditions(fields: dict, num_frames: int, where: str, doubts: list) ->
         frames = frames.astype(np.int64) - 1
         if (taken := condition[frames] >= 0).any():
             doubts.append(
-                f"{where}: {int(taken.sum())} frames of timelists{{{index + 1}}} ({names[index]}) are in an earlier list: kept there"
+                f"{where}: {plural(int(taken.sum()), 'frame')} of timelists{{{index + 1}}} ({names[index]}) {'is' if taken.sum() == 1 else 'are'} in an earlier list: kept there"
             )
         condition[frames[~taken]] = index
     periods = np.zeros(0, np.int64)
@@ -1798,7 +1805,23 @@ class ModelResolutionError(PipelineError):
 
 
 class ModelDownloadError(ModelResolutionError):
-    """Fetching, checking or installing a model download failed."""
+    """Fetching, checking or installing a model download failed; ``short`` says why in a few words (the
+    model's source and the fallback WARNING), the message says it all (DEBUG, --strict_model's error)."""
+
+    def __init__(self, message: str, short: str = "invalid download"):
+        super().__init__(message)
+        self.short = short
+
+
+def _download_failure(exc: BaseException) -> str:
+    """Why a download failed, in a few words: 'HTTP 404', 'no connection', 'cache not writable' or 'invalid download'."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)):
+        return "no connection"  # DNS, refused, timed out, cut: the usual offline node
+    if isinstance(exc, OSError):
+        return "cache not writable"  # mkdir, a full disk, permissions
+    return "invalid download"  # a short, oversized, unsafe or corrupt zip, or no valid model in it
 
 
 def rate_mismatch(model: CascadeModel, frame_rate_hz: float) -> float:
@@ -1887,16 +1910,22 @@ def read_model_folder_once(folder, source: str = "model_dir", requested: str = "
 
 
 def _chosen_model(folder: Path, source: str, requested: str, why: str = "") -> CascadeModel:
-    """The model in ``folder`` with its provenance; each choice is made and logged once per process."""
-    choices = PROCESS_CACHE.setdefault("choices", {})
+    """The model in ``folder`` with its provenance; each choice is made and logged once per process.
+
+    A fallback (``why``: the official name it stands in for) is one short WARNING per run, not one per
+    builtin model: the sample's subjects at 2 and 2.6 Hz use two builtin models for one missing model."""
+    choices, fallbacks = PROCESS_CACHE.setdefault("choices", {}), PROCESS_CACHE.setdefault("fallbacks", set())
     key = (str(Path(folder).resolve()), source, requested)
     if key not in choices:
         model = choices[key] = read_model_folder_once(folder, source, requested)
-        if model.is_fallback:
+        if model.is_fallback and (source, requested) not in fallbacks:
+            fallbacks.add((source, requested))
             log.warning(
-                f"CASCADE model '{requested}' is unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): "
-                f"falling back to the builtin model {model.name} (--strict_model makes this an error)"
+                f"CASCADE model {why} unavailable ({source[len(FALLBACK_SOURCE_PREFIX) : -1]}): using {model.name}; "
+                "to avoid this, pass --cascade_model builtin or run once online to cache it"
             )
+        elif model.is_fallback:
+            log.info(f"CASCADE model {model.name} stands in for {why} too (the builtin nearest the frame rate)")
         else:
             log.info(
                 f"CASCADE model {model.name} (source: {source}{'; ' + why if why else ''}; "
@@ -1965,30 +1994,35 @@ def download_model(name: str, link: str, cache_dir, timeout_s: float = DOWNLOAD_
             return _install_folder(folder, cache_dir / name)
     except Exception as exc:  # URLError, HTTPException, BadZipFile, the checks' errors, ...
         raise ModelDownloadError(
-            f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}"
+            f"download of CASCADE model '{name}' from {link} failed: {type(exc).__name__}: {_one_line(exc)}",
+            short=_download_failure(exc),
         ) from None
 
 
 def _cached_or_downloaded(name: str, cache_dir: Path, offline: bool) -> tuple:
-    """(folder, 'cache' or 'downloaded'), or (None, why not); per process: a failed download is not retried."""
+    """(folder, 'cache' or 'downloaded', ''), or (None, why not, why not in a few words); per process: a
+    failed download is not retried. Why not in full is logged at DEBUG (--verbose)."""
     fetched = PROCESS_CACHE.setdefault("fetched", {})
-    key, target, problem = (name, str(cache_dir), offline), cache_dir / name, ""
+    key, target, problem, short_problem = (name, str(cache_dir), offline), cache_dir / name, "", "not cached"
     if key not in fetched and target.exists():
         try:
-            fetched[key] = Path(read_model_folder_once(find_model_folder(target)).folder), "cache"
+            fetched[key] = Path(read_model_folder_once(find_model_folder(target)).folder), "cache", ""
         except PipelineError as exc:
-            problem = f"cache entry {target} is incomplete ({exc}); "
+            problem, short_problem = f"cache entry {target} is incomplete ({exc}); ", "cache entry incomplete"
             log.warning(f"{problem}it will be replaced by a fresh download")
     if key not in fetched:
         link = official_models(cache_dir).get(name)
         if offline or link is None:
             why = "--offline forbids downloads" if offline else "it is not an official CASCADE model"
-            fetched[key] = None, f"{problem}'{name}' is not in the cache {cache_dir} and {why}"
+            short = f"{short_problem}, " + ("--offline" if offline else "no download link")
+            fetched[key] = None, f"{problem}'{name}' is not in the cache {cache_dir} and {why}", short
         else:
             try:
-                fetched[key] = download_model(name, link, cache_dir), "downloaded"
+                fetched[key] = download_model(name, link, cache_dir), "downloaded", ""
             except ModelDownloadError as exc:
-                fetched[key] = None, f"{problem}{exc}"
+                fetched[key] = None, f"{problem}{exc}", f"{short_problem}, download failed: {exc.short}"
+        if fetched[key][0] is None:
+            log.debug(f"CASCADE model '{name}' unavailable: {fetched[key][1]}")
     return fetched[key]
 
 
@@ -2044,7 +2078,7 @@ def resolve_model(
         return _builtin(frame_rate_hz, "builtin", name)
     cache, is_auto = Path(cache_dir or DEFAULT_MODEL_CACHE_DIR).expanduser(), name.lower() == AUTO_MODEL_KEYWORD
     name = _official_name(name, cache, frame_rate_hz)
-    folder, found = _cached_or_downloaded(name, cache, offline)
+    folder, found, short = _cached_or_downloaded(name, cache, offline)
     if folder is not None:
         return _chosen_model(folder, found, str(requested))
     if is_auto and offline:  # by design, not a fallback: the best model this machine has
@@ -2055,7 +2089,7 @@ def resolve_model(
             f"can be reached (without --offline), or unzip the model's download into {cache / name} (copy that "
             "folder to machines without internet), or pass --model_dir DIR"
         )
-    return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{found})", str(requested))
+    return _builtin(frame_rate_hz, f"{FALLBACK_SOURCE_PREFIX}{short})", str(requested), why=name)
 
 
 @dataclass(frozen=True)
@@ -2082,7 +2116,8 @@ def model_for_subject(subject: SubjectData, request: ModelRequest) -> CascadeMod
     """The subject's CASCADE model; refuse a frame rate too far from it, warn beyond CASCADE's 5 %."""
     model = request.resolve(subject.frame_rate_hz)
     if model.is_fallback:
-        subject.warnings.append(f"model fallback: {model.source}")
+        reason = model.source[len(FALLBACK_SOURCE_PREFIX) : -1]
+        subject.warnings.append(f"model fallback: {model.name} used instead of {model.requested} ({reason})")
     mismatch = rate_mismatch(model, subject.frame_rate_hz)
     rate = f"frame rate {subject.frame_rate_hz:.3g} Hz"
     model_rate = f"model {model.name}'s {model.sampling_rate_hz:g} Hz"
@@ -4890,7 +4925,7 @@ def _summary_page_lines(record: SubjectRun, settings: PlotSettings) -> list:
     subject, model, counts = record.subject, record.model, record.grid.counts
     entries = int(record.grid.plane_entries.sum())
     return [
-        f"{subject.num_cells:,} cells x {subject.num_frames:,} frames at {subject.frame_rate_hz:.3g} Hz "
+        f"{plural(subject.num_cells, 'cell')} x {plural(subject.num_frames, 'frame')} at {subject.frame_rate_hz:.3g} Hz "
         f"({subject.layout} layout); traces treated as {record.trace_type.kind} ({record.trace_type.reason})",
         f"CASCADE model {model.name} ({model.source}), threshold {settings.cascade_threshold}",
         f"grid {'x'.join(map(str, record.plan.grid.shape))}: {entries:,} entries "
@@ -5278,21 +5313,24 @@ def check_inferred_traces(subject: SubjectData, spikes: SubjectSpikes, trace_typ
     if constant[valid].all():
         raise PipelineError(f"{path}: every trace is constant (e.g. all {low[valid][0]:g}), expected activity")
     if infinite := int(spikes.cells.infinite_values.sum()):
-        subject.warn(f"{infinite} infinite trace values treated as missing (NaN)")
-    if (~valid).any():
-        subject.warn(f"{int((~valid).sum())} cells have all-NaN traces and are left out")
+        subject.warn(f"{plural(infinite, 'infinite trace value')} treated as missing (NaN)")
+    have = {True: "has", False: "have"}  # the verb after plural(n, 'cell'), by n == 1
+    if dead := int((~valid).sum()):
+        subject.warn(f"{plural(dead, 'cell')} {have[dead == 1]} all-NaN traces and are left out")
     if partial := int(((spikes.cells.nan_frames > 0) & valid).sum()):
-        subject.warn(f"{partial} cells have some NaN frames (no spikes in windows touching them)")
-    if constant.any():
         subject.warn(
-            f"{int(constant.sum())} cells have constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
+            f"{plural(partial, 'cell')} {have[partial == 1]} some NaN frames (no spikes in windows touching them)"
+        )
+    if flat := int(constant.sum()):
+        subject.warn(
+            f"{plural(flat, 'cell')} {have[flat == 1]} constant traces (e.g. all {low[constant][0]:g}): they cannot spike"
         )
     varying = valid & ~constant
     bound, label = {"dff": (-1, "dF/F"), "fluorescence": (0, "raw fluorescence")}.get(trace_type, (-np.inf, ""))
     below = int((low[varying] < bound).sum())  # dF/F >= -1 and raw F >= 0
     if below > 0.01 * varying.sum():
         subject.warn(
-            f"{below} cells treated as {label} go below {bound} (down to {low[varying].min():.3g}), impossible "
+            f"{plural(below, 'cell')} treated as {label} {'goes' if below == 1 else 'go'} below {bound} (down to {low[varying].min():.3g}), impossible "
             f"for {label}: background-subtracted or z-scored data? (set --trace_type)"
         )
     if (level := float(np.nanmedian(spikes.cells.noise_level[varying]))) > IMPLAUSIBLE_NOISE_LEVEL:
@@ -5319,7 +5357,7 @@ def check_atlas_extent(subject: SubjectData, grid: GridSpec, settings: GridSetti
             "or use --coordinates raw"
         )
     subject.warn(
-        f"{outside} of {subject.num_cells} cells lie outside the atlas extent {shape} (registration failed?): "
+        f"{outside} of {subject.num_cells} cells {'lies' if outside == 1 else 'lie'} outside the atlas extent {shape} (registration failed?): "
         "they are left out of the grid (voxel_zxy -1)"
     )
 
@@ -5349,7 +5387,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     subject = load_subject(folder, settings_for(LoadOptions, config))
     record = SubjectRun(subject, Path(config.output_dir) / subject.name, run.run_id, config.as_attrs())
     record.time_base = TimeBase(subject.frame_rate_hz, subject.num_frames, config.target_rate_hz)
-    log.info(f"{subject.name}: {subject.num_cells} cells x {subject.num_frames} frames at "
+    log.info(f"{subject.name}: {plural(subject.num_cells, 'cell')} x {plural(subject.num_frames, 'frame')} at "
              f"{subject.frame_rate_hz:.3g} Hz ({subject.layout} layout)")  # fmt: skip
     record.model = model_for_subject(subject, settings_for(ModelRequest, config))
     record.fingerprint = subject_fingerprint(subject, config, record.model)
@@ -5389,7 +5427,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
         if not existed and record.out_dir.is_dir() and not any(record.out_dir.iterdir()):
             record.out_dir.rmdir()  # a subject refused after CASCADE leaves no empty folder
     summary = SubjectSummary.of_run(record, time.perf_counter() - started)
-    log.info(f"{subject.name}: {summary.total_spikes} active voxels ({summary.spike_pixels} spike, "
+    log.info(f"{subject.name}: {plural(summary.total_spikes, 'active voxel')} ({summary.spike_pixels} spike, "
              f"{summary.marker_pixels} marker) in a {'x'.join(map(str, record.plan.grid.shape))} grid, written to "
              f"{record.out_dir} in {summary.seconds:.1f} s; RSS {rss_gb():.2f} GB")  # fmt: skip
     return summary
@@ -5522,13 +5560,20 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
 
 
 # --- --inspect: what a run would do, without CASCADE and without writing -----------------------------------
-# Figures measured in benchmarks/RESULTS_pipeline.md ("1/10 fish": 9,000 cells x 4,000 frames, 2 CPUs, builtin
-# model, sections "Memory to plan" and "Notes"); other machines and models differ: estimates, not promises.
-WORKER_BASE_GB = 1.4  # a pool worker with TensorFlow loaded, before its batch
-WORKER_BYTES_PER_NEURON_FRAME = 28  # a worker's growth per neuron-frame of its batch
-MAIN_BASE_GB = 1.5  # the main process outside inference
-GRID_BYTES_PER_VOXEL = 140  # build_coo's temporaries per active voxel (110-140 B measured)
-VOXELS_PER_NEURON_FRAME = 0.16  # active voxels per neuron-frame (11.9-16 % of neuron-frames were spikes)
+# Peak memory = the main process's peak + each worker's peak (they peak at different stages: a bound within 2x).
+# Peak RSS (psutil, every 0.05 s), 2-core AVX-512 EPYC, builtin model, PDF included:
+#   sample_data/ (1.65 M neuron-frames; version 1.2.0 + issue 27): main 0.34 GB with --workers 2; a worker 0.94 GB
+#     (tensorflow), 0.13 GB (numpy); the whole tree 1.28 / 2.21 GB (tensorflow, --workers 1 / 2), 0.38 / 0.58 GB
+#     (numpy). Estimates: 1.27 / 2.17 GB and 0.50 / 0.64 GB.
+#   a whole fish (90,000 cells x 4,000 frames, batches of 30,000 cells, --workers 2; benchmarks/RESULTS_pipeline.md,
+#     issue 20 third part, 6f80809): main 2.72 GB, a worker 2.65 GB (tensorflow) / 1.67 GB (numpy), the tree
+#     6.10 / 3.81 GB (6.8 GB was seen with tensorflow since; --workers 1, before 6f80809: 4.56 GB). Estimates: 8.0 /
+#     6.1 GB (5.4 GB).
+# Remeasure these when the memory of the stages changes: other machines, models and inputs differ.
+MAIN_BASE_GB = 0.35  # the main process before its subject (numpy, h5py, the module; no TensorFlow)
+MAIN_BYTES_PER_NEURON_FRAME = 6.6  # the main's growth: the batches' rates and spikes, the grid and its files
+WORKER_BASE_GB = {"tensorflow": 0.9, "numpy": 0.13}  # a worker with its engine loaded (--workers 1: in the main)
+WORKER_BYTES_PER_NEURON_FRAME = {"tensorflow": 14.6, "numpy": 12.8}  # a worker's growth per neuron-frame of its batch
 # Time: an engine's multiply-adds/s as a fraction of the host's float32 matrix-product rate (benchmark_engine.py in
 # benchmarks/RESULTS_inference.md), and the whole run's neuron-frames/s as a fraction of the engine's
 # (benchmark_overhead.py in benchmarks/RESULTS_pipeline.md), so that the estimate follows the host it runs on.
@@ -5558,13 +5603,14 @@ class Inspection:
     trace_type: TraceType | None = None
     refusal: str = ""
 
-    def peak_gb(self, workers: int, batch_size: int) -> float:
+    def peak_gb(self, workers: int, batch_size: int, engine: str = "tensorflow") -> float:
+        """All processes together (--workers 1: the one worker is the main process), by the figures above."""
         if self.subject is None:
             return 0.0
         cells, frames = self.subject.num_cells, self.subject.num_frames
         batch = min(batch_size, math.ceil(cells / workers))
-        grid = GRID_BYTES_PER_VOXEL * VOXELS_PER_NEURON_FRAME * cells * frames / 1e9
-        return MAIN_BASE_GB + grid + workers * (WORKER_BASE_GB + WORKER_BYTES_PER_NEURON_FRAME * batch * frames / 1e9)
+        worker = WORKER_BASE_GB[engine] + WORKER_BYTES_PER_NEURON_FRAME[engine] * batch * frames / 1e9
+        return MAIN_BASE_GB + MAIN_BYTES_PER_NEURON_FRAME * cells * frames / 1e9 + workers * worker
 
     def seconds(self, engine_multiply_adds_per_s: float) -> float:
         """The whole run on this subject, whatever --workers (they share the cores)."""
@@ -5593,6 +5639,11 @@ def inspect_subject(folder: Path, config: PipelineConfig) -> Inspection:
     return found
 
 
+def _about(seconds: float) -> str:
+    """A run time as --inspect says it: '<1 s', '40 s', '12 min' (a sample's seconds are not '0 min')."""
+    return "<1 s" if seconds < 1 else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def inspect_lines(found: list, config: PipelineConfig) -> list:
     """The --inspect report: a line per subject and its doubts, then totals and suggestions."""
     engine = choose_engine(config.engine)
@@ -5600,7 +5651,7 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
     lines = [
         f"this host: float32 matrix products at {speed / ENGINE_MATMUL_FRACTION[engine.name] / 1e9:.0f} G "
         f"multiply-adds/s; engine {engine.name} ({engine.why}), expected at {speed / 1e9:.0f} G",
-        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | minutes",
+        "subject | layout | cells (accepted / stored) | frames | rate Hz | duration min | traces | model (rate mismatch) | peak GB | time",
     ]
     for f in found:
         s = f.subject
@@ -5610,29 +5661,27 @@ def inspect_lines(found: list, config: PipelineConfig) -> list:
             lines.append(
                 f"{f.name} | {s.layout} | {s.num_cells:,} / {s.stored_cells or s.num_cells:,} | {s.num_frames:,} | "
                 f"{s.frame_rate_hz:.3g} | {s.num_frames / s.frame_rate_hz / 60:.1f} | {kind} | {model} | "
-                f"{f.peak_gb(config.workers, config.batch_size):.1f} | {f.seconds(speed) / 60:.1f}"
+                f"{f.peak_gb(config.workers, config.batch_size, engine.name):.1f} | {_about(f.seconds(speed))}"
             )
             lines += [f"  ! WARNING: {w}" for w in s.warnings]
         lines += [f"{f.name}: REFUSED: {f.refusal}"] * bool(f.refusal)
     ok = [f for f in found if not f.refusal]
+    refused = f"{plural(len(found), 'subject')} ({len(found) - len(ok)} refused)"
+    if not ok:  # no --mem=0G: there is nothing to size
+        return [*lines, f"Totals: {refused}: nothing would run; fix the refusals above"]
     cpus, memory_gb = available_cpus(), _available_memory_gb()
-    workers = max(
-        [
-            w
-            for w in range(1, cpus + 1)
-            if max((f.peak_gb(w, config.batch_size) for f in ok), default=0) <= 0.8 * memory_gb
-        ]
-        or [1]
-    )
-    peak = max((f.peak_gb(workers, config.batch_size) for f in ok), default=0.0)
-    minutes = sum(f.seconds(speed) for f in ok) / 60
+
+    def peak(workers: int) -> float:
+        return max(f.peak_gb(workers, config.batch_size, engine.name) for f in ok)
+
+    workers = max([w for w in range(1, cpus + 1) if peak(w) <= 0.8 * memory_gb] or [1])
     lines += [
-        f"Totals: {len(found)} subjects ({len(found) - len(ok)} refused), "
-        f"{sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about {minutes:.0f} min with "
-        f"--workers {workers} (peak {peak:.1f} GB; this machine: {cpus} CPUs, {memory_gb:.0f} GB available)",
-        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak)}G --cpus-per-task={cpus} "
-        "(estimates: this host's matrix-product rate and the fractions in docs/performance.md; doubts that only the "
-        "traces reveal are found by the run)",
+        f"Totals: {refused}, {sum(f.subject.num_cells * f.subject.num_frames for f in ok):,} neuron-frames; about "
+        f"{_about(sum(f.seconds(speed) for f in ok))} with --workers {workers} (peak {peak(workers):.1f} GB; this "
+        f"machine: {plural(cpus, 'CPU')}, {memory_gb:.0f} GB available)",
+        f"Suggested: --workers {workers}; SLURM --mem={math.ceil(1.2 * peak(workers))}G --cpus-per-task={cpus} "
+        "(estimates: this host's matrix-product rate and the fractions in docs/performance.md, memory as measured "
+        "in benchmarks/RESULTS_pipeline.md; doubts that only the traces reveal are found by the run)",
     ]
     return lines
 
@@ -5683,9 +5732,9 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
                 settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
             log.info(
-                f"unified_spike_processing_coo {__version__}: {len(mine)} of {len(subjects)} subjects"
+                f"unified_spike_processing_coo {__version__}: {len(mine)} of {plural(len(subjects), 'subject')}"
                 + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-                + f" from {config.input_dir} -> {output_dir} ({config.workers} workers, batches of up to {config.batch_size} cells)"
+                + f" from {config.input_dir} -> {output_dir} ({plural(config.workers, 'worker')}, batches of up to {plural(config.batch_size, 'cell')})"
             )
             outcome = run_subjects(mine, config, run)
             combine = shard is None and outcome.done and not outcome.not_processed
@@ -5707,13 +5756,17 @@ def _format_bytes(num_bytes: float) -> str:
 def summary_lines(outcome: RunOutcome, totals: dict) -> list:
     """The end-of-run summary, in the original's form but with honest memory figures."""
     done, lines = outcome.done, ["", "=" * 72]
+    fallbacks: dict = {}  # reason -> builtin models: one line however many builtin models stood in
     for model, source in dict.fromkeys((s.model, s.model_source) for s in done):
         if source.startswith(FALLBACK_SOURCE_PREFIX):
-            lines.append(
-                f"! WARNING: CASCADE model {model} used as a FALLBACK: {source[len(FALLBACK_SOURCE_PREFIX) : -1]}"
-            )
+            fallbacks.setdefault(source[len(FALLBACK_SOURCE_PREFIX) : -1], []).append(model)
         else:
             lines.append(f"CASCADE model: {model} ({source})")
+    lines += [
+        f"! WARNING: builtin CASCADE {'model' if len(models) == 1 else 'models'} {', '.join(models)} used as a "
+        f"FALLBACK ({reason}; see the log)"
+        for reason, models in fallbacks.items()
+    ]
     lines.append("Processed subjects:")
     for s in done:
         coo_bytes = COO_BYTES_PER_ENTRY * s.total_spikes
@@ -5747,7 +5800,7 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
             f"({_format_bytes(file_bytes)})",
         ]
     if totals:
-        lines.append(f"  combined_metadata.h5: {totals['total_subjects']} subjects")
+        lines.append(f"  combined_metadata.h5: {plural(totals['total_subjects'], 'subject')}")
     lines.append("=" * 72)
     return lines
 
@@ -5757,10 +5810,25 @@ def summary_lines(outcome: RunOutcome, totals: dict) -> list:
 # =============================================================================================
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the 40-line usage buried the error, and a typo deserves a 'did you mean'."""
+
+    def error(self, message: str):
+        if unknown := re.fullmatch(r"unrecognized arguments: (.*)", message):
+            options = [flag for action in self._actions for flag in action.option_strings]
+            typos = [token.split("=")[0] for token in unknown[1].split() if token.startswith("-")]
+            if typos:
+                close = difflib.get_close_matches(typos[0], options, n=1)
+                message = f"unknown option {', '.join(typos)}" + (f": did you mean {close[0]}?" if close else "")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, built from PipelineConfig's declarations (defaults shown are the real ones)."""
-    parser = argparse.ArgumentParser(
+    """The command line, built from PipelineConfig's declarations (defaults shown are the real ones); abbreviations
+    are refused (--worker is not --workers: a typo must not run with another meaning)."""
+    parser = _Parser(
         prog="unified_spike_processing_coo.py",
+        allow_abbrev=False,
         description="Turn whole-brain calcium imaging (one folder per subject) into COO-sparse spike grids (T, Z, H, W) "
         "with CASCADE spike inference. Finished subjects whose inputs, parameters and model are unchanged are skipped "
         "on a rerun.",
@@ -5825,7 +5893,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file = Path(config.log_file) if config.log_file else None if config.inspect else output_dir / default_log
         _setup_logging(log_file, config.verbose)
     except OSError as exc:
-        print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        files = [p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()]
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and files:  # mkdir's "File exists" says too little
+            where = "" if files[0] == output_dir else f" is inside {files[0]}, which"
+            print(f"error: --output_dir {output_dir}{where} is a file, not a folder: pass a folder", file=sys.stderr)
+        else:
+            print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if config.inspect:
         try:

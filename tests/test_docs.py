@@ -1,5 +1,6 @@
-"""The README and docs/: the README stays short, every relative link resolves, and the README's test
-command is the one CI runs. Plain text checks: nothing heavy is imported."""
+"""The README and docs/: the README stays short, every relative link resolves, the README's test command is
+the one CI runs, and every Python example over out/ or with PyTorch runs as written on a sample run's out/
+(the PyTorch ones on a CPU too, where PyTorch is installed: requirements-dev.txt installs it)."""
 
 import re
 import unicodedata
@@ -35,6 +36,33 @@ def code_lines(path: Path) -> list[str]:
         elif in_code:
             lines.append(line.strip())
     return lines
+
+
+def python_examples(path: Path) -> list[tuple]:
+    """(line of the fence, code) of every ```python block."""
+    examples, code, start = [], None, 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if code is None and re.match(r"^```python\s*$", line):
+            code, start = [], number
+        elif code is not None and FENCE.match(line):
+            examples.append((start, "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return examples
+
+
+def uses_torch(code: str) -> bool:
+    return re.search(r"^\s*import .*\btorch\b", code, re.MULTILINE) is not None
+
+
+# The examples a reader runs: those over a run's out/ folder, and every PyTorch one (not fragments of the code)
+EXAMPLES = [
+    (path, line, code)
+    for path in [README, *DOCS]
+    for line, code in python_examples(path)
+    if '"out/' in code or uses_torch(code)
+]
 
 
 def relative_links(path: Path) -> list[str]:
@@ -103,3 +131,31 @@ def test_readme_has_no_options_table():
     """--help is the options table; the README only shows how to get it."""
     assert not [line for line in prose_lines(README) if line.startswith("| `--")]
     assert "--help" in README.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def sample_run_folder(tmp_path_factory):
+    """A folder holding out/: the README's sample run (subject_1, with the NWB file the docs read too)."""
+    from conftest import OFFLINE_BUILTIN, SAMPLE_DIR, run_cli
+
+    folder = tmp_path_factory.mktemp("docs")
+    run_cli(
+        "--input_dir", SAMPLE_DIR, "--output_dir", folder / "out", "--subjects", "subject_1", "--nwb", *OFFLINE_BUILTIN
+    )
+    return folder
+
+
+def test_the_examples_are_found():
+    assert len(EXAMPLES) >= 6 and sum(uses_torch(code) for _, _, code in EXAMPLES) >= 3
+
+
+@pytest.mark.parametrize(
+    "path, line, code", EXAMPLES, ids=[f"{path.relative_to(REPO_DIR).as_posix()}:{line}" for path, line, _ in EXAMPLES]
+)
+def test_python_example_runs_as_written(sample_run_folder, monkeypatch, path, line, code):
+    """Each example as a reader copies it: in the folder holding out/, PyTorch examples on this machine's device."""
+    if uses_torch(code):
+        pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
+    monkeypatch.chdir(sample_run_folder)
+    monkeypatch.syspath_prepend(str(REPO_DIR))
+    exec(compile(code, f"{path.name}:{line}", "exec"), {"__name__": f"example_{line}"})

@@ -124,3 +124,17 @@ def test_builtin_model_and_official_index_come_from_share(installed):
     assert Path(folder).resolve() == (venv / SHARE / "builtin_2Hz_smoothing500ms").resolve()
     assert (venv / SHARE / "official_models.yaml").is_file()
     assert int(official) == len(yaml.safe_load((REPO_DIR / "models" / "official_models.yaml").read_text()))
+
+
+def test_readme_command_runs_from_any_folder(installed):
+    """The README's installed command, as written but for the checkout's path, from a folder outside it (where
+    sample_data is not): the console script finds the installed builtin models and writes the outputs."""
+    python, venv, work = installed
+    readme = (REPO_DIR / "README.md").read_text(encoding="utf-8")
+    (command,) = [line for line in readme.splitlines() if line.startswith("unified-spike-processing-coo ")]
+    args = command.replace("/path/to/checkout", str(REPO_DIR)).split()[1:]
+    assert f"{REPO_DIR}/sample_data" in args and "pip install /path/to/checkout" in readme
+    script = python.parent / "unified-spike-processing-coo"
+    run(script, *args, "--subjects", "subject_2", "--no_plots", "--offline", cwd=work, timeout=300)
+    assert (work / "out" / "subject_2" / usp.METADATA_FILENAME).is_file()
+    assert (work / "out" / "combined_metadata.h5").is_file()

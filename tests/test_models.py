@@ -549,13 +549,18 @@ def test_cache_index_link_wins_over_packaged_table(cache, served_model, models_d
 
 def test_download_404_falls_back_to_builtin(cache, server, models_dir, caplog):
     set_official(models_dir, {MODEL: server.url("/missing.zip")})
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         model = resolve(MODEL, cache, frame_rate_hz=2.0)
     assert model.source.startswith(FALLBACK_SOURCE_PREFIX) and model.is_fallback
-    assert "404" in model.source and MODEL in model.source
+    assert model.source == "builtin (fallback: not cached, download failed: HTTP 404)"  # short: no URL
     assert model.name == "builtin_2Hz_smoothing500ms" and model.requested == MODEL
     assert model.provenance()["model_source"] == model.source
-    assert any(MODEL in m and "builtin" in m and "falling back" in m for m in warnings_in(caplog))
+    # one short WARNING naming the missing model, the one used and how to avoid it; the URL only at DEBUG
+    (warning,) = warnings_in(caplog)
+    assert MODEL in warning and "builtin_2Hz_smoothing500ms" in warning and "HTTP 404" in warning
+    assert "--cascade_model builtin" in warning and "http" not in warning.replace("HTTP", "")
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("/missing.zip" in m and "404" in m for m in debug)
     assert cache_listing(cache) == []
 
 
@@ -563,8 +568,8 @@ def test_connection_refused_falls_back_to_builtin(cache, models_dir, caplog):
     set_official(models_dir, {MODEL: refused_url("/m.zip")})
     with caplog.at_level(logging.WARNING):
         model = resolve(MODEL, cache)
-    assert model.source.startswith("builtin (fallback:") and model.source.endswith(")")
-    assert any("falling back" in m for m in warnings_in(caplog))
+    assert model.source == "builtin (fallback: not cached, download failed: no connection)"
+    assert any("unavailable (not cached, download failed: no connection)" in m for m in warnings_in(caplog))
     assert cache_listing(cache) == []
 
 
@@ -575,7 +580,17 @@ def test_failed_download_is_tried_once_per_process(cache, server, models_dir, ca
         second = resolve(MODEL, cache, frame_rate_hz=2.0)
     assert first is second and first.is_fallback
     assert server.requests == ["/missing.zip"]
-    assert len([m for m in warnings_in(caplog) if "falling back" in m]) == 1  # the choice is logged once
+    assert len([m for m in warnings_in(caplog) if "unavailable" in m]) == 1  # the choice is logged once
+
+
+def test_one_warning_for_one_missing_model_whatever_the_builtin_models_standing_in(cache, server, family, caplog):
+    """The sample's subjects at 2 and 2.6 Hz use two builtin models for one missing model: one WARNING."""
+    set_official(family, {MODEL: server.url("/missing.zip")})
+    with caplog.at_level(logging.INFO):
+        first, second = resolve(MODEL, cache, frame_rate_hz=2.0), resolve(MODEL, cache, frame_rate_hz=2.6)
+    assert first.name != second.name and first.source == second.source and second.is_fallback
+    assert len(warnings_in(caplog)) == 1
+    assert any(second.name in r.getMessage() and MODEL in r.getMessage() for r in caplog.records)
 
 
 def test_offline_falls_back(cache, served_model):
@@ -644,7 +659,7 @@ def test_corrupt_cache_entry_and_failed_download_names_folder(cache, server, mod
         resolve(MODEL, cache, strict=True)
     assert f"cache entry {cache / MODEL} is incomplete" in str(info.value)
     model = resolve(MODEL, cache)
-    assert model.is_fallback and str(cache / MODEL) in model.source
+    assert model.source == "builtin (fallback: cache entry incomplete, download failed: HTTP 404)"
     assert (cache / MODEL).is_dir()  # left as it was when nothing better was obtained
 
 

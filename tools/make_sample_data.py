@@ -87,6 +87,16 @@ SUBJECTS = (
 )
 SUBJECT_BY_ID = {s.subject: s for s in SUBJECTS}
 
+# The indicator: GCaMP6f as larval zebrafish light-sheet recordings at ~2 Hz see it. Per-spike peak dF/F (before the
+# exposure's averaging), rise and decay time constants of the double exponential, drawn per cell (log-uniform).
+# (Version 1.2.0's 0.05-0.5 dF/F and 0.5-2 s decays were GCaMP6s-like: CASCADE found 4x the true spikes.)
+INDICATOR = dict(amplitude_range=(0.1, 0.3), rise_range_s=(0.02, 0.08), decay_range_s=(0.4, 0.7))
+
+# The target noise level of a cell's noise alone: from the dimmest (F0 50 a.u.) to the brightest (600 a.u.) cells,
+# jittered, clipped to [low, high]; what CASCADE measures, activity and baseline included, is ~15-25 % higher: a
+# median ~2.8, 5-95 % ~1.4-4.8. CASCADE's rate in noise grows with the level (sample_data/README.md).
+NOISE_LEVEL_TARGET = (3.7, 1.1, 1.0, 4.0)  # (dim, bright, low, high)
+
 # Cell classes stored in the truth file (``cell_class``).
 CLASS_NAMES = ("silent", "sparse", "bursty", "population")
 SILENT, SPARSE, BURSTY, POPULATION = range(4)
@@ -331,11 +341,9 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
 
     counts, cls, event_t = make_spike_counts(spec, anat, rng)
 
-    # GCaMP6f/6s-like kernels. Light-sheet timing: plane z (0-based) of volume k is exposed for
+    # GCaMP6f-like kernels (INDICATOR). Light-sheet timing: plane z (0-based) of volume k is exposed for
     # ~0.8/Z of the volume period starting at (k + z/Z) / fpsec.
-    params = sc.draw_kernel_params(
-        N, rng, amplitude_range=(0.05, 0.5), rise_range_s=(0.1, 0.2), decay_range_s=(0.5, 2.0)
-    )
+    params = sc.draw_kernel_params(N, rng, **INDICATOR)
     params.exposure_fraction = np.full(N, 0.8 / Z)
     params.exposure_offset = plane / Z
     dff_true = sc.simulate_dff(counts, fps, 0.0, rng, params=params, drift=False)
@@ -348,9 +356,10 @@ def make_subject(spec: SubjectSpec, seed: int = DEFAULT_SEED) -> dict:
     # Noise: a target CASCADE noise level per cell (dimmer cells noisier), split into shot-like
     # noise (variance = gain * F) and camera readout noise (constant sd per fish). The target is
     # that of the noise alone against the true baseline; dF/F against an estimated (low
-    # percentile) baseline, with the activity, measures ~15-25 % higher, i.e. ~2-8.
+    # percentile) baseline, with the activity, measures ~15-25 % higher: ~1.5-5 (NOISE_LEVEL_TARGET).
     u = (np.log(f0) - np.log(50.0)) / (np.log(600.0) - np.log(50.0))
-    nl_target = np.clip((6.2 - 4.4 * u) * np.exp(rng.normal(0.0, 0.15, N)), 1.6, 6.6)
+    dim, bright, low, high = NOISE_LEVEL_TARGET
+    nl_target = np.clip((dim - (dim - bright) * u) * np.exp(rng.normal(0.0, 0.15, N)), low, high)
     sigma_rel = sc.noise_sigma_for_level(nl_target, fps)
     readout_sd = float(rng.uniform(0.8, 1.5))
     var_total = (sigma_rel * f0) ** 2
