@@ -3633,14 +3633,47 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TEMPORARY_MARKER}{owner}")
 
 
+class _QuietFailingFile:
+    """A file that h5py writes through, which keeps the first failed write (a full disk) to itself and lets HDF5
+    finish, so that the failure reaches us once, as a plain OSError, after HDF5 has let go of the file (see above);
+    the file is a temporary, discarded then."""
+
+    def __init__(self, path: Path):
+        self.handle, self.error = open(path, "w+b", buffering=0), None  # unbuffered: a write fails at once
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self.handle.write(data)
+            except OSError as exc:
+                self.error = exc
+        return memoryview(data).nbytes
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.handle.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size or 0
+
+    def __getattr__(self, name: str):  # read, seek, tell, flush
+        return getattr(self.handle, name)
+
+
 @contextlib.contextmanager
 def new_h5_file(path: Path, in_memory: bool = True):
     """A new HDF5 file, built in memory and written to ``path`` when the block ends (see above); or, for a file
-    too large to hold (``in_memory`` False), built in ``path`` itself through a Python file object, so that a
-    failed write still reaches us as one plain OSError."""
+    too large to hold (``in_memory`` False), built in ``path`` itself through a _QuietFailingFile."""
     if not in_memory:
-        with open(path, "w+b") as handle, h5py.File(handle, "w") as h5:
-            yield h5
+        target = _QuietFailingFile(path)
+        try:
+            with h5py.File(target, "w") as h5:
+                yield h5
+        finally:
+            target.handle.close()
+        if target.error is not None:
+            raise target.error
         return
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
