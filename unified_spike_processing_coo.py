@@ -445,8 +445,8 @@ class Covariates:
     loaded, or the run's timepoints once resampled to the time base (TimeBase.resample_covariates); None or empty
     where the input does not hold it. Writers take them at the grid's rows with ``at``."""
 
-    stimulus: np.ndarray | None = None  # (frames,) stimulus code per frame (Chen's stim_full)
-    condition: np.ndarray | None = None  # (frames,) int16 index into condition_names, -1 in no list
+    stimulus: np.ndarray | None = None  # (rows,) stimulus code per row of its clock (Chen's stim_full)
+    condition: np.ndarray | None = None  # (rows,) int16 index into condition_names, -1 in no list
     condition_names: tuple = ()  # Chen's timelists_names
     condition_periods: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # (conditions,)
     behavior: np.ndarray | None = None  # (frames, 5) float32 (Chen's Behavior_full, 5 x T)
@@ -487,7 +487,7 @@ class SubjectData:
     warnings: list = dataclasses.field(default_factory=list)
     trace_type_reason: str = ""  # set where the layout itself says what its traces are (trace_type_hint)
     stored_cells: int | None = None  # ROIs or components in the files, accepted or not (None: num_cells)
-    covariates: Covariates = dataclasses.field(default_factory=Covariates)  # indexed by original frame
+    covariates: Covariates = dataclasses.field(default_factory=Covariates)  # on the recording's frames
     raw_positions: np.ndarray | None = None  # (N, 3) as the layout stores them (Chen: CellXYZ), for cell_activity.h5
     registered_positions: np.ndarray | None = None  # (N, 3) in a shared frame where the layout has one (CellXYZ_norm)
     doubts: list = dataclasses.field(default_factory=list)  # the loader's doubts, made warnings by load_subject
@@ -2893,7 +2893,7 @@ def build_coo(
     spike_cells, spike_timepoints, grid: GridSpec, row_of_timepoint, z_markers=True, timepoints=None
 ) -> tuple:
     """Unique, sorted [t, z, x, y] int32 coordinates of every active voxel, and CooCounts. ``spike_timepoints`` are
-    original frame numbers (those mapped to -1, dropped, are skipped); several cells in one voxel at one time give
+    timepoints of the time base (those mapped to -1, dropped, are skipped); several cells in one voxel at one time give
     one active voxel (counted as collisions). ``timepoints`` limits the z markers to a block of timepoints (all by
     default); the spikes given must then fall in that block."""
     timepoint = row_of_timepoint[spike_timepoints]
@@ -2935,7 +2935,7 @@ def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: 
 
 
 def condition_split(condition: np.ndarray, kept_timepoints: np.ndarray, periods, split_ratio: float) -> np.ndarray:
-    """--split conditions: (T,) uint8 is_train. ``condition`` is per original frame (-1: in no condition). Within
+    """--split conditions: (T,) uint8 is_train. ``condition`` is per timepoint of the time base (-1: in no condition). Within
     each condition, its frames in order form repetitions of its period; of R repetitions the last
     max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut. A
     condition of one repetition (spontaneous activity) or without a period is split in two contiguous parts: its
@@ -3004,9 +3004,9 @@ class GridPlan:
     """Everything gridding decides before any spike is placed: the grid, kept frames, split."""
 
     grid: GridSpec
-    kept_timepoints: np.ndarray  # (T,) frame of the time base of each timepoint (the original frame by default)
-    row_of_timepoint: np.ndarray  # (frames,) timepoint of each frame, -1 if dropped
-    predicted: np.ndarray  # (frames,) bool: frames CASCADE could predict
+    kept_timepoints: np.ndarray  # (T,) the time base's timepoint of each output row (timepoint_indices)
+    row_of_timepoint: np.ndarray  # (timepoints,) output row of each timepoint of the time base, -1 if dropped
+    predicted: np.ndarray  # (timepoints,) bool: timepoints CASCADE could predict (every frame they touch)
     is_train: np.ndarray  # (T,) uint8
     test_blocks: np.ndarray
     z_markers: bool
@@ -3018,14 +3018,14 @@ def plan_grid(
     positions, valid, time_base: TimeBase, model: CascadeModel, settings: GridSettings, covariates=None
 ) -> GridPlan:
     """Kept timepoints (those CASCADE cannot predict, at its edges, are dropped unless --keep_edge_frames), grid
-    (the fish's own extent, or the atlas frame with --coordinates registered) and split (plan_split). 'Frames' here
-    are the time base's timepoints (bins with --target_rate_hz); ``covariates`` are on the same time base."""
+    (the fish's own extent, or the atlas frame with --coordinates registered) and split (plan_split), on the time
+    base's timepoints (frames, or bins with --target_rate_hz); ``covariates`` are on the same time base."""
     frames_predicted = np.zeros(time_base.num_frames, dtype=bool)
     frames_predicted[model.frames_before : time_base.num_frames - model.frames_after] = True
     predicted = time_base.predicted(frames_predicted)
-    num_frames = time_base.num_timepoints
-    kept_timepoints = np.arange(num_frames) if settings.keep_edge_frames else np.flatnonzero(predicted)
-    row_of_timepoint = np.full(num_frames, -1, dtype=np.int64)
+    num_timepoints = time_base.num_timepoints
+    kept_timepoints = np.arange(num_timepoints) if settings.keep_edge_frames else np.flatnonzero(predicted)
+    row_of_timepoint = np.full(num_timepoints, -1, dtype=np.int64)
     row_of_timepoint[kept_timepoints] = np.arange(len(kept_timepoints))
     if settings.coordinates == "registered":
         grid = make_atlas_grid_spec(positions, len(kept_timepoints), settings)
@@ -3743,7 +3743,7 @@ def write_coo_file(
 ) -> tuple:
     """Stream COO blocks (coords, counts) into ``path`` (or a buffer); returns (CooCounts, per-plane entries). Datasets:
     spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
-    (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (original frame of
+    (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (time-base timepoint of
     each t), is_train, and the subject's Covariates at those timepoints (write_covariates)."""
     grid, counts = plan.grid, CooCounts()
     plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
@@ -4575,7 +4575,7 @@ class CellWindow:
     """Timepoints [start, stop) of a cell_activity.h5, as load_cell_window returns them."""
 
     rates: np.ndarray  # (stop - start, N) float32 CASCADE rates (spikes per timepoint), NaN: no prediction
-    timepoint_indices: np.ndarray  # (stop - start,) frame of the time base of each row
+    timepoint_indices: np.ndarray  # (stop - start,) the time base's timepoint of each row
     timepoint_times_s: np.ndarray  # (stop - start,) seconds from the recording's start
     is_train: np.ndarray  # (stop - start,) uint8
     covariates: dict  # name -> (stop - start, ...) array, aligned to the rows (empty when the file has none)
