@@ -4364,6 +4364,23 @@ def _open_h5(source):
     return (source, False) if isinstance(source, h5py.Group) else (h5py.File(source, "r"), True)
 
 
+class _OpenedOnce:
+    """A file a reader opened itself (closed by close() or a with block) or was handed open (left open)."""
+
+    h5: h5py.Group
+    _owned: bool
+
+    def close(self) -> None:
+        if self._owned and self.h5.id.valid:
+            self.h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _is_deflated_columns(coords) -> bool:
     """spike_coords as write_coo_file writes it: (R, 1) chunks of little-endian int32, shuffle then deflate."""
     plist = coords.id.get_create_plist()
@@ -4375,7 +4392,7 @@ def _is_deflated_columns(coords) -> bool:
     )
 
 
-class CooFile:
+class CooFile(_OpenedOnce):
     """A preaugmented_grids_coo.h5 read window after window: grid_shape, timepoint_offsets (checked) and the
     layout are read once here, not per window. ``source``: a path (opened read-only, closed by close()) or an
     open h5py file (left open). The load_coo_window* functions take one in place of a path."""
@@ -4404,16 +4421,6 @@ class CooFile:
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        if self._owned and self.h5.id.valid:
-            self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def rows(self, start: int, stop: int) -> tuple:
         """(first, last) rows of spike_coords holding timepoints [start, stop) (a checked window)."""
@@ -4603,7 +4610,7 @@ def _stored_rows(rates, h5) -> list | None:
     return pieces if [first for first, _ in pieces] == list(expected) else None  # every chunk written
 
 
-class CellFile:
+class CellFile(_OpenedOnce):
     """A cell_activity.h5 read window after window: its per-timepoint datasets and covariates (small) are read
     once, and windows of spike_rates read only their rows (straight from the file where it is unfiltered).
     ``source``: a path (opened read-only, closed by close()) or an open h5py file (left open)."""
@@ -4627,16 +4634,6 @@ class CellFile:
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        if self._owned and self.h5.id.valid:
-            self.h5.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def rates(self, start, stop, out: np.ndarray | None = None) -> np.ndarray:
         """spike_rates[start:stop] (float16, as stored), into ``out`` when given: a writeable float16 array of
