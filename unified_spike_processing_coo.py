@@ -13,12 +13,14 @@ combined metadata and a summary. The file reads top-down in that order; --help l
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SLURM's time limit or scancel, Ctrl-C: the run stops cleanly
-# Run as a script, these wait (blocked) until main() takes them: a signal during the imports below then still ends
-# the run with its one line and exit status instead of a silent death (see RunContext.install_signal_handlers).
-if __name__ == "__main__":
+# Run as a script (or the installed command), these wait (blocked) until main() takes them: a signal during the
+# imports below then still ends the run with its one line and exit status, not a silent death or a traceback.
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "unified-spike-processing-coo":
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 import argparse
@@ -34,11 +36,9 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -3344,10 +3344,10 @@ def available_cpus() -> int:
 
 @contextlib.contextmanager
 def child_processes_deaf():
-    """Start processes (workers, the fork server, multiprocessing's resource tracker) with SIGTERM and SIGINT
-    blocked, which they inherit: a Ctrl-C or SLURM's SIGTERM reaching the whole process group never kills one half
-    way or prints its traceback; the main process stops them itself (end_child_processes). In the block, a signal
-    to this thread waits for its end."""
+    """Processes started in the block (workers, the fork server) inherit SIGTERM and SIGINT blocked: a Ctrl-C or
+    SLURM's SIGTERM reaching the whole process group never kills one half way (a fork server gone, multiprocessing
+    takes its workers for dead and can no longer stop them) nor prints its traceback; the main process stops them
+    itself (end_child_processes)."""
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # first: starting the tracker (which ignores them) unblocks the signals
@@ -3374,7 +3374,8 @@ def end_child_processes() -> None:
 
 
 def _init_worker(log_level: int) -> None:
-    # The parent stops the workers itself (see child_processes_deaf; spawned workers may start without the block)
+    # The parent stops the workers itself: they start with the signals blocked (child_processes_deaf), and ignore
+    # them too, should a pool be started without that
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
