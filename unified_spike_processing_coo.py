@@ -4262,16 +4262,20 @@ class RunContext:
         self.held: set = set()
         self.subjects: list | None = None  # names of the subjects this run processes, once listed
         self.finished: list = []  # names of those done (computed, or up to date)
-        self._signal, self._holding_signals = None, False
+        self._signal, self._holding_signals, self._previous_handlers = None, False, {}
         self._ending = False  # stopping on a signal, or the run is over: later signals change nothing
         self._stop = threading.Event()
         threading.Thread(target=self._touch_locks, daemon=True).start()
 
     def install_signal_handlers(self) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         # a signal blocked since start-up (see the top of the file) is delivered now, and stops the run here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def restore_signal_handlers(self) -> None:
+        """The caller's handlers back (main() called from a notebook or a test)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, signum, _frame) -> None:
         self._signal = self._signal or signum  # the first one counts: a second Ctrl-C does not break the cleanup
@@ -5451,6 +5455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    as_command = set(STOP_SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, ())  # blocked since the first line
     run = RunContext(output_dir)
     try:
         run.install_signal_handlers()
@@ -5462,9 +5467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.end()
         return status
     except Interrupted as stop:  # raised once, at any moment until run.end(); later signals are ignored
-        end_child_processes()
+        if as_command:  # its children are all the run's (called from Python: the pool's only, see run_subjects)
+            end_child_processes()
         log.error(interruption_line(stop, run, config, shard))
         return stop.exit_code
+    finally:
+        if not as_command:  # as the command, they stay ignored to the end: a late signal changes no exit status
+            run.restore_signal_handlers()
 
 
 if __name__ == "__mp_main__" and os.environ.get(PRELOAD_TENSORFLOW_ENV) != "0":  # the fork server: see WorkerPool

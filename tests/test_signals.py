@@ -26,6 +26,7 @@ FAST = ("--no_plots", "--engine", "numpy", *OFFLINE_BUILTIN)  # no TensorFlow st
 # attributes that differ between two runs making the same outputs: who and when, how long, how many workers, where
 # (coo_file_bytes: the file holds run_id, whose length follows the PID's)
 RUN_ATTRS = ("run_id", "created_utc", "timings", "param_output_dir", "param_workers", "coo_file_bytes")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
 STOP_LINE = re.compile(r"interrupted by (SIGTERM|SIGINT): finished (.+); not finished: (.+)$")
 
 
@@ -64,9 +65,11 @@ def signals_taken(run) -> bool:
 
 
 def started(seconds: float = 0.0):
+    """``seconds`` after the script's first line (the interpreter's own start-up comes before it)."""
+
     def wait(run):
         poll(lambda: signals_taken(run), "its first line")
-        time.sleep(max(0.0, run.started + seconds - time.monotonic()))
+        time.sleep(seconds)
 
     return wait
 
@@ -112,7 +115,6 @@ class Run:
     def __init__(self, data: Path, out: Path, workers: int, *extra):
         self.out, self.stderr = out, out.parent / f"{out.name}.stderr"
         self.args = ("--input_dir", data, "--output_dir", out, "--workers", workers, *extra)
-        self.started = time.monotonic()
         with open(self.stderr, "w") as handle:
             self.process = subprocess.Popen(
                 [sys.executable, str(SCRIPT), *map(str, self.args)],
