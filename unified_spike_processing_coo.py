@@ -4272,10 +4272,10 @@ class RunContext:
         # a signal blocked since start-up (see the top of the file) is delivered now, and stops the run here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    def restore_signal_handlers(self) -> None:
-        """The caller's handlers back (main() called from a notebook or a test)."""
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+    def restore_signal_handlers(self, handler=None) -> None:
+        """The caller's handlers back (main() called from a notebook or a test), or ``handler``."""
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, handler or previous)
 
     def _on_signal(self, signum, _frame) -> None:
         self._signal = self._signal or signum  # the first one counts: a second Ctrl-C does not break the cleanup
@@ -5471,9 +5471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             end_child_processes()
         log.error(interruption_line(stop, run, config, shard))
         return stop.exit_code
-    finally:
-        if not as_command:  # as the command, they stay ignored to the end: a late signal changes no exit status
-            run.restore_signal_handlers()
+    finally:  # as the command, a later signal changes no exit status (Python's finalisation would let it kill)
+        run.restore_signal_handlers(signal.SIG_IGN if as_command else None)
 
 
 if __name__ == "__mp_main__" and os.environ.get(PRELOAD_TENSORFLOW_ENV) != "0":  # the fork server: see WorkerPool
