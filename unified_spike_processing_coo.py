@@ -4275,7 +4275,8 @@ class RunContext:
     def restore_signal_handlers(self, handler=None) -> None:
         """The caller's handlers back (main() called from a notebook or a test), or ``handler``."""
         for signum, previous in self._previous_handlers.items():
-            signal.signal(signum, handler or previous)
+            if (restored := previous if handler is None else handler) is not None:  # None: not set from Python
+                signal.signal(signum, restored)
 
     def _on_signal(self, signum, _frame) -> None:
         self._signal = self._signal or signum  # the first one counts: a second Ctrl-C does not break the cleanup
