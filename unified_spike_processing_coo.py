@@ -13,6 +13,16 @@ combined metadata and a summary. The file reads top-down in that order; --help l
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SLURM's time limit or scancel, Ctrl-C: the run stops cleanly
+# Run as a script (or the installed command), these wait (blocked) until main() takes them: a signal during the
+# imports below then still ends the run with its one line and exit status, not a silent death or a traceback.
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "unified-spike-processing-coo":
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
 import argparse
 import contextlib
 import dataclasses
@@ -27,12 +37,9 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -3468,9 +3475,40 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def child_processes_deaf():
+    """Processes started in the block (workers, the fork server) inherit SIGTERM and SIGINT blocked: a Ctrl-C or
+    SLURM's SIGTERM reaching the whole process group never kills one half way (a fork server gone, multiprocessing
+    takes its workers for dead and can no longer stop them) nor prints its traceback; the main process stops them
+    itself (end_child_processes)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # first: starting the tracker (which ignores them) unblocks the signals
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def end_child_processes() -> None:
+    """Kill this run's processes at once (workers, the fork server, a worker it was forking) when it stops. The
+    resource tracker is left: it exits by itself once they and this process are gone (killed, multiprocessing
+    would start it again with a warning)."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    children = [child for child in psutil.Process().children(recursive=True) if child.pid != tracker]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
 def _init_worker(log_level: int) -> None:
-    # The parent stops the workers itself: a Ctrl-C or SLURM's SIGTERM reaching the whole process
-    # group must not print one traceback per worker.
+    # The parent stops the workers itself: they start with the signals blocked (child_processes_deaf), and ignore
+    # them too, should a pool be started without that
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker] %(message)s")
@@ -3500,7 +3538,8 @@ def start_fork_server(preload_tensorflow: bool = True) -> None:
         from multiprocessing import forkserver
 
         os.environ[PRELOAD_TENSORFLOW_ENV] = "1" if preload_tensorflow else "0"
-        forkserver.ensure_running()
+        with child_processes_deaf():
+            forkserver.ensure_running()
 
 
 class WorkerPool:
@@ -3553,8 +3592,9 @@ class WorkerPool:
         try:
             for task in itertools.chain(tasks, [None]):
                 if task is not None:
-                    pending.append((task, self._executor.submit(process_batch, task)))
-                    self._processes.update(self._executor._processes or {})
+                    with child_processes_deaf():  # submit starts the workers (and the fork server) on demand
+                        pending.append((task, self._executor.submit(process_batch, task)))
+                        self._processes.update(self._executor._processes or {})
                 while pending and (len(pending) > self.workers or task is None):
                     results.append(pending.popleft()[1].result())
                     progress.advance(results[-1])
@@ -4994,7 +5034,8 @@ class LockBusy(PipelineError):
 
 
 class RunContext:
-    """This run's identity (host, pid, start) and what it holds: lock files and deferred signals.
+    """This run's identity (host, pid, start), its subjects (which finished), and what it holds: lock files and
+    deferred signals.
 
     Lock files are created atomically (O_CREAT | O_EXCL works on NFS and Lustre, unlike fcntl locks on
     many clusters) and touched by a heartbeat thread: a run on any host tells a live lock from a dead run's."""
@@ -5004,36 +5045,55 @@ class RunContext:
         self.run_id = f"{self.host}-{self.pid}-{uuid.uuid4().hex[:8]}"
         self.lock_dir = output_dir / LOCK_DIRNAME
         self.held: set = set()
-        self._pending_signal, self._holding_signals = None, False
+        self.subjects: list | None = None  # names of the subjects this run processes, once listed
+        self.finished: list = []  # names of those done (computed, or up to date)
+        self._signal, self._holding_signals, self._previous_handlers = None, False, {}
+        self._ending = False  # stopping on a signal, or the run is over: later signals change nothing
         self._stop = threading.Event()
         threading.Thread(target=self._touch_locks, daemon=True).start()
 
     def install_signal_handlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        # a signal blocked since start-up (see the top of the file) is delivered now, and stops the run here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def restore_signal_handlers(self, handler=None) -> None:
+        """The caller's handlers back (main() called from a notebook or a test), or ``handler``."""
+        for signum, previous in self._previous_handlers.items():
+            if (restored := previous if handler is None else handler) is not None:  # None: not set from Python
+                signal.signal(signum, restored)
 
     def _on_signal(self, signum, _frame) -> None:
+        self._signal = self._signal or signum  # the first one counts: a second Ctrl-C does not break the cleanup
         if not self._holding_signals:
-            raise Interrupted(signum)
-        self._pending_signal = signum
+            self.stop_if_signalled()
+
+    def stop_if_signalled(self) -> None:
+        """Raise Interrupted, once, if a signal came (a safe point)."""
+        if self._signal is not None and not self._ending:
+            self._ending = True
+            raise Interrupted(self._signal)
+
+    def end(self) -> None:
+        """The run's outcome is decided: a signal from now on changes nothing (the exit status stays)."""
+        self._ending = True
 
     @contextlib.contextmanager
     def signals_held(self):
         """Delay SIGTERM/SIGINT to the end of the block or its next safe point (see safe_points):
         an exception raised inside HDF5's or matplotlib's callbacks could be taken for a write error."""
-        self._holding_signals = True
+        outer, self._holding_signals = self._holding_signals, True
         try:
             yield
         finally:
-            self._holding_signals = False
-            if self._pending_signal is not None:
-                raise Interrupted(self._pending_signal)
+            self._holding_signals = outer
+            if not outer:
+                self.stop_if_signalled()
 
     def safe_points(self, items: Iterable) -> Iterator:
         """The items, stopping between two of them if a held signal is pending (long writes)."""
         for item in items:
-            if self._pending_signal is not None:
-                raise Interrupted(self._pending_signal)
+            self.stop_if_signalled()
             yield item
 
     @contextlib.contextmanager
@@ -5042,11 +5102,13 @@ class RunContext:
         path, deadline = self.lock_dir / f"{name}.lock", time.monotonic() + wait_s
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                holder = _lock_holder(path)
+            with self.signals_held():  # a lock file created is one this run knows it holds (and removes)
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    self.held.add(path)
+                    break
+                except FileExistsError:
+                    holder = _lock_holder(path)
             if holder is None:
                 remove_quietly(path)  # stale: its run is dead
                 log.info("removed stale lock %s", path)
@@ -5055,10 +5117,9 @@ class RunContext:
             else:
                 time.sleep(0.5)
         started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(host=self.host, pid=self.pid, run_id=self.run_id, started_utc=started_utc), handle)
-        self.held.add(path)
         try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(dict(host=self.host, pid=self.pid, run_id=self.run_id, started_utc=started_utc), handle)
             yield
         finally:
             self.held.discard(path)
@@ -5512,13 +5573,14 @@ class RunOutcome:
 
 def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> RunOutcome:
     """Each subject under its lock; one bad subject never stops the others, a full disk does."""
-    outcome, pool, index = RunOutcome(), WorkerPool(config.workers), 0
+    outcome, pool = RunOutcome(), WorkerPool(config.workers)
     try:
         for index, folder in enumerate(subjects):
             name = folder.name
             try:
                 with run.lock(name):
                     outcome.done.append(process_subject(folder, config, pool, run))
+                    run.finished.append(name)
             except LockBusy as busy:
                 outcome.locked[name] = busy.holder
                 log.warning("%s: skipped, locked by %s", name, busy.holder)
@@ -5539,11 +5601,8 @@ def run_subjects(subjects: list, config: PipelineConfig, run: RunContext) -> Run
                     f"{name}: unexpected {outcome.failed[name]} (a bug: please report it; run with --verbose for the traceback)"
                 )
                 log.debug("traceback", exc_info=True)
-    except Interrupted as stop:
-        pool.close(kill=True)
-        finished = ", ".join(s.subject for s in outcome.done) or "none"
-        unfinished = ", ".join(later.name for later in subjects[index:]) or "none"
-        log.error(f"interrupted by {stop}: finished {finished}; not finished: {unfinished}")
+    except Interrupted:
+        pool.close(kill=True)  # the workers ignore the signal: see child_processes_deaf
         raise
     finally:
         pool.close()
@@ -5563,7 +5622,7 @@ def combine_outputs(config: PipelineConfig, run: RunContext) -> dict:
     excluded = {folder.name: reason for folder, reason in reasons.items() if reason}
     if excluded:
         log.warning("combined_metadata.h5 leaves out " + "; ".join(f"{name} ({why})" for name, why in excluded.items()))
-    with run.lock("combined_metadata", wait_s=300):
+    with run.lock("combined_metadata", wait_s=300), run.signals_held():  # see signals_held
         totals = write_combined_metadata(output_dir, included, excluded)
     return dict(totals, subjects=[folder.name for folder in included])
 
@@ -5742,6 +5801,7 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
     try:
         remove_stale_temporaries(output_dir)
         if config.combine_only:
+            run.subjects = []
             totals = combine_outputs(config, run)
             metadata = [read_attrs(output_dir / name / METADATA_FILENAME) for name in totals["subjects"]]
             outcome = RunOutcome(done=[SubjectSummary.from_metadata(attrs) for attrs in metadata])
@@ -5761,6 +5821,7 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
             if config.model_dir or config.cascade_model.lower() not in (AUTO_MODEL_KEYWORD, BUILTIN_MODEL_KEYWORD):
                 settings_for(ModelRequest, config).resolve()  # a missing or misspelt model stops the run here (exit 2)
             mine = select_shard(subjects, shard)
+            run.subjects = [folder.name for folder in mine]
             log.info(
                 f"unified_spike_processing_coo {__version__}: {len(mine)} of {plural(len(subjects), 'subject')}"
                 + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
@@ -5774,6 +5835,23 @@ def run_pipeline(config: PipelineConfig, shard: tuple | None = None, run: RunCon
         return 1 if (outcome.failed or outcome.not_processed or outcome.locked) else 0
     finally:
         run.release_all()
+
+
+def interruption_line(stop: Interrupted, run: RunContext, config: PipelineConfig, shard: tuple | None) -> str:
+    """The line an interrupted run ends with: the signal, the subjects finished (computed, up to date, or with this
+    run's commit record in place: a signal held during its writes stops the run just after) and the others."""
+    names = run.subjects
+    if names is None:  # stopped during start-up: the subjects it would have processed
+        with contextlib.suppress(PipelineError, OSError):
+            names = [
+                folder.name
+                for folder in select_shard(find_subjects(config.input_dir, config.subjects, config.skip), shard)
+            ]
+    names, output_dir = names or [], Path(config.output_dir)
+    committed = lambda name: (read_attrs(output_dir / name / METADATA_FILENAME) or {}).get("run_id") == run.run_id
+    finished = [name for name in names if name in run.finished or committed(name)]
+    unfinished = [name for name in names if name not in finished]
+    return f"interrupted by {stop}: finished {', '.join(finished) or 'none'}; not finished: {', '.join(unfinished) or 'none'}"
 
 
 def _format_bytes(num_bytes: float) -> str:
@@ -5930,21 +6008,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: cannot write to {exc.filename or output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    if config.inspect:
+    as_command = set(STOP_SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, ())  # blocked since the first line
+    run = RunContext(output_dir)
+    try:
+        run.install_signal_handlers()
         try:
-            return inspect_run(config, shard)
+            status = inspect_run(config, shard) if config.inspect else run_pipeline(config, shard, run)
         except PipelineError as exc:
             log.error("%s", exc)
-            return 2
-    run = RunContext(output_dir)
-    run.install_signal_handlers()
-    try:
-        return run_pipeline(config, shard, run)
-    except Interrupted as stop:
+            status = 2
+        run.end()
+        return status
+    except Interrupted as stop:  # raised once, at any moment until run.end(); later signals are ignored
+        if as_command:  # its children are all the run's (called from Python: the pool's only, see run_subjects)
+            end_child_processes()
+        log.error(interruption_line(stop, run, config, shard))
         return stop.exit_code
-    except PipelineError as exc:
-        log.error("%s", exc)
-        return 2
+    finally:  # as the command, a later signal changes no exit status (Python's finalisation would let it kill)
+        run.restore_signal_handlers(signal.SIG_IGN if as_command else None)
 
 
 if __name__ == "__mp_main__" and os.environ.get(PRELOAD_TENSORFLOW_ENV) != "0":  # the fork server: see WorkerPool
