@@ -3141,7 +3141,15 @@ def plan_grid(
     split, test_blocks, rule = plan_splits(kept_timepoints, covariates or Covariates(), settings)
     times_s, is_train = time_base.times_s()[kept_timepoints], (split == TRAIN).astype(np.uint8)
     return GridPlan(
-        grid, kept_timepoints, row_of_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s,
+        grid,
+        kept_timepoints,
+        row_of_timepoint,
+        predicted,
+        is_train,
+        test_blocks,
+        settings.z_markers,
+        rule,
+        times_s,
         split,
     )
 
@@ -3818,7 +3826,9 @@ def write_coo_file(
         _write_datasets(h5, timepoint_offsets=np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
         h5.create_dataset("grid_shape", data=np.asarray(grid.shape, dtype=np.int32))
         _write_datasets(
-            h5, timepoint_indices=plan.kept_timepoints.astype(np.int32), is_train=plan.is_train.astype(np.uint8),
+            h5,
+            timepoint_indices=plan.kept_timepoints.astype(np.int32),
+            is_train=plan.is_train.astype(np.uint8),
             split=plan_split_codes(plan),
         )
         if plan.timepoint_times_s is not None:
@@ -4020,7 +4030,9 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
                 with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
                     source.copy(source["/"], combined, name=subject_dir.name)
                     # the original's combine step stored each subject's total_spikes as a dataset
-                    combined[subject_dir.name].create_dataset("total_spikes", data=np.int64(source.attrs["total_spikes"]))
+                    combined[subject_dir.name].create_dataset(
+                        "total_spikes", data=np.int64(source.attrs["total_spikes"])
+                    )
                     totals["total_subjects"] += 1
                     totals["total_spikes"] += int(source.attrs["total_spikes"])
                     totals["total_pixels"] += int(source.attrs["total_pixels"])
@@ -4542,21 +4554,10 @@ def write_gbm_export(path: Path, source: ExportSource, _settings: dict) -> None:
     num_timepoints, num_cells = source.rates_shape()
     cells, times = source.cells(), source.timepoints()
     positions, how = unit_scaled_positions(source, cells)
-    sum_logs, sum_squares = np.zeros(num_cells), np.zeros(num_cells)
     with new_h5_file(path, in_memory=False) as h5:
-        shape, chunks = (num_timepoints, num_cells), (min(16, max(num_timepoints, 1)), max(num_cells, 1))
-        values = h5.create_dataset("neuron_values", shape, np.float32, chunks=chunks if min(shape) else None, **(GZIP if min(shape) else {}))  # fmt: skip
-        valid = h5.create_dataset("neuron_values_valid", shape, np.uint8, chunks=chunks if min(shape) else None, **(GZIP if min(shape) else {}))  # fmt: skip
-        for first, block in source.rate_blocks():
-            finite = np.isfinite(block)
-            block[~finite] = 0.0
-            values[first : first + len(block)], valid[first : first + len(block)] = block, finite
-            logs = np.log(np.maximum(block, LOG_ACTIVITY_EPS))
-            sum_logs += logs.sum(axis=0, dtype=np.float64)
-            sum_squares += np.square(logs, dtype=np.float64).sum(axis=0)
+        sum_logs, sum_squares = _write_rate_datasets(h5, source, "neuron_values", "neuron_values_valid")
         mean = (sum_logs / max(num_timepoints, 1)).astype(np.float32)
         std = np.sqrt(np.maximum(sum_squares / max(num_timepoints, 1) - np.square(mean), 0.0)).astype(np.float32)
-        values.attrs["unit"] = RATE_UNIT
         covariates = source.covariates()
         extra = {}
         if "stimulus" in covariates:
@@ -4612,15 +4613,11 @@ def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBr
     predicts nothing, valid beside), rois (id: the global id as text, global_id, cell_id, position, position_unit),
     brainset / subject / session / device descriptions, stimulus conditions as intervals, domain and
     train_domain / valid_domain / test_domain. The run keeps no dF/F on disk, so there is none here (--nwb has it).
-    Data.to_hdf5 takes whole arrays: T x N x 4 bytes in memory while it writes."""
+    Data.to_hdf5 writes whole arrays: the rates go in as (T, 0) and their datasets are then made a block of
+    timepoints at a time (chunked, compressed), so memory never holds the (T, N) rates."""
     tb = _torch_brain_data()
     num_timepoints, num_cells = source.rates_shape()
     cells, times = source.cells(), source.timepoints()
-    rates = np.zeros((num_timepoints, num_cells), np.float32)
-    for first, block in source.rate_blocks():
-        rates[first : first + len(block)] = block
-    valid = np.isfinite(rates)
-    rates[~valid] = 0.0
     rate_hz, times_s = source.rate_hz, times["timepoint_times_s"]
     start = float(times_s[0]) if num_timepoints else 0.0
     positions, how = unit_scaled_positions(source, cells)
@@ -4652,8 +4649,11 @@ def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBr
         ),
         subject=tb.SubjectDescription(id=settings.nwb_subject_id or source.name, species=species),
         session=tb.SessionDescription(id=source.name),
-        device=tb.DeviceDescription(id="microscope", recording_tech="calcium imaging (indicator as recorded)"),
-        cascade_rates=tb.RegularTimeSeries(sampling_rate=rate_hz, domain_start=start, rates=rates, valid=valid.astype(np.uint8)),
+        device=tb.DeviceDescription(
+            id="microscope", recording_tech="calcium imaging", indicator="not recorded in the input",
+            imaging_rate_hz=float(source.metadata["frame_rate_hz"]),
+        ),
+        cascade_rates=tb.RegularTimeSeries(sampling_rate=rate_hz, domain_start=start, rates=np.zeros((num_timepoints, 0), np.float32), valid=np.zeros((num_timepoints, 0), np.uint8)),
         rois=tb.ArrayDict(
             id=np.asarray([str(v) for v in cells["cell_global_ids"]], dtype="S"),
             global_id=cells["cell_global_ids"].astype(np.int64), cell_id=np.asarray(cells["cell_ids"], np.int64),
@@ -4665,6 +4665,30 @@ def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBr
     )  # fmt: skip
     with h5py.File(path, "w") as h5:
         data.to_hdf5(h5)
+        _write_rate_datasets(h5["cascade_rates"], source, "rates", "valid")
+
+
+def _write_rate_datasets(group, source: ExportSource, values_name: str, valid_name: str) -> None:
+    """(T, N) float32 rates (0 where CASCADE predicts nothing) and (T, N) uint8 validity in ``group``, from
+    cell_activity.h5 a block of timepoints at a time (replacing datasets of those names). Returns per cell the sums
+    over time of log(max(value, 1e-7)) and of its square, whence the successor's log_activity_mean / _std."""
+    shape = source.rates_shape()
+    options = dict(chunks=(min(16, shape[0]), shape[1]), **GZIP) if min(shape) else {}
+    for name in (values_name, valid_name):
+        if name in group:
+            del group[name]
+    values = group.create_dataset(values_name, shape, np.float32, **options)
+    valid = group.create_dataset(valid_name, shape, np.uint8, **options)
+    sum_logs, sum_squares = np.zeros(shape[1]), np.zeros(shape[1])
+    for first, block in source.rate_blocks():
+        finite = np.isfinite(block)
+        block[~finite] = 0.0
+        values[first : first + len(block)], valid[first : first + len(block)] = block, finite
+        logs = np.log(np.maximum(block, LOG_ACTIVITY_EPS))
+        sum_logs += logs.sum(axis=0, dtype=np.float64)
+        sum_squares += np.square(logs, dtype=np.float64).sum(axis=0)
+    values.attrs["unit"] = RATE_UNIT
+    return sum_logs, sum_squares
 
 
 def check_torch_brain_export(path: Path) -> None:
@@ -4794,8 +4818,12 @@ def export_refusals(config) -> dict:
 
     unknown = [name for name in config.export if name not in EXPORTS]
     chosen = [EXPORTS[name] for name in config.export if name in EXPORTS]
-    missing = sorted({pip for export in chosen for module, pip in export.packages if not importlib.util.find_spec(module)})
-    needs_activity = [name for name in config.export if name in EXPORTS and CELL_ACTIVITY_FILENAME in EXPORTS[name].reads]
+    missing = sorted(
+        {pip for export in chosen for module, pip in export.packages if not importlib.util.find_spec(module)}
+    )
+    needs_activity = [
+        name for name in config.export if name in EXPORTS and CELL_ACTIVITY_FILENAME in EXPORTS[name].reads
+    ]
     return {
         f"--export: unknown format(s) {', '.join(unknown)} (known: {', '.join(EXPORTS)})": bool(unknown),
         f"--export {','.join(config.export)} needs optional packages: pip install {' '.join(missing)}": bool(missing),
@@ -4832,9 +4860,15 @@ def write_exports(out_dir: Path, config) -> list:
     """Stage: --export's formats of one committed subject, each from its saved files (no CASCADE), each redone only
     when absent or made from another run or with other settings. Returns the paths written."""
     metadata = read_attrs(out_dir / METADATA_FILENAME)
-    if not config.export or metadata is None:
+    if metadata is None:
         return []
     source, written = ExportSource(out_dir, metadata), []
+    for name, export in EXPORTS.items():  # an export not asked for stays unless its run's files are gone
+        final = export.path(out_dir.parent, out_dir.name)
+        old = export_record_of(final) if name not in config.export and final.exists() else None
+        if old is not None and old.get("run_id") != str(metadata["run_id"]):
+            remove_quietly(final)
+            log.info(f"{out_dir.name}: removed export {name} ({final}): made from the subject's earlier results")
     for name in config.export:
         export = EXPORTS[name]
         final = export.path(out_dir.parent, out_dir.name)
@@ -4865,7 +4899,9 @@ def write_exports(out_dir: Path, config) -> list:
         finally:
             remove_quietly(temporary)
         size = sum(p.stat().st_size for p in ([final] if final.is_file() else final.rglob("*")) if p.is_file())
-        log.info(f"{out_dir.name}: export {name}: {final} ({_format_bytes(size)}) in {time.perf_counter() - started:.1f} s")
+        log.info(
+            f"{out_dir.name}: export {name}: {final} ({_format_bytes(size)}) in {time.perf_counter() - started:.1f} s"
+        )
         written.append(final)
     return written
 
