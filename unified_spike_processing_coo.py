@@ -5767,6 +5767,8 @@ def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) ->
     on a subject without conditions falls back to blocks, a doubt."""
     if settings.split == "conditions" and subject.covariates.condition is None:
         subject.warn("--split conditions: the subject has no stimulus conditions (timelists): split in blocks instead")
+    if settings.split == "zapbench" and subject.covariates.condition is None:
+        subject.warn("--split zapbench: the subject has no stimulus conditions (timelists): one segment, split once")
     total, train = len(plan.is_train), int(plan.is_train.sum())
     by_blocks_alone = plan.split_rule.startswith("blocks") and not settings.holdout_condition
     if not by_blocks_alone or train >= total * min(0.5, settings.split_ratio):
