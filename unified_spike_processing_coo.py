@@ -4661,6 +4661,7 @@ def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBr
         ),
         domain=tb.Interval(start=start, end=start + num_timepoints / rate_hz),
         rate_unit=RATE_UNIT, timepoint_rate_hz=rate_hz, position_scaling=how, split_codes=json.dumps(SPLIT_CODES),
+        split_rule=str(source.metadata.get("split_rule", "")),
         software_version=__version__, **domains, **conditions,
     )  # fmt: skip
     with h5py.File(path, "w") as h5:
@@ -4714,7 +4715,7 @@ def zapbench_constants(source: ExportSource, num_timepoints: int) -> dict:
         "condition_padding": int(padding), "val_fraction": float(val), "test_fraction": float(test),
         "conditions_train": [s for s in range(len(segments.names)) if s not in holdout], "conditions_holdout": holdout,
         "num_timepoints": int(num_timepoints), "timepoint_rate_hz": source.rate_hz, "unit": RATE_UNIT,
-        "split_codes": SPLIT_CODES, "subject": source.name,
+        "split_codes": SPLIT_CODES, "split_rule": str(source.metadata.get("split_rule", "")), "subject": source.name,
     }  # fmt: skip
 
 
