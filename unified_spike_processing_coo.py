@@ -4863,18 +4863,19 @@ def write_exports(out_dir: Path, config) -> list:
     metadata = read_attrs(out_dir / METADATA_FILENAME)
     if metadata is None:
         return []
-    source, written = ExportSource(out_dir, metadata), []
-    for name, export in EXPORTS.items():  # an export not asked for stays unless its run's files are gone
+    source, run_id = ExportSource(out_dir, metadata), str(metadata["run_id"])
+    for name, export in EXPORTS.items():  # an export not asked for stays, unless made from results now gone
         final = export.path(out_dir.parent, out_dir.name)
         old = export_record_of(final) if name not in config.export and final.exists() else None
-        if old is not None and old.get("run_id") != str(metadata["run_id"]):
+        if old is not None and old.get("run_id") != run_id:
             remove_quietly(final)
             log.info(f"{out_dir.name}: removed export {name} ({final}): made from the subject's earlier results")
+    written = []
     for name in config.export:
         export = EXPORTS[name]
         final = export.path(out_dir.parent, out_dir.name)
         settings = settings_for(export.settings, config) if export.settings else None
-        record = {"run_id": str(metadata["run_id"]), "software_version": __version__,
+        record = {"run_id": run_id, "software_version": __version__,
                   "settings": dataclasses.asdict(settings) if settings else {}}  # fmt: skip
         if export_record_of(final) == record:
             log.info(f"{out_dir.name}: export {name} up to date ({final})")
@@ -4882,29 +4883,34 @@ def write_exports(out_dir: Path, config) -> list:
         missing = [filename for filename in export.reads if not (out_dir / filename).is_file()]
         if missing:
             raise PipelineError(f"export {name} reads {', '.join(missing)}, which {out_dir} does not hold: rerun with --overwrite")  # fmt: skip
-        started, temporary = time.perf_counter(), temporary_path(final)
+        started = time.perf_counter()
         log.info(f"{out_dir.name}: export {name} from the saved results in {out_dir} (CASCADE not rerun)")
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            export.write(temporary, source, settings)
-            if temporary.is_dir():
-                constants = json.loads((temporary / ZAPBENCH_JSON).read_text())
-                (temporary / ZAPBENCH_JSON).write_text(json.dumps({**constants, EXPORT_RECORD_ATTR: record}, indent=1))
-            else:
-                with h5py.File(temporary, "r+") as h5:
-                    h5.attrs[EXPORT_RECORD_ATTR] = json.dumps(record)
-            export.check(temporary)
-            _replace(temporary, final)
-        except OSError as exc:
-            raise WriteFailed(f"cannot write {final}: {describe_os_error(exc, final.parent)}") from None
-        finally:
-            remove_quietly(temporary)
+        _write_export(export, final, source, settings, record)
         size = sum(p.stat().st_size for p in ([final] if final.is_file() else final.rglob("*")) if p.is_file())
-        log.info(
-            f"{out_dir.name}: export {name}: {final} ({_format_bytes(size)}) in {time.perf_counter() - started:.1f} s"
-        )
+        seconds = time.perf_counter() - started
+        log.info(f"{out_dir.name}: export {name}: {final} ({_format_bytes(size)}) in {seconds:.1f} s")
         written.append(final)
     return written
+
+
+def _write_export(export: Export, final: Path, source: ExportSource, settings, record: dict) -> None:
+    """One export: written to a temporary, stamped with its record, opened by its reader, renamed into place."""
+    temporary = temporary_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        export.write(temporary, source, settings)
+        if temporary.is_dir():  # a folder of arrays: the record goes in its JSON
+            constants = json.loads((temporary / ZAPBENCH_JSON).read_text())
+            (temporary / ZAPBENCH_JSON).write_text(json.dumps({**constants, EXPORT_RECORD_ATTR: record}, indent=1))
+        else:
+            with h5py.File(temporary, "r+") as h5:
+                h5.attrs[EXPORT_RECORD_ATTR] = json.dumps(record)
+        export.check(temporary)
+        _replace(temporary, final)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {final}: {describe_os_error(exc, final.parent)}") from None
+    finally:
+        remove_quietly(temporary)
 
 
 def load_coo_grid(path) -> dict:
