@@ -241,9 +241,10 @@ class PipelineConfig:
         46, "with --coordinates registered: equal slabs of the atlas depth (grid planes)", GRID, "grid"
     )
     split: str = option(
-        "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule) or conditions (per "
-        "stimulus condition, whole repetitions: its last ones are test; see 'Train/test splits' in docs/outputs.md)", GRID, "grid",
-        choices=("blocks", "conditions"),
+        "blocks", "train/test split: blocks (--split_block frames shuffled, the original rule), conditions (per "
+        "stimulus condition, whole repetitions: its last ones are test) or zapbench (ZAPBench's rule: "
+        "each contiguous condition segment a contiguous train, validation and test, by --val_ratio and --test_ratio); see 'Train/test splits' in "
+        "docs/outputs.md", GRID, "grid", choices=("blocks", "conditions", "zapbench"),
     )  # fmt: skip
     split_block: int = option(330, "frames per train/test block", GRID, "grid")
     split_ratio: float = option(
@@ -252,6 +253,26 @@ class PipelineConfig:
     holdout_condition: str | None = option(
         None, "put every timepoint of this stimulus condition (a name in timelists_names) in test", GRID, "grid"
     )
+    # None by default (not 0): a fingerprint made before these options existed still matches (docs/outputs.md)
+    val_ratio: float | None = option(
+        None, "validation share (split code 1): blocks: this fraction of the blocks, after the test ones in the "
+        "shuffled order; conditions: of each condition's repetitions, those before its test ones; zapbench: of each "
+        "segment (default 0, with zapbench ZAPBench's 0.1)", GRID, "grid", type=float, metavar="F",
+    )  # fmt: skip
+    test_ratio: float | None = option(
+        None, "with --split zapbench: the test share of each segment (default ZAPBench's 0.2; the other rules take "
+        "1 - --split_ratio)", GRID, "grid", type=float, metavar="F",
+    )  # fmt: skip
+    condition_padding: int | None = option(
+        None, "with --split zapbench: timepoints at both edges of each condition segment in no split (code -1; "
+        "default ZAPBench's 1)", GRID, "grid", type=int, metavar="N",
+    )  # fmt: skip
+    export: tuple = option(
+        (), lambda: "also write these formats from the run's saved results, for trainers that read them (comma list; "
+        "adding one to a finished run reruns no CASCADE): " + "; ".join(
+            f"{name}: {export.description}" for name, export in EXPORTS.items()
+        ), IO, type=_comma_list, metavar="NAME[,NAME...]",
+    )  # fmt: skip
 
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(int(v) for v in self.grid_shape))
@@ -266,6 +287,20 @@ class PipelineConfig:
             and self.z_planes + 1 > self.grid_shape[-1],
             "--workers and --batch_size must be at least 1": self.workers < 1 or self.batch_size < 1,
             "--split_ratio in (0, 1], --split_block >= 1": not 0 < self.split_ratio <= 1 or self.split_block < 1,
+            "--val_ratio and --test_ratio must be in [0, 1)": any(
+                value is not None and not 0 <= value < 1 for value in (self.val_ratio, self.test_ratio)
+            ),
+            "--test_ratio and --condition_padding go with --split zapbench only (the other rules take 1 - "
+            "--split_ratio for test and pad nothing)": self.split != "zapbench"
+            and (self.test_ratio is not None or self.condition_padding is not None),
+            "--condition_padding must be at least 0": self.condition_padding is not None and self.condition_padding < 0,
+            "--val_ratio plus the test share must leave some training: with --split zapbench --val_ratio + "
+            "--test_ratio < 1, otherwise --val_ratio < --split_ratio": (self.val_ratio or 0) > 0
+            and (
+                sum(zapbench_fractions(self)) >= 1
+                if self.split == "zapbench"
+                else (self.val_ratio or 0) >= self.split_ratio
+            ),
             "--grid_shape needs positive H and W": len(self.grid_shape) != 2 or min(self.grid_shape) < 1,
             f"--num_neurons in [0, {PLOT_CELLS_MAX}]": not 0 <= self.num_neurons <= PLOT_CELLS_MAX,
             "--max_rate_mismatch >= 0": self.max_rate_mismatch < 0,
@@ -283,6 +318,7 @@ class PipelineConfig:
                 self.cascade_threshold not in CASCADE_THRESHOLDS
             ),
             f"--spike_mode must be one of {', '.join(SPIKE_MODES)}": self.spike_mode not in SPIKE_MODES,
+            **export_refusals(self),
             "--inspect and --combine_only cannot go together (--inspect looks at the inputs, --combine_only gathers "
             "finished outputs): run one, then the other": self.inspect and self.combine_only,
         }
@@ -2829,8 +2865,11 @@ class GridSettings:
     coordinates: str  # 'registered': the atlas frame (make_atlas_grid_spec)
     atlas_shape: tuple  # (X, Y, Z) voxels
     z_planes: int
-    split: str  # 'blocks' (train_test_split) or 'conditions' (condition_split)
+    split: str  # 'blocks' (block_split), 'conditions' (condition_split) or 'zapbench' (zapbench_split)
     holdout_condition: str | None
+    val_ratio: float | None = None
+    test_ratio: float | None = None
+    condition_padding: int | None = None
 
 
 def make_grid_spec(positions, num_timepoints: int, height: int, width: int, z_markers=True, valid=None) -> GridSpec:
@@ -2928,40 +2967,120 @@ def build_coo(
     return coords, CooCounts(num_spikes, num_markers, overlap, in_grid, in_grid - num_spikes)
 
 
-def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42) -> tuple:
-    """The original's split: blocks of ``block_frames`` shuffled with RandomState(seed); the
-    first max(1, int(num_blocks*(1-split_ratio))) shuffled blocks are test, the rest and any
-    leftover frames train. Returns (is_train (T,) uint8, test block indices)."""
+# Split codes of every output with a time axis (`split` (T,) int8 beside the seed's is_train, which is split == 0)
+SPLIT_CODES = {"train": 0, "validation": 1, "test": 2, "none": -1}
+TRAIN, VALIDATION, TEST, NO_SPLIT = SPLIT_CODES.values()
+ZAPBENCH_VAL_FRACTION, ZAPBENCH_TEST_FRACTION, ZAPBENCH_CONDITION_PADDING = 0.1, 0.2, 1  # ZAPBench's constants
+
+
+def block_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42,
+                val_ratio: float = 0.0) -> tuple:  # fmt: skip
+    """The original's split: blocks of ``block_frames`` shuffled with RandomState(seed); the first
+    max(1, int(num_blocks*(1-split_ratio))) shuffled blocks are test, the next max(1, int(num_blocks*val_ratio))
+    validation (none when val_ratio is 0), the rest and any leftover frames train. Returns (split codes (T,) int8,
+    test block indices, validation block indices)."""
     num_blocks = max(1, num_timepoints // block_frames)
     order = np.random.RandomState(seed).permutation(num_blocks)
-    test_blocks = np.sort(order[: max(1, int(num_blocks * (1 - split_ratio)))])
-    is_train = np.ones(num_timepoints, dtype=np.uint8)
-    for block in test_blocks:
-        is_train[block * block_frames : (block + 1) * block_frames] = 0
-    return is_train, test_blocks
+    num_test = max(1, int(num_blocks * (1 - split_ratio)))
+    num_val = min(max(1, int(num_blocks * val_ratio)) if val_ratio > 0 else 0, num_blocks - num_test)
+    test_blocks, val_blocks = np.sort(order[:num_test]), np.sort(order[num_test : num_test + num_val])
+    split = np.full(num_timepoints, TRAIN, dtype=np.int8)
+    for blocks, code in ((val_blocks, VALIDATION), (test_blocks, TEST)):
+        for block in blocks:
+            split[block * block_frames : (block + 1) * block_frames] = code
+    return split, test_blocks, val_blocks
 
 
-def condition_split(condition: np.ndarray, kept_timepoints: np.ndarray, periods, split_ratio: float) -> np.ndarray:
-    """--split conditions: (T,) uint8 is_train. ``condition`` is per timepoint of the time base (-1: in no condition). Within
+def train_test_split(num_timepoints: int, block_frames: int = 330, split_ratio: float = 0.95, seed: int = 42) -> tuple:
+    """The original's split as it returned it: (is_train (T,) uint8, test block indices) (block_split)."""
+    split, test_blocks, _ = block_split(num_timepoints, block_frames, split_ratio, seed)
+    return (split == TRAIN).astype(np.uint8), test_blocks
+
+
+def condition_split(condition: np.ndarray, kept_timepoints: np.ndarray, periods, split_ratio: float,
+                    val_ratio: float = 0.0) -> np.ndarray:  # fmt: skip
+    """--split conditions: (T,) int8 split codes. ``condition`` is per timepoint of the time base (-1: in no condition). Within
     each condition, its frames in order form repetitions of its period; of R repetitions the last
-    max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut. A
-    condition of one repetition (spontaneous activity) or without a period is split in two contiguous parts: its
-    last round(n * (1 - split_ratio)) timepoints are test. Frames in no condition are train."""
-    is_train = np.ones(len(kept_timepoints), dtype=np.uint8)
+    max(1, round(R * (1 - split_ratio))) are test (none when split_ratio is 1), whole, so no repetition is cut, and
+    the max(1, round(R * val_ratio)) before them validation (none when val_ratio is 0). A condition of one
+    repetition (spontaneous activity) or without a period is split in contiguous parts: its last
+    round(n * (1 - split_ratio)) timepoints are test, the round(n * val_ratio) before them validation. Frames in
+    no condition are train."""
+    split = np.full(len(kept_timepoints), TRAIN, dtype=np.int8)
     kept_condition = condition[kept_timepoints]
     for index in np.unique(kept_condition[kept_condition >= 0]):
         frames = np.flatnonzero(condition == index)
         period = float(periods[index]) if index < len(periods) else len(frames)  # in bins: may be fractional
         repetitions = math.ceil(len(frames) / period)
-        test_frames = np.zeros(len(condition), dtype=bool)
+        codes = np.full(len(condition), TRAIN, dtype=np.int8)
         if repetitions > 1:
             num_test = max(1, round(repetitions * (1 - split_ratio))) if split_ratio < 1 else 0
-            test_frames[frames[np.arange(len(frames)) // period >= repetitions - num_test]] = True
+            num_val = max(1, round(repetitions * val_ratio)) if val_ratio > 0 else 0
+            repetition = np.arange(len(frames)) // period
+            codes[frames[repetition >= repetitions - num_test - num_val]] = VALIDATION
+            codes[frames[repetition >= repetitions - num_test]] = TEST
         else:
             kept = kept_timepoints[kept_condition == index]
-            test_frames[kept[len(kept) - round(len(kept) * (1 - split_ratio)) :]] = True
-        is_train[test_frames[kept_timepoints]] = 0
-    return is_train
+            num_test, num_val = round(len(kept) * (1 - split_ratio)), round(len(kept) * val_ratio)
+            codes[kept[len(kept) - num_test - num_val :]] = VALIDATION
+            codes[kept[len(kept) - num_test :]] = TEST
+        split[kept_condition == index] = codes[kept_timepoints][kept_condition == index]
+    return split
+
+
+@dataclass(frozen=True)
+class ConditionSegments:
+    """The run's timepoints cut into contiguous runs of one condition (ZAPBench's condition_offsets): segment s is
+    rows offsets[s]:offsets[s+1] of condition conditions[s] (-1: in no condition), named names[s]."""
+
+    offsets: tuple  # (S+1,) 0 = offsets[0] < ... < offsets[S] = T
+    conditions: tuple  # (S,) condition index per segment, -1 for none
+    names: tuple  # (S,)
+
+    @classmethod
+    def of(cls, condition_rows: np.ndarray | None, condition_names: Sequence[str], num_rows: int) -> ConditionSegments:
+        """Segments of a (T,) condition per row; one segment 'all' without conditions."""
+        if condition_rows is None or num_rows == 0:
+            return cls((0, num_rows), (-1,), ("all",))
+        changes = np.flatnonzero(np.diff(condition_rows)) + 1
+        offsets = (0, *map(int, changes), num_rows)
+        conditions = tuple(int(condition_rows[start]) for start in offsets[:-1])
+        names = tuple(condition_names[c] if 0 <= c < len(condition_names) else "none" for c in conditions)
+        return cls(offsets, conditions, names)
+
+
+def zapbench_split(segments: ConditionSegments, val_fraction: float, test_fraction: float, padding: int,
+                   held_out: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+    """--split zapbench: (T,) int8 split codes by ZAPBench's rule (data_utils.get_condition_bounds and
+    adjust_condition_bounds_for_split): a segment's bounds are [offset + padding, next offset - padding); of their
+    n timepoints int(n * test_fraction) are test, int(n * val_fraction) validation (truncated as ZAPBench's), the
+    first n - both train, in that order; the padding is in no split (-1). A held-out condition's segments are all
+    test within their bounds. Context is the sampler's business: ZAPBench's own windows reach back before a split."""
+    split = np.full(segments.offsets[-1], NO_SPLIT, dtype=np.int8)
+    for start, stop, condition in zip(segments.offsets[:-1], segments.offsets[1:], segments.conditions):
+        low, high = start + padding, stop - padding
+        if high <= low:
+            continue
+        total = high - low
+        num_test, num_val = int(total * test_fraction), int(total * val_fraction)
+        num_train = total - num_test - num_val
+        if condition >= 0 and condition in held_out:
+            split[low:high] = TEST
+            continue
+        split[low : low + num_train] = TRAIN
+        split[low + num_train : low + num_train + num_val] = VALIDATION
+        split[low + num_train + num_val : high] = TEST
+    return split
+
+
+def zapbench_fractions(settings) -> tuple:
+    """(val_fraction, test_fraction) of --split zapbench: --val_ratio and --test_ratio, else ZAPBench's."""
+    val = ZAPBENCH_VAL_FRACTION if settings.val_ratio is None else settings.val_ratio
+    return val, ZAPBENCH_TEST_FRACTION if settings.test_ratio is None else settings.test_ratio
+
+
+def zapbench_padding(settings) -> int:
+    return ZAPBENCH_CONDITION_PADDING if settings.condition_padding is None else settings.condition_padding
 
 
 def _condition_index(covariates: Covariates, name: str) -> int:
@@ -2980,30 +3099,52 @@ def _condition_index(covariates: Covariates, name: str) -> int:
 
 
 def plan_split(kept_timepoints: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
-    """(is_train (T,) uint8, test blocks, the rule in words): --split and --holdout_condition. --split conditions
-    for a subject without conditions falls back to blocks (the rule says so; check_split warns)."""
-    ratio = settings.split_ratio
-    if settings.split == "conditions" and covariates.condition is not None:
-        is_train = condition_split(covariates.condition, kept_timepoints, covariates.condition_periods, ratio)
-        test_blocks = np.zeros(0, np.int64)  # blocks are not used
+    """(is_train (T,) uint8, test blocks, the rule in words): plan_splits as the seed's train/test mask."""
+    split, test_blocks, rule = plan_splits(kept_timepoints, covariates, settings)
+    return (split == TRAIN).astype(np.uint8), test_blocks, rule
+
+
+def plan_splits(kept_timepoints: np.ndarray, covariates: Covariates, settings: GridSettings) -> tuple:
+    """(split codes (T,) int8, test blocks, the rule in words): --split, --val_ratio, --test_ratio,
+    --condition_padding and --holdout_condition. --split conditions for a subject without conditions falls back to
+    blocks (the rule says so; check_split warns); --split zapbench without conditions is one segment."""
+    ratio, val = settings.split_ratio, settings.val_ratio or 0.0
+    held = None if not settings.holdout_condition else _condition_index(covariates, settings.holdout_condition)
+    test_blocks = np.zeros(0, np.int64)  # blocks are used by the block rule only
+    if settings.split == "zapbench":
+        condition = None if covariates.condition is None else covariates.condition[kept_timepoints]
+        segments = ConditionSegments.of(condition, covariates.condition_names, len(kept_timepoints))
+        (val, test), padding = zapbench_fractions(settings), zapbench_padding(settings)
+        split = zapbench_split(segments, val, test, padding, () if held is None else (held,))
+        rule = (
+            f"zapbench: each of {len(segments.names)} contiguous condition segments, less {padding} timepoint(s) at "
+            f"each edge (none, -1), is train, validation and test in that order: int(n x {test:g}) test, "
+            f"int(n x {val:g}) validation, the rest train (ZAPBench's data_utils)"
+        )
+    elif settings.split == "conditions" and covariates.condition is not None:
+        split = condition_split(covariates.condition, kept_timepoints, covariates.condition_periods, ratio, val)
         rule = (
             f"conditions: per condition its last max(1, round(R x {1 - ratio:.3g})) of R whole repetitions (its "
             f"period) are test; a condition of one repetition: its last {1 - ratio:.3g} of timepoints; frames in no "
             "condition: train"
         )
+        if val:
+            rule += f"; the max(1, round(R x {val:g})) repetitions (or {val:g} of timepoints) before those: validation"
     else:
-        is_train, test_blocks = train_test_split(len(kept_timepoints), settings.split_block, ratio, settings.seed)
+        split, test_blocks, _ = block_split(len(kept_timepoints), settings.split_block, ratio, settings.seed, val)
         rule = (
             f"blocks: {settings.split_block}-frame blocks shuffled with RandomState({settings.seed}), the first "
             f"max(1, int(blocks x {1 - ratio:.3g})) are test, the rest and leftover frames train"
         )
+        if val:
+            rule += f"; the next max(1, int(blocks x {val:g})) shuffled blocks: validation"
         if settings.split == "conditions":
             rule += " (--split conditions asked, but the subject has no stimulus conditions)"
-    if settings.holdout_condition:
-        held = _condition_index(covariates, settings.holdout_condition)
-        is_train[covariates.condition[kept_timepoints] == held] = 0
+    if held is not None:
+        in_held = covariates.condition[kept_timepoints] == held
+        split[in_held & (split != NO_SPLIT)] = TEST
         rule += f"; every timepoint of condition {covariates.condition_names[held]} is test (--holdout_condition)"
-    return is_train, test_blocks, rule
+    return split, test_blocks, rule
 
 
 @dataclass(frozen=True)
@@ -3019,6 +3160,7 @@ class GridPlan:
     z_markers: bool
     split_rule: str = ""  # the split in words (recorded as the attribute split_rule)
     timepoint_times_s: np.ndarray | None = None  # (T,) float64 start of each timepoint, seconds
+    split: np.ndarray | None = None  # (T,) int8 SPLIT_CODES (is_train is split == 0)
 
 
 def plan_grid(
@@ -3038,15 +3180,28 @@ def plan_grid(
         grid = make_atlas_grid_spec(positions, len(kept_timepoints), settings)
     else:
         grid = make_grid_spec(positions, len(kept_timepoints), *settings.grid_shape, settings.z_markers, valid)
-    is_train, test_blocks, rule = plan_split(kept_timepoints, covariates or Covariates(), settings)
-    times_s = time_base.times_s()[kept_timepoints]
+    split, test_blocks, rule = plan_splits(kept_timepoints, covariates or Covariates(), settings)
+    times_s, is_train = time_base.times_s()[kept_timepoints], (split == TRAIN).astype(np.uint8)
     return GridPlan(
-        grid, kept_timepoints, row_of_timepoint, predicted, is_train, test_blocks, settings.z_markers, rule, times_s
+        grid,
+        kept_timepoints,
+        row_of_timepoint,
+        predicted,
+        is_train,
+        test_blocks,
+        settings.z_markers,
+        rule,
+        times_s,
+        split,
     )
 
 
-def coo_to_dense_grid(spike_coords: np.ndarray, grid_shape, spike_values=None, dtype=np.uint8) -> np.ndarray:
-    """Dense (T, Z, H, W) array from COO coordinates (vectorised). Mind the size: T*Z*H*W bytes."""
+def coo_to_dense_grid(spike_coords: np.ndarray, spike_values=None, grid_shape=None, dtype=np.uint8) -> np.ndarray:
+    """Dense (T, Z, H, W) array from COO coordinates (vectorised). Mind the size: T*Z*H*W bytes. The seed's README
+    call ``coo_to_dense_grid(spike_coords, spike_values, grid_shape)``; ``spike_values`` None: ones. The 1.2 call
+    ``coo_to_dense_grid(spike_coords, grid_shape)`` (two arguments) still works: a lone second argument is the shape."""
+    if grid_shape is None:
+        spike_values, grid_shape = None, spike_values
     dense = np.zeros(tuple(int(s) for s in grid_shape), dtype=dtype)
     coords = np.asarray(spike_coords, dtype=np.int64)
     dense[tuple(coords.T)] = 1 if spike_values is None else spike_values
@@ -3669,6 +3824,20 @@ COO_CHUNK_ROWS = 1 << 16  # row chunks: a window of timepoints reads only its ow
 TEMPORARY_MARKER = ".tmp-"
 # every compressed dataset; level 1: 1.6x faster to write than 4 for 2-5 % larger files (benchmarks/RESULTS_pipeline.md)
 GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
+RATE_UNIT = "expected spikes per timepoint"  # CASCADE's rates on the time base (timepoint_rate_hz says its rate)
+
+
+def cell_global_ids(subject_name: str, cell_ids) -> np.ndarray:
+    """(N,) int64 ids unique across subjects and stable across reruns: blake2b of "<subject>:<cell id>" (8 bytes,
+    little-endian) with the sign bit cleared, so they are non-negative int64 (the seed project drew random ones)."""
+    digests = (hashlib.blake2b(f"{subject_name}:{int(cell)}".encode(), digest_size=8).digest() for cell in cell_ids)
+    ids = np.fromiter((int.from_bytes(d, "little") & (2**63 - 1) for d in digests), np.int64, len(cell_ids))
+    return ids
+
+
+def plan_split_codes(plan) -> np.ndarray:
+    """A GridPlan's split codes (T,) int8; a plan made without them (is_train only): train or test."""
+    return plan.split if plan.split is not None else np.where(plan.is_train == 1, TRAIN, TEST).astype(np.int8)
 
 
 class WriteFailed(PipelineError):
@@ -3817,7 +3986,10 @@ def write_coo_file(
         _write_datasets(h5, timepoint_offsets=np.concatenate([[0], np.cumsum(per_timepoint)]).astype(np.int64))
         h5.create_dataset("grid_shape", data=np.asarray(grid.shape, dtype=np.int32))
         _write_datasets(
-            h5, timepoint_indices=plan.kept_timepoints.astype(np.int32), is_train=plan.is_train.astype(np.uint8)
+            h5,
+            timepoint_indices=plan.kept_timepoints.astype(np.int32),
+            is_train=plan.is_train.astype(np.uint8),
+            split=plan_split_codes(plan),
         )
         if plan.timepoint_times_s is not None:
             _write_datasets(h5, timepoint_times_s=plan.timepoint_times_s)
@@ -3939,8 +4111,10 @@ def write_cell_activity(path: Path, spikes: SubjectSpikes, plan: GridPlan, subje
         _write_datasets(
             h5, **{name: value for name, value in positions.items() if value is not None}, cell_ids=subject.cell_ids,
             timepoint_indices=plan.kept_timepoints.astype(np.int32), timepoint_times_s=plan.timepoint_times_s,
-            is_train=plan.is_train.astype(np.uint8),
+            is_train=plan.is_train.astype(np.uint8), split=plan_split_codes(plan),
+            cell_global_ids=cell_global_ids(subject.name, subject.cell_ids),
         )  # fmt: skip
+        h5["spike_rates"].attrs["unit"] = RATE_UNIT
         write_covariates(h5, covariates, plan.kept_timepoints)
         _write_cascade_group(h5.create_group(CASCADE_GROUP), spikes)
         _set_attrs(h5, {**attrs, "cascade_fingerprint": cascade_fingerprint(attrs["fingerprint"])})
@@ -3992,6 +4166,8 @@ def write_metadata_file(path: Path, attrs: dict, datasets: dict, cells: dict, co
     with new_h5_file(path) as h5:
         _set_attrs(h5, attrs)
         _write_datasets(h5, **datasets)
+        if "population_rate_hz" in h5:
+            h5["population_rate_hz"].attrs["unit"] = "expected spikes per second (Hz), mean per valid cell"
         _write_datasets(h5.create_group("cells"), **cells)
         write_covariates(h5, covariates or Covariates(), np.asarray(frames, np.int64))
 
@@ -4013,6 +4189,10 @@ def write_combined_metadata(output_dir: Path, subject_dirs: list, excluded: dict
             for subject_dir in subject_dirs:
                 with h5py.File(subject_dir / METADATA_FILENAME, "r") as source:
                     source.copy(source["/"], combined, name=subject_dir.name)
+                    # the original's combine step stored each subject's total_spikes as a dataset
+                    combined[subject_dir.name].create_dataset(
+                        "total_spikes", data=np.int64(source.attrs["total_spikes"])
+                    )
                     totals["total_subjects"] += 1
                     totals["total_spikes"] += int(source.attrs["total_spikes"])
                     totals["total_pixels"] += int(source.attrs["total_pixels"])
@@ -4096,6 +4276,12 @@ def subject_attrs(record: SubjectRun) -> dict:
         "software_version": __version__,
         "coordinate_order": "t,z,x,y",
         "split_rule": record.plan.split_rule,
+        "split_codes": json.dumps(SPLIT_CODES),
+        "rate_unit": RATE_UNIT,
+        # the original's COO attributes: its sampling rate (here the time base's) and its dF/F baseline
+        "sampling_rate": record.time_base.rate_hz,
+        "window_sec": record.params["param_baseline_window_s"],
+        "percentile": record.params["param_baseline_percentile"],
         "warnings": "; ".join(subject.warnings),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": record.run_id,
@@ -4166,10 +4352,15 @@ def write_metadata(path: Path, record: SubjectRun, _settings: None) -> Path:
     attrs = {**record.attrs, **counts, "coo_file_bytes": built.file_bytes, "timings": record.timings, **record.timings}
     plane_voxels = max(grid.num_timepoints * grid.height * grid.width, 1)
     datasets = {
+        # the original's scalar datasets (its combine step and the GBM scripts read metadata.h5['num_z_planes'])
+        "num_timepoints": np.int64(grid.num_timepoints),
+        "num_z_planes": np.int64(grid.num_z_planes),
         "z_values": grid.z_values,
         "is_train": plan.is_train,
+        "split": plan_split_codes(plan),
+        "validation_timepoints": np.flatnonzero(plan_split_codes(plan) == VALIDATION),
         "train_timepoints": np.flatnonzero(plan.is_train == 1),
-        "test_timepoints": np.flatnonzero(plan.is_train == 0),
+        "test_timepoints": np.flatnonzero(plan_split_codes(plan) == TEST),
         "test_blocks": plan.test_blocks,
         "timepoint_indices": plan.kept_timepoints.astype(np.int32),
         "timepoint_times_s": plan.timepoint_times_s,
@@ -4180,6 +4371,7 @@ def write_metadata(path: Path, record: SubjectRun, _settings: None) -> Path:
     cells = {
         "trace_column": np.arange(record.subject.num_cells, dtype=np.int32),
         "cell_id": record.subject.cell_ids,
+        "cell_global_id": cell_global_ids(record.subject.name, record.subject.cell_ids),
         "position": record.subject.positions,
         "voxel_zxy": grid.cell_voxels
         if grid.cells_outside is None
@@ -4375,6 +4567,514 @@ def describe_os_error(exc: OSError, folder: Path) -> str:
     return "disk quota exceeded" if exc.errno == errno.EDQUOT else " ".join(str(exc).split())[:300]
 
 
+# --- exports: the formats other trainers read, written from a subject's saved results ---------------------------
+# Each export reads only the committed files of a subject (cell_activity.h5, the COO file, metadata.h5), so adding
+# one to a finished run reruns no CASCADE and leaves those files as they are. Each is written to a temporary, opened
+# by its reader check and renamed into place; it records what made it (the source run's id and its own settings),
+# so a changed source or setting redoes that export alone. Optional packages are imported only when asked for.
+
+EXPORT_RECORD_ATTR = "export_record"  # JSON {"run_id", "settings", "software_version"} of the run that made it
+DENSE_EXPORT_FILENAME = "preaugmented_grids.h5"  # the dense version's file, beside the COO file
+DENSE_BLOCK_TIMEPOINTS = 16  # timepoints made dense at a time (16 x 46 planes x 256 x 128 = 24 MB)
+EXPORT_BLOCK_TIMEPOINTS = 256  # timepoints of every cell copied at a time (~90 MB of float32 for 90k cells)
+GBM_EXPORT_DIR, TORCH_BRAIN_EXPORT_DIR = "gbm", "torch_brain"  # folders of their own under --output_dir
+ZAPBENCH_EXPORT_DIR, ZAPBENCH_JSON = "zapbench", "zapbench.json"  # <subject>/zapbench/
+LOG_ACTIVITY_EPS = 1e-7  # the successor's log_activity_eps
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """A subject's committed files, which every export reads (never the run in memory)."""
+
+    out_dir: Path
+    metadata: dict  # metadata.h5's attributes
+
+    @property
+    def name(self) -> str:
+        return self.out_dir.name
+
+    @property
+    def coo(self) -> Path:
+        return self.out_dir / COO_FILENAME
+
+    @property
+    def cell_activity(self) -> Path:
+        return self.out_dir / CELL_ACTIVITY_FILENAME
+
+    @property
+    def rate_hz(self) -> float:
+        return float(self.metadata["timepoint_rate_hz"])
+
+    def param(self, name: str):
+        return self.metadata.get(f"param_{name}")
+
+    def timepoints(self) -> dict:
+        """The time axis every export shares: timepoint_indices, timepoint_times_s, is_train, split (codes)."""
+        with h5py.File(self.out_dir / METADATA_FILENAME, "r") as h5:
+            found = {key: h5[key][()] for key in ("timepoint_indices", "timepoint_times_s", "is_train")}
+            # files of 1.2 hold is_train only: train or test (docs/outputs.md)
+            found["split"] = h5["split"][()] if "split" in h5 else np.where(found["is_train"] == 1, TRAIN, TEST)
+        found["split"] = found["split"].astype(np.int8)
+        return found
+
+    def cells(self) -> dict:
+        """cell_activity.h5's per-cell arrays: cell_ids, cell_global_ids, positions (and positions_registered)."""
+        with h5py.File(self.cell_activity, "r") as h5:
+            found = {key: h5[key][()] for key in ("cell_ids", "positions", "positions_registered") if key in h5}
+            found["cell_global_ids"] = (
+                h5["cell_global_ids"][()] if "cell_global_ids" in h5 else cell_global_ids(self.name, found["cell_ids"])
+            )
+        return found
+
+    def rate_blocks(self) -> Iterator[tuple]:
+        """(first row, (rows, N) float32 rates) of cell_activity.h5's spike_rates, a block of timepoints at a time."""
+        with h5py.File(self.cell_activity, "r") as h5:
+            rates = h5["spike_rates"]
+            for first in range(0, rates.shape[0], EXPORT_BLOCK_TIMEPOINTS):
+                yield first, rates[first : first + EXPORT_BLOCK_TIMEPOINTS].astype(np.float32)
+
+    def rates_shape(self) -> tuple:
+        with h5py.File(self.cell_activity, "r") as h5:
+            return h5["spike_rates"].shape
+
+    def covariates(self) -> dict:
+        return read_covariates(self.out_dir / METADATA_FILENAME)
+
+
+def _one_hot(codes: np.ndarray) -> np.ndarray:
+    """(T, K) float32 one-hot of the distinct values of ``codes`` in ascending order (the successor's stimulus_full)."""
+    labels, compact = np.unique(np.asarray(codes).astype(np.int64).reshape(-1), return_inverse=True)
+    return np.eye(len(labels), dtype=np.float32)[compact]
+
+
+def unit_scaled_positions(source: ExportSource, cells: dict) -> tuple:
+    """(N, 3) float32 positions in [0, 1] and how: in the atlas frame with --coordinates registered (voxel v of n
+    to (v - 1) / (n - 1), the same frame for every fish), else the successor's per-fish min-max scaling."""
+    registered = cells.get("positions_registered")
+    if source.param("coordinates") == "registered" and registered is not None:
+        extent = np.asarray(source.param("atlas_shape"), np.float64).reshape(-1)[:3]
+        scaled = (np.nan_to_num(registered) - 1) / np.maximum(extent - 1, 1)
+        how = f"atlas frame: (voxel - 1) / (n - 1) for atlas_shape {tuple(int(v) for v in extent)}"
+    else:
+        base = np.nan_to_num(np.asarray(cells["positions"], np.float64))
+        low, span = base.min(axis=0), np.ptp(base, axis=0)
+        scaled, how = (base - low) / np.where(span == 0, 1.0, span), "per-fish min-max of the positions"
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32), how
+
+
+def split_intervals(split: np.ndarray, times_s: np.ndarray, rate_hz: float) -> dict:
+    """code -> (starts, ends) in seconds of the contiguous runs of each split code (a timepoint lasts 1 / rate)."""
+    bounds = np.flatnonzero(np.diff(split)) + 1
+    starts, stops = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(split)]])
+    found = {}
+    for code in SPLIT_CODES.values():
+        runs = split[starts] == code if len(split) else np.zeros(0, bool)
+        found[code] = (times_s[starts[runs]], times_s[stops[runs] - 1] + 1.0 / rate_hz)
+    return found
+
+
+def write_dense_export(path: Path, source: ExportSource, _settings: dict) -> None:
+    """preaugmented_grids.h5, the dense version's file the seed's grid loader reads (FastGridLoader): grids (T, Z, H,
+    W) uint8, attributes num_timepoints and num_z_planes, timepoint_indices and is_train (and split), made dense a
+    few timepoints at a time from the COO file: memory never holds the dense grid. SWMR-readable (libver latest)."""
+    with h5py.File(source.coo, "r") as coo:
+        shape, offsets = tuple(int(v) for v in coo["grid_shape"][()]), coo["timepoint_offsets"][()]
+        log.info(f"{source.name}: export dense: a {'x'.join(map(str, shape))} uint8 grid, "
+                 f"{_format_bytes(math.prod(shape))} before compression")  # fmt: skip
+        with open(path, "w+b") as handle, h5py.File(handle, "w", libver="latest") as h5:
+            chunks = (1, 1, *shape[2:]) if min(shape) else None
+            grids = h5.create_dataset("grids", shape, np.uint8, chunks=chunks, **(GZIP if chunks else {}))
+            for first in range(0, shape[0], DENSE_BLOCK_TIMEPOINTS):
+                stop = min(first + DENSE_BLOCK_TIMEPOINTS, shape[0])
+                rows = slice(int(offsets[first]), int(offsets[stop]))
+                coords = coo["spike_coords"][rows] - np.array([first, 0, 0, 0], np.int32)
+                grids[first:stop] = coo_to_dense_grid(coords, coo["spike_values"][rows], (stop - first, *shape[1:]))
+            times = source.timepoints()
+            _write_datasets(h5, **times)
+            attrs = {key: value for key, value in coo.attrs.items() if key not in ("num_timepoints", "num_z_planes")}
+            h5.attrs.update(attrs)
+            h5.attrs["num_timepoints"], h5.attrs["num_z_planes"] = shape[0], shape[1]  # the loader's ints
+            h5.attrs["format"] = "dense"
+
+
+def check_dense_export(path: Path) -> None:
+    """What FastGridLoader reads, read as it reads it (SWMR, libver latest)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as h5:
+        num_timepoints, num_z = int(h5.attrs["num_timepoints"]), int(h5.attrs["num_z_planes"])
+        if h5["grids"].shape[:2] != (num_timepoints, num_z) or h5["grids"].dtype != np.uint8:
+            raise PipelineError(f"{path}: grids {h5['grids'].shape} do not match its num_timepoints, num_z_planes")
+        if len(h5["timepoint_indices"]) != num_timepoints or len(h5["is_train"]) != num_timepoints:
+            raise PipelineError(f"{path}: timepoint_indices or is_train do not have {num_timepoints} rows")
+
+
+def write_gbm_export(path: Path, source: ExportSource, _settings: dict) -> None:
+    """<output_dir>/gbm/<subject>.h5, the successor's flat file its NeuralDataset reads: neuron_values (T, N) float32
+    rates (0 where CASCADE predicts nothing, neuron_values_valid beside), cell_positions (N, 3) in [0, 1],
+    num_neurons, neuron_global_ids, stimulus_full one-hot, log_activity_mean / log_activity_std as the successor
+    computes them (log of max(value, 1e-7) over time), behavior_full / eye_full on the neural clock (rows x T, as
+    the successor stores them), and the split."""
+    num_timepoints, num_cells = source.rates_shape()
+    cells, times = source.cells(), source.timepoints()
+    positions, how = unit_scaled_positions(source, cells)
+    with new_h5_file(path, in_memory=False) as h5:
+        sum_logs, sum_squares = _write_rate_datasets(h5, source, "neuron_values", "neuron_values_valid")
+        mean = (sum_logs / max(num_timepoints, 1)).astype(np.float32)
+        std = np.sqrt(np.maximum(sum_squares / max(num_timepoints, 1) - np.square(mean), 0.0)).astype(np.float32)
+        covariates = source.covariates()
+        extra = {}
+        if "stimulus" in covariates:
+            extra["stimulus_full"] = _one_hot(covariates["stimulus"])
+        for name in ("behavior", "eye"):
+            if name in covariates:
+                extra[f"{name}_full"] = np.asarray(covariates[name], np.float32).T  # (rows, T) as the successor's
+        _write_datasets(
+            h5, cell_positions=positions, num_neurons=np.int64(num_cells), num_timepoints=np.int64(num_timepoints),
+            neuron_global_ids=cells["cell_global_ids"].astype(np.int64), cell_ids=cells["cell_ids"],
+            log_activity_mean=mean, log_activity_std=std, **times, **extra,
+        )  # fmt: skip
+        h5.attrs.update({
+            "subject": source.name, "neuron_values_semantics": "expected spikes per timepoint", "unit": RATE_UNIT,
+            "final_sampling_rate": source.rate_hz, "positions_normalized": True, "positions_scaling": how,
+            "includes_log_activity_stats": True, "log_activity_eps": LOG_ACTIVITY_EPS, "split_codes": json.dumps(SPLIT_CODES),
+            "split_rule": str(source.metadata.get("split_rule", "")), "software_version": __version__,
+        })  # fmt: skip
+        if "stimulus_full" in extra:
+            h5.attrs["stimulus_num_classes"] = extra["stimulus_full"].shape[1]
+
+
+def check_gbm_export(path: Path) -> None:
+    """What NeuralDataset reads: neuron_values (T, N), cell_positions (N, 3) in [0, 1], num_neurons."""
+    with h5py.File(path, "r") as h5:
+        num_cells = int(h5["num_neurons"][()])
+        if h5["neuron_values"].shape[1] != num_cells or h5["cell_positions"].shape != (num_cells, 3):
+            raise PipelineError(f"{path}: neuron_values / cell_positions do not hold num_neurons {num_cells} cells")
+
+
+def _torch_brain_data():
+    """The Data classes torch_brain reads: its own (0.2) or temporaldata's (0.1)."""
+    try:
+        from torch_brain import data as classes
+
+        classes.Data  # noqa: B018 (0.1 has a torch_brain.data without Data)
+    except (ImportError, AttributeError):
+        import temporaldata as classes
+    return classes
+
+
+@dataclass(frozen=True)
+class TorchBrainSettings:
+    """What the torch_brain export takes from the command line (fields named after the options)."""
+
+    nwb_subject_id: str | None
+    nwb_species: str | None
+
+
+def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBrainSettings) -> None:
+    """<output_dir>/torch_brain/<subject>.h5, one temporaldata Data per subject as brainsets lay out calcium
+    recordings: cascade_rates (a RegularTimeSeries on the run's time base: rates (T, N) float32, 0 where CASCADE
+    predicts nothing, valid beside), rois (id: the global id as text, global_id, cell_id, position, position_unit),
+    brainset / subject / session / device descriptions, stimulus conditions as intervals, domain and
+    train_domain / valid_domain / test_domain. The run keeps no dF/F on disk, so there is none here (--nwb has it).
+    Data.to_hdf5 writes whole arrays: the rates go in as (T, 0) and their datasets are then made a block of
+    timepoints at a time (chunked, compressed), so memory never holds the (T, N) rates."""
+    tb = _torch_brain_data()
+    num_timepoints, num_cells = source.rates_shape()
+    cells, times = source.cells(), source.timepoints()
+    rate_hz, times_s = source.rate_hz, times["timepoint_times_s"]
+    start = float(times_s[0]) if num_timepoints else 0.0
+    positions, how = unit_scaled_positions(source, cells)
+    domains = {
+        name: tb.Interval(start=np.asarray(starts, np.float64), end=np.asarray(ends, np.float64))
+        for name, (starts, ends) in zip(
+            ("train_domain", "valid_domain", "test_domain"),
+            (split_intervals(times["split"], times_s, rate_hz)[code] for code in (TRAIN, VALIDATION, TEST)),
+        )
+    }
+    covariates, conditions = source.covariates(), {}
+    if "condition" in covariates:
+        segments = ConditionSegments.of(covariates["condition"], covariates["condition_names"], num_timepoints)
+        named = [s for s, c in enumerate(segments.conditions) if c >= 0]
+        bounds = np.asarray(segments.offsets)
+        conditions["stimulus_conditions"] = tb.Interval(
+            start=times_s[bounds[named]].astype(np.float64),
+            end=(times_s[bounds[np.add(named, 1)] - 1] + 1.0 / rate_hz).astype(np.float64),
+            condition=np.asarray([segments.conditions[s] for s in named], np.int64),
+            name=np.asarray([segments.names[s] for s in named], dtype="S"),
+        )  # fmt: skip
+    species = settings.nwb_species or None
+    data = tb.Data(
+        brainset=tb.BrainsetDescription(
+            id="unified_spike_processing_coo", origin_version=str(source.metadata.get("layout", "")),
+            derived_version=__version__, source=",".join(np.atleast_1d(source.metadata.get("source_files", "")).astype(str)),
+            description=f"CASCADE spike rates of {source.name} ({source.metadata.get('cascade_model', '')}): "
+            f"{RATE_UNIT} at {rate_hz:g} Hz",
+        ),
+        subject=tb.SubjectDescription(id=settings.nwb_subject_id or source.name, species=species),
+        session=tb.SessionDescription(id=source.name),
+        device=tb.DeviceDescription(
+            id="microscope", recording_tech="calcium imaging", indicator="not recorded in the input",
+            imaging_rate_hz=float(source.metadata["frame_rate_hz"]),
+        ),
+        cascade_rates=tb.RegularTimeSeries(sampling_rate=rate_hz, domain_start=start, rates=np.zeros((num_timepoints, 0), np.float32), valid=np.zeros((num_timepoints, 0), np.uint8)),
+        rois=tb.ArrayDict(
+            id=np.asarray([str(v) for v in cells["cell_global_ids"]], dtype="S"),
+            global_id=cells["cell_global_ids"].astype(np.int64), cell_id=np.asarray(cells["cell_ids"], np.int64),
+            position=positions,
+        ),
+        domain=tb.Interval(start=start, end=start + num_timepoints / rate_hz),
+        rate_unit=RATE_UNIT, timepoint_rate_hz=rate_hz, position_scaling=how, split_codes=json.dumps(SPLIT_CODES),
+        split_rule=str(source.metadata.get("split_rule", "")),
+        software_version=__version__, **domains, **conditions,
+    )  # fmt: skip
+    with h5py.File(path, "w") as h5:
+        data.to_hdf5(h5)
+        _write_rate_datasets(h5["cascade_rates"], source, "rates", "valid")
+
+
+def _write_rate_datasets(group, source: ExportSource, values_name: str, valid_name: str) -> None:
+    """(T, N) float32 rates (0 where CASCADE predicts nothing) and (T, N) uint8 validity in ``group``, from
+    cell_activity.h5 a block of timepoints at a time (replacing datasets of those names). Returns per cell the sums
+    over time of log(max(value, 1e-7)) and of its square, whence the successor's log_activity_mean / _std."""
+    shape = source.rates_shape()
+    options = dict(chunks=(min(16, shape[0]), shape[1]), **GZIP) if min(shape) else {}
+    for name in (values_name, valid_name):
+        if name in group:
+            del group[name]
+    values = group.create_dataset(values_name, shape, np.float32, **options)
+    valid = group.create_dataset(valid_name, shape, np.uint8, **options)
+    sum_logs, sum_squares = np.zeros(shape[1]), np.zeros(shape[1])
+    for first, block in source.rate_blocks():
+        finite = np.isfinite(block)
+        block[~finite] = 0.0
+        values[first : first + len(block)], valid[first : first + len(block)] = block, finite
+        logs = np.log(np.maximum(block, LOG_ACTIVITY_EPS))
+        sum_logs += logs.sum(axis=0, dtype=np.float64)
+        sum_squares += np.square(logs, dtype=np.float64).sum(axis=0)
+    values.attrs["unit"] = RATE_UNIT
+    return sum_logs, sum_squares
+
+
+def check_torch_brain_export(path: Path) -> None:
+    """torch_brain's own loader opens it and slices the first timepoints."""
+    tb = _torch_brain_data()
+    with h5py.File(path, "r") as h5:
+        data = tb.Data.from_hdf5(h5, lazy=True)
+        start = float(data.domain.start[0])
+        data.slice(start, min(float(data.domain.end[-1]), start + 1.0 / float(data.timepoint_rate_hz)))
+
+
+def zapbench_constants(source: ExportSource, num_timepoints: int) -> dict:
+    """The JSON keyed as ZAPBench's constants.py, from which its split rule gives the run's split codes."""
+    covariates = source.covariates()
+    condition = covariates.get("condition")
+    segments = ConditionSegments.of(condition, covariates.get("condition_names", ()), num_timepoints)
+    held = str(source.param("holdout_condition") or "").lower()
+    holdout = [s for s, name in enumerate(segments.names) if held and name.lower() == held]
+    val, test = zapbench_fractions(argparse.Namespace(val_ratio=_none(source.param("val_ratio")), test_ratio=_none(source.param("test_ratio"))))  # fmt: skip
+    padding = zapbench_padding(argparse.Namespace(condition_padding=_none(source.param("condition_padding"))))
+    return {
+        "condition_offsets": list(segments.offsets), "condition_names": list(segments.names),
+        "condition_padding": int(padding), "val_fraction": float(val), "test_fraction": float(test),
+        "conditions_train": [s for s in range(len(segments.names)) if s not in holdout], "conditions_holdout": holdout,
+        "num_timepoints": int(num_timepoints), "timepoint_rate_hz": source.rate_hz, "unit": RATE_UNIT,
+        "split_codes": SPLIT_CODES, "split_rule": str(source.metadata.get("split_rule", "")), "subject": source.name,
+    }  # fmt: skip
+
+
+def _none(value):
+    """A recorded option attribute back as its value ('' was None)."""
+    return None if value is None or (isinstance(value, str) and value == "") else value
+
+
+def write_zapbench_export(path: Path, source: ExportSource, _settings: dict) -> None:
+    """<subject>/zapbench/: zarr v3 arrays as ZAPBench reads them through TensorStore: traces (t, f) float32 rates
+    (NaN where CASCADE predicts nothing, as ZAPBench's traces have no gaps to mark otherwise; dimension names t, f;
+    attribute unit), covariates (t, k) float32 (stimulus and condition one-hot, behaviour, eye), positions (f, 3)
+    in [0, 1], split (t,) int8, and zapbench.json keyed as ZAPBench's constants. No dF/F: the run keeps none."""
+    import zarr
+
+    num_timepoints, num_cells = source.rates_shape()
+    cells, times = source.cells(), source.timepoints()
+    path.mkdir()
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    chunks = (min(EXPORT_BLOCK_TIMEPOINTS, max(num_timepoints, 1)), max(min(num_cells, 4096), 1))
+    traces = root.create_array("traces", shape=(num_timepoints, num_cells), dtype="float32", chunks=chunks,
+                               dimension_names=("t", "f"), fill_value=float("nan"))  # fmt: skip
+    for first, block in source.rate_blocks():
+        traces[first : first + len(block)] = block
+    traces.attrs.update({"unit": RATE_UNIT, "timepoint_rate_hz": source.rate_hz})
+    positions, how = unit_scaled_positions(source, cells)
+    stored = root.create_array("positions", shape=positions.shape, dtype="float32", dimension_names=("f", "a"))
+    stored[...] = positions
+    stored.attrs["scaling"] = how
+    covariates, columns, names = source.covariates(), [], []
+    for name in ("stimulus", "condition"):
+        if name in covariates:
+            one_hot = _one_hot(covariates[name])
+            columns.append(one_hot)
+            names += [f"{name}={v}" for v in np.unique(np.asarray(covariates[name]).astype(np.int64))]
+    for name in ("behavior", "eye"):
+        if name in covariates:
+            values = np.asarray(covariates[name], np.float32).reshape(num_timepoints, -1)
+            columns.append(values)
+            names += [f"{name}[{i}]" for i in range(values.shape[1])]
+    if columns:
+        stack = np.concatenate(columns, axis=1).astype(np.float32)
+        stored = root.create_array("covariates", shape=stack.shape, dtype="float32", dimension_names=("t", "k"))
+        stored[...] = stack
+        stored.attrs["names"] = names
+    split = root.create_array("split", shape=(num_timepoints,), dtype="int8", dimension_names=("t",))
+    split[...] = times["split"]
+    constants = zapbench_constants(source, num_timepoints)
+    (path / ZAPBENCH_JSON).write_text(json.dumps(constants, indent=1))
+
+
+def check_zapbench_export(path: Path) -> None:
+    """TensorStore opens the traces as ZAPBench's specs do (driver zarr3, labels t and f)."""
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "traces")}}).result()
+    if tuple(store.domain.labels) != ("t", "f"):
+        raise PipelineError(f"{path}: traces' dimensions are {store.domain.labels}, not (t, f)")
+
+
+@dataclass(frozen=True)
+class Export:
+    """One format of EXPORTS: the only place to touch to add one."""
+
+    description: str
+    path: Callable[[Path, str], Path]  # (output_dir, subject) -> the file or folder it makes
+    packages: tuple  # (import name, pip name) of the optional packages it needs, imported only when asked for
+    reads: tuple  # the subject's files it reads
+    write: Callable[[Path, ExportSource, object], None]  # (temporary, source, settings)
+    check: Callable[[Path], None]  # its reader opens the temporary before it is renamed into place
+    settings: type | None = None  # the options it takes (settings_for); a change redoes it
+
+
+EXPORTS = {
+    "dense": Export(
+        f"<subject>/{DENSE_EXPORT_FILENAME}, the dense version's grids (T, Z, H, W) uint8 for the seed's grid loader",
+        lambda out, name: out / name / DENSE_EXPORT_FILENAME, (), (COO_FILENAME,), write_dense_export,
+        check_dense_export,
+    ),
+    "gbm": Export(
+        f"{GBM_EXPORT_DIR}/<subject>.h5, the successor's per-neuron file (neuron_values, cell_positions, ...)",
+        lambda out, name: out / GBM_EXPORT_DIR / f"{name}.h5", (), (CELL_ACTIVITY_FILENAME,), write_gbm_export,
+        check_gbm_export,
+    ),
+    "torch_brain": Export(
+        f"{TORCH_BRAIN_EXPORT_DIR}/<subject>.h5, a temporaldata Data recording for torch_brain's Dataset and samplers",
+        lambda out, name: out / TORCH_BRAIN_EXPORT_DIR / f"{name}.h5", (("torch_brain", "torch-brain"),),
+        (CELL_ACTIVITY_FILENAME,), write_torch_brain_export, check_torch_brain_export, TorchBrainSettings,
+    ),
+    "zapbench": Export(
+        f"<subject>/{ZAPBENCH_EXPORT_DIR}/, zarr v3 (t, f) arrays and {ZAPBENCH_JSON} for ZAPBench (--split zapbench)",
+        lambda out, name: out / name / ZAPBENCH_EXPORT_DIR, (("zarr", "zarr"), ("tensorstore", "tensorstore")),
+        (CELL_ACTIVITY_FILENAME,), write_zapbench_export, check_zapbench_export,
+    ),
+}  # fmt: skip
+
+
+def export_refusals(config) -> dict:
+    """--export's refusals at the start, one line each: unknown names, missing packages, impossible combinations."""
+    import importlib.util
+
+    unknown = [name for name in config.export if name not in EXPORTS]
+    chosen = [EXPORTS[name] for name in config.export if name in EXPORTS]
+    missing = sorted(
+        {pip for export in chosen for module, pip in export.packages if not importlib.util.find_spec(module)}
+    )
+    needs_activity = [
+        name for name in config.export if name in EXPORTS and CELL_ACTIVITY_FILENAME in EXPORTS[name].reads
+    ]
+    return {
+        f"--export: unknown format(s) {', '.join(unknown)} (known: {', '.join(EXPORTS)})": bool(unknown),
+        f"--export {','.join(config.export)} needs optional packages: pip install {' '.join(missing)}": bool(missing),
+        f"--export {','.join(needs_activity)} reads cell_activity.h5: drop --no_cell_activity": bool(needs_activity)
+        and not config.cell_activity,
+        "--export zapbench needs --split zapbench (ZAPBench's rule must give the run's split codes)": (
+            "zapbench" in config.export and config.split != "zapbench"
+        ),
+    }  # fmt: skip
+
+
+def export_record_of(path: Path) -> dict | None:
+    """The record an export holds of what made it, or None (absent, unreadable, made otherwise)."""
+    with contextlib.suppress(OSError, KeyError, ValueError):
+        if path.is_dir():
+            return json.loads((path / ZAPBENCH_JSON).read_text())[EXPORT_RECORD_ATTR]
+        with h5py.File(path, "r") as h5:
+            return json.loads(h5.attrs[EXPORT_RECORD_ATTR])
+    return None
+
+
+def _replace(temporary: Path, final: Path) -> None:
+    """Rename a file or folder into place (a folder's old version is moved aside first and then removed)."""
+    if temporary.is_dir() and final.exists():
+        aside = temporary_path(final)
+        os.replace(final, aside)
+        os.replace(temporary, final)
+        remove_quietly(aside)
+    else:
+        os.replace(temporary, final)
+
+
+def write_exports(out_dir: Path, config) -> list:
+    """Stage: --export's formats of one committed subject, each from its saved files (no CASCADE), each redone only
+    when absent or made from another run or with other settings. Returns the paths written."""
+    metadata = read_attrs(out_dir / METADATA_FILENAME)
+    if metadata is None:
+        return []
+    source, run_id = ExportSource(out_dir, metadata), str(metadata["run_id"])
+    for name, export in EXPORTS.items():  # an export not asked for stays, unless made from results now gone
+        final = export.path(out_dir.parent, out_dir.name)
+        old = export_record_of(final) if name not in config.export and final.exists() else None
+        if old is not None and old.get("run_id") != run_id:
+            remove_quietly(final)
+            log.info(f"{out_dir.name}: removed export {name} ({final}): made from the subject's earlier results")
+    written = []
+    for name in config.export:
+        export = EXPORTS[name]
+        final = export.path(out_dir.parent, out_dir.name)
+        settings = settings_for(export.settings, config) if export.settings else None
+        record = {"run_id": run_id, "software_version": __version__,
+                  "settings": dataclasses.asdict(settings) if settings else {}}  # fmt: skip
+        if export_record_of(final) == record:
+            log.info(f"{out_dir.name}: export {name} up to date ({final})")
+            continue
+        missing = [filename for filename in export.reads if not (out_dir / filename).is_file()]
+        if missing:
+            raise PipelineError(f"export {name} reads {', '.join(missing)}, which {out_dir} does not hold: rerun with --overwrite")  # fmt: skip
+        started = time.perf_counter()
+        log.info(f"{out_dir.name}: export {name} from the saved results in {out_dir} (CASCADE not rerun)")
+        _write_export(export, final, source, settings, record)
+        size = sum(p.stat().st_size for p in ([final] if final.is_file() else final.rglob("*")) if p.is_file())
+        seconds = time.perf_counter() - started
+        log.info(f"{out_dir.name}: export {name}: {final} ({_format_bytes(size)}) in {seconds:.1f} s")
+        written.append(final)
+    return written
+
+
+def _write_export(export: Export, final: Path, source: ExportSource, settings, record: dict) -> None:
+    """One export: written to a temporary, stamped with its record, opened by its reader, renamed into place."""
+    temporary = temporary_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        export.write(temporary, source, settings)
+        if temporary.is_dir():  # a folder of arrays: the record goes in its JSON
+            constants = json.loads((temporary / ZAPBENCH_JSON).read_text())
+            (temporary / ZAPBENCH_JSON).write_text(json.dumps({**constants, EXPORT_RECORD_ATTR: record}, indent=1))
+        else:
+            with h5py.File(temporary, "r+") as h5:
+                h5.attrs[EXPORT_RECORD_ATTR] = json.dumps(record)
+        export.check(temporary)
+        _replace(temporary, final)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {final}: {describe_os_error(exc, final.parent)}") from None
+    finally:
+        remove_quietly(temporary)
+
+
 def load_coo_grid(path) -> dict:
     """Everything in a preaugmented_grids_coo.h5 as numpy arrays plus its attributes (and 'covariates', a dict
     as read_covariates gives it, when the file has them)."""
@@ -4382,6 +5082,12 @@ def load_coo_grid(path) -> dict:
         found = {key: h5[key][()] for key in h5 if isinstance(h5[key], h5py.Dataset)}
         found["attrs"] = dict(h5.attrs)
     return found | ({"covariates": covariates} if (covariates := read_covariates(path)) else {})
+
+
+def load_coo_as_dense(filepath) -> np.ndarray:
+    """The seed README's loader: a preaugmented_grids_coo.h5 as its dense (T, Z, H, W) uint8 grid (T*Z*H*W bytes)."""
+    with h5py.File(filepath, "r") as h5:
+        return coo_to_dense_grid(h5["spike_coords"][()], h5["spike_values"][()], h5["grid_shape"][()])
 
 
 # --- Readers of windows of timepoints ---------------------------------------------------------
@@ -5177,7 +5883,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         match = pattern.match(path.name)
         with contextlib.suppress(OSError):
             if match and (_run_died(match[2], int(match[3])) or time.time() - path.stat().st_mtime > 86400):
-                path.unlink()
+                remove_quietly(path)  # a file, or an export's folder (zapbench)
                 log.info("removed %s, left by a run that died", path)
 
 
@@ -5471,6 +6177,8 @@ def check_split(subject: SubjectData, plan: GridPlan, settings: GridSettings) ->
     on a subject without conditions falls back to blocks, a doubt."""
     if settings.split == "conditions" and subject.covariates.condition is None:
         subject.warn("--split conditions: the subject has no stimulus conditions (timelists): split in blocks instead")
+    if settings.split == "zapbench" and subject.covariates.condition is None:
+        subject.warn("--split zapbench: the subject has no stimulus conditions (timelists): one segment, split once")
     total, train = len(plan.is_train), int(plan.is_train.sum())
     by_blocks_alone = plan.split_rule.startswith("blocks") and not settings.holdout_condition
     if not by_blocks_alone or train >= total * min(0.5, settings.split_ratio):
@@ -5501,6 +6209,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
     )
     if reason is None:
         log.info(f"{subject.name}: outputs up to date (same inputs, parameters, model and software): skipped")
+        write_exports(record.out_dir, config)
         return SubjectSummary.from_metadata(read_attrs(record.out_dir / METADATA_FILENAME))
     log.info(f"{subject.name}: computing ({reason})")
     record.timings["load_s"] = time.perf_counter() - started
@@ -5529,6 +6238,7 @@ def process_subject(folder: Path, config: PipelineConfig, pool: WorkerPool, run:
             remove_quietly(path)
         if not existed and record.out_dir.is_dir() and not any(record.out_dir.iterdir()):
             record.out_dir.rmdir()  # a subject refused after CASCADE leaves no empty folder
+    write_exports(record.out_dir, config)
     summary = SubjectSummary.of_run(record, time.perf_counter() - started)
     log.info(f"{subject.name}: {plural(summary.total_spikes, 'active voxel')} ({summary.spike_pixels} spike, "
              f"{summary.marker_pixels} marker) in a {'x'.join(map(str, record.plan.grid.shape))} grid, written to "

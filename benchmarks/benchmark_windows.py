@@ -92,7 +92,7 @@ def h5py_window_dense(path: Path, start: int, stop: int) -> np.ndarray:
         coords = h5["spike_coords"][first:last]
         shape = (stop - start, *h5["grid_shape"][1:])
     coords[:, 0] -= start
-    return usp.coo_to_dense_grid(coords, shape)
+    return usp.coo_to_dense_grid(coords, grid_shape=shape)
 
 
 def v1_0_copy(path: Path) -> Path:

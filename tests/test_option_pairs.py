@@ -72,10 +72,14 @@ def option_values(tmp) -> dict:
         "z_markers": [["--no_z_markers"]],
         "atlas_shape": [["--atlas_shape", "120", "90", "12"]],
         "z_planes": [["--z_planes", "6"]],
-        "split": [["--split", "conditions"]],
+        "split": [["--split", "conditions"], ["--split", "zapbench"]],
         "split_block": [["--split_block", "40"]],
         "split_ratio": [["--split_ratio", "0.8"]],
         "holdout_condition": [["--holdout_condition", "PT"]],
+        "val_ratio": [["--val_ratio", "0.1"]],
+        "test_ratio": [["--test_ratio", "0.3"]],  # with --split zapbench only: refused in one line otherwise
+        "condition_padding": [["--condition_padding", "2"]],  # likewise
+        "export": [["--export", "dense,gbm,torch_brain"], ["--export", "zapbench"]],  # zapbench: with --split zapbench
     }
 
 
@@ -223,6 +227,9 @@ def outputs_agree(subject, argv) -> None:
             np.testing.assert_array_equal(h5["timepoint_indices"][()], kept)
             assert rates.shape == (len(kept), attrs["num_cells"])
             assert h5.attrs["run_id"] == run_id
+    for name in next((argv[i + 1] for i, word in enumerate(argv) if word == "--export"), "").split(","):
+        if name:  # each export asked for is there, made from this run's files
+            assert usp.export_record_of(usp.EXPORTS[name].path(subject.parent, subject.name))["run_id"] == run_id
     nwb = subject / f"{subject.name}{usp.NWB_FILENAME_SUFFIX}"
     assert nwb.exists() == ("--nwb" in argv)
     if nwb.exists():

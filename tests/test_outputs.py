@@ -89,7 +89,7 @@ def test_dense_round_trip(sample_run):
     out, _ = sample_run
     grid = coo(out, "subject_2")
     coords, shape = grid["spike_coords"], tuple(grid["grid_shape"])
-    dense = usp.coo_to_dense_grid(coords, shape)
+    dense = usp.coo_to_dense_grid(coords, grid_shape=shape)
     assert dense.dtype == np.uint8 and dense.shape == shape and int(dense.sum()) == len(coords)
     back = np.argwhere(dense)  # argwhere is row-major sorted, like the file
     np.testing.assert_array_equal(back, coords)
