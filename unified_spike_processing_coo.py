@@ -2513,7 +2513,7 @@ def _nan_window_mask(nan_frames: np.ndarray, window_size: int, num_windows: int)
     return (counts[:, window_size : window_size + num_windows] - counts[:, :num_windows]) > 0
 
 
-def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *, max_chunk_frames: int = 1 << 19) -> tuple:
+def predict_raw_rates(dff: np.ndarray, model: CascadeModel, *, max_chunk_frames: int = 1 << 18) -> tuple:
     """(rates (N, T) float64: the ensemble-mean output, NaN where no prediction exists, no threshold or
     padding; noise_levels (N,); model_noise_levels (N,)), in chunks of about ``max_chunk_frames``
     neuron-frames so that memory stays a small multiple of one chunk whatever N is."""
@@ -3215,7 +3215,7 @@ def coo_to_dense_grid(spike_coords: np.ndarray, spike_values=None, grid_shape=No
 # dF/F, CASCADE and spike sampling a chunk of cells at a time, so its memory does not grow with
 # --batch_size. It sends back spikes as int32 (frame, cell) events and small per-cell summaries.
 
-CELLS_PER_CHUNK = 2048  # cells streamed through dF/F -> CASCADE -> spikes at once in a worker
+CELLS_PER_CHUNK = 1024  # cells streamed through dF/F -> CASCADE -> spikes at once in a worker (~0.2 GB each)
 RATE_SUM_SCALE = 2.0**32  # population rate summed in fixed point: exact whatever the batching
 PROGRESS_LOG_INTERVAL_S = 60.0
 
