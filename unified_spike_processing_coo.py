@@ -3416,8 +3416,8 @@ class ScratchArray:
             handle.write(data.data)
 
     def read_rows(self, first: int, stop: int) -> np.ndarray:
-        """(stop - first, columns) rows [first, stop)."""
-        out = np.empty((max(stop - first, 0), self.shape[1]), self.dtype)
+        """(stop - first, columns) rows [first, stop) (stop clamped to the rows there are)."""
+        out = np.empty((max(min(stop, self.shape[0]) - first, 0), self.shape[1]), self.dtype)
         view, offset = memoryview(out.reshape(-1).view(np.uint8)), first * self.shape[1] * out.itemsize
         fd = os.open(self.path, os.O_RDONLY)
         try:
