@@ -158,8 +158,9 @@ class PipelineConfig:
     verbose: bool = option(False, "debug logging, tracebacks on errors", IO, flag="-v/--verbose")
     workers: int = option(
         1, "worker processes for CASCADE inference; each uses cores/workers threads (workers x threads per worker = "
-        "the cores this job may use), so workers never add cores, only memory (~2.7 GB each for a whole fish, 1.7 "
-        "with --engine numpy). More workers keep the cores busier between the network's layers: on 2 cores a whole "
+        "the cores this job may use), so workers never add cores, only memory (~2 GB each for a whole fish with "
+        "TensorFlow, less with --engine numpy; the main process ~1.7 GB). More workers keep the cores busier between "
+        "the network's layers: on 2 cores a whole "
         "fish ran 9 %% faster with 2 workers than with 1. Choose the most that fit in memory, up to the cores "
         "(--inspect suggests a number; docs/performance.md)", RUN,
     )  # fmt: skip
@@ -6381,11 +6382,13 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
 #     issue 20 third part, 6f80809): main 2.72 GB, a worker 2.65 GB (tensorflow) / 1.67 GB (numpy), the tree
 #     6.10 / 3.81 GB (6.8 GB was seen with tensorflow since; --workers 1, before 6f80809: 4.56 GB). Estimates: 8.0 /
 #     6.1 GB (5.4 GB).
+#   the same whole fish after issue 27 (rates through scratch arrays, 1,024-cell chunks, trimmed idle workers; 2-core
+#     Intel Xeon): main 1.69 GB, a worker 1.94 GB (tensorflow), the tree 3.93 GB; estimate 5.6 GB.
 # Remeasure these when the memory of the stages changes: other machines, models and inputs differ.
 MAIN_BASE_GB = 0.35  # the main process before its subject (numpy, h5py, the module; no TensorFlow)
-MAIN_BYTES_PER_NEURON_FRAME = 6.6  # the main's growth: the batches' rates and spikes, the grid and its files
+MAIN_BYTES_PER_NEURON_FRAME = 3.7  # the main's growth: the batches' spikes, the grid and its files (rates on disk)
 WORKER_BASE_GB = {"tensorflow": 0.9, "numpy": 0.13}  # a worker with its engine loaded (--workers 1: in the main)
-WORKER_BYTES_PER_NEURON_FRAME = {"tensorflow": 14.6, "numpy": 12.8}  # a worker's growth per neuron-frame of its batch
+WORKER_BYTES_PER_NEURON_FRAME = {"tensorflow": 11.6, "numpy": 12.8}  # a worker's growth per neuron-frame of its batch
 # Time: an engine's multiply-adds/s as a fraction of the host's float32 matrix-product rate (benchmark_engine.py in
 # benchmarks/RESULTS_inference.md), and the whole run's neuron-frames/s as a fraction of the engine's
 # (benchmark_overhead.py in benchmarks/RESULTS_pipeline.md), so that the estimate follows the host it runs on.
