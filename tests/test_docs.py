@@ -140,7 +140,18 @@ def sample_run_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("docs")
     run_cli(
-        "--input_dir", SAMPLE_DIR, "--output_dir", folder / "out", "--subjects", "subject_1", "--nwb", *OFFLINE_BUILTIN
+        "--input_dir",
+        SAMPLE_DIR,
+        "--output_dir",
+        folder / "out",
+        "--subjects",
+        "subject_1",
+        "--nwb",
+        *OFFLINE_BUILTIN,
+        "--split",
+        "zapbench",
+        "--export",
+        "dense,gbm,torch_brain,zapbench",  # what the exports' examples read
     )
     return folder
 

@@ -149,7 +149,8 @@ def test_without_a_target_rate_the_time_base_is_the_recording():
     rates = np.random.default_rng(1).random((3, 50))
     assert time_base.rebin(rates) is rates and time_base.num_timepoints == 50 and time_base.rate_hz == 2.0
     covariates = usp.Covariates(stimulus=np.arange(50))
-    assert time_base.resample_covariates(covariates) is covariates
+    resampled = time_base.resample_covariates(covariates)  # the same rows, now said to be timepoints
+    assert resampled.stimulus is covariates.stimulus and (covariates.clock, resampled.clock) == ("frames", "timepoints")
 
 
 def test_covariates_resampled_codes_at_the_bin_start_behaviour_by_mean():
