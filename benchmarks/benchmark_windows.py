@@ -278,36 +278,34 @@ def per_process(read, starts) -> tuple:
     return 1e3 * np.array(times), 1e3 * float(np.median(cpu))
 
 
-def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
-    """ms per window of a DataLoader over the sampler (batch arrival times / batch size, first batch untimed)."""
-    import spike_sampler
-
-    loader = iter(spike_sampler.make_loader(sampler, batch_size, num_workers=workers))
-    next(loader)
+def _ms_per_window(batches_in, batch_size: int, batches: int) -> np.ndarray:
+    """ms per window of an iterator of batches (batch arrival times / batch size, the first batch untimed)."""
+    next(batches_in)
     times, began = [], time.perf_counter()
     for _ in range(batches):
-        next(loader)
+        next(batches_in)
         now = time.perf_counter()
         times.append((now - began) / batch_size)
         began = now
-    del loader
     return 1e3 * np.array(times)
+
+
+def through_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
+    """ms per window of a DataLoader over the sampler."""
+    import spike_sampler
+
+    loader = iter(spike_sampler.make_loader(sampler, batch_size, num_workers=workers))
+    times = _ms_per_window(loader, batch_size, batches)
+    del loader
+    return times
 
 
 def through_window_loader(sampler, batch_size: int, workers: int, batches: int) -> np.ndarray:
-    """ms per window of the sampler's own workers (spike_sampler.WindowLoader), as through_loader."""
+    """ms per window of the sampler's own workers (spike_sampler.WindowLoader)."""
     import spike_sampler
 
     with spike_sampler.WindowLoader(sampler, batch_size, workers=workers) as loader:
-        batches_in = iter(loader)
-        next(batches_in)
-        times, began = [], time.perf_counter()
-        for _ in range(batches):
-            next(batches_in)
-            now = time.perf_counter()
-            times.append((now - began) / batch_size)
-            began = now
-    return 1e3 * np.array(times)
+        return _ms_per_window(iter(loader), batch_size, batches)
 
 
 def row(label: str, measured, window_bytes: int, copy_ms: float) -> None:
