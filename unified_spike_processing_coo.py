@@ -3895,13 +3895,14 @@ class _QuietFailingFile:
 
 
 @contextlib.contextmanager
-def new_h5_file(path: Path, in_memory: bool = True):
+def new_h5_file(path: Path, in_memory: bool = True, **h5_options):
     """A new HDF5 file, built in memory and written to ``path`` when the block ends (see above); or, for a file
-    too large to hold (``in_memory`` False), built in ``path`` itself through a _QuietFailingFile."""
+    too large to hold (``in_memory`` False), built in ``path`` itself through a _QuietFailingFile. ``h5_options``
+    go to h5py.File (e.g. libver)."""
     if not in_memory:
         target = _QuietFailingFile(path)
         try:
-            with h5py.File(target, "w") as h5:
+            with h5py.File(target, "w", **h5_options) as h5:
                 yield h5
         finally:
             target.handle.close()
@@ -3909,7 +3910,7 @@ def new_h5_file(path: Path, in_memory: bool = True):
             raise target.error
         return
     buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as h5:
+    with h5py.File(buffer, "w", **h5_options) as h5:
         yield h5
     write_file(path, buffer)
 
@@ -4683,7 +4684,7 @@ def write_dense_export(path: Path, source: ExportSource, _settings: dict) -> Non
         shape, offsets = tuple(int(v) for v in coo["grid_shape"][()]), coo["timepoint_offsets"][()]
         log.info(f"{source.name}: export dense: a {'x'.join(map(str, shape))} uint8 grid, "
                  f"{_format_bytes(math.prod(shape))} before compression")  # fmt: skip
-        with open(path, "w+b") as handle, h5py.File(handle, "w", libver="latest") as h5:
+        with new_h5_file(path, in_memory=False, libver="latest") as h5:
             chunks = (1, 1, *shape[2:]) if min(shape) else None
             grids = h5.create_dataset("grids", shape, np.uint8, chunks=chunks, **(GZIP if chunks else {}))
             for first in range(0, shape[0], DENSE_BLOCK_TIMEPOINTS):
@@ -4828,7 +4829,7 @@ def write_torch_brain_export(path: Path, source: ExportSource, settings: TorchBr
         split_rule=str(source.metadata.get("split_rule", "")),
         software_version=__version__, **domains, **conditions,
     )  # fmt: skip
-    with h5py.File(path, "w") as h5:
+    with new_h5_file(path, in_memory=False) as h5:  # a whole fish's is ~600 MB
         data.to_hdf5(h5)
         _write_rate_datasets(h5["cascade_rates"], source, "rates", "valid")
 
