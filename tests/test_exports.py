@@ -235,26 +235,20 @@ def test_torch_brain_dataset_samples_windows(run):
     assert len(list(valid)) > 0
 
 
-def _zapbench_rule(constants, split: str, condition: int, context: int = 0) -> tuple:
-    """ZAPBench's data_utils.get_condition_bounds and adjust_condition_bounds_for_split (google-research/zapbench,
-    Apache-2.0; its package on PyPI is an empty placeholder), restated with the constants read from the export's
-    JSON in place of zapbench.constants."""
-    inclusive_min = constants["condition_offsets"][condition] + constants["condition_padding"]
-    exclusive_max = constants["condition_offsets"][condition + 1] - constants["condition_padding"]
-    num_timesteps_total = exclusive_max - inclusive_min
-    num_timesteps_test = int(num_timesteps_total * constants["test_fraction"])
-    num_timesteps_val = int(num_timesteps_total * constants["val_fraction"])
-    num_timesteps_train = num_timesteps_total - num_timesteps_test - num_timesteps_val
-    if split == "train":
-        exclusive_max = inclusive_min + num_timesteps_train
-    elif split == "val":
-        exclusive_max = inclusive_min + num_timesteps_train + num_timesteps_val
-        inclusive_min += num_timesteps_train - context
-    elif split == "test":
-        inclusive_min += num_timesteps_train + num_timesteps_val - context
-    elif split == "test_holdout":
-        pass  # inclusive_min += MAX_CONTEXT_LENGTH - context: with context = MAX_CONTEXT_LENGTH, the whole condition
-    return inclusive_min, exclusive_max
+def _zapbench_parts(constants, condition: int) -> dict:
+    """ZAPBench's split rule in our words (its code is not a package: its PyPI name is an empty placeholder, and
+    it is not copied here): within a condition's segment of condition_offsets, less condition_padding timepoints at
+    each edge, n timepoints remain; the last int(n * test_fraction) are test, the int(n * val_fraction) before them
+    validation, the rest, first, train (targets only: a window's context may reach back). A held-out condition's
+    padded segment is all test."""
+    first = constants["condition_offsets"][condition] + constants["condition_padding"]
+    stop = constants["condition_offsets"][condition + 1] - constants["condition_padding"]
+    size = stop - first
+    val_start = stop - int(size * constants["test_fraction"]) - int(size * constants["val_fraction"])
+    test_start = stop - int(size * constants["test_fraction"])
+    if condition in constants["conditions_holdout"]:
+        return {2: (first, stop)}
+    return {0: (first, val_start), 1: (val_start, test_start), 2: (test_start, stop)}
 
 
 def test_zapbench_export_opens_in_tensorstore_and_its_rule_gives_the_split(run):
@@ -282,12 +276,7 @@ def test_zapbench_export_opens_in_tensorstore_and_its_rule_gives_the_split(run):
     assert offsets[0] == 0 and offsets[-1] == traces.shape[0] and len(constants["condition_names"]) == len(offsets) - 1
     rebuilt = np.full(traces.shape[0], -1, np.int8)
     for condition in range(len(offsets) - 1):
-        if condition in constants["conditions_holdout"]:
-            low, high = _zapbench_rule(constants, "test_holdout", condition)
-            rebuilt[low:high] = 2
-            continue
-        for name, code in (("train", 0), ("val", 1), ("test", 2)):
-            low, high = _zapbench_rule(constants, name, condition)
+        for code, (low, high) in _zapbench_parts(constants, condition).items():
             rebuilt[low:high] = code
     np.testing.assert_array_equal(rebuilt, activity["split"])
     assert [constants["condition_names"][c] for c in constants["conditions_holdout"]] == ["PT"]

@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from test_exports import _zapbench_rule
+from test_exports import _zapbench_parts
 
 import unified_spike_processing_coo as usp
 
@@ -71,17 +71,17 @@ def test_zapbench_split_is_zapbench_rule(padding, fractions):
     split, _, rule = usp.plan_splits(kept, covariates, settings)
     segments = usp.ConditionSegments.of(covariates.condition, covariates.condition_names, len(kept))
     assert segments.names == ("gain", "dots", "none", "flash", "gain", "dots") and segments.offsets[-1] == len(kept)
+    holdout = [condition for condition, name in enumerate(segments.names) if name == "flash"]
     constants = dict(
-        condition_offsets=segments.offsets, condition_padding=padding, val_fraction=val, test_fraction=test
+        condition_offsets=segments.offsets,
+        condition_padding=padding,
+        val_fraction=val,
+        test_fraction=test,
+        conditions_holdout=holdout,
     )
     rebuilt = np.full(len(kept), -1, np.int8)
-    for condition, name in enumerate(segments.names):
-        if name == "flash":
-            low, high = _zapbench_rule(constants, "test_holdout", condition)
-            rebuilt[low:high] = 2
-            continue
-        for part, code in (("train", 0), ("val", 1), ("test", 2)):
-            low, high = _zapbench_rule(constants, part, condition)
+    for condition in range(len(segments.names)):
+        for code, (low, high) in _zapbench_parts(constants, condition).items():
             rebuilt[low:high] = code  # empty where padding leaves nothing
     np.testing.assert_array_equal(split, rebuilt)
     assert rule.startswith("zapbench") and "flash is test" in rule
