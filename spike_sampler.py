@@ -119,8 +119,9 @@ class WindowSampler:
     ``context`` rows before them (timepoints; planes for "planes"); ``split``: "train", "validation" or "test";
     ``num_windows``: windows per epoch (default: as many as fit side by side in the usable targets); ``dense``:
     grids as dense uint8 blocks (else sparse); ``dtype``: rates as float16 (as stored) or float32; ``cache_dir``:
-    grids only, a folder where each COO file's z, x, y are decoded once (3 bytes an entry where the axes fit a
-    byte: 0.3 GB for a whole fish), so that windows are copied, not inflated (~10x faster; see decoded_columns)."""
+    grids of 1.2 only (files since 1.3 hold their z, x, y decoded and need none), a folder where each such COO
+    file's z, x, y are decoded once (3 bytes an entry: 0.3 GB for a whole fish), so that windows are copied, not
+    inflated (~10x faster; see decoded_columns)."""
 
     def __init__(self, outputs, kind: str = "cells", length: int = 48, context: int = 0, split: str = "train",
                  seed: int = 0, num_windows: int | None = None, dense: bool = True, dtype=np.float16,
@@ -270,7 +271,7 @@ class WindowSampler:
                 t = np.repeat(np.arange(rows, dtype=np.int64), np.diff(offsets))
                 block.reshape(-1)[usp._linear_index([t, *columns], block.shape)] = 1
             else:
-                sparse = {"offsets": offsets, "entries": _stacked_rows(columns)}
+                sparse = {"offsets": offsets, "entries": columns}
         else:
             timepoints, z = np.divmod(start + np.arange(rows), info.grid_shape[1])
             out["timepoint"][slot], out["z"][slot], out["split"][slot] = timepoints, z, info.split[timepoints]
@@ -305,14 +306,14 @@ class WindowSampler:
         info, rows = self.subjects[subject], self.window_rows
         num_z, height, width = info.grid_shape[1:]
         first = start // num_z
-        offsets, (z, x, y) = self.reader(subject).entries(first, (start + rows - 1) // num_z + 1)
+        offsets, columns = self.reader(subject).entries(first, (start + rows - 1) // num_z + 1)
         t = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-        plane = t * num_z + z - (start - first * num_z)  # ascending
+        plane = t * num_z + columns[0] - (start - first * num_z)  # ascending
         lo, hi = np.searchsorted(plane, [0, rows])
-        plane, x, y = plane[lo:hi], x[lo:hi], y[lo:hi]
+        plane, x, y = plane[lo:hi], columns[1, lo:hi], columns[2, lo:hi]
         if block is None:
             return {"offsets": np.searchsorted(plane, np.arange(rows + 1)).astype(np.int64),
-                    "entries": _stacked_rows([x, y])}  # fmt: skip
+                    "entries": np.ascontiguousarray(columns[1:, lo:hi])}  # fmt: skip
         block.fill(0)
         flat = plane * (height * width)
         flat += x.astype(np.int64) * width
@@ -333,7 +334,8 @@ class WindowSampler:
 def decoded_columns(coo_path: Path, cache_dir: Path) -> Path | None:
     """A .npy file in ``cache_dir`` holding the (3, E) z, x, y columns of a COO file decoded (uint8 where the
     grid's axes fit a byte, else int32), made once (named after the file's path, size and modification time, so a
-    rewritten file gets a new one); None for files without timepoint_offsets (1.0), read as they are."""
+    rewritten file gets a new one); None for files that need none (since 1.3 the file holds them decoded:
+    spike_zxy) and for files without timepoint_offsets (1.0): both are read as they are."""
     stat = Path(coo_path).stat()
     identity = f"{Path(coo_path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     target = (
@@ -342,7 +344,7 @@ def decoded_columns(coo_path: Path, cache_dir: Path) -> Path | None:
     if target.is_file():
         return target
     with usp.CooFile(coo_path) as grid:
-        if grid.offsets is None:
+        if grid.offsets is None or grid.zxy is not None:
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
         dtype = np.uint8 if max(grid.grid_shape[1:], default=0) <= 256 else np.int32
@@ -371,19 +373,10 @@ class DecodedGrid:
     def entries(self, start, stop) -> tuple:
         start, stop = usp._check_window(start, stop, self.grid.num_timepoints, self.grid.filename)
         first, last = self.grid.rows(start, stop)
-        return self.grid.offsets[start : stop + 1] - first, list(self.columns[:, first:last])
+        return self.grid.offsets[start : stop + 1] - first, np.array(self.columns[:, first:last])
 
     def close(self) -> None:
         self.grid.close()
-
-
-def _stacked_rows(columns: list) -> np.ndarray:
-    """(k, n) array of k entry columns (uint8 where every column is, else int32): the compact sparse form."""
-    dtype = np.uint8 if all(column.dtype == np.uint8 for column in columns) else np.int32
-    stacked = np.empty((len(columns), len(columns[0])), dtype)
-    for row, column in zip(stacked, columns):
-        row[...] = column
-    return stacked
 
 
 # --- the sampler's own workers -------------------------------------------------------------------------------

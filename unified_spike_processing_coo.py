@@ -3977,16 +3977,21 @@ def write_coo_file(
 ) -> tuple:
     """Stream COO blocks (coords, counts) into ``path`` (or a buffer); returns (CooCounts, per-plane entries). Datasets:
     spike_coords (E, 4) int32 [t, z, x, y] sorted, spike_values (E,) uint8 ones, timepoint_offsets (T+1,) int64
-    (entries of timepoint t are rows offsets[t]:offsets[t+1]), grid_shape, timepoint_indices (time-base timepoint of
-    each t), is_train, and the subject's Covariates at those timepoints (write_covariates)."""
+    (entries of timepoint t are rows offsets[t]:offsets[t+1]), spike_zxy (3, E) the z, x, y of spike_coords again,
+    unfiltered (what window readers read), grid_shape, timepoint_indices (time-base timepoint of each t), is_train,
+    and the subject's Covariates at those timepoints (write_covariates)."""
     grid, counts = plan.grid, CooCounts()
     plane_entries, per_timepoint = np.zeros(grid.num_z_planes, np.int64), np.zeros(grid.num_timepoints, np.int64)
     with h5py.File(path, "w") if isinstance(path, io.BytesIO) else new_h5_file(path) as h5:
         out = h5.create_dataset("spike_coords", (0, 4), "<i4", maxshape=(None, 4), chunks=(COO_CHUNK_ROWS, 1), **GZIP)
         appender = ChunkAppender(out, available_cpus())
+        zxy = h5.create_dataset("spike_zxy", (3, 0), zxy_dtype(grid.shape), maxshape=(3, None),
+                                chunks=(1, COO_CHUNK_ROWS))  # fmt: skip
         for coords, block_counts in blocks:
             counts += block_counts
             appender.append(coords)
+            zxy.resize(zxy.shape[1] + len(coords), axis=1)
+            zxy[:, zxy.shape[1] - len(coords) :] = coords[:, 1:].T
             plane_entries += np.bincount(coords[:, 1], minlength=grid.num_z_planes)
             per_timepoint += np.bincount(coords[:, 0], minlength=grid.num_timepoints)
         appender.close()
@@ -4009,6 +4014,12 @@ def write_coo_file(
         write_covariates(h5, covariates or Covariates(), plan.kept_timepoints)
         _set_attrs(h5, {**attrs, **coo_attrs(counts, len(out), grid)})
     return counts, plane_entries
+
+
+def zxy_dtype(grid_shape: tuple) -> np.dtype:
+    """spike_zxy's type: the smallest unsigned integer that holds every z, x and y of the grid (uint8 for the
+    default 256 x 128 planes)."""
+    return np.min_scalar_type(max(1, *grid_shape[1:]) - 1)
 
 
 def coo_attrs(counts: CooCounts, num_entries: int, grid: GridSpec) -> dict:
@@ -5094,13 +5105,16 @@ def load_coo_as_dense(filepath) -> np.ndarray:
 
 
 # --- Readers of windows of timepoints ---------------------------------------------------------
-# Entries are sorted by t: timepoints [start, stop) are rows offsets[start]:offsets[stop] of
-# spike_coords, and a window inflates only the row chunks those rows lie in (the offsets give t).
-# Fast path, for the layout write_coo_file writes ((R, 1) chunks of little-endian int32, shuffle
-# then deflate): shuffling stores byte i of every value of a chunk together, so a column whose
-# values fit in k bytes is the first k*R bytes of its inflated chunk; inflating only those is ~4x
-# faster than letting HDF5 inflate and unshuffle it all. Other layouts are read by h5py. Files made
-# before timepoint_offsets existed (1.0) are bisected on their t column (~2*log2(E/R) chunk reads).
+# Entries are sorted by t: timepoints [start, stop) are entries offsets[start]:offsets[stop] (the
+# offsets give t). Since 1.3 a window's z, x, y are read from spike_zxy, the same numbers unfiltered
+# (3 bytes an entry): a 100-timepoint window of a whole fish is ~2 ms, where inflating spike_coords
+# is ~28 ms, ~9 ms a column, however little of each chunk is inflated (issue 26, RESULTS_pipeline.md).
+# Files without it (1.2) inflate only the row chunks of the window. Fast path for write_coo_file's
+# spike_coords ((R, 1) chunks of little-endian int32, shuffle then deflate): shuffling stores byte i
+# of every value of a chunk together, so a column whose values fit in k bytes is the first k*R bytes
+# of its inflated chunk; inflating only those is ~4x faster than letting HDF5 inflate and unshuffle it
+# all. Other layouts are read by h5py. Files made before timepoint_offsets existed (1.0) are bisected
+# on their t column (~2*log2(E/R) chunk reads).
 # CooFile and CellFile look a file's shape, offsets and layout up once per open handle: a window
 # then costs only its own rows (training reads thousands of windows through one handle).
 
@@ -5179,6 +5193,12 @@ class CooFile(_OpenedOnce):
                     f"{self.num_entries} entries: the file is damaged, rerun the pipeline for this subject"
                 )
             self.deflated_columns = self.num_entries > 0 and _is_deflated_columns(self.coords)
+            self.zxy = h5.get("spike_zxy")  # None in files of 1.2
+            if self.zxy is not None and self.zxy.shape != (3, self.num_entries):
+                raise ValueError(
+                    f"spike_zxy of {self.filename} is {self.zxy.shape}, not (3, {self.num_entries}) as its "
+                    "spike_coords: the file is damaged, rerun the pipeline for this subject"
+                )
         except BaseException:
             self.close()
             raise
@@ -5191,12 +5211,15 @@ class CooFile(_OpenedOnce):
         return first, _first_row_from(self.coords, stop, first)
 
     def column(self, first: int, last: int, column: int) -> np.ndarray:
-        """spike_coords[first:last, column]: uint8 when the grid's axis fits a byte, else int32."""
+        """spike_coords[first:last, column] (1: z, 2: x, 3: y): uint8 when the grid's axis fits a byte, else int32."""
+        if self.zxy is not None and column:
+            return _compact(self.zxy[column - 1, first:last])
         return _read_column(self.coords, first, last, column, self.grid_shape[column] - 1, self.deflated_columns)
 
     def entries(self, start, stop) -> tuple:
-        """(window offsets, [z, x, y] columns) of timepoints [start, stop): window timepoint i is rows
-        offsets[i]:offsets[i + 1] of the columns (the compact form: t is never stored per entry)."""
+        """(window offsets, (3, n) z, x, y) of timepoints [start, stop): window timepoint i is columns
+        offsets[i]:offsets[i + 1] (the compact form: t is never stored per entry; uint8 where the grid's
+        axes fit a byte, else int32)."""
         start, stop = _check_window(start, stop, self.num_timepoints, self.filename)
         first, last = self.rows(start, stop)
         if self.offsets is not None:
@@ -5207,7 +5230,9 @@ class CooFile(_OpenedOnce):
             offsets = np.searchsorted(t, np.arange(stop - start + 1), side="left").astype(np.int64)
             if len(t) and (t[0] < 0 or t[-1] >= stop - start):
                 raise ValueError(f"spike_coords of {self.filename} is not sorted by t: rerun the pipeline")
-        return offsets, [self.column(first, last, j) for j in (1, 2, 3)]
+        if self.zxy is not None:
+            return offsets, _compact(self.zxy[:, first:last])
+        return offsets, _stacked_rows([self.column(first, last, j) for j in (1, 2, 3)])
 
     def columns(self, start, stop) -> tuple:
         """(window shape, [t - start, z, x, y] columns, window offsets) of timepoints [start, stop)."""
@@ -5224,6 +5249,20 @@ class CooFile(_OpenedOnce):
         out = _dense_buffer(out, shape)
         out.reshape(-1)[_linear_index(columns, shape)] = 1
         return out
+
+
+def _compact(columns: np.ndarray) -> np.ndarray:
+    """Entry columns as readers return them: uint8 as stored, any wider type as int32 (what torch takes)."""
+    return columns if columns.dtype == np.uint8 else columns.astype(np.int32)
+
+
+def _stacked_rows(columns: list) -> np.ndarray:
+    """(k, n) array of k entry columns (uint8 where every column is, else int32): the compact sparse form."""
+    dtype = np.uint8 if all(column.dtype == np.uint8 for column in columns) else np.int32
+    stacked = np.empty((len(columns), len(columns[0])), dtype)
+    for row, column in zip(stacked, columns):
+        row[...] = column
+    return stacked
 
 
 def _stacked_coords(columns: list) -> np.ndarray:

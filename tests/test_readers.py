@@ -32,6 +32,13 @@ def write_like_pipeline(path, coords: np.ndarray, shape: tuple, monkeypatch, chu
     return path
 
 
+def as_1_2_wrote_it(path):
+    """The pipeline's file without spike_zxy (1.2 wrote none): windows inflate spike_coords."""
+    with h5py.File(path, "r+") as h5:
+        del h5["spike_zxy"]
+    return path
+
+
 def write_other_layout(path, coords: np.ndarray, shape: tuple, offsets: bool = True, **dataset_options):
     """A COO file written otherwise: other chunks or filters, or without timepoint_offsets (1.0)."""
     with h5py.File(path, "w") as h5:
@@ -56,13 +63,15 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(params=["pipeline", *LAYOUTS])
+@pytest.fixture(params=["pipeline", "pipeline_1.2", *LAYOUTS])
 def coo_file(request, tmp_path, monkeypatch):
     """(path, all coordinates, grid shape) in every layout the readers must handle."""
     coords = random_coords(SHAPE, 0.05, seed=1)
     path = tmp_path / f"{request.param}.h5"
     if request.param == "pipeline":
         return write_like_pipeline(path, coords, SHAPE, monkeypatch), coords, SHAPE
+    if request.param == "pipeline_1.2":
+        return as_1_2_wrote_it(write_like_pipeline(path, coords, SHAPE, monkeypatch)), coords, SHAPE
     options, offsets = LAYOUTS[request.param]
     return write_other_layout(path, coords, SHAPE, offsets, **options), coords, SHAPE
 
@@ -84,6 +93,9 @@ def test_pipeline_file_layout_and_offsets(tmp_path, monkeypatch):
         filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
         assert filters == [h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE]
         offsets = h5["timepoint_offsets"][()]
+        zxy = h5["spike_zxy"]  # the same z, x, y, unfiltered: what windows are read from
+        assert zxy.dtype == np.uint8 and zxy.chunks == (1, 64) and zxy.compression is None and not zxy.shuffle
+        np.testing.assert_array_equal(zxy[()], coords[:, 1:].T)
     assert offsets.dtype == np.int64 and offsets.shape == (SHAPE[0] + 1,)
     np.testing.assert_array_equal(offsets, np.searchsorted(coords[:, 0], np.arange(SHAPE[0] + 1)))
     for t in range(SHAPE[0]):
@@ -158,14 +170,21 @@ def test_values_wider_than_a_byte(tmp_path, monkeypatch):
     coords = np.stack(np.unravel_index(linear, shape), axis=1).astype(np.int32)
     paths = [
         write_like_pipeline(tmp_path / "pipeline.h5", coords, shape, monkeypatch, chunk_rows=128),
+        as_1_2_wrote_it(write_like_pipeline(tmp_path / "pipeline_1.2.h5", coords, shape, monkeypatch, chunk_rows=128)),
         write_other_layout(
             tmp_path / "old.h5", coords, shape, False, chunks=(100, 1), compression="gzip", shuffle=True
         ),
     ]
+    with h5py.File(paths[0], "r") as h5:
+        assert h5["spike_zxy"].dtype == np.uint32  # y up to 69,999
     for path in paths:
         for start, stop in [(0, 300), (10, 11), (37, 290), (299, 300)]:
             window = usp.load_coo_window(path, start, stop)
             np.testing.assert_array_equal(window.coords, expected_window(coords, start, stop))
+            with usp.CooFile(path) as grid:
+                offsets, columns = grid.entries(start, stop)
+            assert columns.dtype == np.int32 and columns.shape == (3, len(window.coords))
+            np.testing.assert_array_equal(columns, window.coords[:, 1:].T)
 
 
 def test_empty_grid(tmp_path, monkeypatch):
@@ -219,6 +238,17 @@ def test_damaged_offsets_are_reported(tmp_path, monkeypatch):
         usp.load_coo_window(path, 2, 30)
 
 
+def test_damaged_spike_zxy_is_reported(tmp_path, monkeypatch):
+    coords = random_coords(SHAPE, 0.05, seed=9)
+    path = write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch)
+    with h5py.File(path, "r+") as h5:
+        zxy = h5["spike_zxy"][()]
+        del h5["spike_zxy"]
+        h5["spike_zxy"] = zxy[:, :-1]  # one entry short of spike_coords
+    with pytest.raises(ValueError, match=r"spike_zxy of .* is \(3, \d+\), not \(3, \d+\).*rerun the pipeline"):
+        usp.load_coo_window(path, 2, 30)
+
+
 def test_windows_as_torch_sparse_tensors(tmp_path, monkeypatch):
     """The README's PyTorch example: a window as a torch.sparse_coo_tensor."""
     torch = pytest.importorskip("torch", reason="PyTorch is optional (not a dependency of the pipeline)")
@@ -238,7 +268,7 @@ def test_a_chunk_stored_unfiltered_is_read_by_hdf5(tmp_path, monkeypatch):
     """HDF5 may store a chunk with some filters skipped (its filter mask says so): the fast path
     must then leave that column to h5py rather than inflate raw bytes."""
     coords = random_coords(SHAPE, 0.05, seed=11)
-    path = write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch)
+    path = as_1_2_wrote_it(write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch))
     with h5py.File(path, "r+") as h5:
         column = np.zeros(64, np.int32)
         column[: min(64, len(coords))] = coords[:64, 2]

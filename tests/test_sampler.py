@@ -1,6 +1,7 @@
 """spike_sampler: random windows across fish equal slicing the whole files, respect the split, are deterministic,
 pad cells with a mask, run in DataLoader workers, read 1.2 files, and train a tiny model (issue 26)."""
 
+import shutil
 from types import SimpleNamespace
 
 import h5py
@@ -43,7 +44,8 @@ def fish_spikes(num_cells: int, num_timepoints: int, rng, scratch) -> usp.Subjec
 def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=True, legacy=False, codes=None):
     """A subject folder with cell_activity.h5 and preaugmented_grids_coo.h5 written by the pipeline's writers
     (write_cell_activity, write_coo_file), covariates included; ``split``: add issue 25's `split` dataset;
-    ``legacy``: spike_rates as 1.2 wrote it (16 timepoints x all cells, gzip + shuffle) and no `split`."""
+    ``legacy``: as 1.2 wrote them: spike_rates in 16 timepoints x all cells, gzip + shuffle; no `split`; no
+    spike_zxy (the grid's windows inflate spike_coords)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     codes = split_codes(num_timepoints, seed) if codes is None else codes
@@ -80,6 +82,8 @@ def write_fish(folder, num_cells: int, num_timepoints: int, seed: int, split=Tru
                     del h5[written]
             if split and not legacy:  # as issue 25 writes it
                 h5["split"] = codes
+            if legacy and name == usp.COO_FILENAME:
+                del h5["spike_zxy"]
             if legacy and name == usp.CELL_ACTIVITY_FILENAME:
                 rates = h5["spike_rates"][()]
                 del h5["spike_rates"]
@@ -196,19 +200,30 @@ def test_grid_and_plane_windows_equal_slicing_the_grid(outputs, kind, dense):
 
 
 @pytest.mark.parametrize("kind", ["grid", "planes"])
-def test_decoded_cache_gives_the_same_windows(outputs, tmp_path, kind):
-    """cache_dir: z, x, y decoded once into a .npy per file; windows equal those inflated from the file."""
+def test_grids_of_1_2_give_the_same_windows_inflated_or_decoded_in_the_cache(outputs, tmp_path, kind):
+    """Files of 1.2 (no spike_zxy): windows inflated from spike_coords, or from cache_dir (z, x, y decoded once
+    into a .npy per file), equal those of the files since 1.3 (read from spike_zxy, which need no cache)."""
+    old = tmp_path / "old"
+    for folder in sorted(outputs.iterdir()):
+        (old / folder.name).mkdir(parents=True)
+        shutil.copy(folder / usp.COO_FILENAME, old / folder.name)
+        with h5py.File(old / folder.name / usp.COO_FILENAME, "r+") as h5:
+            del h5["spike_zxy"]
     for dense in (True, False):
         options = dict(length=7, context=2, seed=8, num_windows=30, dense=dense)
-        plain = ss.WindowSampler(outputs, kind, **options)
-        cached = ss.WindowSampler(outputs, kind, cache_dir=tmp_path / "cache", **options)
+        new = ss.WindowSampler(outputs, kind, cache_dir=tmp_path / "unused", **options)
+        assert new.decoded == [None] * 3 and not (tmp_path / "unused").exists()
+        inflated = ss.WindowSampler(old, kind, **options)
+        assert inflated.reader(0).zxy is None
+        cached = ss.WindowSampler(old, kind, cache_dir=tmp_path / "cache", **options)
         assert all(path is not None and path.parent == tmp_path / "cache" for path in cached.decoded)
         assert isinstance(cached.reader(0), ss.DecodedGrid)
-        for index in range(len(plain)):
-            a, b = plain[index], cached[index]
-            assert a.keys() == b.keys()
+        for index in range(len(new)):
+            a, b, c = new[index], inflated[index], cached[index]
+            assert a.keys() == b.keys() == c.keys()
             for key in a:
-                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind} dense={dense} {key}")
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind} dense={dense} {key} inflated")
+                np.testing.assert_array_equal(a[key], c[key], err_msg=f"{kind} dense={dense} {key} cached")
     decoded = np.load(cached.decoded[0])
     with h5py.File(cached.subjects[0].path, "r") as h5:
         np.testing.assert_array_equal(decoded, h5["spike_coords"][:, 1:].T)
