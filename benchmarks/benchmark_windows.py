@@ -12,7 +12,7 @@ densifying them, the same through h5py's ordinary slicing plus coo_to_dense_grid
 
     python benchmarks/benchmark_windows.py [--chunk_rows 65536] [--windows 20] [--length 100]
 
-The file stays in the OS page cache between reads (it is ~80 MB): the figures are those of a
+The file stays in the OS page cache between reads (~0.5 GB, 0.3 of it spike_zxy): the figures are those of a
 training loop reading one fish, not of a cold disk. Wall times depend on what else runs on the
 machine (the load average is printed); CPU times much less.
 
@@ -23,8 +23,8 @@ page cache, per process (windows read into one reused buffer, random starts) and
 with --workers processes (spike_sampler.make_loader): median and worst ms per window, windows/s, and the ratio
 to a plain numpy copy of the same bytes timed in the same run (the memory-bandwidth limit), for per-cell windows
 of --cell_lengths timepoints (float16 as stored; float32 for 48), the 1.2 layout (gzip 1 + shuffle) beside the
-new one, 64-plane sequences, --length-timepoint grid windows sparse and dense, and the sampler over the three
-subjects. Generated files stay in --folder (several GB): delete it afterwards.
+new one, 64-plane sequences, --length-timepoint grid windows sparse and dense (from spike_zxy; a copy without it
+as 1.2 wrote it, inflated, and through the sampler's cache_dir), and the sampler over the three subjects. Generated files stay in --folder (several GB): delete it afterwards.
 
     python benchmarks/benchmark_windows.py --training_only [--workers 2] [--windows 40]
 """
@@ -68,7 +68,10 @@ def synthetic_blocks(shape: tuple, entries: int, seed: int):
 
 def make_file(path: Path, shape: tuple, entries: int, seed: int) -> None:
     if path.is_file():
-        return
+        with h5py.File(path, "r") as h5:
+            if "spike_zxy" in h5:
+                return
+        print(f"{path} was written before spike_zxy: made again")
     path.parent.mkdir(parents=True, exist_ok=True)
     num_timepoints, num_z, height, width = shape
     grid = usp.GridSpec(num_timepoints, num_z, height, width, np.arange(num_z, dtype=float), np.zeros((0, 3), np.int32))
@@ -95,14 +98,18 @@ def h5py_window_dense(path: Path, start: int, stop: int) -> np.ndarray:
     return usp.coo_to_dense_grid(coords, grid_shape=shape)
 
 
-def v1_0_copy(path: Path) -> Path:
-    """A copy of the file as version 1.0 wrote it: no timepoint_offsets (made once)."""
-    copy = path.with_name(path.stem + "_v1.0.h5")
+OLDER_LAYOUTS = {"1.0": ("timepoint_offsets", "spike_zxy"), "1.2": ("spike_zxy",)}  # version: datasets it lacks
+
+
+def older_copy(path: Path, version: str) -> Path:
+    """A copy of the file as ``version`` wrote it, without the datasets it did not have (made once)."""
+    copy = path.with_name(f"{path.stem}_v{version}.h5")
     if not copy.is_file():
         temporary = usp.temporary_path(copy)
         shutil.copyfile(path, temporary)
         with h5py.File(temporary, "r+") as h5:
-            del h5["timepoint_offsets"]
+            for name in OLDER_LAYOUTS[version]:
+                del h5[name]
         os.replace(temporary, copy)
     return copy
 
@@ -175,7 +182,7 @@ def main() -> None:
     if args.v1_0:
         cases.append(("1.0 file (bisection): load_coo_window_dense", usp.load_coo_window_dense))
     for label, function in cases:
-        wall, cpu = timed(function, v1_0_copy(path) if label.startswith("1.0") else path, windows)
+        wall, cpu = timed(function, older_copy(path, "1.0") if label.startswith("1.0") else path, windows)
         print(f"  {label:<44} {np.median(wall):>10.1f} {wall.max():>11.1f} {np.median(cpu):>12.1f} {cpu.max():>11.1f}")
     entries_per_window = entries * length / shape[0]
     print(
@@ -369,25 +376,33 @@ def training_speed(args, coo_path: Path) -> None:
         times = per_process(read, planes.plan()[1])
         row(f"64-plane sequence, {'dense into a reused buffer' if dense else 'sparse (offsets + x, y)'}",
             times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
-    grid = usp.CooFile(coo_path)
+    old_coo = older_copy(coo_path, "1.2")  # no spike_zxy: windows inflate spike_coords
+    old_folder = folder / "grid_subject_v1.2"
+    old_folder.mkdir(exist_ok=True)
+    if not (old_folder / usp.COO_FILENAME).exists():
+        os.symlink(old_coo, old_folder / usp.COO_FILENAME)
+    warm(old_coo)
     starts = rng.integers(0, num_timepoints - args.length + 1, n)
     dense_buffer = np.empty((args.length, z, height, width), np.uint8)
-    entries = int(np.median([grid.offsets[s + args.length] - grid.offsets[s] for s in starts]))
-    cases = [
-        ("sparse, compact (offsets + z, x, y uint8)", lambda s: grid.entries(s, s + args.length), 3 * entries),
-        ("sparse, CooWindow (n, 4) int32", lambda s: grid.window(s, s + args.length), 16 * entries),
-        ("dense into a reused buffer", lambda s: grid.dense(s, s + args.length, out=dense_buffer), dense_buffer.nbytes),
-    ]
-    for label, read, nbytes in cases:
-        row(f"grid {args.length} tp, {label}", per_process(read, starts), nbytes, bandwidth_ms(nbytes))
-    grid.close()
+    for path, layout in ((coo_path, ""), (old_coo, ", 1.2 layout (inflating spike_coords)")):
+        grid = usp.CooFile(path)
+        entries = int(np.median([grid.offsets[s + args.length] - grid.offsets[s] for s in starts]))
+        cases = [
+            ("sparse, compact (offsets + z, x, y uint8)", lambda s, grid=grid: grid.entries(s, s + args.length), 3 * entries),
+            ("sparse, CooWindow (n, 4) int32", lambda s, grid=grid: grid.window(s, s + args.length), 16 * entries),
+            ("dense into a reused buffer", lambda s, grid=grid: grid.dense(s, s + args.length, out=dense_buffer),
+             dense_buffer.nbytes),
+        ]  # fmt: skip
+        for label, read, nbytes in cases[: 3 if not layout else 1]:
+            row(f"grid {args.length} tp, {label}{layout}", per_process(read, starts), nbytes, bandwidth_ms(nbytes))
+        grid.close()
     cache = args.folder / "decoded"
     began = time.perf_counter()
-    spike_sampler.decoded_columns(coo_path, cache)
-    print(f"| (decoded z, x, y of the COO file into {cache}: {time.perf_counter() - began:.1f} s, once) |")
+    spike_sampler.decoded_columns(old_coo, cache)
+    print(f"| (1.2 layout: decoded z, x, y of the COO file into {cache}: {time.perf_counter() - began:.1f} s, once) |")
     for kind, length in (("grid", args.length), ("planes", 64)):
         for dense in (False, True):
-            cached = spike_sampler.WindowSampler([grid_folder], kind, length=length, seed=args.seed, num_windows=n,
+            cached = spike_sampler.WindowSampler([old_folder], kind, length=length, seed=args.seed, num_windows=n,
                                                  dense=dense, cache_dir=cache)  # fmt: skip
             batch = cached.empty_batch(1) if dense else None
             read = functools.partial(cached.read, 0, out=batch) if dense else functools.partial(cached.read, 0)
@@ -396,9 +411,8 @@ def training_speed(args, coo_path: Path) -> None:
             else:
                 nbytes = 64 * height * width if dense else int(64 * per_plane)
             label = f"{'grid 100 tp' if kind == 'grid' else '64-plane sequence'}, {'dense' if dense else 'sparse'}"
-            row(
-                f"{label}, decoded cache (cache_dir)", per_process(read, cached.plan()[1]), nbytes, bandwidth_ms(nbytes)
-            )
+            row(f"{label}, 1.2 layout, decoded cache (cache_dir)", per_process(read, cached.plan()[1]), nbytes,
+                bandwidth_ms(nbytes))  # fmt: skip
     # the sampler over three subjects, in this process and through the DataLoader
     sampler = spike_sampler.WindowSampler(subjects, "cells", length=48, seed=args.seed, num_windows=100_000)
     nbytes = 2 * 48 * args.cells
@@ -426,10 +440,10 @@ def training_speed(args, coo_path: Path) -> None:
     for label, measure in both:
         row(f"sampler, 64-plane sequences dense, {label}, {workers} workers, batches of 16",
             measure(planes, 16, workers, max(6, n // 2)), 64 * height * width, bandwidth_ms(64 * height * width))  # fmt: skip
-    for cache_dir in (None, cache):
-        sparse = spike_sampler.WindowSampler([grid_folder], "grid", length=args.length, seed=1, num_windows=100_000,
-                                             dense=False, cache_dir=cache_dir)  # fmt: skip
-        label = "decoded cache, " if cache_dir else ""
+    for subject_folder, cache_dir in ((grid_folder, None), (old_folder, None), (old_folder, cache)):
+        sparse = spike_sampler.WindowSampler([subject_folder], "grid", length=args.length, seed=1,
+                                             num_windows=100_000, dense=False, cache_dir=cache_dir)  # fmt: skip
+        label = "" if subject_folder == grid_folder else "1.2 layout, decoded cache, " if cache_dir else "1.2 layout, "
         row(f"sampler, grid {args.length} tp sparse, {label}DataLoader {workers} workers, batches of 4",
             through_loader(sparse, 4, workers, max(6, n // 4)), 3 * entries, bandwidth_ms(3 * entries))  # fmt: skip
 

@@ -266,12 +266,13 @@ def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, signum, code):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    # room for the first sample subject's files (about 2.6 MB with cell_activity.h5, and 1.2 MB more while it runs: the
-    # scratch of its rates) but not for the second's too (2.2 MB more, and its 1 MB of scratch)
+    # room for the first sample subject's files (about 3.5 MB with cell_activity.h5 and the COO file's spike_zxy, and
+    # 1.2 MB more while it runs: the scratch of its rates) but not for the second's too (2.9 MB more, and its 1 MB of
+    # scratch)
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4600k", "tmpfs", str(mount_point)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=5600k", "tmpfs", str(mount_point)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
