@@ -195,23 +195,24 @@ def main() -> None:
 # --- training speed (issue 26) ------------------------------------------------------------------------------
 
 
-def synthetic_spikes(num_cells: int, num_timepoints: int, seed: int) -> usp.SubjectSpikes:
-    """SubjectSpikes holding (cells, timepoints) float16 rates like the real fish's (74 % nonzero; NaN first rows
-    of a few cells) in four batches, and nothing else (no spikes: only the rates are read here)."""
+def synthetic_spikes(num_cells: int, num_timepoints: int, seed: int, scratch: Path) -> usp.SubjectSpikes:
+    """SubjectSpikes as the workers leave them: (cells, timepoints) float16 rates like the real fish's (74 %
+    nonzero; NaN first rows of a few cells) in a scratch array at ``scratch``, four batches of cells, and nothing
+    else (no spikes: only the rates are read here)."""
     rng, batches = np.random.default_rng(seed), []
+    store = usp.ScratchArray.create(scratch, (num_timepoints, num_cells), "float16")
     bounds = np.linspace(0, num_cells, 5).astype(int)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         rates = rng.random((stop - start, num_timepoints), np.float32)
         rates *= rates > 0.26
         rates = rates.astype(np.float16)
         rates[:50, :2] = np.nan
-        cells = {field.name: np.zeros(stop - start, field.dtype) for field in usp.CELL_FIELDS}
+        cells = usp.CellResults.from_arrays(dict.fromkeys(usp.CellResults.names(), np.zeros(stop - start)))
         plot = usp.PlotTraces(np.zeros(0, np.int64), *(np.zeros((0, num_timepoints), d) for d in ("f4", "f4", bool)))
         no_spikes = np.zeros(0, np.int32)
-        batches.append(
-            usp.BatchResult(start, no_spikes, no_spikes, cells, np.zeros(num_timepoints, np.int64), rates, plot)
-        )
-    return usp.SubjectSpikes(batches, num_timepoints)
+        batches.append(usp.BatchResult(start, no_spikes, no_spikes, cells, np.zeros(num_timepoints, np.int64), plot))
+        store.write_columns(start, rates)
+    return usp.SubjectSpikes(batches, num_timepoints, num_timepoints, store)
 
 
 def make_cell_activity(path: Path, num_cells: int, num_timepoints: int, seed: int) -> None:
@@ -226,17 +227,19 @@ def make_cell_activity(path: Path, num_cells: int, num_timepoints: int, seed: in
     plan = usp.GridPlan(grid, frames, frames, np.ones(num_timepoints, bool), is_train, test_blocks, True, "blocks",
                         frames / 3.0)  # fmt: skip
     covariates = usp.Covariates(stimulus=rng.integers(0, 9, num_timepoints).astype(np.float64),
-                                behavior=rng.normal(size=(num_timepoints, 5)).astype(np.float32))  # fmt: skip
-    subject = SimpleNamespace(raw_positions=rng.uniform(0, 500, (num_cells, 3)), registered_positions=None,
+                                behavior=rng.normal(size=(num_timepoints, 5)).astype(np.float32), clock="timepoints")  # fmt: skip
+    subject = SimpleNamespace(name=path.parent.name, raw_positions=rng.uniform(0, 500, (num_cells, 3)),
+                              registered_positions=None,
                               cell_ids=np.arange(1, num_cells + 1))  # fmt: skip
     fingerprint = {"inputs": {}, "cascade_params": {}, "model": "synthetic", "software_version": usp.__version__}
-    temporary = usp.temporary_path(path)
+    temporary, scratch = usp.temporary_path(path), usp.temporary_path(path.with_suffix(".rates"))
     try:
-        spikes = synthetic_spikes(num_cells, num_timepoints, seed)
+        spikes = synthetic_spikes(num_cells, num_timepoints, seed, scratch)
         usp.write_cell_activity(temporary, spikes, plan, subject, {"fingerprint": fingerprint}, covariates)
         os.replace(temporary, path)
     finally:
         usp.remove_quietly(temporary)
+        usp.remove_quietly(scratch)
     print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s")
 
 
@@ -410,7 +413,7 @@ def training_speed(args, coo_path: Path) -> None:
                 nbytes = dense_buffer.nbytes if dense else 3 * entries
             else:
                 nbytes = 64 * height * width if dense else int(64 * per_plane)
-            label = f"{'grid 100 tp' if kind == 'grid' else '64-plane sequence'}, {'dense' if dense else 'sparse'}"
+            label = f"{f'grid {args.length} tp' if kind == 'grid' else '64-plane sequence'}, {'dense' if dense else 'sparse'}"
             row(f"{label}, 1.2 layout, decoded cache (cache_dir)", per_process(read, cached.plan()[1]), nbytes,
                 bandwidth_ms(nbytes))  # fmt: skip
     # the sampler over three subjects, in this process and through the DataLoader

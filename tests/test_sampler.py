@@ -424,3 +424,32 @@ def test_docs_training_examples_run(docs_outputs):
     assert first["rates"].shape == (8, 64, 60) and first["sampler"].max_cells == 60
     assert tuple(second["images"].shape) == (8, 64, *GRID[1:])
     assert len(second["grids"]) == 4 and second["grids"][0].shape == (100, *GRID)
+
+
+def test_the_window_benchmark_runs_on_a_tiny_fish(tmp_path):
+    """benchmarks/benchmark_windows.py --training_only, as RESULTS_pipeline.md ran it, on fish small enough for a
+    test: every case of issue 26's targets gets a row of figures (the numbers themselves are not tested)."""
+    pytest.importorskip("torch", reason="the benchmark's loader rows use torch's DataLoader")
+    import subprocess
+    import sys
+
+    from conftest import REPO_DIR
+
+    tiny = ["--shape", "700", "3", "16", "8", "--entries", "20000", "--cells", "60", "--timepoints", "700",
+            "--windows", "3", "--workers", "1", "--cell_lengths", "1", "48", "--length", "20"]  # fmt: skip
+    result = subprocess.run([sys.executable, REPO_DIR / "benchmarks" / "benchmark_windows.py", "--training_only",
+                             "--folder", tmp_path, *tiny], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1][:1].isdigit():
+            rows[cells[0]] = [float(cell) for cell in cells[1:] if cell != "-"]
+    for case in ("cells 48 tp, float16 into a reused buffer", "64-plane sequence, sparse (offsets + x, y)",
+                 "grid 20 tp, sparse, compact (offsets + z, x, y uint8)",
+                 "grid 20 tp, sparse, compact (offsets + z, x, y uint8), 1.2 layout (inflating spike_coords)",
+                 "sampler, 3 subjects, cells 48 tp, own workers (WindowLoader), 1 workers, batches of 16",
+                 "sampler, 3 subjects, cells 48 tp, DataLoader, 1 workers, batches of 16"):  # fmt: skip
+        assert case in rows, f"{case!r} missing from:\n{result.stdout}"
+        median_ms, *_, windows_per_s, _, _, ratio = rows[case]
+        assert median_ms >= 0 and windows_per_s > 0 and ratio >= 0, (case, rows[case])  # printed to 0.01 ms
