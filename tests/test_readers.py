@@ -222,29 +222,27 @@ def test_windows_must_be_integers(tmp_path, monkeypatch, start, stop):
     assert usp.load_coo_window(path, np.int64(2), np.int32(7)).shape[0] == 5  # numpy integers are integers
 
 
-def test_damaged_offsets_are_reported(tmp_path, monkeypatch):
-    coords = random_coords(SHAPE, 0.05, seed=9)
-    path = write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch)
+def damage(path, name: str, change) -> None:
+    """Replace dataset ``name`` of the file by change(its values)."""
     with h5py.File(path, "r+") as h5:
-        offsets = h5["timepoint_offsets"][()]
-        del h5["timepoint_offsets"]
-        h5["timepoint_offsets"] = offsets[::-1]  # decreasing, ending beyond the entries
+        values = h5[name][()]
+        del h5[name]
+        h5[name] = change(values)
+
+
+def test_damaged_offsets_are_reported(tmp_path, monkeypatch):
+    path = write_like_pipeline(tmp_path / "coo.h5", random_coords(SHAPE, 0.05, seed=9), SHAPE, monkeypatch)
+    damage(path, "timepoint_offsets", lambda offsets: offsets[::-1])  # decreasing, ending beyond the entries
     with pytest.raises(ValueError, match="timepoint_offsets of .* do not match .*rerun the pipeline"):
         usp.load_coo_window(path, 2, 30)
-    with h5py.File(path, "r+") as h5:
-        del h5["timepoint_offsets"]
-        h5["timepoint_offsets"] = offsets[:-1]  # one short
+    damage(path, "timepoint_offsets", lambda reversed_offsets: reversed_offsets[::-1][:-1])  # in order, one short
     with pytest.raises(ValueError, match="timepoint_offsets"):
         usp.load_coo_window(path, 2, 30)
 
 
 def test_damaged_spike_zxy_is_reported(tmp_path, monkeypatch):
-    coords = random_coords(SHAPE, 0.05, seed=9)
-    path = write_like_pipeline(tmp_path / "coo.h5", coords, SHAPE, monkeypatch)
-    with h5py.File(path, "r+") as h5:
-        zxy = h5["spike_zxy"][()]
-        del h5["spike_zxy"]
-        h5["spike_zxy"] = zxy[:, :-1]  # one entry short of spike_coords
+    path = write_like_pipeline(tmp_path / "coo.h5", random_coords(SHAPE, 0.05, seed=9), SHAPE, monkeypatch)
+    damage(path, "spike_zxy", lambda zxy: zxy[:, :-1])  # one entry short of spike_coords
     with pytest.raises(ValueError, match=r"spike_zxy of .* is \(3, \d+\), not \(3, \d+\).*rerun the pipeline"):
         usp.load_coo_window(path, 2, 30)
 
