@@ -6423,7 +6423,8 @@ def _combine_exclusion(folder: Path, wanted: dict) -> str | None:
 #     6.10 / 3.81 GB (6.8 GB was seen with tensorflow since; --workers 1, before 6f80809: 4.56 GB). Estimates: 8.0 /
 #     6.1 GB (5.4 GB).
 #   the same whole fish after issue 27 (rates through scratch arrays, 1,024-cell chunks, trimmed idle workers; 2-core
-#     Intel Xeon): main 1.69 GB, a worker 1.94 GB (tensorflow), the tree 3.93 GB; estimate 5.6 GB.
+#     Intel Xeon): main 1.69 GB, a worker 1.94 GB (tensorflow), the tree 3.93 GB; estimate 5.6 GB. With spike_zxy
+#     (issue 26: 3 bytes an entry more in the COO file built in memory): main 1.88 GB, the tree 4.12 GB.
 # Remeasure these when the memory of the stages changes: other machines, models and inputs differ.
 MAIN_BASE_GB = 0.35  # the main process before its subject (numpy, h5py, the module; no TensorFlow)
 MAIN_BYTES_PER_NEURON_FRAME = 3.7  # the main's growth: the batches' spikes, the grid and its files (rates on disk)
