@@ -119,7 +119,7 @@ class WindowSampler:
     ``context`` rows before them (timepoints; planes for "planes"); ``split``: "train", "validation" or "test";
     ``num_windows``: windows per epoch (default: as many as fit side by side in the usable targets); ``dense``:
     grids as dense uint8 blocks (else sparse); ``dtype``: rates as float16 (as stored) or float32; ``cache_dir``:
-    grids of 1.2 only (files since 1.3 hold their z, x, y decoded and need none), a folder where each such COO
+    grids of 1.2 only (files with spike_zxy hold their z, x, y decoded and need none), a folder where each such COO
     file's z, x, y are decoded once (3 bytes an entry: 0.3 GB for a whole fish), so that windows are copied, not
     inflated (~10x faster; see decoded_columns)."""
 
@@ -334,7 +334,7 @@ class WindowSampler:
 def decoded_columns(coo_path: Path, cache_dir: Path) -> Path | None:
     """A .npy file in ``cache_dir`` holding the (3, E) z, x, y columns of a COO file decoded (uint8 where the
     grid's axes fit a byte, else int32), made once (named after the file's path, size and modification time, so a
-    rewritten file gets a new one); None for files that need none (since 1.3 the file holds them decoded:
+    rewritten file gets a new one); None for files that need none (the file holds them decoded:
     spike_zxy) and for files without timepoint_offsets (1.0): both are read as they are."""
     stat = Path(coo_path).stat()
     identity = f"{Path(coo_path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()

@@ -5106,7 +5106,7 @@ def load_coo_as_dense(filepath) -> np.ndarray:
 
 # --- Readers of windows of timepoints ---------------------------------------------------------
 # Entries are sorted by t: timepoints [start, stop) are entries offsets[start]:offsets[stop] (the
-# offsets give t). Since 1.3 a window's z, x, y are read from spike_zxy, the same numbers unfiltered
+# offsets give t). A window's z, x, y are read from spike_zxy, the same numbers unfiltered
 # (3 bytes an entry): a 100-timepoint window of a whole fish is ~2 ms, where inflating spike_coords
 # is ~28 ms, ~9 ms a column, however little of each chunk is inflated (issue 26, RESULTS_pipeline.md).
 # Files without it (1.2) inflate only the row chunks of the window. Fast path for write_coo_file's
@@ -5364,7 +5364,7 @@ def _read_column(coords, first: int, last: int, column: int, max_value: int, def
 
 
 # --- Reader of windows of per-cell rates (cell_activity.h5) ---------------------------------------
-# spike_rates is (T, N) float16 in chunks of timepoints x every cell. Unfiltered (since 1.3), a window of rows
+# spike_rates is (T, N) float16 in chunks of timepoints x every cell. Unfiltered (since issue 26), a window of rows
 # is a few byte ranges of the file: read with os.preadv straight into the caller's array (HDF5 adds ~50 %
 # per window and a per-call cost). Files of 1.2 (gzip) and other drivers are read through h5py.
 
