@@ -327,6 +327,14 @@ def row(label: str, measured, window_bytes: int, copy_ms: float) -> None:
           f"{window_bytes / 1e6:.2f} | {copy_ms:.3f} | {median / copy_ms:.1f} |", flush=True)  # fmt: skip
 
 
+def subject_folder_of(coo_path: Path, folder: Path) -> Path:
+    """``folder`` as a subject folder whose COO file is ``coo_path`` (a link to it), for the sampler."""
+    folder.mkdir(exist_ok=True)
+    if not (folder / usp.COO_FILENAME).exists():
+        os.symlink(coo_path, folder / usp.COO_FILENAME)
+    return folder
+
+
 def training_speed(args, coo_path: Path) -> None:
     import spike_sampler
 
@@ -334,10 +342,7 @@ def training_speed(args, coo_path: Path) -> None:
     subjects = [folder / f"subject_{k}" for k in range(3)]
     for k, subject in enumerate(subjects):
         make_cell_activity(subject / usp.CELL_ACTIVITY_FILENAME, args.cells, args.timepoints, args.seed + k)
-    grid_folder = folder / "grid_subject"
-    grid_folder.mkdir(exist_ok=True)
-    if not (grid_folder / usp.COO_FILENAME).exists():
-        os.symlink(coo_path, grid_folder / usp.COO_FILENAME)
+    grid_folder = subject_folder_of(coo_path, folder / "grid_subject")
     old = legacy_copy(subjects[0] / usp.CELL_ACTIVITY_FILENAME)
     for path in [*(s / usp.CELL_ACTIVITY_FILENAME for s in subjects), old, coo_path]:
         warm(path)
@@ -380,10 +385,7 @@ def training_speed(args, coo_path: Path) -> None:
         row(f"64-plane sequence, {'dense into a reused buffer' if dense else 'sparse (offsets + x, y)'}",
             times, nbytes, bandwidth_ms(nbytes))  # fmt: skip
     old_coo = older_copy(coo_path, "1.2")  # no spike_zxy: windows inflate spike_coords
-    old_folder = folder / "grid_subject_v1.2"
-    old_folder.mkdir(exist_ok=True)
-    if not (old_folder / usp.COO_FILENAME).exists():
-        os.symlink(old_coo, old_folder / usp.COO_FILENAME)
+    old_folder = subject_folder_of(old_coo, folder / "grid_subject_v1.2")
     warm(old_coo)
     starts = rng.integers(0, num_timepoints - args.length + 1, n)
     dense_buffer = np.empty((args.length, z, height, width), np.uint8)
